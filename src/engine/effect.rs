@@ -1,0 +1,222 @@
+//! Effects: the smallest state changes, and the only way engine state ever changes.
+//!
+//! An operation first checks everything it can, then emits effects one by one; each is
+//! applied at once so later checks (and later operations of a linked batch) see it. If a
+//! later check fails, the effects emitted so far are reverted in reverse order. The effects
+//! of an applied operation are what the journal records: replaying them in sequence order
+//! into an empty engine rebuilds the same state without re-running any business rule.
+//!
+//! Applying an effect cannot fail; the checks that make it safe happened before it was
+//! emitted. `debug_assert!`s here catch an engine bug that would break an invariant.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::account::{AccountConfig, SystemAccount, UserAccount};
+use super::limits::OutflowUsage;
+use super::money::MAX_AMOUNT_MINOR;
+use super::reservation::{Reservation, ReservationStatus};
+use super::shard::{AccountState, LockedShards, ShardMap};
+
+/// A balance a posting touches: a user account, or one shard's sub-account of a system account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Slot {
+    User(UserAccount),
+    System { account: SystemAccount, shard: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "effect", rename_all = "snake_case")]
+pub enum Effect {
+    AccountOpened {
+        account: UserAccount,
+        config: AccountConfig,
+    },
+    FrozenChanged {
+        account: UserAccount,
+        frozen: bool,
+    },
+    /// `amount_minor` leaves `from`'s available balance and arrives in `to`'s.
+    Posting {
+        from: Slot,
+        to: Slot,
+        amount_minor: i128,
+    },
+    /// Available -> reserved on the reservation's account, and the reservation becomes Active.
+    ReservationOpened {
+        reservation: Reservation,
+    },
+    /// Reserved -> available for the whole reservation, which becomes `status` (final).
+    ReservationClosed {
+        user_id: Uuid,
+        reservation_id: Uuid,
+        status: ReservationStatus,
+        closed_at_ms: i64,
+    },
+    /// The account's outflow counters moved from `before` to `after`.
+    UsageChanged {
+        account: UserAccount,
+        before: OutflowUsage,
+        after: OutflowUsage,
+    },
+}
+
+impl Effect {
+    /// The shard every part of this effect lives in, so a replay can lock what it needs.
+    pub(crate) fn shards(&self, map: ShardMap) -> [Option<u32>; 2] {
+        let slot_shard = |slot: &Slot| match slot {
+            Slot::User(account) => map.of_user(account.user_id),
+            Slot::System { shard, .. } => shard % map.count(),
+        };
+        match self {
+            Effect::AccountOpened { account, .. }
+            | Effect::FrozenChanged { account, .. }
+            | Effect::UsageChanged { account, .. } => [Some(map.of_user(account.user_id)), None],
+            Effect::Posting { from, to, .. } => [Some(slot_shard(from)), Some(slot_shard(to))],
+            Effect::ReservationOpened { reservation } => [Some(map.of_user(reservation.account.user_id)), None],
+            Effect::ReservationClosed { user_id, .. } => [Some(map.of_user(*user_id)), None],
+        }
+    }
+}
+
+fn account_mut<'s>(shards: &'s mut LockedShards<'_>, map: ShardMap, account: &UserAccount) -> &'s mut AccountState {
+    shards
+        .get(map.of_user(account.user_id))
+        .users
+        .get_mut(&account.user_id)
+        .and_then(|user| user.account_mut(account.domain, account.asset))
+        .unwrap_or_else(|| panic!("effect on an account that does not exist: {account:?}"))
+}
+
+fn reservation_mut<'s>(
+    shards: &'s mut LockedShards<'_>,
+    map: ShardMap,
+    user_id: Uuid,
+    reservation_id: Uuid,
+) -> &'s mut Reservation {
+    shards
+        .get(map.of_user(user_id))
+        .users
+        .get_mut(&user_id)
+        .and_then(|user| user.reservations.get_mut(&reservation_id))
+        .unwrap_or_else(|| panic!("effect on a reservation that does not exist: {reservation_id}"))
+}
+
+fn add_available(shards: &mut LockedShards<'_>, map: ShardMap, slot: &Slot, delta_minor: i128) {
+    match slot {
+        Slot::User(account) => {
+            let state = account_mut(shards, map, account);
+            state.balance.available_minor += delta_minor;
+            debug_assert!(state.balance.available_minor.abs() <= MAX_AMOUNT_MINOR);
+        }
+        Slot::System { account, shard } => {
+            let sub_account =
+                &mut shards.get(shard % map.count()).system_minor[account.kind.index()][account.asset.index()];
+            *sub_account += delta_minor;
+            debug_assert!(sub_account.abs() <= MAX_AMOUNT_MINOR);
+        }
+    }
+}
+
+/// Moves a reservation's amount between reserved and available (`sign` +1 reserves, -1 unreserves).
+fn shift_reserved(shards: &mut LockedShards<'_>, map: ShardMap, account: &UserAccount, amount_minor: i128, sign: i128) {
+    let state = account_mut(shards, map, account);
+    state.balance.available_minor -= sign * amount_minor;
+    state.balance.reserved_minor += sign * amount_minor;
+    debug_assert!(state.balance.reserved_minor >= 0);
+}
+
+/// Applies `effect`. Its checks were made when it was emitted (or it comes from the journal).
+pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effect) {
+    match effect {
+        Effect::AccountOpened { account, config } => {
+            let user = shards.get(map.of_user(account.user_id)).users.entry(account.user_id).or_default();
+            debug_assert!(user.account(account.domain, account.asset).is_none());
+            user.accounts.push(AccountState {
+                domain: account.domain,
+                asset: account.asset,
+                config: *config,
+                balance: Default::default(),
+                usage: Default::default(),
+            });
+        }
+        Effect::FrozenChanged { account, frozen } => {
+            account_mut(shards, map, account).config.frozen = *frozen;
+        }
+        Effect::Posting { from, to, amount_minor } => {
+            debug_assert!(*amount_minor > 0);
+            add_available(shards, map, from, -amount_minor);
+            add_available(shards, map, to, *amount_minor);
+        }
+        Effect::ReservationOpened { reservation } => {
+            debug_assert_eq!(reservation.status, ReservationStatus::Active);
+            shift_reserved(shards, map, &reservation.account, reservation.amount_minor, 1);
+            let shard = shards.get(map.of_user(reservation.account.user_id));
+            shard.expiry.insert((reservation.expires_at_ms, reservation.account.user_id, reservation.id));
+            let previous = shard
+                .users
+                .get_mut(&reservation.account.user_id)
+                .map(|user| user.reservations.insert(reservation.id, *reservation));
+            debug_assert!(matches!(previous, Some(None)), "reservation opened twice or for a missing user");
+        }
+        Effect::ReservationClosed { user_id, reservation_id, status, closed_at_ms } => {
+            let reservation = reservation_mut(shards, map, *user_id, *reservation_id);
+            debug_assert!(reservation.status.can_become(*status));
+            reservation.status = *status;
+            reservation.closed_at_ms = Some(*closed_at_ms);
+            let reservation = *reservation;
+            shift_reserved(shards, map, &reservation.account, reservation.amount_minor, -1);
+            let shard = shards.get(map.of_user(*user_id));
+            shard.expiry.remove(&(reservation.expires_at_ms, *user_id, *reservation_id));
+            shard.closed.push_back((*closed_at_ms, *user_id, *reservation_id));
+        }
+        Effect::UsageChanged { account, after, .. } => {
+            account_mut(shards, map, account).usage = *after;
+        }
+    }
+}
+
+/// Undoes `effect`, which must be the most recent effect applied to the state it touches.
+pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effect) {
+    match effect {
+        Effect::AccountOpened { account, .. } => {
+            let shard = shards.get(map.of_user(account.user_id));
+            if let Some(user) = shard.users.get_mut(&account.user_id) {
+                user.accounts.retain(|state| !(state.domain == account.domain && state.asset == account.asset));
+                if user.accounts.is_empty() && user.reservations.is_empty() {
+                    shard.users.remove(&account.user_id);
+                }
+            }
+        }
+        Effect::FrozenChanged { account, frozen } => {
+            account_mut(shards, map, account).config.frozen = !frozen;
+        }
+        Effect::Posting { from, to, amount_minor } => {
+            add_available(shards, map, to, -amount_minor);
+            add_available(shards, map, from, *amount_minor);
+        }
+        Effect::ReservationOpened { reservation } => {
+            shift_reserved(shards, map, &reservation.account, reservation.amount_minor, -1);
+            let shard = shards.get(map.of_user(reservation.account.user_id));
+            shard.expiry.remove(&(reservation.expires_at_ms, reservation.account.user_id, reservation.id));
+            if let Some(user) = shard.users.get_mut(&reservation.account.user_id) {
+                user.reservations.remove(&reservation.id);
+            }
+        }
+        Effect::ReservationClosed { user_id, reservation_id, .. } => {
+            let reservation = reservation_mut(shards, map, *user_id, *reservation_id);
+            reservation.status = ReservationStatus::Active;
+            reservation.closed_at_ms = None;
+            let reservation = *reservation;
+            shift_reserved(shards, map, &reservation.account, reservation.amount_minor, 1);
+            let shard = shards.get(map.of_user(*user_id));
+            shard.expiry.insert((reservation.expires_at_ms, *user_id, *reservation_id));
+            let undone = shard.closed.pop_back();
+            debug_assert_eq!(undone.map(|(_, _, id)| id), Some(*reservation_id));
+        }
+        Effect::UsageChanged { account, before, .. } => {
+            account_mut(shards, map, account).usage = *before;
+        }
+    }
+}

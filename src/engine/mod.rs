@@ -1,0 +1,466 @@
+//! The balance engine: every balance, reservation and idempotency key, in memory, sharded by user.
+//!
+//! Pure and synchronous: no I/O, no clock, no async. A request locks the shards it touches
+//! (plus the shard holding its idempotency key), applies its business rules as effects, takes
+//! the next global sequence number and hands the resulting [`JournalRecord`] to the
+//! [`JournalSink`] while still holding those locks, so the journal's order is a valid serial
+//! order of all changes. Replaying the records in order into an empty engine
+//! ([`Engine::apply_record`]) rebuilds the same state.
+//!
+//! Data flow: `api` validates a wire request into a [`Request`] -> [`Engine::execute`] ->
+//! `rules` (checks, effects) -> `JournalSink` (the journal writer) -> the caller waits for the
+//! record's sequence to be durable before answering.
+
+pub mod account;
+pub mod asset;
+pub mod effect;
+pub mod error;
+pub mod idempotency;
+pub mod limits;
+pub mod money;
+pub mod operation;
+pub mod record;
+pub mod reservation;
+mod rules;
+mod shard;
+pub mod state;
+pub mod summary;
+
+use std::collections::BTreeMap;
+
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+use thiserror::Error;
+use uuid::Uuid;
+
+use self::account::{AccountRef, Balance, SystemAccount, SystemKind, UserAccount};
+use self::asset::Asset;
+use self::effect::Effect;
+use self::error::EngineError;
+use self::idempotency::IdempotencyRecord;
+use self::operation::{Receipt, Request};
+use self::record::{JournalRecord, JournalSink, Origin};
+use self::reservation::{Reservation, ReservationStatus};
+use self::shard::{LockedShards, Shard, ShardMap, UserState};
+use self::state::{AccountView, EngineState};
+
+pub use self::shard::MAX_SHARDS;
+
+/// The most reservations one sweep expires in one shard (one journal record); call again for more.
+pub const MAX_EXPIRIES_PER_SHARD_SWEEP: usize = 4_096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Number of shards, 1..=[`MAX_SHARDS`]. More shards, less contention; each costs a little memory.
+    pub shard_count: usize,
+    /// The most idempotency keys one shard remembers; past it new requests are refused.
+    pub idempotency_capacity_per_shard: usize,
+    /// How long idempotency keys and closed reservations are remembered.
+    pub retention_ms: i64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { shard_count: 64, idempotency_capacity_per_shard: 65_536, retention_ms: 24 * 60 * 60 * 1_000 }
+    }
+}
+
+/// What `execute` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The journal sequence of the change (or of the first outcome, for a replay). The caller may
+    /// report the result only once this sequence is durable. `None` for refusals that were not
+    /// recorded (they changed nothing and need no durability).
+    pub sequence: Option<u64>,
+    pub result: Result<Receipt, EngineError>,
+    /// True when this is the remembered outcome of an earlier request with the same key.
+    pub replayed: bool,
+}
+
+/// Why a journal record could not be replayed: the journal does not describe a valid history.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ReplayError {
+    #[error("record {found} arrived where {expected} was expected")]
+    OutOfOrder { expected: u64, found: u64 },
+    #[error("record {sequence}: {reason}")]
+    Inconsistent { sequence: u64, reason: &'static str },
+}
+
+pub struct Engine<S> {
+    shards: Box<[Mutex<Shard>]>,
+    map: ShardMap,
+    /// The next sequence number. Taken after the shard locks, released before them.
+    sequencer: Mutex<u64>,
+    sink: S,
+    config: EngineConfig,
+}
+
+impl<S: JournalSink> Engine<S> {
+    /// An empty engine whose first change will be sequence 1.
+    pub fn new(config: EngineConfig, sink: S) -> Engine<S> {
+        let map = ShardMap::new(config.shard_count);
+        let shards = (0..map.count()).map(|_| Mutex::new(Shard::default())).collect();
+        Engine { shards, map, sequencer: Mutex::new(1), sink, config }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+
+    /// Executes one request: all of it or none of it, exactly once per idempotency key.
+    pub fn execute(&self, request: Request) -> Outcome {
+        let Request { key, now_ms, operation } = request;
+        let key_shard = self.map.of_key(&key);
+        let mut plan = SmallVec::new();
+        rules::lock_plan(&operation, self.map, &mut plan);
+        plan.push(key_shard);
+        let mut shards = LockedShards::lock(&self.shards, plan);
+
+        let store = &shards.get(key_shard).idempotency;
+        if let Some(first) = store.get(&key) {
+            return if first.operation == operation {
+                Outcome { sequence: Some(first.sequence), result: first.outcome.clone(), replayed: true }
+            } else {
+                refused(EngineError::IdempotencyConflict { key: key.as_str().to_owned() })
+            };
+        }
+        if store.len() >= self.config.idempotency_capacity_per_shard {
+            return refused(EngineError::IdempotencyCapacityExhausted);
+        }
+
+        let mut tx = rules::Tx::new(&mut shards, self.map, now_ms);
+        let result = rules::run(&mut tx, &operation);
+        if result.is_err() {
+            tx.rollback();
+        }
+        let effects = tx.into_effects();
+        let record = JournalRecord {
+            sequence: 0,
+            at_ms: now_ms,
+            origin: Origin::Request { key, operation: operation.clone(), outcome: result.clone() },
+            effects,
+        };
+        let Some(sequence) = self.append(&mut shards, record) else {
+            return refused(EngineError::JournalUnavailable);
+        };
+        shards
+            .get(key_shard)
+            .idempotency
+            .insert(key, IdempotencyRecord { operation, outcome: result.clone(), sequence, recorded_at_ms: now_ms });
+        Outcome { sequence: Some(sequence), result, replayed: false }
+    }
+
+    /// Gives `record` the next sequence and hands it to the sink. If the journal is closed, undoes
+    /// the record's effects (the shards are still locked) and returns `None`.
+    fn append(&self, shards: &mut LockedShards<'_>, mut record: JournalRecord) -> Option<u64> {
+        let mut next_sequence = self.sequencer.lock();
+        let sequence = *next_sequence;
+        record.sequence = sequence;
+        match self.sink.append(record) {
+            Ok(()) => {
+                *next_sequence += 1;
+                Some(sequence)
+            }
+            Err(closed) => {
+                drop(next_sequence);
+                for effect in closed.record.effects.iter().rev() {
+                    effect::revert(shards, self.map, effect);
+                }
+                None
+            }
+        }
+    }
+
+    /// Expires every Active reservation whose time is up at `now_ms` (at most
+    /// [`MAX_EXPIRIES_PER_SHARD_SWEEP`] per shard per call), and forgets idempotency keys and
+    /// closed reservations older than the retention window. Returns how many reservations
+    /// expired; a caller that gets a full batch should call again.
+    pub fn sweep(&self, now_ms: i64) -> Result<usize, EngineError> {
+        let mut expired = 0;
+        for index in 0..self.map.count() {
+            let mut shards = LockedShards::lock(&self.shards, SmallVec::from_slice(&[index]));
+            let due: Vec<Reservation> = {
+                let shard = shards.get(index);
+                shard
+                    .expiry
+                    .iter()
+                    .take_while(|(expires_at_ms, _, _)| *expires_at_ms <= now_ms)
+                    .take(MAX_EXPIRIES_PER_SHARD_SWEEP)
+                    .filter_map(|(_, user_id, reservation_id)| {
+                        shard.users.get(user_id).and_then(|user| user.reservations.get(reservation_id)).copied()
+                    })
+                    .collect()
+            };
+            if !due.is_empty() {
+                let mut tx = rules::Tx::new(&mut shards, self.map, now_ms);
+                for reservation in &due {
+                    if let Err(error) = rules::close_and_refund(&mut tx, reservation, ReservationStatus::Expired) {
+                        tx.rollback();
+                        return Err(error);
+                    }
+                }
+                let record = JournalRecord {
+                    sequence: 0,
+                    at_ms: now_ms,
+                    origin: Origin::ExpirySweep,
+                    effects: tx.into_effects(),
+                };
+                if self.append(&mut shards, record).is_none() {
+                    return Err(EngineError::JournalUnavailable);
+                }
+                expired += due.len();
+            }
+            forget_old(shards.get(index), now_ms.saturating_sub(self.config.retention_ms));
+        }
+        Ok(expired)
+    }
+
+    /// Applies a record read back from the journal: its effects and its idempotency entry,
+    /// without re-running business rules and without calling the sink. Records must come in
+    /// sequence order, starting from the engine's next sequence.
+    pub fn apply_record(&self, record: &JournalRecord) -> Result<(), ReplayError> {
+        let mut plan: SmallVec<[u32; 4]> = SmallVec::new();
+        for effect in &record.effects {
+            plan.extend(effect.shards(self.map).into_iter().flatten());
+        }
+        if let Origin::Request { key, .. } = &record.origin {
+            plan.push(self.map.of_key(key));
+        }
+        let mut shards = LockedShards::lock(&self.shards, plan);
+        let mut next_sequence = self.sequencer.lock();
+        if record.sequence != *next_sequence {
+            return Err(ReplayError::OutOfOrder { expected: *next_sequence, found: record.sequence });
+        }
+        let inconsistent = |reason| ReplayError::Inconsistent { sequence: record.sequence, reason };
+        if let Origin::Request { key, .. } = &record.origin
+            && shards.get(self.map.of_key(key)).idempotency.get(key).is_some()
+        {
+            return Err(inconsistent("idempotency key recorded twice"));
+        }
+        for (applied, effect) in record.effects.iter().enumerate() {
+            if let Err(reason) = replay_check(&mut shards, self.map, effect) {
+                for done in record.effects[..applied].iter().rev() {
+                    effect::revert(&mut shards, self.map, done);
+                }
+                return Err(inconsistent(reason));
+            }
+            effect::apply(&mut shards, self.map, effect);
+        }
+        if let Origin::Request { key, operation, outcome } = &record.origin {
+            shards.get(self.map.of_key(key)).idempotency.insert(
+                *key,
+                IdempotencyRecord {
+                    operation: operation.clone(),
+                    outcome: outcome.clone(),
+                    sequence: record.sequence,
+                    recorded_at_ms: record.at_ms,
+                },
+            );
+        }
+        *next_sequence += 1;
+        Ok(())
+    }
+
+    /// The balance of one account; a system account's is summed over shards.
+    pub fn balance(&self, account: &AccountRef) -> Result<Balance, EngineError> {
+        match account {
+            AccountRef::User(user_account) => self.shards[self.map.of_user(user_account.user_id) as usize]
+                .lock()
+                .users
+                .get(&user_account.user_id)
+                .and_then(|user| user.account(user_account.domain, user_account.asset))
+                .map(|state| state.balance)
+                .ok_or(EngineError::UnknownAccount { account: *account }),
+            AccountRef::System(system_account) => {
+                let available_minor = self
+                    .shards
+                    .iter()
+                    .map(|shard| shard.lock().system_minor[system_account.kind.index()][system_account.asset.index()])
+                    .sum();
+                Ok(Balance { available_minor, reserved_minor: 0 })
+            }
+        }
+    }
+
+    /// Every account of a user, in a stable order (domain, then asset).
+    pub fn accounts_of(&self, user_id: Uuid) -> Vec<AccountView> {
+        let shard = self.shards[self.map.of_user(user_id) as usize].lock();
+        let mut views: Vec<AccountView> =
+            shard.users.get(&user_id).map(|user| user_views(user_id, user).collect()).unwrap_or_default();
+        views.sort_by_key(|view| view.account);
+        views
+    }
+
+    pub fn reservation(&self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
+        self.shards[self.map.of_user(user_id) as usize]
+            .lock()
+            .users
+            .get(&user_id)
+            .and_then(|user| user.reservations.get(&reservation_id))
+            .copied()
+    }
+
+    /// The sequence of the last change handed to the journal (0 before the first).
+    pub fn last_sequence(&self) -> u64 {
+        *self.sequencer.lock() - 1
+    }
+
+    /// A consistent copy of the whole state (locks every shard, in order).
+    pub fn state(&self) -> EngineState {
+        let mut shards = LockedShards::lock(&self.shards, (0..self.map.count()).collect());
+        let next_sequence = *self.sequencer.lock();
+        let mut state = EngineState { next_sequence, ..EngineState::default() };
+        let mut system_minor: BTreeMap<SystemAccount, i128> = BTreeMap::new();
+        for index in 0..self.map.count() {
+            let shard = shards.get(index);
+            for (user_id, user) in &shard.users {
+                state.accounts.extend(user_views(*user_id, user).map(|view| (view.account, view)));
+                for reservation in user.reservations.values() {
+                    state.reservations.insert((*user_id, reservation.id), *reservation);
+                }
+            }
+            for kind in SystemKind::all() {
+                for asset in Asset::all() {
+                    let amount_minor = shard.system_minor[kind.index()][asset.index()];
+                    *system_minor.entry(SystemAccount { kind, asset }).or_default() += amount_minor;
+                }
+            }
+            state.idempotency.extend(shard.idempotency.iter().map(|(key, record)| (*key, record.clone())));
+        }
+        state.system_minor = system_minor.into_iter().filter(|(_, amount_minor)| *amount_minor != 0).collect();
+        state
+    }
+
+    /// An engine holding `state`, as recovery rebuilds it from the database's projections.
+    /// System balances land in shard 0; only their sums are state.
+    pub fn from_state(config: EngineConfig, sink: S, state: &EngineState) -> Engine<S> {
+        let engine = Engine::new(config, sink);
+        *engine.sequencer.lock() = state.next_sequence;
+        let mut shards = LockedShards::lock(&engine.shards, (0..engine.map.count()).collect());
+        for view in state.accounts.values() {
+            let user =
+                shards.get(engine.map.of_user(view.account.user_id)).users.entry(view.account.user_id).or_default();
+            user.accounts.push(shard::AccountState {
+                domain: view.account.domain,
+                asset: view.account.asset,
+                config: view.config,
+                balance: view.balance,
+                usage: view.usage,
+            });
+        }
+        let mut closed: Vec<&Reservation> = Vec::new();
+        for reservation in state.reservations.values() {
+            let user_id = reservation.account.user_id;
+            let shard = shards.get(engine.map.of_user(user_id));
+            shard.users.entry(user_id).or_default().reservations.insert(reservation.id, *reservation);
+            match reservation.closed_at_ms {
+                None => {
+                    shard.expiry.insert((reservation.expires_at_ms, user_id, reservation.id));
+                }
+                Some(_) => closed.push(reservation),
+            }
+        }
+        closed.sort_by_key(|reservation| reservation.closed_at_ms);
+        for reservation in closed {
+            let user_id = reservation.account.user_id;
+            let closed_at_ms = reservation.closed_at_ms.unwrap_or_default();
+            shards.get(engine.map.of_user(user_id)).closed.push_back((closed_at_ms, user_id, reservation.id));
+        }
+        for (account, amount_minor) in &state.system_minor {
+            shards.get(0).system_minor[account.kind.index()][account.asset.index()] = *amount_minor;
+        }
+        let mut keys: Vec<_> = state.idempotency.iter().collect();
+        keys.sort_by_key(|(_, record)| record.recorded_at_ms);
+        for (key, record) in keys {
+            shards.get(engine.map.of_key(key)).idempotency.insert(*key, record.clone());
+        }
+        drop(shards);
+        engine
+    }
+}
+
+fn refused(error: EngineError) -> Outcome {
+    debug_assert!(!error.is_recorded());
+    Outcome { sequence: None, result: Err(error), replayed: false }
+}
+
+fn user_views(user_id: Uuid, user: &UserState) -> impl Iterator<Item = AccountView> + '_ {
+    user.accounts.iter().map(move |state| AccountView {
+        account: UserAccount { user_id, domain: state.domain, asset: state.asset },
+        config: state.config,
+        balance: state.balance,
+        usage: state.usage,
+    })
+}
+
+/// Drops idempotency keys and closed reservations last touched at or before `cutoff_ms`.
+fn forget_old(shard: &mut Shard, cutoff_ms: i64) {
+    shard.idempotency.forget_recorded_before(cutoff_ms);
+    while let Some(&(closed_at_ms, user_id, reservation_id)) = shard.closed.front() {
+        if closed_at_ms > cutoff_ms {
+            break;
+        }
+        shard.closed.pop_front();
+        if let Some(user) = shard.users.get_mut(&user_id) {
+            user.reservations.remove(&reservation_id);
+        }
+    }
+}
+
+/// Checks that a journal effect can apply to the current state, so a corrupt journal is
+/// reported instead of breaking an invariant.
+fn replay_check(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effect) -> Result<(), &'static str> {
+    let mut account_exists = |account: &UserAccount| {
+        shards
+            .get(map.of_user(account.user_id))
+            .users
+            .get(&account.user_id)
+            .is_some_and(|user| user.account(account.domain, account.asset).is_some())
+    };
+    let slot_exists = |slot: &effect::Slot, exists: &mut dyn FnMut(&UserAccount) -> bool| match slot {
+        effect::Slot::User(account) => exists(account),
+        effect::Slot::System { .. } => true,
+    };
+    match effect {
+        Effect::AccountOpened { account, .. } => {
+            if account_exists(account) {
+                return Err("account opened twice");
+            }
+        }
+        Effect::FrozenChanged { account, .. } | Effect::UsageChanged { account, .. } => {
+            if !account_exists(account) {
+                return Err("effect on a missing account");
+            }
+        }
+        Effect::Posting { from, to, amount_minor } => {
+            if *amount_minor <= 0 || !slot_exists(from, &mut account_exists) || !slot_exists(to, &mut account_exists) {
+                return Err("posting with a missing account or a non-positive amount");
+            }
+        }
+        Effect::ReservationOpened { reservation } => {
+            if !account_exists(&reservation.account) || reservation.status != ReservationStatus::Active {
+                return Err("reservation opened on a missing account or not active");
+            }
+            let user = &shards.get(map.of_user(reservation.account.user_id)).users[&reservation.account.user_id];
+            if user.reservations.contains_key(&reservation.id) {
+                return Err("reservation opened twice");
+            }
+        }
+        Effect::ReservationClosed { user_id, reservation_id, status, .. } => {
+            let active = shards
+                .get(map.of_user(*user_id))
+                .users
+                .get(user_id)
+                .and_then(|user| user.reservations.get(reservation_id))
+                .is_some_and(|reservation| reservation.status.can_become(*status));
+            if !active {
+                return Err("closing a reservation that is missing or not active");
+            }
+        }
+    }
+    Ok(())
+}

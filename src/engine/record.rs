@@ -1,0 +1,63 @@
+//! Journal records, and the sink the engine hands them to.
+//!
+//! Every change the engine makes (an operation's effects, a recorded refusal, an expiry
+//! sweep) becomes one `JournalRecord` with the next global sequence number. The engine calls
+//! the sink in sequence order, gap-free, while it still holds the locks of every shard the
+//! record touches, so the sink sees a valid serial order of all changes. What the sink does
+//! with the records (the PostgreSQL journal, a test's vector) is not the engine's business.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::effect::Effect;
+use super::error::EngineError;
+use super::idempotency::IdempotencyKey;
+use super::operation::{Operation, Receipt};
+
+/// What caused a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "origin", rename_all = "snake_case")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "almost every record is a request; boxing it would cost an allocation each"
+)]
+pub enum Origin {
+    /// A caller's request, with the outcome remembered under its idempotency key.
+    Request { key: IdempotencyKey, operation: Operation, outcome: Result<Receipt, EngineError> },
+    /// The expiry sweep releasing reservations whose time ran out.
+    ExpirySweep,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalRecord {
+    /// Global, gap-free, starting at 1.
+    pub sequence: u64,
+    /// The request's time (or the sweep's), UTC milliseconds.
+    pub at_ms: i64,
+    pub origin: Origin,
+    /// The state changes, in the order they were applied; empty for a recorded refusal.
+    pub effects: Vec<Effect>,
+}
+
+/// The journal is no longer accepting records (its writer stopped). The record was not
+/// appended and comes back, so the engine can undo its effects.
+#[derive(Debug, Error)]
+#[error("the journal is closed")]
+pub struct JournalClosed {
+    pub record: Box<JournalRecord>,
+}
+
+/// Where the engine sends records. Called in sequence order with shard locks held: an
+/// implementation must be quick, must not call back into the engine, and may block only to
+/// apply back-pressure. Returning `Err` makes the engine undo the change and refuse it.
+pub trait JournalSink: Send + Sync {
+    fn append(&self, record: JournalRecord) -> Result<(), JournalClosed>;
+}
+
+/// The production sink: a bounded channel drained by the journal writer. When the channel is
+/// full, the engine waits (back-pressure); when the writer is gone, the journal is closed.
+impl JournalSink for crossbeam_channel::Sender<JournalRecord> {
+    fn append(&self, record: JournalRecord) -> Result<(), JournalClosed> {
+        self.send(record).map_err(|refused| JournalClosed { record: Box::new(refused.0) })
+    }
+}

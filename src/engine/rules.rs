@@ -1,0 +1,469 @@
+//! The business rules: how each operation checks the state and which effects it emits.
+//!
+//! Runs with every shard the operation needs already locked (see [`lock_plan`]). Each rule
+//! checks, then emits effects that apply immediately; an `Err` anywhere means the caller
+//! rolls every emitted effect back, which is what makes linked batches all-or-nothing.
+
+use rust_decimal::Decimal;
+use smallvec::SmallVec;
+use uuid::Uuid;
+
+use super::account::{AccountConfig, AccountRef, FeeTier, SystemAccount, SystemKind, UserAccount};
+use super::effect::{self, Effect, Slot};
+use super::error::EngineError;
+use super::money::{Amount, MAX_AMOUNT_MINOR};
+use super::operation::{
+    DEFAULT_RESERVATION_TTL_MS, MAX_BATCH_OPERATIONS, MAX_COMMISSION_BPS, MAX_RESERVATION_TTL_MS, Operation, Receipt,
+};
+use super::reservation::{Reservation, ReservationStatus};
+use super::shard::{AccountState, LockedShards, ShardMap};
+
+/// Adds to `out` every shard `operation` touches. System sub-accounts are taken from the
+/// shard of the user on the other side of the posting, so they never add a lock.
+pub(crate) fn lock_plan(operation: &Operation, map: ShardMap, out: &mut SmallVec<[u32; 4]>) {
+    match operation {
+        Operation::OpenAccount { account, .. }
+        | Operation::SetFrozen { account, .. }
+        | Operation::Deposit { account, .. }
+        | Operation::Withdraw { account, .. }
+        | Operation::Reserve { account, .. } => out.push(map.of_user(account.user_id)),
+        Operation::Commit { user_id, destination, .. } => {
+            out.push(map.of_user(*user_id));
+            if let AccountRef::User(destination) = destination {
+                out.push(map.of_user(destination.user_id));
+            }
+        }
+        Operation::Release { user_id, .. } => out.push(map.of_user(*user_id)),
+        Operation::Transfer { from, to, .. } => {
+            out.push(system_shard(map, *from, *to));
+            for side in [from, to] {
+                if let AccountRef::User(account) = side {
+                    out.push(map.of_user(account.user_id));
+                }
+            }
+        }
+        Operation::Convert { from, to, .. } => {
+            out.push(map.of_user(from.user_id));
+            out.push(map.of_user(to.user_id));
+        }
+        Operation::LinkedBatch { operations } => {
+            for operation in operations.iter().take(MAX_BATCH_OPERATIONS) {
+                lock_plan(operation, map, out);
+            }
+        }
+    }
+}
+
+/// The shard whose system sub-accounts a transfer between `from` and `to` uses.
+fn system_shard(map: ShardMap, from: AccountRef, to: AccountRef) -> u32 {
+    match (from, to) {
+        (AccountRef::User(account), _) | (_, AccountRef::User(account)) => map.of_user(account.user_id),
+        (AccountRef::System(_), AccountRef::System(_)) => 0,
+    }
+}
+
+/// One operation in progress: the locked shards and the effects applied so far.
+pub(crate) struct Tx<'l, 'a> {
+    shards: &'l mut LockedShards<'a>,
+    map: ShardMap,
+    now_ms: i64,
+    effects: Vec<Effect>,
+}
+
+impl<'l, 'a> Tx<'l, 'a> {
+    pub fn new(shards: &'l mut LockedShards<'a>, map: ShardMap, now_ms: i64) -> Tx<'l, 'a> {
+        Tx { shards, map, now_ms, effects: Vec::new() }
+    }
+
+    /// Undoes every effect emitted so far, newest first.
+    pub fn rollback(&mut self) {
+        while let Some(effect) = self.effects.pop() {
+            effect::revert(self.shards, self.map, &effect);
+        }
+    }
+
+    pub fn into_effects(self) -> Vec<Effect> {
+        self.effects
+    }
+
+    fn emit(&mut self, effect: Effect) {
+        effect::apply(self.shards, self.map, &effect);
+        self.effects.push(effect);
+    }
+
+    fn account(&mut self, account: &UserAccount) -> Result<AccountState, EngineError> {
+        self.shards
+            .get(self.map.of_user(account.user_id))
+            .users
+            .get(&account.user_id)
+            .and_then(|user| user.account(account.domain, account.asset))
+            .copied()
+            .ok_or(EngineError::UnknownAccount { account: AccountRef::User(*account) })
+    }
+
+    fn reservation(&mut self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
+        self.shards
+            .get(self.map.of_user(user_id))
+            .users
+            .get(&user_id)
+            .and_then(|user| user.reservations.get(&reservation_id))
+            .copied()
+    }
+
+    fn system_minor(&mut self, account: SystemAccount, shard: u32) -> i128 {
+        self.shards.get(shard).system_minor[account.kind.index()][account.asset.index()]
+    }
+
+    fn slot(&self, account: AccountRef, system_shard: u32) -> Slot {
+        match account {
+            AccountRef::User(account) => Slot::User(account),
+            AccountRef::System(account) => Slot::System { account, shard: system_shard },
+        }
+    }
+
+    fn system_slot(&self, kind: SystemKind, account: &UserAccount) -> Slot {
+        Slot::System { account: SystemAccount { kind, asset: account.asset }, shard: self.map.of_user(account.user_id) }
+    }
+
+    /// Checks that `amount_minor` may leave `account` now as an outflow, and counts it against
+    /// the account's limits.
+    fn take_outflow(&mut self, account: &UserAccount, amount_minor: i128) -> Result<(), EngineError> {
+        let state = self.account(account)?;
+        if state.config.frozen {
+            return Err(EngineError::AccountFrozen { account: *account });
+        }
+        if state.balance.available_minor - amount_minor < -state.config.overdraft_minor {
+            return Err(EngineError::InsufficientFunds {
+                account: AccountRef::User(*account),
+                available_minor: state.balance.available_minor,
+                overdraft_minor: state.config.overdraft_minor,
+                requested_minor: amount_minor,
+            });
+        }
+        let after = state.usage.after_outflow(&state.config.limits, self.now_ms, amount_minor).map_err(|breach| {
+            EngineError::LimitExceeded {
+                account: *account,
+                limit: breach.limit,
+                limit_minor: breach.limit_minor,
+                used_minor: breach.used_minor,
+                requested_minor: amount_minor,
+            }
+        })?;
+        if after != state.usage {
+            self.emit(Effect::UsageChanged { account: *account, before: state.usage, after });
+        }
+        Ok(())
+    }
+
+    /// Gives `amount_minor`, counted as outflow at `counted_at_ms`, back to the account's limits.
+    fn refund_outflow(
+        &mut self,
+        account: &UserAccount,
+        counted_at_ms: i64,
+        amount_minor: i128,
+    ) -> Result<(), EngineError> {
+        let state = self.account(account)?;
+        let after = state.usage.after_refund(&state.config.limits, counted_at_ms, amount_minor);
+        if after != state.usage {
+            self.emit(Effect::UsageChanged { account: *account, before: state.usage, after });
+        }
+        Ok(())
+    }
+
+    /// Checks that `slot` can receive `amount_minor` without passing the maximum balance.
+    fn check_credit(&mut self, slot: Slot, amount_minor: i128) -> Result<(), EngineError> {
+        let (balance_minor, account) = match slot {
+            Slot::User(account) => (self.account(&account)?.balance.available_minor, AccountRef::User(account)),
+            Slot::System { account, shard } => (self.system_minor(account, shard), AccountRef::System(account)),
+        };
+        if balance_minor + amount_minor > MAX_AMOUNT_MINOR {
+            return Err(EngineError::BalanceOverflow { account });
+        }
+        Ok(())
+    }
+
+    /// Moves `amount_minor` from `from` to `to`. A user source must have the funds and pass its
+    /// limits; a system source only has to stay within the maximum magnitude.
+    fn post(&mut self, from: Slot, to: Slot, amount_minor: i128) -> Result<(), EngineError> {
+        if from == to {
+            return Err(EngineError::SameAccount);
+        }
+        match from {
+            Slot::User(account) => self.take_outflow(&account, amount_minor)?,
+            Slot::System { account, shard } => {
+                if self.system_minor(account, shard) - amount_minor < -MAX_AMOUNT_MINOR {
+                    return Err(EngineError::BalanceOverflow { account: AccountRef::System(account) });
+                }
+            }
+        }
+        self.check_credit(to, amount_minor)?;
+        self.emit(Effect::Posting { from, to, amount_minor });
+        Ok(())
+    }
+}
+
+/// Applies `operation` inside `tx`. On `Err` the caller must roll `tx` back.
+pub(crate) fn run(tx: &mut Tx<'_, '_>, operation: &Operation) -> Result<Receipt, EngineError> {
+    match operation {
+        Operation::OpenAccount { account, config } => open_account(tx, account, config),
+        Operation::SetFrozen { account, frozen } => {
+            let state = tx.account(account)?;
+            if state.config.frozen != *frozen {
+                tx.emit(Effect::FrozenChanged { account: *account, frozen: *frozen });
+            }
+            Ok(Receipt::Done)
+        }
+        Operation::Deposit { account, amount, provider } => {
+            let clearing = tx.system_slot(SystemKind::ProviderClearing(*provider), account);
+            tx.post(clearing, Slot::User(*account), amount.minor())?;
+            Ok(Receipt::Done)
+        }
+        Operation::Withdraw { account, amount, provider } => {
+            let clearing = tx.system_slot(SystemKind::ProviderClearing(*provider), account);
+            tx.post(Slot::User(*account), clearing, amount.minor())?;
+            Ok(Receipt::Done)
+        }
+        Operation::Reserve { reservation_id, account, amount, ttl_ms } => {
+            reserve(tx, *reservation_id, account, *amount, *ttl_ms)
+        }
+        Operation::Commit { user_id, reservation_id, destination, amount } => {
+            commit(tx, *user_id, *reservation_id, *destination, *amount)
+        }
+        Operation::Release { user_id, reservation_id } => release(tx, *user_id, *reservation_id),
+        Operation::Transfer { from, to, amount } => {
+            if from.asset() != to.asset() {
+                return Err(EngineError::AssetMismatch { left: from.asset(), right: to.asset() });
+            }
+            let shard = system_shard(tx.map, *from, *to);
+            let (from, to) = (tx.slot(*from, shard), tx.slot(*to, shard));
+            tx.post(from, to, amount.minor())?;
+            Ok(Receipt::Done)
+        }
+        Operation::Convert { from, to, amount, price, commission_bps } => {
+            convert(tx, from, to, *amount, *price, *commission_bps)
+        }
+        Operation::LinkedBatch { operations } => {
+            if operations.is_empty() || operations.len() > MAX_BATCH_OPERATIONS {
+                return Err(EngineError::BatchSize { max: MAX_BATCH_OPERATIONS });
+            }
+            let mut receipts = Vec::with_capacity(operations.len());
+            for (index, operation) in operations.iter().enumerate() {
+                let result = match operation {
+                    Operation::LinkedBatch { .. } => Err(EngineError::NestedBatch),
+                    operation => run(tx, operation),
+                };
+                match result {
+                    Ok(receipt) => receipts.push(receipt),
+                    Err(cause) => return Err(EngineError::BatchOperationFailed { index, cause: Box::new(cause) }),
+                }
+            }
+            Ok(Receipt::Batch { receipts })
+        }
+    }
+}
+
+fn open_account(tx: &mut Tx<'_, '_>, account: &UserAccount, config: &AccountConfig) -> Result<Receipt, EngineError> {
+    let in_range = |value: i128| (0..=MAX_AMOUNT_MINOR).contains(&value);
+    let limits = &config.limits;
+    let reason = if !in_range(config.overdraft_minor) {
+        Some("overdraft must be between 0 and the maximum amount")
+    } else if [limits.per_transaction_minor, limits.daily_minor, limits.monthly_minor]
+        .into_iter()
+        .flatten()
+        .any(|limit| !in_range(limit))
+    {
+        Some("limits must be between 0 and the maximum amount")
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        return Err(EngineError::InvalidAccountConfig { reason: reason.to_owned() });
+    }
+    if tx.account(account).is_ok() {
+        return Err(EngineError::AccountAlreadyExists { account: *account });
+    }
+    tx.emit(Effect::AccountOpened { account: *account, config: *config });
+    Ok(Receipt::Done)
+}
+
+fn reserve(
+    tx: &mut Tx<'_, '_>,
+    reservation_id: Uuid,
+    account: &UserAccount,
+    amount: Amount,
+    ttl_ms: Option<i64>,
+) -> Result<Receipt, EngineError> {
+    let ttl_ms = ttl_ms.unwrap_or(DEFAULT_RESERVATION_TTL_MS);
+    let expires_at_ms = Some(ttl_ms)
+        .filter(|ttl_ms| (1..=MAX_RESERVATION_TTL_MS).contains(ttl_ms))
+        .and_then(|ttl_ms| tx.now_ms.checked_add(ttl_ms))
+        .ok_or(EngineError::ReservationTtlOutOfRange { max_ttl_ms: MAX_RESERVATION_TTL_MS })?;
+    tx.account(account)?;
+    if tx.reservation(account.user_id, reservation_id).is_some() {
+        return Err(EngineError::ReservationAlreadyExists { user_id: account.user_id, reservation_id });
+    }
+    tx.take_outflow(account, amount.minor())?;
+    tx.emit(Effect::ReservationOpened {
+        reservation: Reservation {
+            id: reservation_id,
+            account: *account,
+            amount_minor: amount.minor(),
+            created_at_ms: tx.now_ms,
+            expires_at_ms,
+            status: ReservationStatus::Active,
+            closed_at_ms: None,
+        },
+    });
+    Ok(Receipt::Reserved { expires_at_ms })
+}
+
+/// The reservation `reservation_id` of `user_id`, if it is Active.
+fn active_reservation(tx: &mut Tx<'_, '_>, user_id: Uuid, reservation_id: Uuid) -> Result<Reservation, EngineError> {
+    let reservation =
+        tx.reservation(user_id, reservation_id).ok_or(EngineError::ReservationNotFound { user_id, reservation_id })?;
+    if reservation.status != ReservationStatus::Active {
+        return Err(EngineError::ReservationNotActive { reservation_id, status: reservation.status });
+    }
+    Ok(reservation)
+}
+
+fn commit(
+    tx: &mut Tx<'_, '_>,
+    user_id: Uuid,
+    reservation_id: Uuid,
+    destination: AccountRef,
+    amount: Option<Amount>,
+) -> Result<Receipt, EngineError> {
+    let reservation = active_reservation(tx, user_id, reservation_id)?;
+    if tx.now_ms >= reservation.expires_at_ms {
+        return Err(EngineError::ReservationExpired { reservation_id, expires_at_ms: reservation.expires_at_ms });
+    }
+    let source = reservation.account;
+    if tx.account(&source)?.config.frozen {
+        return Err(EngineError::AccountFrozen { account: source });
+    }
+    let committed_minor = amount.map_or(reservation.amount_minor, Amount::minor);
+    if committed_minor > reservation.amount_minor {
+        return Err(EngineError::CommitExceedsReservation {
+            reserved_minor: reservation.amount_minor,
+            requested_minor: committed_minor,
+        });
+    }
+    if destination.asset() != source.asset {
+        return Err(EngineError::AssetMismatch { left: source.asset, right: destination.asset() });
+    }
+    if destination == AccountRef::User(source) {
+        return Err(EngineError::SameAccount);
+    }
+    let to = tx.slot(destination, tx.map.of_user(user_id));
+    tx.check_credit(to, committed_minor)?;
+    tx.emit(Effect::ReservationClosed {
+        user_id,
+        reservation_id,
+        status: ReservationStatus::Completed,
+        closed_at_ms: tx.now_ms,
+    });
+    // The funds were checked and counted against the limits when reserved, so they move
+    // without a second funds or limit check.
+    tx.emit(Effect::Posting { from: Slot::User(source), to, amount_minor: committed_minor });
+    let released_minor = reservation.amount_minor - committed_minor;
+    if released_minor > 0 {
+        tx.refund_outflow(&source, reservation.created_at_ms, released_minor)?;
+    }
+    Ok(Receipt::Committed { committed_minor, released_minor })
+}
+
+fn release(tx: &mut Tx<'_, '_>, user_id: Uuid, reservation_id: Uuid) -> Result<Receipt, EngineError> {
+    let reservation = active_reservation(tx, user_id, reservation_id)?;
+    close_and_refund(tx, &reservation, ReservationStatus::Released)?;
+    Ok(Receipt::Released { released_minor: reservation.amount_minor })
+}
+
+/// Ends an Active reservation as Released or Expired: all of it returns to available.
+pub(crate) fn close_and_refund(
+    tx: &mut Tx<'_, '_>,
+    reservation: &Reservation,
+    status: ReservationStatus,
+) -> Result<(), EngineError> {
+    debug_assert!(matches!(status, ReservationStatus::Released | ReservationStatus::Expired));
+    tx.emit(Effect::ReservationClosed {
+        user_id: reservation.account.user_id,
+        reservation_id: reservation.id,
+        status,
+        closed_at_ms: tx.now_ms,
+    });
+    tx.refund_outflow(&reservation.account, reservation.created_at_ms, reservation.amount_minor)
+}
+
+fn convert(
+    tx: &mut Tx<'_, '_>,
+    from: &UserAccount,
+    to: &UserAccount,
+    amount: Amount,
+    price: Decimal,
+    commission_bps: u32,
+) -> Result<Receipt, EngineError> {
+    if from.asset == to.asset {
+        return Err(EngineError::SameAsset);
+    }
+    if price <= Decimal::ZERO {
+        return Err(EngineError::InvalidPrice);
+    }
+    if commission_bps > MAX_COMMISSION_BPS {
+        return Err(EngineError::CommissionOutOfRange { max_bps: MAX_COMMISSION_BPS });
+    }
+    let bought_minor = proceeds_minor(amount.minor(), from.asset.scale(), to.asset.scale(), price)
+        .ok_or(EngineError::ConversionOverflow)?;
+    let commission_minor = bought_minor * i128::from(commission_bps) / i128::from(MAX_COMMISSION_BPS);
+    let net_minor = bought_minor - commission_minor;
+    if net_minor <= 0 {
+        return Err(EngineError::ConversionTooSmall);
+    }
+    let sell_side = tx.system_slot(SystemKind::ExchangeLiquidity, from);
+    let buy_side = tx.system_slot(SystemKind::ExchangeLiquidity, to);
+    tx.post(Slot::User(*from), sell_side, amount.minor())?;
+    tx.post(buy_side, Slot::User(*to), net_minor)?;
+    if commission_minor > 0 {
+        let revenue = tx.system_slot(SystemKind::FeeRevenue(FeeTier::Platform), to);
+        tx.post(buy_side, revenue, commission_minor)?;
+    }
+    Ok(Receipt::Converted { sold_minor: amount.minor(), bought_minor: net_minor, commission_minor })
+}
+
+/// `amount_minor` of an asset with `from_scale` decimals, times `price`, in minor units of an
+/// asset with `to_scale` decimals, rounded toward zero (the platform never pays out a fraction
+/// it does not have). `None` if the result passes the maximum amount.
+pub(crate) fn proceeds_minor(amount_minor: i128, from_scale: u32, to_scale: u32, price: Decimal) -> Option<i128> {
+    let amount = u128::try_from(amount_minor).ok()?;
+    let mantissa = u128::try_from(price.mantissa()).ok()?;
+    let product = amount.checked_mul(mantissa)?;
+    let exponent = i64::from(to_scale) - i64::from(price.scale()) - i64::from(from_scale);
+    let value = if exponent >= 0 {
+        product.checked_mul(10_u128.checked_pow(u32::try_from(exponent).ok()?)?)?
+    } else {
+        match 10_u128.checked_pow(u32::try_from(-exponent).ok()?) {
+            Some(divisor) => product / divisor,
+            // 10^39 is more than any u128: the quotient is zero.
+            None => 0,
+        }
+    };
+    i128::try_from(value).ok().filter(|value| *value <= MAX_AMOUNT_MINOR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proceeds_are_exact_and_round_toward_zero() {
+        // 1.5 BTC at 60 000.25 USD/BTC = 90 000.375 USD -> 90 000.37 USD.
+        let price = Decimal::new(6_000_025, 2);
+        assert_eq!(proceeds_minor(150_000_000, 8, 2, price), Some(9_000_037));
+        // 100 USD at 0.000016 BTC/USD = 0.0016 BTC.
+        assert_eq!(proceeds_minor(10_000, 2, 8, Decimal::new(16, 6)), Some(160_000));
+        // 1 wei at 3500 USD/ETH is nothing in cents.
+        assert_eq!(proceeds_minor(1, 18, 2, Decimal::new(3_500, 0)), Some(0));
+        // Past the maximum.
+        assert_eq!(proceeds_minor(MAX_AMOUNT_MINOR, 2, 18, Decimal::new(1_000, 0)), None);
+    }
+}

@@ -1,0 +1,2 @@
+//! The `diboas-ledger` command.
+fn main() {}
