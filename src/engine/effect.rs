@@ -27,7 +27,7 @@ pub enum Slot {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "effect", rename_all = "snake_case")]
+#[serde(tag = "effect", content = "data", rename_all = "snake_case")]
 pub enum Effect {
     AccountOpened {
         account: UserAccount,

@@ -33,7 +33,7 @@ impl LimitKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
-#[serde(tag = "error", rename_all = "snake_case")]
+#[serde(tag = "error", content = "data", rename_all = "snake_case")]
 pub enum EngineError {
     #[error("account does not exist: {account}")]
     UnknownAccount { account: AccountRef },

@@ -35,7 +35,7 @@ pub struct Request {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(tag = "op", content = "data", rename_all = "snake_case")]
 pub enum Operation {
     /// Creates a user account with its settings; every other operation needs the account to exist.
     OpenAccount { account: UserAccount, config: AccountConfig },
@@ -64,7 +64,7 @@ pub enum Operation {
 
 /// What a successful operation reports back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "receipt", rename_all = "snake_case")]
+#[serde(tag = "receipt", content = "data", rename_all = "snake_case")]
 pub enum Receipt {
     Done,
     Reserved { expires_at_ms: i64 },

@@ -16,7 +16,7 @@ use super::operation::{Operation, Receipt};
 
 /// What caused a record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "origin", rename_all = "snake_case")]
+#[serde(tag = "origin", content = "data", rename_all = "snake_case")]
 #[expect(
     clippy::large_enum_variant,
     reason = "almost every record is a request; boxing it would cost an allocation each"
