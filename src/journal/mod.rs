@@ -1,0 +1,185 @@
+//! The write-ahead journal: a dedicated writer thread that makes the engine's records durable.
+//!
+//! The engine hands every [`JournalRecord`] to a bounded crossbeam channel (its sink) while it
+//! holds the shard locks, so the channel carries a valid serial order. The writer blocks for the
+//! first record, then takes whatever else is already queued, up to
+//! [`JournalConfig::max_batch_records`] and [`JournalConfig::max_batch_bytes`] (no timer: while
+//! one batch commits, the next one fills), and commits the batch in ONE PostgreSQL transaction
+//! ([`batch::write_batch`]). Only after the commit does it publish the new committed sequence on
+//! a `tokio::sync::watch` channel, which is what callers await before reporting anything done.
+//!
+//! Fail-stop: the first failure ends the writer. It publishes `failed`, then drops the channel's
+//! receiver, so the engine refuses every later change (`JournalUnavailable`) instead of keeping
+//! state PostgreSQL lacks. Whoever owns the engine (`crate::ledger`) then rebuilds it from
+//! PostgreSQL once PostgreSQL is reachable again.
+
+pub mod batch;
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+use thiserror::Error;
+use tokio::sync::watch;
+
+use self::batch::{Batch, write_batch};
+use crate::engine::record::JournalRecord;
+use crate::store::StoreError;
+
+/// How often the writer makes sure next months' journal partitions exist.
+pub const PARTITION_CHECK_INTERVAL_MS: u64 = 60 * 60 * 1_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalConfig {
+    /// Records the engine may hand over before it waits for the writer (back-pressure).
+    pub channel_capacity: usize,
+    /// The most records one PostgreSQL transaction carries.
+    pub max_batch_records: usize,
+    /// The most encoded bytes (journal JSON plus idempotency JSON) one transaction carries; a
+    /// batch stops growing once it reaches this.
+    pub max_batch_bytes: usize,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig { channel_capacity: 65_536, max_batch_records: 8_192, max_batch_bytes: 16 << 20 }
+    }
+}
+
+/// What the writer has made durable, as published on its watch channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    /// Every record at or below this sequence is committed in PostgreSQL.
+    pub committed_sequence: u64,
+    /// The writer stopped on a failure; nothing above `committed_sequence` will be committed by it.
+    pub failed: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum JournalError {
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("encoding a journal record: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The batch does not fit what PostgreSQL holds (a bug, or another writer on the database).
+    #[error("the journal is inconsistent with the database: {0}")]
+    Inconsistent(String),
+    #[error("starting the journal writer thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("the journal writer thread ended before it was ready")]
+    WriterGone,
+}
+
+impl JournalError {
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            JournalError::Database(error) => crate::store::is_unavailable(error),
+            JournalError::Store(error) => error.is_unavailable(),
+            _ => false,
+        }
+    }
+}
+
+/// The running writer thread.
+pub struct Writer {
+    thread: JoinHandle<()>,
+}
+
+impl Writer {
+    /// Connects, then starts the writer thread draining `receiver`. `committed_sequence` is the
+    /// checkpoint the engine was loaded at; progress and failure are published on `durability`.
+    pub fn start(
+        options: PgConnectOptions,
+        receiver: Receiver<JournalRecord>,
+        committed_sequence: u64,
+        config: JournalConfig,
+        durability: watch::Sender<Durability>,
+    ) -> Result<Writer, JournalError> {
+        let (ready_sender, ready) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new().name("journal-writer".to_owned()).spawn(move || {
+            // The connection lives on this thread's own runtime, so the writer never competes
+            // with request handling for an async worker.
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    let _ = ready_sender.send(Err(JournalError::Thread(error)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let conn = match PgConnection::connect_with(&options).await {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        let _ = ready_sender.send(Err(error.into()));
+                        return;
+                    }
+                };
+                let _ = ready_sender.send(Ok(()));
+                let mut state = WriterLoop { conn, receiver, committed_sequence, config, durability: &durability };
+                if let Err(error) = state.run().await {
+                    tracing::error!(%error, committed_sequence = state.committed_sequence, "journal writer stopped");
+                    durability.send_modify(|durability| durability.failed = true);
+                    // Dropping the receiver (with `state`) closes the journal: the engine refuses
+                    // every later change, and whatever was queued is never reported done.
+                    drop(state);
+                }
+            });
+        })?;
+        match ready.recv() {
+            Ok(Ok(())) => Ok(Writer { thread }),
+            Ok(Err(error)) => {
+                let _ = thread.join();
+                Err(error)
+            }
+            Err(_) => Err(JournalError::WriterGone),
+        }
+    }
+
+    /// Waits for the thread to end: it ends once every sender is gone and the queue is written,
+    /// or on its first failure.
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            tracing::error!("the journal writer thread panicked");
+        }
+    }
+}
+
+struct WriterLoop<'a> {
+    conn: PgConnection,
+    receiver: Receiver<JournalRecord>,
+    committed_sequence: u64,
+    config: JournalConfig,
+    durability: &'a watch::Sender<Durability>,
+}
+
+impl WriterLoop<'_> {
+    async fn run(&mut self) -> Result<(), JournalError> {
+        let mut batch = Batch::default();
+        let mut next_partition_check = Instant::now() + Duration::from_millis(PARTITION_CHECK_INTERVAL_MS);
+        // Blocking on the channel is fine: this thread's runtime serves only this loop.
+        while let Ok(first) = self.receiver.recv() {
+            batch.push(first)?;
+            while batch.len() < self.config.max_batch_records && batch.bytes() < self.config.max_batch_bytes {
+                match self.receiver.try_recv() {
+                    Ok(record) => batch.push(record)?,
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            let ensure_partitions = Instant::now() >= next_partition_check;
+            write_batch(&mut self.conn, &batch, self.committed_sequence, ensure_partitions).await?;
+            if ensure_partitions {
+                next_partition_check = Instant::now() + Duration::from_millis(PARTITION_CHECK_INTERVAL_MS);
+            }
+            if let Some(last) = batch.last_sequence() {
+                self.committed_sequence = last;
+                self.durability.send_modify(|durability| durability.committed_sequence = last);
+            }
+            batch.clear();
+        }
+        Ok(())
+    }
+}

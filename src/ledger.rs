@@ -1,0 +1,286 @@
+//! The durable ledger: the engine plus its journal, as callers (the gRPC layer) use them.
+//!
+//! [`Ledger::submit`] executes a request in the engine, then waits until the journal has
+//! committed the request's sequence in PostgreSQL; only then does it return the outcome.
+//!
+//! Reads wait the same way: a read takes its answer from memory, then waits until everything
+//! the engine had applied when it answered is committed. A read therefore never shows a change
+//! that could still be lost, at the cost of up to one batch commit of latency.
+//!
+//! Fail-stop on storage failure: when the journal writer fails, it closes the journal, so the
+//! current engine refuses every change, and every caller waiting on an uncommitted sequence
+//! gets [`LedgerError::Unavailable`] (outcome unknown; retrying with the same idempotency key
+//! is safe, because the key is either committed with its first outcome or not at all). A
+//! supervisor task then reconnects with exponential backoff, rebuilds a fresh engine from what
+//! PostgreSQL holds (recovery), starts a new writer and swaps the new engine in. Whatever the
+//! old engine had applied but PostgreSQL did not commit is dropped with it.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Sender;
+use parking_lot::{Mutex, RwLock};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+use thiserror::Error;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::engine::account::{AccountRef, Balance};
+use crate::engine::error::EngineError;
+use crate::engine::operation::Request;
+use crate::engine::record::JournalRecord;
+use crate::engine::state::{AccountView, EngineState, InvariantViolation};
+use crate::engine::{Engine, EngineConfig, Outcome};
+use crate::journal::{Durability, JournalConfig, JournalError, Writer};
+use crate::store::{self, StoreError};
+
+/// How long a connection attempt to PostgreSQL may take before it counts as a failure.
+pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    pub connect: PgConnectOptions,
+    pub engine: EngineConfig,
+    pub journal: JournalConfig,
+    /// First wait before reconnecting after a storage failure; doubles up to the maximum.
+    pub reconnect_min_backoff_ms: u64,
+    pub reconnect_max_backoff_ms: u64,
+}
+
+impl LedgerConfig {
+    pub fn new(connect: PgConnectOptions) -> LedgerConfig {
+        LedgerConfig {
+            connect,
+            engine: EngineConfig::default(),
+            journal: JournalConfig::default(),
+            reconnect_min_backoff_ms: 50,
+            reconnect_max_backoff_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum LedgerError {
+    #[error(
+        "the ledger is unavailable: PostgreSQL cannot be written; the outcome is unknown and retrying with the same idempotency key is safe"
+    )]
+    Unavailable,
+    /// A read the engine refused (an unknown account).
+    #[error(transparent)]
+    Refused(EngineError),
+    #[error("the ledger's storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("the ledger's journal: {0}")]
+    Journal(#[from] JournalError),
+    #[error("connecting to PostgreSQL took longer than {CONNECT_TIMEOUT_MS} ms")]
+    ConnectTimeout,
+    #[error("the state stored in PostgreSQL breaks an invariant, refusing to start: {0}")]
+    Invariant(#[from] InvariantViolation),
+    #[error("shutdown while requests are still using the ledger")]
+    Busy,
+}
+
+/// One engine and the writer journaling it. Replaced as a whole after a storage failure.
+struct Generation {
+    engine: Engine<Sender<JournalRecord>>,
+    durability: watch::Receiver<Durability>,
+    writer: Mutex<Option<Writer>>,
+}
+
+impl Generation {
+    async fn start(config: &LedgerConfig) -> Result<Generation, LedgerError> {
+        let cutoff_ms = now_ms().saturating_sub(config.engine.retention_ms);
+        let connect = PgConnection::connect_with(&config.connect);
+        let mut conn = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect)
+            .await
+            .map_err(|_| LedgerError::ConnectTimeout)?
+            .map_err(StoreError::from)?;
+        let state = store::load_state(&mut conn, cutoff_ms).await?;
+        conn.close().await.map_err(StoreError::from)?;
+        state.check_invariants()?;
+        let committed_sequence = state.next_sequence - 1;
+        let (sender, receiver) = crossbeam_channel::bounded(config.journal.channel_capacity);
+        let (durability_sender, durability) = watch::channel(Durability { committed_sequence, failed: false });
+        let (options, journal) = (config.connect.clone(), config.journal);
+        let writer = tokio::task::spawn_blocking(move || {
+            Writer::start(options, receiver, committed_sequence, journal, durability_sender)
+        })
+        .await
+        .map_err(|_| JournalError::WriterGone)??;
+        let engine = Engine::from_state(config.engine, sender, &state);
+        tracing::info!(committed_sequence, accounts = state.accounts.len(), "ledger loaded from PostgreSQL");
+        Ok(Generation { engine, durability, writer: Mutex::new(Some(writer)) })
+    }
+
+    /// Waits until `sequence` is committed, or the writer has stopped without committing it.
+    async fn wait_durable(&self, sequence: u64) -> Result<(), LedgerError> {
+        let mut durability = self.durability.clone();
+        loop {
+            let now = *durability.borrow_and_update();
+            if now.committed_sequence >= sequence {
+                return Ok(());
+            }
+            if now.failed {
+                return Err(LedgerError::Unavailable);
+            }
+            if durability.changed().await.is_err() {
+                // The writer ended; what it published last is final.
+                let last = *durability.borrow();
+                return if last.committed_sequence >= sequence { Ok(()) } else { Err(LedgerError::Unavailable) };
+            }
+        }
+    }
+}
+
+struct Shared {
+    config: LedgerConfig,
+    current: RwLock<Arc<Generation>>,
+}
+
+pub struct Ledger {
+    shared: Arc<Shared>,
+    supervisor: tokio::task::JoinHandle<()>,
+}
+
+impl Ledger {
+    /// Recovers the ledger from PostgreSQL (which must be migrated: see `store::prepare`),
+    /// checks its invariants and starts the journal writer. Must run inside a Tokio runtime.
+    pub async fn open(config: LedgerConfig) -> Result<Ledger, LedgerError> {
+        let generation = Generation::start(&config).await?;
+        let shared = Arc::new(Shared { config, current: RwLock::new(Arc::new(generation)) });
+        let supervisor = tokio::spawn(supervise(Arc::downgrade(&shared)));
+        Ok(Ledger { shared, supervisor })
+    }
+
+    fn current(&self) -> Arc<Generation> {
+        self.shared.current.read().clone()
+    }
+
+    /// Executes `request` and returns its outcome once it is durable. A refusal that changed
+    /// nothing (an idempotency conflict, ...) returns at once: there is nothing to make durable.
+    pub async fn submit(&self, request: Request) -> Result<Outcome, LedgerError> {
+        let generation = self.current();
+        let outcome = generation.engine.execute(request);
+        match outcome.sequence {
+            Some(sequence) => {
+                generation.wait_durable(sequence).await?;
+                Ok(outcome)
+            }
+            None if outcome.result == Err(EngineError::JournalUnavailable) => Err(LedgerError::Unavailable),
+            None => Ok(outcome),
+        }
+    }
+
+    /// Expires due reservations at `now_ms` (see `Engine::sweep`), once the expiries are durable.
+    pub async fn sweep(&self, now_ms: i64) -> Result<usize, LedgerError> {
+        let generation = self.current();
+        let expired = generation.engine.sweep(now_ms).map_err(|error| match error {
+            EngineError::JournalUnavailable => LedgerError::Unavailable,
+            other => LedgerError::Refused(other),
+        })?;
+        generation.wait_durable(generation.engine.last_sequence()).await?;
+        Ok(expired)
+    }
+
+    /// The balance of one account, as durable in PostgreSQL.
+    pub async fn balance(&self, account: &AccountRef) -> Result<Balance, LedgerError> {
+        let generation = self.current();
+        let balance = generation.engine.balance(account);
+        generation.wait_durable(generation.engine.last_sequence()).await?;
+        balance.map_err(LedgerError::Refused)
+    }
+
+    /// Every account of a user, as durable in PostgreSQL.
+    pub async fn accounts_of(&self, user_id: Uuid) -> Result<Vec<AccountView>, LedgerError> {
+        let generation = self.current();
+        let views = generation.engine.accounts_of(user_id);
+        generation.wait_durable(generation.engine.last_sequence()).await?;
+        Ok(views)
+    }
+
+    /// A consistent copy of the whole state, as durable in PostgreSQL.
+    pub async fn state(&self) -> Result<EngineState, LedgerError> {
+        let generation = self.current();
+        let state = generation.engine.state();
+        generation.wait_durable(state.next_sequence - 1).await?;
+        Ok(state)
+    }
+
+    /// The last sequence committed in PostgreSQL.
+    pub fn committed_sequence(&self) -> u64 {
+        self.current().durability.borrow().committed_sequence
+    }
+
+    /// Stops taking requests, lets the writer commit everything queued, and waits for it.
+    pub async fn shutdown(self) -> Result<(), LedgerError> {
+        self.supervisor.abort();
+        // An aborted task ends with a cancellation error: that is the expected outcome here.
+        let _ = self.supervisor.await;
+        let shared = Arc::try_unwrap(self.shared).map_err(|_| LedgerError::Busy)?;
+        let generation = Arc::try_unwrap(shared.current.into_inner()).map_err(|_| LedgerError::Busy)?;
+        let Generation { engine, writer, .. } = generation;
+        // Dropping the engine drops the channel's sender: the writer drains the queue and ends.
+        drop(engine);
+        if let Some(writer) = writer.into_inner() {
+            tokio::task::spawn_blocking(move || writer.join()).await.map_err(|_| JournalError::WriterGone)?;
+        }
+        Ok(())
+    }
+}
+
+/// Watches the current generation's writer; when it fails, rebuilds the ledger from
+/// PostgreSQL with exponential backoff and swaps the new generation in. Ends with the ledger.
+async fn supervise(shared: Weak<Shared>) {
+    loop {
+        let mut durability = match shared.upgrade() {
+            Some(shared) => shared.current.read().durability.clone(),
+            None => return,
+        };
+        loop {
+            if durability.borrow_and_update().failed {
+                break;
+            }
+            if durability.changed().await.is_err() {
+                if durability.borrow().failed {
+                    break;
+                }
+                // The writer ended cleanly: the ledger is shutting down.
+                return;
+            }
+        }
+        tracing::warn!("journal writer failed: refusing changes until the ledger is reloaded from PostgreSQL");
+        let mut backoff_ms = None;
+        loop {
+            let Some(strong) = shared.upgrade() else { return };
+            let config = strong.config.clone();
+            let min_ms = config.reconnect_min_backoff_ms;
+            let max_ms = config.reconnect_max_backoff_ms.max(min_ms);
+            drop(strong);
+            if let Some(wait_ms) = backoff_ms {
+                tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            }
+            match Generation::start(&config).await {
+                Ok(generation) => {
+                    let Some(strong) = shared.upgrade() else { return };
+                    let committed_sequence = generation.durability.borrow().committed_sequence;
+                    *strong.current.write() = Arc::new(generation);
+                    tracing::info!(committed_sequence, "ledger resumed after a storage failure");
+                    break;
+                }
+                Err(error) => {
+                    let next_ms = backoff_ms.map_or(min_ms, |wait_ms: u64| wait_ms.saturating_mul(2).min(max_ms));
+                    tracing::warn!(%error, retry_in_ms = next_ms, "reloading the ledger from PostgreSQL failed");
+                    backoff_ms = Some(next_ms);
+                }
+            }
+        }
+    }
+}
+
+/// The wall clock in UTC milliseconds: only recovery's retention cutoff uses it.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+}

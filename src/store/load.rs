@@ -1,0 +1,151 @@
+//! Recovery: rebuilds the engine's state from the projections the journal writer maintains.
+//!
+//! Everything is read in one REPEATABLE READ transaction, so the state is one consistent
+//! snapshot at the checkpoint's sequence. The caller checks the invariants before starting an
+//! engine on it.
+
+use rust_decimal::Decimal;
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+use super::StoreError;
+use super::codec;
+use crate::engine::account::{AccountConfig, Balance, OutflowLimits, SystemAccount, UserAccount};
+use crate::engine::idempotency::{IdempotencyKey, IdempotencyRecord};
+use crate::engine::limits::OutflowUsage;
+use crate::engine::reservation::{Reservation, ReservationStatus};
+use crate::engine::state::{AccountView, EngineState};
+
+type AccountRow = (
+    Uuid,
+    String,
+    String,
+    Decimal,
+    Option<Decimal>,
+    Option<Decimal>,
+    Option<Decimal>,
+    bool,
+    i64,
+    Decimal,
+    i64,
+    Decimal,
+    Decimal,
+    Decimal,
+);
+
+type ReservationRow = (Uuid, Uuid, String, String, Decimal, i64, i64, String, Option<i64>);
+
+/// The state as of the last committed batch. Idempotency keys recorded, and reservations closed,
+/// at or before `cutoff_ms` are left out (the engine would have forgotten them too); pass
+/// `i64::MIN` to load everything.
+pub async fn load_state(conn: &mut PgConnection, cutoff_ms: i64) -> Result<EngineState, StoreError> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+    let state = read_state(&mut tx, cutoff_ms).await?;
+    tx.commit().await?;
+    Ok(state)
+}
+
+/// [`load_state`] inside a transaction the caller opened (REPEATABLE READ, for one snapshot).
+pub(super) async fn read_state(tx: &mut PgConnection, cutoff_ms: i64) -> Result<EngineState, StoreError> {
+    let (committed,): (i64,) =
+        sqlx::query_as("SELECT committed_sequence FROM ledger.checkpoint").fetch_one(&mut *tx).await?;
+    let mut state = EngineState { next_sequence: codec::from_bigint(committed)? + 1, ..EngineState::default() };
+
+    let accounts: Vec<AccountRow> = sqlx::query_as(
+        "SELECT a.user_id, a.domain, a.asset, a.overdraft, a.limit_per_transaction, a.limit_daily, a.limit_monthly,
+                a.frozen, a.usage_day, a.usage_day_used, a.usage_month, a.usage_month_used, b.available, b.reserved
+         FROM ledger.accounts a JOIN ledger.balances b USING (user_id, domain, asset)",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in accounts {
+        let (user_id, domain, asset, overdraft, per_transaction, daily, monthly, frozen) =
+            (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
+        let asset = codec::asset(&asset)?;
+        let optional = |value: Option<Decimal>| value.map(|value| codec::to_minor(value, asset)).transpose();
+        let account = UserAccount { user_id, domain: codec::domain(&domain)?, asset };
+        let view = AccountView {
+            account,
+            config: AccountConfig {
+                overdraft_minor: codec::to_minor(overdraft, asset)?,
+                limits: OutflowLimits {
+                    per_transaction_minor: optional(per_transaction)?,
+                    daily_minor: optional(daily)?,
+                    monthly_minor: optional(monthly)?,
+                },
+                frozen,
+            },
+            balance: Balance {
+                available_minor: codec::to_minor(row.12, asset)?,
+                reserved_minor: codec::to_minor(row.13, asset)?,
+            },
+            usage: OutflowUsage {
+                day: row.8,
+                day_used_minor: codec::to_minor(row.9, asset)?,
+                month: row.10,
+                month_used_minor: codec::to_minor(row.11, asset)?,
+            },
+        };
+        state.accounts.insert(account, view);
+    }
+
+    let systems: Vec<(String, String, Decimal)> =
+        sqlx::query_as("SELECT kind, asset, balance FROM ledger.system_balances WHERE balance <> 0")
+            .fetch_all(&mut *tx)
+            .await?;
+    for (kind, asset, balance) in systems {
+        let asset = codec::asset(&asset)?;
+        state
+            .system_minor
+            .insert(SystemAccount { kind: codec::system_kind(&kind)?, asset }, codec::to_minor(balance, asset)?);
+    }
+
+    let reservations: Vec<ReservationRow> = sqlx::query_as(
+        "SELECT user_id, reservation_id, domain, asset, amount, created_at_ms, expires_at_ms, status, closed_at_ms
+         FROM ledger.reservations WHERE status = 'active' OR closed_at_ms > $1",
+    )
+    .bind(cutoff_ms)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (user_id, id, domain, asset, amount, created_at_ms, expires_at_ms, status, closed_at_ms) in reservations {
+        let asset = codec::asset(&asset)?;
+        let reservation = Reservation {
+            id,
+            account: UserAccount { user_id, domain: codec::domain(&domain)?, asset },
+            amount_minor: codec::to_minor(amount, asset)?,
+            created_at_ms,
+            expires_at_ms,
+            status: codec::status(&status)?,
+            closed_at_ms,
+        };
+        if (reservation.status == ReservationStatus::Active) != reservation.closed_at_ms.is_none() {
+            return Err(StoreError::Corrupt(format!(
+                "reservation {id} has status {status} and closed_at {closed_at_ms:?}"
+            )));
+        }
+        state.reservations.insert((user_id, id), reservation);
+    }
+
+    let keys: Vec<(String, i64, i64, String, String)> = sqlx::query_as(
+        "SELECT key, sequence, recorded_at_ms, operation::text, outcome::text
+         FROM ledger.idempotency_keys WHERE recorded_at_ms > $1",
+    )
+    .bind(cutoff_ms)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (key, sequence, recorded_at_ms, operation, outcome) in keys {
+        let corrupt = |what: &str, error: &dyn std::fmt::Display| {
+            StoreError::Corrupt(format!("idempotency key {key:?}: {what}: {error}"))
+        };
+        let parsed_key = IdempotencyKey::new(&key).map_err(|error| corrupt("key", &error))?;
+        let record = IdempotencyRecord {
+            operation: serde_json::from_str(&operation).map_err(|error| corrupt("operation", &error))?,
+            outcome: serde_json::from_str(&outcome).map_err(|error| corrupt("outcome", &error))?,
+            sequence: codec::from_bigint(sequence)?,
+            recorded_at_ms,
+        };
+        state.idempotency.insert(parsed_key, record);
+    }
+    Ok(state)
+}

@@ -1,0 +1,125 @@
+//! PostgreSQL, the system of record: connecting, migrations, recovery at start-up, and `verify`.
+//!
+//! The journal writer (`crate::journal`) is the only code that writes ledger rows; this module
+//! prepares the database (create if missing, migrate, seed the asset registry, create journal
+//! partitions ahead) and reads it back: [`load_state`] rebuilds an [`EngineState`] from the
+//! projections for `Engine::from_state`, and [`verify`] replays the whole journal into a fresh
+//! engine and compares the result with those projections.
+
+pub mod codec;
+mod load;
+mod verify;
+
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+use thiserror::Error;
+
+use crate::engine::asset::Asset;
+
+pub use self::load::load_state;
+pub use self::verify::{Difference, VerifyReport, verify};
+
+/// The schema, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// How many months of journal partitions exist beyond the current one.
+pub const JOURNAL_PARTITION_MONTHS_AHEAD: i32 = 3;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migrating the schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database holds something the engine could not have written.
+    #[error("the database is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether the failure is about reaching PostgreSQL (worth retrying) rather than its content.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Database(error) => is_unavailable(error),
+            StoreError::Migrate(_) | StoreError::Corrupt(_) => false,
+        }
+    }
+}
+
+/// Whether a sqlx error means PostgreSQL cannot be reached or cannot accept writes right now.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300" | "53200" | "53100")
+        }),
+        _ => false,
+    }
+}
+
+/// Creates the database named in `url` if it does not exist (tolerating a concurrent create).
+pub async fn create_database_if_missing(url: &str) -> Result<(), StoreError> {
+    if sqlx::Postgres::database_exists(url).await? {
+        return Ok(());
+    }
+    match sqlx::Postgres::create_database(url).await {
+        Ok(()) => Ok(()),
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Migrates the schema, seeds the asset registry and creates the journal partitions ahead.
+/// Safe to run concurrently and repeatedly.
+pub async fn prepare(options: &PgConnectOptions) -> Result<(), StoreError> {
+    let mut conn = PgConnection::connect_with(options).await?;
+    MIGRATOR.run(&mut conn).await?;
+    seed_assets(&mut conn).await?;
+    ensure_partitions(&mut conn).await?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// Creates the current month's journal partition and the next ones if missing.
+pub async fn ensure_partitions(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT ledger.ensure_journal_partitions(now(), $1)")
+        .bind(JOURNAL_PARTITION_MONTHS_AHEAD)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Writes the binary's asset registry; an existing asset whose scale differs is refused, since
+/// every amount already stored for it would change meaning.
+async fn seed_assets(conn: &mut PgConnection) -> Result<(), StoreError> {
+    for asset in Asset::all() {
+        let spec = asset.spec();
+        let index = i16::try_from(asset.index()).map_err(|_| StoreError::Corrupt("asset index".to_owned()))?;
+        let scale = i16::try_from(spec.scale).map_err(|_| StoreError::Corrupt("asset scale".to_owned()))?;
+        let stored: (i16,) = sqlx::query_as(
+            "INSERT INTO ledger.assets (symbol, code, chain, scale, engine_index) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (symbol) DO UPDATE SET code = EXCLUDED.code
+             RETURNING scale",
+        )
+        .bind(spec.symbol)
+        .bind(spec.code)
+        .bind(spec.chain.map(|chain| chain.name()))
+        .bind(scale)
+        .bind(index)
+        .fetch_one(&mut *conn)
+        .await?;
+        if stored.0 != scale {
+            return Err(StoreError::Corrupt(format!(
+                "asset {} has scale {} in the database but {} in this binary",
+                spec.symbol, stored.0, scale
+            )));
+        }
+    }
+    Ok(())
+}

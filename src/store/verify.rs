@@ -1,0 +1,136 @@
+//! `verify`: replays the whole journal into a fresh engine and compares it with the projections.
+//!
+//! The journal is the system of record and the projections are derived from it in the same
+//! transactions, so the two must agree exactly: every account (settings, balances, counters),
+//! system balance, reservation and idempotency key. Both are read in one REPEATABLE READ
+//! snapshot, so `verify` can run against a live ledger. The journal is read in pages of
+//! [`PAGE_RECORDS`] so memory stays bounded by the engine's state, not the journal's length.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+
+use sqlx::{Connection, PgConnection};
+
+use super::load::read_state;
+use super::{StoreError, codec};
+use crate::engine::record::{JournalClosed, JournalRecord, JournalSink};
+use crate::engine::state::EngineState;
+use crate::engine::{Engine, EngineConfig};
+
+/// Journal records read per query.
+pub const PAGE_RECORDS: i64 = 10_000;
+
+/// Differences listed in a report; past this only the count grows.
+pub const MAX_REPORTED_DIFFERENCES: usize = 100;
+
+/// One place where the replayed journal and the projections disagree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub what: String,
+    pub replayed: String,
+    pub projected: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub records_replayed: u64,
+    pub accounts: usize,
+    pub differences: Vec<Difference>,
+    /// All differences found, including those past [`MAX_REPORTED_DIFFERENCES`].
+    pub difference_count: usize,
+}
+
+impl VerifyReport {
+    pub fn agrees(&self) -> bool {
+        self.difference_count == 0
+    }
+}
+
+/// A sink for an engine that only replays: `apply_record` never calls it, and a request would be refused.
+struct ReplayOnly;
+
+impl JournalSink for ReplayOnly {
+    fn append(&self, record: JournalRecord) -> Result<(), JournalClosed> {
+        Err(JournalClosed { record: Box::new(record) })
+    }
+}
+
+pub async fn verify(conn: &mut PgConnection) -> Result<VerifyReport, StoreError> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+    let engine = Engine::new(EngineConfig::default(), ReplayOnly);
+    let mut after: i64 = 0;
+    let mut records_replayed = 0_u64;
+    loop {
+        let page: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT sequence, record::text FROM ledger.journal WHERE sequence > $1 ORDER BY sequence LIMIT $2",
+        )
+        .bind(after)
+        .bind(PAGE_RECORDS)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(&(last, _)) = page.last() else { break };
+        for (sequence, text) in page {
+            let record: JournalRecord = serde_json::from_str(&text)
+                .map_err(|error| StoreError::Corrupt(format!("journal record {sequence} does not parse: {error}")))?;
+            if codec::to_bigint(record.sequence)? != sequence {
+                return Err(StoreError::Corrupt(format!("journal row {sequence} holds record {}", record.sequence)));
+            }
+            engine
+                .apply_record(&record)
+                .map_err(|error| StoreError::Corrupt(format!("the journal does not replay: {error}")))?;
+            records_replayed += 1;
+        }
+        after = last;
+    }
+    let projected = read_state(&mut tx, i64::MIN).await?;
+    tx.commit().await?;
+    let replayed = engine.state();
+
+    let mut report = VerifyReport {
+        records_replayed,
+        accounts: projected.accounts.len(),
+        differences: Vec::new(),
+        difference_count: 0,
+    };
+    let mut differ = |what: String, replayed: &dyn Debug, projected: &dyn Debug| {
+        report.difference_count += 1;
+        if report.differences.len() < MAX_REPORTED_DIFFERENCES {
+            report.differences.push(Difference {
+                what,
+                replayed: format!("{replayed:?}"),
+                projected: format!("{projected:?}"),
+            });
+        }
+    };
+    if replayed.next_sequence != projected.next_sequence {
+        differ("last committed sequence".to_owned(), &(replayed.next_sequence - 1), &(projected.next_sequence - 1));
+    }
+    compare("account", &replayed.accounts, &projected.accounts, &mut differ);
+    compare("system balance", &replayed.system_minor, &projected.system_minor, &mut differ);
+    compare("reservation", &replayed.reservations, &projected.reservations, &mut differ);
+    compare("idempotency key", &replayed.idempotency, &projected.idempotency, &mut differ);
+    if let Err(violation) = EngineState::check_invariants(&projected) {
+        differ("invariants of the projections".to_owned(), &"hold", &violation);
+    }
+    Ok(report)
+}
+
+fn compare<K: Ord + Debug, V: PartialEq + Debug>(
+    what: &str,
+    replayed: &BTreeMap<K, V>,
+    projected: &BTreeMap<K, V>,
+    differ: &mut impl FnMut(String, &dyn Debug, &dyn Debug),
+) {
+    for (key, value) in replayed {
+        match projected.get(key) {
+            Some(other) if other == value => {}
+            other => differ(format!("{what} {key:?}"), value, &other),
+        }
+    }
+    for (key, value) in projected {
+        if !replayed.contains_key(key) {
+            differ(format!("{what} {key:?}"), &None::<()>, value);
+        }
+    }
+}
