@@ -1,0 +1,192 @@
+//! The journal against a real PostgreSQL: restart gives the same state, idempotency survives a
+//! restart, a batch PostgreSQL refuses leaves nothing partial and loses nothing acknowledged,
+//! and `verify` agrees with the projections.
+
+mod journal_common;
+
+use diboas_ledger::engine::account::{AccountRef, Domain};
+use diboas_ledger::engine::asset::Asset;
+use diboas_ledger::engine::error::EngineError;
+use diboas_ledger::engine::operation::Operation;
+use diboas_ledger::ledger::{Ledger, LedgerError};
+use diboas_ledger::store;
+use journal_common::*;
+use sqlx::PgPool;
+
+#[sqlx::test]
+async fn restart_on_the_same_database_restores_the_same_state(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let started_ms = now_ms();
+    let ledger = Ledger::open(config(options.clone())).await.unwrap();
+    let mut outcomes = Vec::new();
+    for request in mixed_workload(started_ms) {
+        outcomes.push(ledger.submit(request).await.unwrap());
+    }
+    assert!(outcomes.iter().filter(|outcome| outcome.result.is_err()).count() == 1, "{outcomes:#?}");
+    // The 1-second reservation expires in a sweep, which is journaled too.
+    assert_eq!(ledger.sweep(started_ms + 2_000).await.unwrap(), 1);
+    let before = ledger.state().await.unwrap();
+    before.check_invariants().unwrap();
+    ledger.shutdown().await.unwrap();
+
+    let ledger = Ledger::open(config(options.clone())).await.unwrap();
+    let after = ledger.state().await.unwrap();
+    assert_eq!(after, before);
+    ledger.shutdown().await.unwrap();
+
+    let mut conn = pool.acquire().await.unwrap();
+    let report = store::verify(&mut conn).await.unwrap();
+    assert!(report.agrees(), "{report:#?}");
+    assert_eq!(report.records_replayed, before.next_sequence - 1);
+}
+
+#[sqlx::test]
+async fn an_idempotent_retry_after_restart_returns_the_first_outcome(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let at_ms = now_ms();
+    let alice = account(1, Domain::Banking, Asset::USD);
+    let ledger = Ledger::open(config(options.clone())).await.unwrap();
+    ledger.submit(request("open", at_ms, open(alice))).await.unwrap();
+    let first = ledger.submit(request("pay-1", at_ms, deposit(alice, 1_234))).await.unwrap();
+    let refused = ledger
+        .submit(request(
+            "too-much",
+            at_ms,
+            Operation::Withdraw {
+                account: alice,
+                amount: amount(1_000_000),
+                provider: diboas_ledger::engine::account::Provider::Ramp,
+            },
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(refused.result, Err(EngineError::InsufficientFunds { .. })));
+    ledger.shutdown().await.unwrap();
+
+    let ledger = Ledger::open(config(options)).await.unwrap();
+    let retried = ledger.submit(request("pay-1", at_ms + 5_000, deposit(alice, 1_234))).await.unwrap();
+    assert_eq!((retried.sequence, &retried.result, retried.replayed), (first.sequence, &first.result, true));
+    let retried_refusal = ledger
+        .submit(request(
+            "too-much",
+            at_ms,
+            Operation::Withdraw {
+                account: alice,
+                amount: amount(1_000_000),
+                provider: diboas_ledger::engine::account::Provider::Ramp,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!((retried_refusal.result, retried_refusal.replayed), (refused.result, true));
+    let conflict = ledger.submit(request("pay-1", at_ms, deposit(alice, 9_999))).await.unwrap();
+    assert!(matches!(conflict.result, Err(EngineError::IdempotencyConflict { .. })));
+    assert_eq!(ledger.balance(&AccountRef::User(alice)).await.unwrap().available_minor, 1_234);
+    ledger.shutdown().await.unwrap();
+}
+
+/// A trigger makes PostgreSQL refuse any batch holding a "poison" key, after the batch has
+/// already written its journal rows and projections: the whole transaction must vanish.
+#[sqlx::test]
+async fn a_batch_postgresql_refuses_leaves_no_partial_rows_and_loses_nothing_acknowledged(pool: PgPool) {
+    let options = prepared(&pool).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION public.poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.key LIKE 'poison%' THEN RAISE EXCEPTION 'poisoned batch'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER poison BEFORE INSERT ON ledger.idempotency_keys FOR EACH ROW EXECUTE FUNCTION public.poison();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let at_ms = now_ms();
+    let alice = account(1, Domain::Banking, Asset::USD);
+    let ledger = std::sync::Arc::new(Ledger::open(config(options.clone())).await.unwrap());
+    ledger.submit(request("open", at_ms, open(alice))).await.unwrap();
+    let mut acknowledged = Vec::new();
+    for index in 0..20 {
+        let key = format!("before-{index}");
+        ledger.submit(request(&key, at_ms, deposit(alice, 100))).await.unwrap();
+        acknowledged.push(key);
+    }
+    // Concurrent requests, so the poisoned one shares its batch with others.
+    let mut tasks = Vec::new();
+    for index in 0..40 {
+        let ledger = ledger.clone();
+        let key = if index == 20 { "poison".to_owned() } else { format!("during-{index}") };
+        tasks.push(tokio::spawn(async move {
+            let result = ledger.submit(request(&key, at_ms, deposit(alice, 100))).await;
+            (key, result)
+        }));
+    }
+    let mut unknown = Vec::new();
+    for task in tasks {
+        let (key, result) = task.await.unwrap();
+        match result {
+            Ok(outcome) => {
+                assert!(outcome.result.is_ok());
+                acknowledged.push(key);
+            }
+            Err(LedgerError::Unavailable) => unknown.push(key),
+            Err(other) => panic!("unexpected error {other}"),
+        }
+    }
+    assert!(unknown.contains(&"poison".to_owned()), "the poisoned request cannot have been acknowledged");
+
+    // No partial rows: nothing in the journal or the projections beyond the checkpoint.
+    let (checkpoint, journal_rows, journal_max, keys_max, balances_max): (
+        i64,
+        i64,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+    ) = sqlx::query_as(
+        "SELECT (SELECT committed_sequence FROM ledger.checkpoint), (SELECT count(*) FROM ledger.journal),
+                    (SELECT max(sequence) FROM ledger.journal), (SELECT max(sequence) FROM ledger.idempotency_keys),
+                    (SELECT max(last_sequence) FROM ledger.balances)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(journal_rows, checkpoint);
+    assert_eq!(journal_max, Some(checkpoint));
+    assert!(keys_max <= Some(checkpoint) && balances_max <= Some(checkpoint));
+    let (poisoned,): (i64,) = sqlx::query_as("SELECT count(*) FROM ledger.journal WHERE idempotency_key = 'poison'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(poisoned, 0);
+
+    // Nothing acknowledged was lost: every acknowledged key is committed exactly once.
+    let keys: Vec<&str> = acknowledged.iter().map(String::as_str).collect();
+    let (present,): (i64,) = sqlx::query_as("SELECT count(*) FROM ledger.journal WHERE idempotency_key = ANY($1)")
+        .bind(&keys)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(present as usize, acknowledged.len());
+
+    // PostgreSQL accepts the key again: the ledger reloads and the unknown requests, retried
+    // with their keys, apply exactly once.
+    sqlx::raw_sql("DROP TRIGGER poison ON ledger.idempotency_keys").execute(&pool).await.unwrap();
+    for key in &unknown {
+        let mut attempts = 0;
+        loop {
+            match ledger.submit(request(key, at_ms, deposit(alice, 100))).await {
+                Ok(outcome) => {
+                    assert!(outcome.result.is_ok());
+                    break;
+                }
+                Err(LedgerError::Unavailable) if attempts < 500 => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(other) => panic!("the ledger did not resume: {other}"),
+            }
+        }
+    }
+    let balance = ledger.balance(&AccountRef::User(alice)).await.unwrap();
+    assert_eq!(balance.available_minor, 100 * (acknowledged.len() + unknown.len()) as i128);
+    std::sync::Arc::into_inner(ledger).unwrap().shutdown().await.unwrap();
+    let report = store::verify(&mut pool.acquire().await.unwrap()).await.unwrap();
+    assert!(report.agrees(), "{report:#?}");
+}
