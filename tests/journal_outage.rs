@@ -1,0 +1,182 @@
+//! Promise 9: when PostgreSQL cannot be reached, callers get `Unavailable`, nothing acknowledged
+//! is lost, and service resumes by itself once PostgreSQL is back.
+//!
+//! The shared PostgreSQL server is not stopped (other tests use it): a small TCP proxy sits
+//! between the ledger and PostgreSQL, and the test cuts every connection through it (and refuses
+//! new ones) under load, then restores it.
+
+mod journal_common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use diboas_ledger::engine::account::{AccountRef, Domain};
+use diboas_ledger::engine::asset::Asset;
+use diboas_ledger::ledger::{Ledger, LedgerError};
+use diboas_ledger::store;
+use journal_common::*;
+use sqlx::PgPool;
+use tokio::net::{TcpListener, TcpStream};
+
+const USERS: u128 = 8;
+const TASKS: usize = 8;
+/// The longest the test waits for the ledger to make progress before declaring it stuck.
+const PROGRESS_DEADLINE_MS: u64 = 60_000;
+
+/// A TCP proxy on its own thread and runtime, so it keeps forwarding whatever the test does.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    fn start(upstream: String) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let (cut_flag, registry) = (cut.clone(), connections.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener).unwrap();
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if cut_flag.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection is refused while cut
+                    }
+                    let upstream = upstream.clone();
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    registry.lock().unwrap().push(task.abort_handle());
+                }
+            });
+        });
+        Proxy { port, cut, connections }
+    }
+
+    /// Drops every open connection and refuses new ones, as a dead server or network would.
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    acknowledged: Vec<String>,
+    unavailable: usize,
+}
+
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..PROGRESS_DEADLINE_MS {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("gave up waiting: {what}");
+}
+
+#[sqlx::test]
+async fn nothing_acknowledged_is_lost_and_service_resumes_after_postgresql_is_cut_off(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let proxy = Proxy::start(format!("{}:{}", options.get_host(), options.get_port()));
+    let mut ledger_config = config(options.clone().host("127.0.0.1").port(proxy.port));
+    ledger_config.reconnect_max_backoff_ms = 200;
+    let ledger = Arc::new(Ledger::open(ledger_config).await.unwrap());
+    let at_ms = now_ms();
+    for n in 0..USERS {
+        ledger
+            .submit(request(&format!("open-{n}"), at_ms, open(account(n, Domain::Banking, Asset::USD))))
+            .await
+            .unwrap();
+    }
+
+    let log = Arc::new(Mutex::new(Log::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let (ledger, log, stop) = (ledger.clone(), log.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut index = 0_u128;
+            while !stop.load(Ordering::SeqCst) {
+                let key = format!("t{task}-{index}");
+                let target = account((index + task as u128) % USERS, Domain::Banking, Asset::USD);
+                match ledger.submit(request(&key, at_ms, deposit(target, 100))).await {
+                    Ok(outcome) => {
+                        assert!(outcome.result.is_ok());
+                        log.lock().unwrap().acknowledged.push(key);
+                    }
+                    Err(LedgerError::Unavailable) => {
+                        log.lock().unwrap().unavailable += 1;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err(other) => panic!("unexpected error: {other}"),
+                }
+                index += 1;
+            }
+        }));
+    }
+
+    wait_until("acknowledgements before the cut", || log.lock().unwrap().acknowledged.len() >= 300).await;
+    proxy.cut();
+    wait_until("callers told the ledger is unavailable", || log.lock().unwrap().unavailable >= 50).await;
+    let acknowledged_during_cut = log.lock().unwrap().acknowledged.len();
+    proxy.restore();
+    wait_until("acknowledgements after PostgreSQL is back", || {
+        log.lock().unwrap().acknowledged.len() >= acknowledged_during_cut + 300
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    let state = ledger.state().await.unwrap();
+    state.check_invariants().unwrap();
+    let mut total_minor = 0;
+    for n in 0..USERS {
+        total_minor +=
+            ledger.balance(&AccountRef::User(account(n, Domain::Banking, Asset::USD))).await.unwrap().available_minor;
+    }
+    Arc::into_inner(ledger).unwrap().shutdown().await.unwrap();
+
+    let keys: Vec<&str> = log.acknowledged.iter().map(String::as_str).collect();
+    let counts: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT idempotency_key, count(*) FROM ledger.journal WHERE idempotency_key = ANY($1) GROUP BY idempotency_key",
+    )
+    .bind(&keys)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(counts.len(), log.acknowledged.len(), "an acknowledged deposit is missing from the journal");
+    assert!(counts.iter().all(|(_, count)| *count == 1));
+    // Every committed deposit (acknowledged, or unknown to its caller but committed) is counted
+    // exactly once in the balances, and nothing else is.
+    let (deposits,): (i64,) = sqlx::query_as("SELECT count(*) FROM ledger.journal WHERE idempotency_key LIKE 't%'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(total_minor, 100 * i128::from(deposits));
+    assert!(deposits as usize >= log.acknowledged.len());
+    let report = store::verify(&mut pool.acquire().await.unwrap()).await.unwrap();
+    assert!(report.agrees(), "{report:#?}");
+    eprintln!(
+        "acknowledged {}, unavailable answers {}, committed deposits {deposits}",
+        log.acknowledged.len(),
+        log.unavailable
+    );
+}
