@@ -190,3 +190,30 @@ async fn a_batch_postgresql_refuses_leaves_no_partial_rows_and_loses_nothing_ack
     let report = store::verify(&mut pool.acquire().await.unwrap()).await.unwrap();
     assert!(report.agrees(), "{report:#?}");
 }
+
+/// A projection that drifts from the journal is caught twice: `verify` names the account, and a
+/// restart refuses to start on state that breaks an invariant.
+#[sqlx::test]
+async fn verify_reports_a_drifted_projection_and_start_up_refuses_broken_invariants(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let ledger = Ledger::open(config(options.clone())).await.unwrap();
+    for request in mixed_workload(now_ms()) {
+        ledger.submit(request).await.unwrap();
+    }
+    ledger.shutdown().await.unwrap();
+    let bob = account(2, Domain::Banking, Asset::USD);
+    sqlx::query("UPDATE ledger.balances SET available = available + 0.01 WHERE user_id = $1 AND domain = 'banking'")
+        .bind(bob.user_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let report = store::verify(&mut pool.acquire().await.unwrap()).await.unwrap();
+    assert!(!report.agrees());
+    assert!(report.differences.iter().any(|difference| difference.what.contains(&bob.user_id.to_string())), "{report:#?}");
+    match Ledger::open(config(options)).await {
+        Err(LedgerError::Invariant(violation)) => assert!(violation.to_string().contains("sum to 1"), "{violation}"),
+        Err(other) => panic!("refused for the wrong reason: {other}"),
+        Ok(_) => panic!("started on a state whose USD balances do not sum to zero"),
+    }
+}
