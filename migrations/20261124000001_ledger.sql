@@ -106,7 +106,7 @@ CREATE TABLE ledger.balances (
     last_sequence bigint NOT NULL,
     PRIMARY KEY (user_id, domain, asset),
     FOREIGN KEY (user_id, domain, asset) REFERENCES ledger.accounts
-);
+) WITH (fillfactor = 50);
 
 -- Reservations of every status; closed ones stay for history, recovery loads the active ones
 -- and the recently closed ones (the idempotency window).
@@ -129,16 +129,21 @@ CREATE TABLE ledger.reservations (
 CREATE INDEX reservations_active_by_expiry ON ledger.reservations (expires_at_ms) WHERE status = 'active';
 CREATE INDEX reservations_closed_at ON ledger.reservations (closed_at_ms) WHERE status <> 'active';
 
--- The first outcome of every request, by idempotency key (the key space is global, so it is
--- distributed by key, not by user).
+-- Every request's idempotency key and the journal record holding its first outcome (the record
+-- keeps the operation and the outcome; storing them twice would double what each batch writes).
+-- The key space is global, so this table is distributed by key, not by user.
 CREATE TABLE ledger.idempotency_keys (
     key text PRIMARY KEY,
     sequence bigint NOT NULL,
-    recorded_at_ms bigint NOT NULL,
-    operation json NOT NULL,
-    outcome json NOT NULL
+    recorded_at_ms bigint NOT NULL
 );
-CREATE INDEX idempotency_keys_by_age ON ledger.idempotency_keys (recorded_at_ms);
+
+-- The keys with their stored operation and outcome, for SQL users.
+CREATE VIEW ledger.idempotency_outcomes AS
+    SELECT k.key, k.sequence, k.recorded_at_ms, j.created_at,
+           j.record -> 'origin' -> 'data' -> 'operation' AS operation,
+           j.record -> 'origin' -> 'data' -> 'outcome' AS outcome
+    FROM ledger.idempotency_keys k JOIN ledger.journal j ON j.sequence = k.sequence;
 
 -- Platform accounts, summed over the engine's shards. kind is e.g. 'provider_clearing:stripe'.
 CREATE TABLE ledger.system_balances (

@@ -210,7 +210,10 @@ async fn verify_reports_a_drifted_projection_and_start_up_refuses_broken_invaria
 
     let report = store::verify(&mut pool.acquire().await.unwrap()).await.unwrap();
     assert!(!report.agrees());
-    assert!(report.differences.iter().any(|difference| difference.what.contains(&bob.user_id.to_string())), "{report:#?}");
+    assert!(
+        report.differences.iter().any(|difference| difference.what.contains(&bob.user_id.to_string())),
+        "{report:#?}"
+    );
     match Ledger::open(config(options)).await {
         Err(LedgerError::Invariant(violation)) => assert!(violation.to_string().contains("sum to 1"), "{violation}"),
         Err(other) => panic!("refused for the wrong reason: {other}"),

@@ -26,27 +26,14 @@ use crate::store::codec;
 #[derive(Debug, Default)]
 pub struct Batch {
     records: Vec<JournalRecord>,
-    encoded: Vec<EncodedRecord>,
+    encoded: Vec<String>,
     bytes: usize,
-}
-
-#[derive(Debug)]
-struct EncodedRecord {
-    record: String,
-    /// The operation and outcome of a request, for the idempotency projection.
-    request: Option<(String, String)>,
 }
 
 impl Batch {
     pub fn push(&mut self, record: JournalRecord) -> Result<(), JournalError> {
-        let request = match &record.origin {
-            Origin::Request { operation, outcome, .. } => {
-                Some((serde_json::to_string(operation)?, serde_json::to_string(outcome)?))
-            }
-            Origin::ExpirySweep => None,
-        };
-        let encoded = EncodedRecord { record: serde_json::to_string(&record)?, request };
-        self.bytes += encoded.record.len() + encoded.request.as_ref().map_or(0, |(op, out)| op.len() + out.len());
+        let encoded = serde_json::to_string(&record)?;
+        self.bytes += encoded.len();
         self.records.push(record);
         self.encoded.push(encoded);
         Ok(())
@@ -252,7 +239,7 @@ async fn insert_journal(tx: &mut PgConnection, batch: &Batch) -> Result<(), Jour
     .bind(at_ms)
     .bind(kinds)
     .bind(keys)
-    .bind(batch.encoded.iter().map(|encoded| encoded.record.as_str()).collect::<Vec<_>>())
+    .bind(&batch.encoded)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -525,30 +512,24 @@ async fn apply_system_deltas(tx: &mut PgConnection, changes: &Changes) -> Result
 }
 
 async fn insert_idempotency_keys(tx: &mut PgConnection, batch: &Batch) -> Result<(), JournalError> {
-    let (mut keys, mut sequences, mut recorded, mut operations, mut outcomes) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (record, encoded) in batch.records.iter().zip(&batch.encoded) {
-        if let (Origin::Request { key, .. }, Some((operation, outcome))) = (&record.origin, &encoded.request) {
+    let (mut keys, mut sequences, mut recorded) = (Vec::new(), Vec::new(), Vec::new());
+    for record in &batch.records {
+        if let Origin::Request { key, .. } = &record.origin {
             keys.push(key.as_str());
             sequences.push(seq(record.sequence)?);
             recorded.push(record.at_ms);
-            operations.push(operation.as_str());
-            outcomes.push(outcome.as_str());
         }
     }
     if keys.is_empty() {
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO ledger.idempotency_keys (key, sequence, recorded_at_ms, operation, outcome)
-         SELECT k, s, r, o::json, x::json FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[])
-             AS t(k, s, r, o, x)",
+        "INSERT INTO ledger.idempotency_keys (key, sequence, recorded_at_ms)
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[])",
     )
     .bind(keys)
     .bind(sequences)
     .bind(recorded)
-    .bind(operations)
-    .bind(outcomes)
     .execute(&mut *tx)
     .await?;
     Ok(())

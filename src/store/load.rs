@@ -13,6 +13,7 @@ use super::codec;
 use crate::engine::account::{AccountConfig, Balance, OutflowLimits, SystemAccount, UserAccount};
 use crate::engine::idempotency::{IdempotencyKey, IdempotencyRecord};
 use crate::engine::limits::OutflowUsage;
+use crate::engine::record::{JournalRecord, Origin};
 use crate::engine::reservation::{Reservation, ReservationStatus};
 use crate::engine::state::{AccountView, EngineState};
 
@@ -127,24 +128,27 @@ pub(super) async fn read_state(tx: &mut PgConnection, cutoff_ms: i64) -> Result<
         state.reservations.insert((user_id, id), reservation);
     }
 
-    let keys: Vec<(String, i64, i64, String, String)> = sqlx::query_as(
-        "SELECT key, sequence, recorded_at_ms, operation::text, outcome::text
-         FROM ledger.idempotency_keys WHERE recorded_at_ms > $1",
+    // The operation and first outcome of each key live in its journal record.
+    let keys: Vec<(String, i64, i64, String)> = sqlx::query_as(
+        "SELECT k.key, k.sequence, k.recorded_at_ms, j.record::text
+         FROM ledger.idempotency_keys k JOIN ledger.journal j ON j.sequence = k.sequence
+         WHERE k.recorded_at_ms > $1",
     )
     .bind(cutoff_ms)
     .fetch_all(&mut *tx)
     .await?;
-    for (key, sequence, recorded_at_ms, operation, outcome) in keys {
-        let corrupt = |what: &str, error: &dyn std::fmt::Display| {
-            StoreError::Corrupt(format!("idempotency key {key:?}: {what}: {error}"))
+    for (key, sequence, recorded_at_ms, text) in keys {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("idempotency key {key:?}: {what}"));
+        let parsed_key = IdempotencyKey::new(&key).map_err(|error| corrupt(&error.to_string()))?;
+        let record: JournalRecord = serde_json::from_str(&text)
+            .map_err(|error| corrupt(&format!("its journal record does not parse: {error}")))?;
+        let Origin::Request { key: recorded_key, operation, outcome } = record.origin else {
+            return Err(corrupt("its journal record is not a request"));
         };
-        let parsed_key = IdempotencyKey::new(&key).map_err(|error| corrupt("key", &error))?;
-        let record = IdempotencyRecord {
-            operation: serde_json::from_str(&operation).map_err(|error| corrupt("operation", &error))?,
-            outcome: serde_json::from_str(&outcome).map_err(|error| corrupt("outcome", &error))?,
-            sequence: codec::from_bigint(sequence)?,
-            recorded_at_ms,
-        };
+        if recorded_key != parsed_key || record.sequence != codec::from_bigint(sequence)? {
+            return Err(corrupt("its journal record belongs to another request"));
+        }
+        let record = IdempotencyRecord { operation, outcome, sequence: record.sequence, recorded_at_ms };
         state.idempotency.insert(parsed_key, record);
     }
     Ok(state)
