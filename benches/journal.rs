@@ -28,6 +28,7 @@ use diboas_ledger::engine::money::Amount;
 use diboas_ledger::engine::operation::{Operation, Request};
 use diboas_ledger::engine::record::JournalRecord;
 use diboas_ledger::engine::{Engine, EngineConfig};
+use diboas_ledger::journal::JournalConfig;
 use diboas_ledger::journal::batch::{Batch, write_batch};
 use diboas_ledger::ledger::{Ledger, LedgerConfig};
 use diboas_ledger::store;
@@ -183,7 +184,7 @@ async fn write(conn: &mut PgConnection, records: &[JournalRecord], committed: u6
     for record in records {
         batch.push(record.clone())?;
     }
-    write_batch(conn, &batch, committed, false).await?;
+    write_batch(conn, &batch, committed, false, JournalConfig::default().copy_min_bytes).await?;
     Ok(batch.last_sequence().unwrap_or(committed))
 }
 

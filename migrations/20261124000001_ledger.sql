@@ -33,7 +33,8 @@ INSERT INTO ledger.checkpoint (committed_sequence) VALUES (0);
 -- created_at (the commit time; at_ms is the request's own clock and is not trusted for routing).
 CREATE TABLE ledger.journal (
     sequence bigint NOT NULL CHECK (sequence > 0),
-    created_at timestamptz NOT NULL,
+    -- The batch's transaction time: the writer leaves it to this default.
+    created_at timestamptz NOT NULL DEFAULT now(),
     at_ms bigint NOT NULL,
     kind text NOT NULL CHECK (kind IN ('request', 'expiry_sweep')),
     idempotency_key text,

@@ -8,6 +8,7 @@ use diboas_ledger::engine::account::{AccountRef, Domain};
 use diboas_ledger::engine::asset::Asset;
 use diboas_ledger::engine::error::EngineError;
 use diboas_ledger::engine::operation::Operation;
+use diboas_ledger::journal::JournalConfig;
 use diboas_ledger::ledger::{Ledger, LedgerError};
 use diboas_ledger::store;
 use journal_common::*;
@@ -15,9 +16,21 @@ use sqlx::PgPool;
 
 #[sqlx::test]
 async fn restart_on_the_same_database_restores_the_same_state(pool: PgPool) {
+    restart_restores_the_same_state(pool, JournalConfig::default().copy_min_bytes).await;
+}
+
+/// The same, with every batch appended by binary COPY (normally only large batches are).
+#[sqlx::test]
+async fn restart_restores_the_same_state_when_batches_are_copied(pool: PgPool) {
+    restart_restores_the_same_state(pool, 0).await;
+}
+
+async fn restart_restores_the_same_state(pool: PgPool, copy_min_bytes: usize) {
     let options = prepared(&pool).await;
     let started_ms = now_ms();
-    let ledger = Ledger::open(config(options.clone())).await.unwrap();
+    let mut copying = config(options.clone());
+    copying.journal.copy_min_bytes = copy_min_bytes;
+    let ledger = Ledger::open(copying).await.unwrap();
     let mut outcomes = Vec::new();
     for request in mixed_workload(started_ms) {
         outcomes.push(ledger.submit(request).await.unwrap());

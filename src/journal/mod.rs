@@ -40,11 +40,19 @@ pub struct JournalConfig {
     /// The most encoded bytes (journal JSON plus idempotency JSON) one transaction carries; a
     /// batch stops growing once it reaches this.
     pub max_batch_bytes: usize,
+    /// Batches of at least this many encoded bytes append with binary COPY rather than UNNEST
+    /// (see `batch::write_batch`).
+    pub copy_min_bytes: usize,
 }
 
 impl Default for JournalConfig {
     fn default() -> Self {
-        JournalConfig { channel_capacity: 65_536, max_batch_records: 8_192, max_batch_bytes: 16 << 20 }
+        JournalConfig {
+            channel_capacity: 65_536,
+            max_batch_records: 8_192,
+            max_batch_bytes: 16 << 20,
+            copy_min_bytes: 1 << 20,
+        }
     }
 }
 
@@ -170,7 +178,8 @@ impl WriterLoop<'_> {
                 }
             }
             let ensure_partitions = Instant::now() >= next_partition_check;
-            write_batch(&mut self.conn, &batch, self.committed_sequence, ensure_partitions).await?;
+            write_batch(&mut self.conn, &batch, self.committed_sequence, ensure_partitions, self.config.copy_min_bytes)
+                .await?;
             if ensure_partitions {
                 next_partition_check = Instant::now() + Duration::from_millis(PARTITION_CHECK_INTERVAL_MS);
             }
