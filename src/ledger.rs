@@ -32,11 +32,8 @@ use crate::engine::operation::Request;
 use crate::engine::record::JournalRecord;
 use crate::engine::state::{AccountView, EngineState, InvariantViolation};
 use crate::engine::{Engine, EngineConfig, Outcome};
-use crate::journal::{Durability, JournalConfig, JournalError, Writer};
+use crate::journal::{CONNECT_TIMEOUT_MS, Durability, JournalConfig, JournalError, Writer};
 use crate::store::{self, StoreError};
-
-/// How long a connection attempt to PostgreSQL may take before it counts as a failure.
-pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 
 #[derive(Debug, Clone)]
 pub struct LedgerConfig {
@@ -96,6 +93,8 @@ impl Generation {
             .await
             .map_err(|_| LedgerError::ConnectTimeout)?
             .map_err(StoreError::from)?;
+        // Start-up (and every reload) makes sure the journal can take this month's rows.
+        store::ensure_partitions(&mut conn).await?;
         let state = store::load_state(&mut conn, cutoff_ms).await?;
         conn.close().await.map_err(StoreError::from)?;
         state.check_invariants()?;
@@ -242,11 +241,10 @@ async fn supervise(shared: Weak<Shared>) {
                 break;
             }
             if durability.changed().await.is_err() {
-                if durability.borrow().failed {
-                    break;
-                }
-                // The writer ended cleanly: the ledger is shutting down.
-                return;
+                // The writer thread is gone. On shutdown this task was aborted first and a
+                // dropped ledger fails the upgrade below, so here it died unexpectedly (a
+                // panic): recover exactly as from a failure.
+                break;
             }
         }
         tracing::warn!("journal writer failed: refusing changes until the ledger is reloaded from PostgreSQL");

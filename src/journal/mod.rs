@@ -28,6 +28,9 @@ use self::batch::{Batch, write_batch};
 use crate::engine::record::JournalRecord;
 use crate::store::StoreError;
 
+/// How long a connection attempt to PostgreSQL may take before it counts as a failure.
+pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
+
 /// How often the writer makes sure next months' journal partitions exist.
 pub const PARTITION_CHECK_INTERVAL_MS: u64 = 60 * 60 * 1_000;
 
@@ -43,6 +46,9 @@ pub struct JournalConfig {
     /// Batches of at least this many encoded bytes append with binary COPY rather than UNNEST
     /// (see `batch::write_batch`).
     pub copy_min_bytes: usize,
+    /// The longest one batch's transaction may take. Past it the outcome is unknown and the
+    /// writer stops (fail-stop), so callers are never left waiting on a hung PostgreSQL.
+    pub max_commit_ms: u64,
 }
 
 impl Default for JournalConfig {
@@ -52,6 +58,7 @@ impl Default for JournalConfig {
             max_batch_records: 8_192,
             max_batch_bytes: 16 << 20,
             copy_min_bytes: 1 << 20,
+            max_commit_ms: 30_000,
         }
     }
 }
@@ -80,6 +87,10 @@ pub enum JournalError {
     Thread(#[from] std::io::Error),
     #[error("the journal writer thread ended before it was ready")]
     WriterGone,
+    #[error("connecting to PostgreSQL took longer than {CONNECT_TIMEOUT_MS} ms")]
+    ConnectTimeout,
+    #[error("a batch took longer than {0} ms to commit; its outcome is unknown")]
+    CommitTimeout(u64),
 }
 
 impl JournalError {
@@ -87,6 +98,7 @@ impl JournalError {
         match self {
             JournalError::Database(error) => crate::store::is_unavailable(error),
             JournalError::Store(error) => error.is_unavailable(),
+            JournalError::ConnectTimeout | JournalError::CommitTimeout(_) => true,
             _ => false,
         }
     }
@@ -119,10 +131,15 @@ impl Writer {
                 }
             };
             runtime.block_on(async move {
-                let conn = match PgConnection::connect_with(&options).await {
-                    Ok(conn) => conn,
-                    Err(error) => {
+                let connect = PgConnection::connect_with(&options);
+                let conn = match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect).await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(error)) => {
                         let _ = ready_sender.send(Err(error.into()));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = ready_sender.send(Err(JournalError::ConnectTimeout));
                         return;
                     }
                 };
@@ -178,8 +195,16 @@ impl WriterLoop<'_> {
                 }
             }
             let ensure_partitions = Instant::now() >= next_partition_check;
-            write_batch(&mut self.conn, &batch, self.committed_sequence, ensure_partitions, self.config.copy_min_bytes)
-                .await?;
+            let write = write_batch(
+                &mut self.conn,
+                &batch,
+                self.committed_sequence,
+                ensure_partitions,
+                self.config.copy_min_bytes,
+            );
+            tokio::time::timeout(Duration::from_millis(self.config.max_commit_ms), write)
+                .await
+                .map_err(|_| JournalError::CommitTimeout(self.config.max_commit_ms))??;
             if ensure_partitions {
                 next_partition_check = Instant::now() + Duration::from_millis(PARTITION_CHECK_INTERVAL_MS);
             }
