@@ -1,6 +1,6 @@
 //! Durable throughput of the journal, against the per-operation baseline, in one run.
 //!
-//! Journal alone: transfers between 10 000 accounts are executed in an engine whose sink is an
+//! Journal alone: transfers between 10 000 accounts (and, last, among 100 hot ones) are executed in an engine whose sink is an
 //! in-memory channel; the records are then made durable with the writer's own batch code
 //! (`journal::batch`: JSON encoding, one transaction of UNNEST statements per batch, projections
 //! coalesced per account, fsync on commit) at batch sizes 1, 16, 256 and 4096.
@@ -11,7 +11,7 @@
 //!
 //! Baseline: what a service without the engine would do: each transfer its own transaction
 //! (SELECT ... FOR UPDATE both balances, UPDATE both, INSERT a history row, COMMIT), with 1 and
-//! with 16 concurrent connections.
+//! with 16 concurrent connections, and with 16 on the 100 hot accounts.
 //!
 //! Run: `cargo bench --bench journal` (DATABASE_URL names a role that can create databases;
 //! default postgres://postgres@127.0.0.1:5432/postgres). It creates and drops its own databases.
@@ -39,13 +39,22 @@ use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 const ACCOUNTS: u64 = 10_000;
-/// (batch size, transfers written at that size): a few seconds each.
-const JOURNAL_RUNS: [(usize, usize); 4] = [(1, 2_000), (16, 16_000), (256, 200_000), (4_096, 400_000)];
+/// Transfers in the hot runs stay among this many accounts (where coalescing per account pays).
+const HOT_ACCOUNTS: u64 = 100;
+/// (batch size, transfers written at that size, accounts they move between): a few seconds each.
+const JOURNAL_RUNS: [(usize, usize, u64); 5] = [
+    (1, 2_000, ACCOUNTS),
+    (16, 16_000, ACCOUNTS),
+    (256, 200_000, ACCOUNTS),
+    (4_096, 400_000, ACCOUNTS),
+    (4_096, 400_000, HOT_ACCOUNTS),
+];
 /// Concurrent callers and transfers for the run through `Ledger::submit`.
 const LEDGER_CALLERS: usize = 4_096;
 const LEDGER_TRANSFERS: usize = 400_000;
-/// (concurrent connections, transfers) for the per-operation baseline.
-const BASELINE_RUNS: [(usize, usize); 2] = [(1, 2_000), (16, 8_000)];
+/// (concurrent connections, transfers, accounts) for the per-operation baseline.
+const BASELINE_RUNS: [(usize, usize, u64); 3] =
+    [(1, 2_000, ACCOUNTS), (16, 8_000, ACCOUNTS), (16, 8_000, HOT_ACCOUNTS)];
 const JOURNAL_DATABASE: &str = "diboas_bench_journal";
 const LEDGER_DATABASE: &str = "diboas_bench_ledger";
 /// A fixed request time, so every run writes the same records.
@@ -116,10 +125,10 @@ impl XorShift {
         self.0
     }
 
-    /// Two different accounts.
-    fn pair(&mut self) -> (u64, u64) {
-        let from = self.next() % ACCOUNTS;
-        (from, (from + 1 + self.next() % (ACCOUNTS - 1)) % ACCOUNTS)
+    /// Two different accounts among the first `accounts`.
+    fn pair(&mut self, accounts: u64) -> (u64, u64) {
+        let from = self.next() % accounts;
+        (from, (from + 1 + self.next() % (accounts - 1)) % accounts)
     }
 }
 
@@ -132,8 +141,8 @@ fn setup_operations() -> impl Iterator<Item = Operation> {
     })
 }
 
-fn transfer(random: &mut XorShift) -> Operation {
-    let (from, to) = random.pair();
+fn transfer(random: &mut XorShift, accounts: u64) -> Operation {
+    let (from, to) = random.pair(accounts);
     Operation::Transfer {
         from: AccountRef::User(user_account(from)),
         to: AccountRef::User(user_account(to)),
@@ -153,8 +162,10 @@ async fn journal_alone(options: &PgConnectOptions) -> Result<f64, BenchError> {
     setup_operations().for_each(&mut execute);
     let setup: Vec<JournalRecord> = receiver.try_iter().collect();
     let mut random = XorShift(0x2545_f491_4f6c_dd1d);
-    for _ in 0..JOURNAL_RUNS.iter().map(|(_, count)| count).sum::<usize>() {
-        execute(transfer(&mut random));
+    for (_, count, accounts) in JOURNAL_RUNS {
+        for _ in 0..count {
+            execute(transfer(&mut random, accounts));
+        }
     }
     let mut records: Vec<JournalRecord> = receiver.try_iter().collect();
 
@@ -165,7 +176,7 @@ async fn journal_alone(options: &PgConnectOptions) -> Result<f64, BenchError> {
     }
     println!("journal alone (durable; JSON encoding + one transaction per batch), {ACCOUNTS} accounts:");
     let mut best: f64 = 0.0;
-    for (batch_size, count) in JOURNAL_RUNS {
+    for (batch_size, count, accounts) in JOURNAL_RUNS {
         let run: Vec<JournalRecord> = records.drain(..count).collect();
         let started = Instant::now();
         for chunk in run.chunks(batch_size) {
@@ -173,7 +184,9 @@ async fn journal_alone(options: &PgConnectOptions) -> Result<f64, BenchError> {
         }
         let per_second = count as f64 / started.elapsed().as_secs_f64();
         best = best.max(per_second);
-        println!("  batch {batch_size:>5}: {count:>7} transfers, {per_second:>9.0} durable ops/s");
+        println!(
+            "  batch {batch_size:>5}: {count:>7} transfers among {accounts:>5} accounts, {per_second:>9.0} durable ops/s"
+        );
     }
     conn.close().await?;
     Ok(best)
@@ -206,8 +219,11 @@ async fn through_ledger(options: &PgConnectOptions) -> Result<f64, BenchError> {
                 if index >= LEDGER_TRANSFERS {
                     return Ok::<(), diboas_ledger::ledger::LedgerError>(());
                 }
-                let request =
-                    Request { key: key(&format!("t-{index}")), now_ms: AT_MS, operation: transfer(&mut random) };
+                let request = Request {
+                    key: key(&format!("t-{index}")),
+                    now_ms: AT_MS,
+                    operation: transfer(&mut random, ACCOUNTS),
+                };
                 ledger.submit(request).await?;
             }
         }));
@@ -239,16 +255,23 @@ async fn baseline(options: &PgConnectOptions) -> Result<f64, BenchError> {
     conn.close().await?;
     println!("baseline (a transaction per transfer: SELECT FOR UPDATE, UPDATE x2, INSERT history, COMMIT):");
     let mut best: f64 = 0.0;
-    for (connections, count) in BASELINE_RUNS {
-        let per_second = baseline_run(options, connections, count).await?;
+    for (connections, count, accounts) in BASELINE_RUNS {
+        let per_second = baseline_run(options, connections, count, accounts).await?;
         best = best.max(per_second);
-        println!("  {connections:>2} connections: {count:>7} transfers, {per_second:>9.0} durable ops/s");
+        println!(
+            "  {connections:>2} connections: {count:>7} transfers among {accounts:>5} accounts, {per_second:>9.0} durable ops/s"
+        );
     }
     Ok(best)
 }
 
-/// `count` transfers over `connections` connections, each transfer its own transaction.
-async fn baseline_run(options: &PgConnectOptions, connections: usize, count: usize) -> Result<f64, BenchError> {
+/// `count` transfers among the first `accounts` over `connections` connections, each its own transaction.
+async fn baseline_run(
+    options: &PgConnectOptions,
+    connections: usize,
+    count: usize,
+    accounts: u64,
+) -> Result<f64, BenchError> {
     let pool = PgPoolOptions::new().max_connections(connections as u32).connect_with(options.clone()).await?;
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -258,7 +281,7 @@ async fn baseline_run(options: &PgConnectOptions, connections: usize, count: usi
         workers.push(tokio::spawn(async move {
             let mut random = XorShift(0x9e37_79b9_7f4a_7c15 ^ (worker as u64 + 1));
             while next.fetch_add(1, Ordering::Relaxed) < count {
-                let (from, to) = random.pair();
+                let (from, to) = random.pair(accounts);
                 let (from, to) = (from as i64, to as i64);
                 let amount = Decimal::new(1 + (random.next() % 1_000) as i64, 2);
                 let mut tx = pool.begin().await?;

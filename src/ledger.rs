@@ -158,6 +158,8 @@ impl Ledger {
 
     /// Executes `request` and returns its outcome once it is durable. A refusal that changed
     /// nothing (an idempotency conflict, ...) returns at once: there is nothing to make durable.
+    /// When the journal's channel is full, the engine blocks the calling thread until the writer
+    /// makes room (back-pressure, bounded by `JournalConfig::channel_capacity`).
     pub async fn submit(&self, request: Request) -> Result<Outcome, LedgerError> {
         let generation = self.current();
         let outcome = generation.engine.execute(request);
