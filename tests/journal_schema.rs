@@ -1,0 +1,58 @@
+//! The schema's own guarantees: the journal is append-only, and its monthly partitions are
+//! created ahead across year boundaries.
+
+mod journal_common;
+
+use journal_common::*;
+use sqlx::PgPool;
+
+#[sqlx::test]
+async fn the_journal_refuses_updates_deletes_and_truncation(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let ledger = diboas_ledger::ledger::Ledger::open(config(options)).await.unwrap();
+    let alice = account(1, diboas_ledger::engine::account::Domain::Banking, diboas_ledger::engine::asset::Asset::USD);
+    ledger.submit(request("open", now_ms(), open(alice))).await.unwrap();
+    ledger.shutdown().await.unwrap();
+    for statement in ["UPDATE ledger.journal SET at_ms = 0", "DELETE FROM ledger.journal", "TRUNCATE ledger.journal"] {
+        let error = sqlx::raw_sql(statement).execute(&pool).await.unwrap_err();
+        assert!(error.to_string().contains("append-only"), "{statement}: {error}");
+    }
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM ledger.journal").fetch_one(&pool).await.unwrap();
+    assert_eq!(rows, 1);
+}
+
+#[sqlx::test]
+async fn partitions_are_created_ahead_across_a_year_boundary(pool: PgPool) {
+    prepared(&pool).await;
+    let (created,): (i32,) = sqlx::query_as("SELECT ledger.ensure_journal_partitions('2030-11-20 23:59:59+00', 3)")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(created, 4);
+    let (again,): (i32,) = sqlx::query_as("SELECT ledger.ensure_journal_partitions('2030-11-01 00:00:00+00', 3)")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(again, 0, "existing partitions are left alone");
+    let names: Vec<(String,)> = sqlx::query_as(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'ledger.journal'::regclass AND c.relname >= 'journal_2030' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let names: Vec<&str> = names.iter().map(|(name,)| name.as_str()).collect();
+    assert_eq!(names, ["journal_2030_11", "journal_2030_12", "journal_2031_01", "journal_2031_02"]);
+    // A row at the very end of December lands in December's partition, whatever the session's time zone.
+    sqlx::raw_sql(
+        "SET TIME ZONE 'Pacific/Auckland';
+         INSERT INTO ledger.journal (sequence, created_at, at_ms, kind, record)
+         VALUES (1, '2030-12-31 23:59:59.999+00', 0, 'expiry_sweep', '{}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (partition,): (String,) =
+        sqlx::query_as("SELECT tableoid::regclass::text FROM ledger.journal").fetch_one(&pool).await.unwrap();
+    assert_eq!(partition, "ledger.journal_2030_12");
+}
