@@ -14,13 +14,15 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use diboas_ledger::engine::account::Domain;
+use diboas_ledger::engine::account::{AccountRef, Domain};
 use diboas_ledger::engine::asset::Asset;
+use diboas_ledger::engine::operation::Operation;
 use diboas_ledger::ledger::{Ledger, LedgerError};
 use diboas_ledger::store;
 use journal_common::*;
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
+use uuid::Uuid;
 
 const CHILD_URL_VAR: &str = "CRASH_CHILD_DATABASE_URL";
 const CHILD_RUN_VAR: &str = "CRASH_CHILD_RUN";
@@ -56,24 +58,47 @@ fn crash_child() {
                 for index in 0..OPERATIONS_PER_TASK {
                     let n = counter.fetch_add(1, Ordering::Relaxed) as u128;
                     let key = format!("r{run}-t{task}-{index}");
-                    // Mostly deposits; every third a transfer between two users on different shards.
-                    let operation = if index % 3 == 2 {
-                        transfer(
-                            account(n % USERS, Domain::Banking, Asset::USD),
-                            account((n + 7) % USERS, Domain::Banking, Asset::USD),
-                            1,
-                        )
-                    } else {
-                        deposit(account(n % USERS, Domain::Banking, Asset::USD), 100)
-                    };
-                    match ledger.submit(request(&key, now_ms(), operation)).await {
-                        Ok(_) => {
-                            let mut stdout = std::io::stdout().lock();
-                            writeln!(stdout, "ACK {key}").unwrap();
-                            stdout.flush().unwrap();
+                    let from = account(n % USERS, Domain::Banking, Asset::USD);
+                    let to = account((n + 7) % USERS, Domain::Banking, Asset::USD);
+                    // Deposits, transfers across shards, and reservations committed in part (two
+                    // requests, so a kill can land between them).
+                    let steps = match index % 4 {
+                        0 | 1 => vec![(key, deposit(from, 100))],
+                        2 => vec![(key, transfer(from, to, 1))],
+                        _ => {
+                            let reservation_id = Uuid::from_u128(((run * TASKS + task) as u128) << 64 | index as u128);
+                            vec![
+                                (
+                                    format!("{key}-reserve"),
+                                    Operation::Reserve {
+                                        reservation_id,
+                                        account: from,
+                                        amount: amount(10),
+                                        ttl_ms: None,
+                                    },
+                                ),
+                                (
+                                    format!("{key}-commit"),
+                                    Operation::Commit {
+                                        user_id: from.user_id,
+                                        reservation_id,
+                                        destination: AccountRef::User(to),
+                                        amount: Some(amount(4)),
+                                    },
+                                ),
+                            ]
                         }
-                        Err(LedgerError::Unavailable) => {}
-                        Err(other) => panic!("{other}"),
+                    };
+                    for (key, operation) in steps {
+                        match ledger.submit(request(&key, now_ms(), operation)).await {
+                            Ok(_) => {
+                                let mut stdout = std::io::stdout().lock();
+                                writeln!(stdout, "ACK {key}").unwrap();
+                                stdout.flush().unwrap();
+                            }
+                            Err(LedgerError::Unavailable) => {}
+                            Err(other) => panic!("{other}"),
+                        }
                     }
                 }
             }));
