@@ -479,8 +479,14 @@ fn a_full_idempotency_store_refuses_instead_of_forgetting() {
         h.refused(Operation::SetFrozen { account: usd(1), frozen: true }),
         EngineError::IdempotencyCapacityExhausted
     );
+    // Keys live between one and two retention windows: one rotation keeps them (as the
+    // previous generation), the next one forgets them.
     h.now_ms += 1_000;
     h.engine.sweep(h.now_ms).unwrap();
+    assert_eq!(h.engine.state().idempotency.len(), 3);
+    h.now_ms += 1_000;
+    h.engine.sweep(h.now_ms).unwrap();
+    assert!(h.engine.state().idempotency.is_empty());
     h.ok(Operation::SetFrozen { account: usd(1), frozen: true });
 }
 

@@ -8,11 +8,16 @@
 //! check and the operation are one atomic step.
 //!
 //! Limits: a key is 1..=64 printable ASCII bytes, stored inline (no allocation); each shard
-//! holds at most a configured number of keys; keys are forgotten once older than the
-//! retention window. A full store refuses new operations rather than forget a live key.
+//! holds at most a configured number of keys; a full store refuses new operations rather than
+//! forget a live key. Keys are kept in two generations: new keys go into the current one, and
+//! once per retention window the sweep retires the previous generation whole and the current
+//! one becomes previous. Dropping a whole map is far cheaper than evicting keys one by one, at
+//! the price of a looser window: a key is remembered for at least the retention window and at
+//! most twice it (plus the sweep interval).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -34,7 +39,7 @@ pub enum IdempotencyKeyError {
 }
 
 /// A validated idempotency key, stored inline so copying it never allocates.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct IdempotencyKey {
     len: u8,
     bytes: [u8; MAX_IDEMPOTENCY_KEY_LEN],
@@ -59,6 +64,14 @@ impl IdempotencyKey {
     pub fn as_str(&self) -> &str {
         // Only printable ASCII is ever stored, which is valid UTF-8.
         std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+/// Hashes only the key's own bytes, not the unused rest of the inline buffer (which is zeroed,
+/// so the derived equality stays consistent with this hash).
+impl Hash for IdempotencyKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.bytes[..usize::from(self.len)].hash(state);
     }
 }
 
@@ -97,47 +110,48 @@ pub struct IdempotencyRecord {
     pub recorded_at_ms: i64,
 }
 
-/// One shard's keys, with their insertion order for eviction by age.
+pub(crate) type Generation = HashMap<IdempotencyKey, Box<IdempotencyRecord>, foldhash::fast::RandomState>;
+
+/// One shard's keys in two generations (see the module comment). Records are boxed so the
+/// maps move small entries when they grow.
 #[derive(Debug, Default)]
 pub(crate) struct IdempotencyStore {
-    records: HashMap<IdempotencyKey, IdempotencyRecord, foldhash::fast::RandomState>,
-    by_age: VecDeque<(i64, IdempotencyKey)>,
+    current: Generation,
+    previous: Generation,
+    /// When the current generation started taking keys.
+    current_since_ms: i64,
 }
 
 impl IdempotencyStore {
     pub(crate) fn get(&self, key: &IdempotencyKey) -> Option<&IdempotencyRecord> {
-        self.records.get(key)
+        self.current.get(key).or_else(|| self.previous.get(key)).map(Box::as_ref)
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.records.len()
+        self.current.len() + self.previous.len()
     }
 
     pub(crate) fn insert(&mut self, key: IdempotencyKey, record: IdempotencyRecord) {
-        self.by_age.push_back((record.recorded_at_ms, key));
-        let previous = self.records.insert(key, record);
-        debug_assert!(previous.is_none(), "an idempotency key is recorded once");
+        debug_assert!(self.get(&key).is_none(), "an idempotency key is recorded once");
+        self.current.insert(key, Box::new(record));
     }
 
-    /// Forgets keys recorded at or before `cutoff_ms`; returns how many were forgotten.
-    /// Callers pass times that only move forward in practice; a record that arrived slightly
-    /// out of order is simply forgotten on a later sweep.
-    pub(crate) fn forget_recorded_before(&mut self, cutoff_ms: i64) -> usize {
-        let mut forgotten = 0;
-        while let Some(&(recorded_at_ms, key)) = self.by_age.front() {
-            if recorded_at_ms > cutoff_ms {
-                break;
-            }
-            self.by_age.pop_front();
-            if self.records.remove(&key).is_some() {
-                forgotten += 1;
-            }
+    /// Starts a new generation if the current one is at least `retention_ms` old at `now_ms`.
+    /// Returns the retired generation, for the caller to drop after releasing the shard lock.
+    pub(crate) fn rotate(&mut self, now_ms: i64, retention_ms: i64) -> Option<Generation> {
+        if now_ms.saturating_sub(self.current_since_ms) < retention_ms {
+            return None;
         }
-        forgotten
+        self.current_since_ms = now_ms;
+        // The next generation will likely see as many keys as this one: size it up front so it
+        // does not rehash while requests wait on the shard lock.
+        let next = Generation::with_capacity_and_hasher(self.current.len(), Default::default());
+        let retired = std::mem::replace(&mut self.previous, std::mem::replace(&mut self.current, next));
+        Some(retired)
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&IdempotencyKey, &IdempotencyRecord)> {
-        self.records.iter()
+        self.current.iter().chain(self.previous.iter()).map(|(key, record)| (key, record.as_ref()))
     }
 }
 

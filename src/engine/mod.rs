@@ -55,7 +55,8 @@ pub struct EngineConfig {
     pub shard_count: usize,
     /// The most idempotency keys one shard remembers; past it new requests are refused.
     pub idempotency_capacity_per_shard: usize,
-    /// How long idempotency keys and closed reservations are remembered.
+    /// How long idempotency keys (at least this, at most twice this) and closed reservations
+    /// are remembered.
     pub retention_ms: i64,
 }
 
@@ -176,8 +177,8 @@ impl<S: JournalSink> Engine<S> {
     }
 
     /// Expires every Active reservation whose time is up at `now_ms` (at most
-    /// [`MAX_EXPIRIES_PER_SHARD_SWEEP`] per shard per call), and forgets idempotency keys and
-    /// closed reservations older than the retention window. Returns how many reservations
+    /// [`MAX_EXPIRIES_PER_SHARD_SWEEP`] per shard per call), forgets closed reservations older
+    /// than the retention window, and rotates idempotency generations (see `idempotency`). Returns how many reservations
     /// expired; a caller that gets a full batch should call again.
     pub fn sweep(&self, now_ms: i64) -> Result<usize, EngineError> {
         let mut expired = 0;
@@ -214,7 +215,12 @@ impl<S: JournalSink> Engine<S> {
                 }
                 expired += due.len();
             }
-            forget_old(shards.get(index), now_ms.saturating_sub(self.config.retention_ms));
+            let shard = shards.get(index);
+            let retired_keys = shard.idempotency.rotate(now_ms, self.config.retention_ms);
+            forget_closed_reservations(shard, now_ms.saturating_sub(self.config.retention_ms));
+            drop(shards);
+            // Freeing a retired generation takes a while; do it after the shard is unlocked.
+            drop(retired_keys);
         }
         Ok(expired)
     }
@@ -302,6 +308,11 @@ impl<S: JournalSink> Engine<S> {
             .get(&user_id)
             .and_then(|user| user.reservations.get(&reservation_id))
             .copied()
+    }
+
+    /// The shard holding `user_id`'s accounts (for operators and benchmarks that place load).
+    pub fn shard_of(&self, user_id: Uuid) -> u32 {
+        self.map.of_user(user_id)
     }
 
     /// The sequence of the last change handed to the journal (0 before the first).
@@ -397,9 +408,8 @@ fn user_views(user_id: Uuid, user: &UserState) -> impl Iterator<Item = AccountVi
     })
 }
 
-/// Drops idempotency keys and closed reservations last touched at or before `cutoff_ms`.
-fn forget_old(shard: &mut Shard, cutoff_ms: i64) {
-    shard.idempotency.forget_recorded_before(cutoff_ms);
+/// Drops closed reservations that closed at or before `cutoff_ms`.
+fn forget_closed_reservations(shard: &mut Shard, cutoff_ms: i64) {
     while let Some(&(closed_at_ms, user_id, reservation_id)) = shard.closed.front() {
         if closed_at_ms > cutoff_ms {
             break;

@@ -98,7 +98,7 @@ impl ShardMap {
     }
 
     pub fn of_key(self, key: &IdempotencyKey) -> u32 {
-        let hash = foldhash::fast::FixedState::with_seed(0x6469_626f_6153).hash_one(key.as_str());
+        let hash = foldhash::fast::FixedState::with_seed(0x6469_626f_6153).hash_one(key);
         ((hash >> 32) % u64::from(self.shard_count)) as u32
     }
 }
