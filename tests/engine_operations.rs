@@ -3,6 +3,7 @@
 
 mod support;
 
+use diboas_ledger::engine::Engine;
 use diboas_ledger::engine::account::{
     AccountConfig, AccountRef, Balance, Domain, FeeTier, OutflowLimits, Provider, SystemAccount, SystemKind,
 };
@@ -542,4 +543,63 @@ fn a_closed_journal_makes_the_engine_refuse_and_undo() {
     assert_eq!(engine.last_sequence(), 1, "no sequence was used");
     // The key was not remembered: a retry once the journal is back is a fresh attempt.
     assert!(engine.state().idempotency.keys().all(|k| k.as_str() != "open-2"));
+}
+
+#[test]
+fn reservations_cannot_push_reserved_or_a_later_release_past_the_maximum() {
+    // Found by fuzzing: reserved grew past the maximum, and a release could then carry
+    // available past it. Credits are bounded on the total, reservations on reserved.
+    let max = diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
+    let mut h = Harness::new();
+    h.open(usd(1), AccountConfig { overdraft_minor: max, ..AccountConfig::default() });
+    h.ok(Operation::Deposit { account: usd(1), amount: amount(max), provider: Provider::Stripe });
+    h.ok(reserve(usd(1), 1, max));
+    assert_eq!(h.refused(reserve(usd(1), 2, 1)), EngineError::BalanceOverflow { account: AccountRef::User(usd(1)) });
+    assert_eq!(
+        h.refused(Operation::Deposit { account: usd(1), amount: amount(1), provider: Provider::Ramp }),
+        EngineError::BalanceOverflow { account: AccountRef::User(usd(1)) }
+    );
+    h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(1) });
+    assert_eq!(h.balance(usd(1)), Balance { available_minor: max, reserved_minor: 0 });
+}
+
+#[test]
+fn replay_accepts_keys_and_reservation_ids_reused_after_the_retention_window() {
+    // Found by fuzzing: once the live engine forgot a key (or a closed reservation), a retry
+    // runs as a new operation and the journal holds the key twice; replay must accept that,
+    // and only that.
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    let request = Request { key: key("reused"), now_ms: h.now_ms, operation: reserve(usd(1), 7, 10) };
+    h.engine.execute(request.clone()).result.unwrap();
+    h.engine
+        .execute(Request {
+            key: key("release-7"),
+            now_ms: h.now_ms,
+            operation: Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(7) },
+        })
+        .result
+        .unwrap();
+    let retention_ms = h.engine.config().retention_ms;
+    for _ in 0..2 {
+        h.now_ms += retention_ms;
+        h.engine.sweep(h.now_ms).unwrap();
+    }
+    let again = h.engine.execute(Request { now_ms: h.now_ms, ..request });
+    assert!(!again.replayed && again.result.is_ok(), "forgotten key and reservation id are new again");
+
+    let records = h.engine.sink().drain();
+    let replayed = Engine::new(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default());
+    for record in &records {
+        replayed.apply_record(record).unwrap();
+    }
+    assert_eq!(
+        replayed.state().within_retention(h.now_ms, retention_ms),
+        h.engine.state().within_retention(h.now_ms, retention_ms)
+    );
+
+    // The same key twice within the window is a corrupt journal.
+    let mut duplicated = records[records.len() - 1].clone();
+    duplicated.sequence = replayed.last_sequence() + 1;
+    assert!(matches!(replayed.apply_record(&duplicated), Err(diboas_ledger::engine::ReplayError::Inconsistent { .. })));
 }

@@ -136,6 +136,12 @@ impl IdempotencyStore {
         self.current.insert(key, Box::new(record));
     }
 
+    /// Records `key`, replacing a forgotten-in-the-live-engine earlier record (journal replay).
+    pub(crate) fn replace(&mut self, key: IdempotencyKey, record: IdempotencyRecord) {
+        self.previous.remove(&key);
+        self.current.insert(key, Box::new(record));
+    }
+
     /// Starts a new generation if the current one is at least `retention_ms` old at `now_ms`.
     /// Returns the retired generation, for the caller to drop after releasing the shard lock.
     pub(crate) fn rotate(&mut self, now_ms: i64, retention_ms: i64) -> Option<Generation> {

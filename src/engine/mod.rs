@@ -242,13 +242,20 @@ impl<S: JournalSink> Engine<S> {
             return Err(ReplayError::OutOfOrder { expected: *next_sequence, found: record.sequence });
         }
         let inconsistent = |reason| ReplayError::Inconsistent { sequence: record.sequence, reason };
+        // A key (or a reservation id) seen again is legitimate only if the live engine could have
+        // forgotten the first one, i.e. the first is older than the retention window.
+        let forgotten_before_ms = record.at_ms.saturating_sub(self.config.retention_ms);
         if let Origin::Request { key, .. } = &record.origin
-            && shards.get(self.map.of_key(key)).idempotency.get(key).is_some()
+            && shards
+                .get(self.map.of_key(key))
+                .idempotency
+                .get(key)
+                .is_some_and(|first| first.recorded_at_ms > forgotten_before_ms)
         {
-            return Err(inconsistent("idempotency key recorded twice"));
+            return Err(inconsistent("idempotency key recorded twice within the retention window"));
         }
         for (applied, effect) in record.effects.iter().enumerate() {
-            if let Err(reason) = replay_check(&mut shards, self.map, effect) {
+            if let Err(reason) = replay_check(&mut shards, self.map, effect, forgotten_before_ms) {
                 for done in record.effects[..applied].iter().rev() {
                     effect::revert(&mut shards, self.map, done);
                 }
@@ -257,7 +264,7 @@ impl<S: JournalSink> Engine<S> {
             effect::apply(&mut shards, self.map, effect);
         }
         if let Origin::Request { key, operation, outcome } = &record.origin {
-            shards.get(self.map.of_key(key)).idempotency.insert(
+            shards.get(self.map.of_key(key)).idempotency.replace(
                 *key,
                 IdempotencyRecord {
                     operation: operation.clone(),
@@ -423,7 +430,12 @@ fn forget_closed_reservations(shard: &mut Shard, cutoff_ms: i64) {
 
 /// Checks that a journal effect can apply to the current state, so a corrupt journal is
 /// reported instead of breaking an invariant.
-fn replay_check(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effect) -> Result<(), &'static str> {
+fn replay_check(
+    shards: &mut LockedShards<'_>,
+    map: ShardMap,
+    effect: &Effect,
+    forgotten_before_ms: i64,
+) -> Result<(), &'static str> {
     let mut account_exists = |account: &UserAccount| {
         shards
             .get(map.of_user(account.user_id))
@@ -456,8 +468,11 @@ fn replay_check(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effect) -
                 return Err("reservation opened on a missing account or not active");
             }
             let user = &shards.get(map.of_user(reservation.account.user_id)).users[&reservation.account.user_id];
-            if user.reservations.contains_key(&reservation.id) {
-                return Err("reservation opened twice");
+            let still_remembered = user.reservations.get(&reservation.id).is_some_and(|earlier| {
+                earlier.closed_at_ms.is_none_or(|closed_at_ms| closed_at_ms > forgotten_before_ms)
+            });
+            if still_remembered {
+                return Err("reservation opened twice within the retention window");
             }
         }
         Effect::ReservationClosed { user_id, reservation_id, status, .. } => {

@@ -170,10 +170,11 @@ impl<'l, 'a> Tx<'l, 'a> {
         Ok(())
     }
 
-    /// Checks that `slot` can receive `amount_minor` without passing the maximum balance.
+    /// Checks that `slot` can receive `amount_minor` without passing the maximum balance. A user
+    /// account is bounded on its total, so a later release (reserved -> available) stays in range.
     fn check_credit(&mut self, slot: Slot, amount_minor: i128) -> Result<(), EngineError> {
         let (balance_minor, account) = match slot {
-            Slot::User(account) => (self.account(&account)?.balance.available_minor, AccountRef::User(account)),
+            Slot::User(account) => (self.account(&account)?.balance.total_minor(), AccountRef::User(account)),
             Slot::System { account, shard } => (self.system_minor(account, shard), AccountRef::System(account)),
         };
         if balance_minor + amount_minor > MAX_AMOUNT_MINOR {
@@ -298,9 +299,12 @@ fn reserve(
         .filter(|ttl_ms| (1..=MAX_RESERVATION_TTL_MS).contains(ttl_ms))
         .and_then(|ttl_ms| tx.now_ms.checked_add(ttl_ms))
         .ok_or(EngineError::ReservationTtlOutOfRange { max_ttl_ms: MAX_RESERVATION_TTL_MS })?;
-    tx.account(account)?;
+    let state = tx.account(account)?;
     if tx.reservation(account.user_id, reservation_id).is_some() {
         return Err(EngineError::ReservationAlreadyExists { user_id: account.user_id, reservation_id });
+    }
+    if state.balance.reserved_minor + amount.minor() > MAX_AMOUNT_MINOR {
+        return Err(EngineError::BalanceOverflow { account: AccountRef::User(*account) });
     }
     tx.take_outflow(account, amount.minor())?;
     tx.emit(Effect::ReservationOpened {
