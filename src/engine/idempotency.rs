@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -100,20 +100,97 @@ impl<'de> Deserialize<'de> for IdempotencyKey {
     }
 }
 
-/// What the store remembers about a key: the operation, its first outcome, and where it sits
-/// in the journal (a replayed answer must also wait for that sequence to be durable).
+/// A 128-bit digest of an operation. The store keeps it instead of the operation to tell
+/// "the same request again" from "a different request under the same key" at a fraction of the
+/// memory. Computed in-process and never persisted (recovery recomputes it from the stored
+/// operation), so it may change between builds. A collision would need two different operations
+/// under one key to share 128 bits; the only effect would be a replay answer instead of a conflict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OperationFingerprint(u128);
+
+impl OperationFingerprint {
+    pub fn of(operation: &Operation) -> OperationFingerprint {
+        let high = foldhash::fast::FixedState::with_seed(0x6964_656d_706f_7431).hash_one(operation);
+        let low = foldhash::fast::FixedState::with_seed(0x6964_656d_706f_7432).hash_one(operation);
+        OperationFingerprint((u128::from(high) << 64) | u128::from(low))
+    }
+}
+
+/// What the store remembers about a key: which operation it was, its first outcome, and where
+/// it sits in the journal (a replayed answer must also wait for that sequence to be durable).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdempotencyRecord {
-    pub operation: Operation,
+    pub fingerprint: OperationFingerprint,
     pub outcome: Result<Receipt, EngineError>,
     pub sequence: u64,
     pub recorded_at_ms: i64,
 }
 
-pub(crate) type Generation = HashMap<IdempotencyKey, Box<IdempotencyRecord>, foldhash::fast::RandomState>;
+impl IdempotencyRecord {
+    pub fn new(
+        operation: &Operation,
+        outcome: Result<Receipt, EngineError>,
+        sequence: u64,
+        recorded_at_ms: i64,
+    ) -> IdempotencyRecord {
+        IdempotencyRecord { fingerprint: OperationFingerprint::of(operation), outcome, sequence, recorded_at_ms }
+    }
+}
 
-/// One shard's keys in two generations (see the module comment). Records are boxed so the
-/// maps move small entries when they grow.
+/// The outcome as stored: the common `Ok(Done)` inline, anything else boxed, so an entry stays
+/// two cache lines and most requests allocate nothing here.
+#[derive(Debug)]
+enum StoredOutcome {
+    Done,
+    Other(Box<Result<Receipt, EngineError>>),
+}
+
+#[derive(Debug)]
+pub(crate) struct StoredRecord {
+    pub fingerprint: OperationFingerprint,
+    pub sequence: u64,
+    recorded_at_ms: i64,
+    outcome: StoredOutcome,
+}
+
+impl StoredRecord {
+    fn new(record: IdempotencyRecord) -> StoredRecord {
+        let outcome = match record.outcome {
+            Ok(Receipt::Done) => StoredOutcome::Done,
+            other => StoredOutcome::Other(Box::new(other)),
+        };
+        StoredRecord {
+            fingerprint: record.fingerprint,
+            sequence: record.sequence,
+            recorded_at_ms: record.recorded_at_ms,
+            outcome,
+        }
+    }
+
+    pub fn outcome(&self) -> Result<Receipt, EngineError> {
+        match &self.outcome {
+            StoredOutcome::Done => Ok(Receipt::Done),
+            StoredOutcome::Other(outcome) => outcome.as_ref().clone(),
+        }
+    }
+
+    pub fn recorded_at_ms(&self) -> i64 {
+        self.recorded_at_ms
+    }
+
+    fn to_record(&self) -> IdempotencyRecord {
+        IdempotencyRecord {
+            fingerprint: self.fingerprint,
+            outcome: self.outcome(),
+            sequence: self.sequence,
+            recorded_at_ms: self.recorded_at_ms,
+        }
+    }
+}
+
+pub(crate) type Generation = HashMap<IdempotencyKey, StoredRecord, foldhash::fast::RandomState>;
+
+/// One shard's keys in two generations (see the module comment).
 #[derive(Debug, Default)]
 pub(crate) struct IdempotencyStore {
     current: Generation,
@@ -123,8 +200,8 @@ pub(crate) struct IdempotencyStore {
 }
 
 impl IdempotencyStore {
-    pub(crate) fn get(&self, key: &IdempotencyKey) -> Option<&IdempotencyRecord> {
-        self.current.get(key).or_else(|| self.previous.get(key)).map(Box::as_ref)
+    pub(crate) fn get(&self, key: &IdempotencyKey) -> Option<&StoredRecord> {
+        self.current.get(key).or_else(|| self.previous.get(key))
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -133,13 +210,13 @@ impl IdempotencyStore {
 
     pub(crate) fn insert(&mut self, key: IdempotencyKey, record: IdempotencyRecord) {
         debug_assert!(self.get(&key).is_none(), "an idempotency key is recorded once");
-        self.current.insert(key, Box::new(record));
+        self.current.insert(key, StoredRecord::new(record));
     }
 
     /// Records `key`, replacing a forgotten-in-the-live-engine earlier record (journal replay).
     pub(crate) fn replace(&mut self, key: IdempotencyKey, record: IdempotencyRecord) {
         self.previous.remove(&key);
-        self.current.insert(key, Box::new(record));
+        self.current.insert(key, StoredRecord::new(record));
     }
 
     /// Starts a new generation if the current one is at least `retention_ms` old at `now_ms`.
@@ -156,8 +233,8 @@ impl IdempotencyStore {
         Some(retired)
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&IdempotencyKey, &IdempotencyRecord)> {
-        self.current.iter().chain(self.previous.iter()).map(|(key, record)| (key, record.as_ref()))
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&IdempotencyKey, IdempotencyRecord)> {
+        self.current.iter().chain(self.previous.iter()).map(|(key, record)| (key, record.to_record()))
     }
 }
 
@@ -175,5 +252,40 @@ mod tests {
         assert_eq!(IdempotencyKey::new("naïve"), Err(IdempotencyKeyError::NotPrintable));
         assert_eq!(IdempotencyKey::new("tab\t"), Err(IdempotencyKeyError::NotPrintable));
         assert_eq!(IdempotencyKey::new("abc").unwrap().as_str(), "abc");
+    }
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::*;
+    use crate::engine::account::{Domain, UserAccount};
+    use crate::engine::asset::Asset;
+    use crate::engine::money::Amount;
+    use rust_decimal::Decimal;
+    use uuid::Uuid;
+
+    fn convert(price: Decimal, amount_minor: i128) -> Operation {
+        let account = |asset| UserAccount { user_id: Uuid::nil(), domain: Domain::Investing, asset };
+        Operation::Convert {
+            from: account(Asset::USD),
+            to: account(Asset::BTC),
+            amount: Amount::from_minor(amount_minor).unwrap(),
+            price,
+            commission_bps: 10,
+        }
+    }
+
+    #[test]
+    fn equal_operations_share_a_fingerprint_and_different_ones_do_not() {
+        // 1.0 and 1.00 are the same price: the operations are equal, so must their fingerprints be.
+        assert_eq!(convert(Decimal::new(10, 1), 5), convert(Decimal::new(100, 2), 5));
+        assert_eq!(
+            OperationFingerprint::of(&convert(Decimal::new(10, 1), 5)),
+            OperationFingerprint::of(&convert(Decimal::new(100, 2), 5))
+        );
+        assert_ne!(
+            OperationFingerprint::of(&convert(Decimal::ONE, 5)),
+            OperationFingerprint::of(&convert(Decimal::ONE, 6))
+        );
     }
 }

@@ -37,7 +37,7 @@ use self::account::{AccountRef, Balance, SystemAccount, SystemKind, UserAccount}
 use self::asset::Asset;
 use self::effect::Effect;
 use self::error::EngineError;
-use self::idempotency::IdempotencyRecord;
+use self::idempotency::{IdempotencyRecord, OperationFingerprint};
 use self::operation::{Receipt, Request};
 use self::record::{JournalRecord, JournalSink, Origin};
 use self::reservation::{Reservation, ReservationStatus};
@@ -121,10 +121,11 @@ impl<S: JournalSink> Engine<S> {
         plan.push(key_shard);
         let mut shards = LockedShards::lock(&self.shards, plan);
 
+        let fingerprint = OperationFingerprint::of(&operation);
         let store = &shards.get(key_shard).idempotency;
         if let Some(first) = store.get(&key) {
-            return if first.operation == operation {
-                Outcome { sequence: Some(first.sequence), result: first.outcome.clone(), replayed: true }
+            return if first.fingerprint == fingerprint {
+                Outcome { sequence: Some(first.sequence), result: first.outcome(), replayed: true }
             } else {
                 refused(EngineError::IdempotencyConflict { key: key.as_str().to_owned() })
             };
@@ -139,10 +140,11 @@ impl<S: JournalSink> Engine<S> {
             tx.rollback();
         }
         let effects = tx.into_effects();
+        let stored_outcome = result.clone();
         let record = JournalRecord {
             sequence: 0,
             at_ms: now_ms,
-            origin: Origin::Request { key, operation: operation.clone(), outcome: result.clone() },
+            origin: Origin::Request { key, operation, outcome: result.clone() },
             effects,
         };
         let Some(sequence) = self.append(&mut shards, record) else {
@@ -151,7 +153,7 @@ impl<S: JournalSink> Engine<S> {
         shards
             .get(key_shard)
             .idempotency
-            .insert(key, IdempotencyRecord { operation, outcome: result.clone(), sequence, recorded_at_ms: now_ms });
+            .insert(key, IdempotencyRecord { fingerprint, outcome: stored_outcome, sequence, recorded_at_ms: now_ms });
         Outcome { sequence: Some(sequence), result, replayed: false }
     }
 
@@ -250,7 +252,7 @@ impl<S: JournalSink> Engine<S> {
                 .get(self.map.of_key(key))
                 .idempotency
                 .get(key)
-                .is_some_and(|first| first.recorded_at_ms > forgotten_before_ms)
+                .is_some_and(|first| first.recorded_at_ms() > forgotten_before_ms)
         {
             return Err(inconsistent("idempotency key recorded twice within the retention window"));
         }
@@ -264,15 +266,10 @@ impl<S: JournalSink> Engine<S> {
             effect::apply(&mut shards, self.map, effect);
         }
         if let Origin::Request { key, operation, outcome } = &record.origin {
-            shards.get(self.map.of_key(key)).idempotency.replace(
-                *key,
-                IdempotencyRecord {
-                    operation: operation.clone(),
-                    outcome: outcome.clone(),
-                    sequence: record.sequence,
-                    recorded_at_ms: record.at_ms,
-                },
-            );
+            shards
+                .get(self.map.of_key(key))
+                .idempotency
+                .replace(*key, IdempotencyRecord::new(operation, outcome.clone(), record.sequence, record.at_ms));
         }
         *next_sequence += 1;
         Ok(())
@@ -347,7 +344,7 @@ impl<S: JournalSink> Engine<S> {
                     *system_minor.entry(SystemAccount { kind, asset }).or_default() += amount_minor;
                 }
             }
-            state.idempotency.extend(shard.idempotency.iter().map(|(key, record)| (*key, record.clone())));
+            state.idempotency.extend(shard.idempotency.iter().map(|(key, record)| (*key, record)));
         }
         state.system_minor = system_minor.into_iter().filter(|(_, amount_minor)| *amount_minor != 0).collect();
         state
