@@ -100,19 +100,18 @@ impl<'de> Deserialize<'de> for IdempotencyKey {
     }
 }
 
-/// A 128-bit digest of an operation. The store keeps it instead of the operation to tell
-/// "the same request again" from "a different request under the same key" at a fraction of the
+/// A 64-bit digest of an operation. The store keeps it instead of the operation to tell "the
+/// same request again" from "a different request under the same key" at a fraction of the
 /// memory. Computed in-process and never persisted (recovery recomputes it from the stored
-/// operation), so it may change between builds. A collision would need two different operations
-/// under one key to share 128 bits; the only effect would be a replay answer instead of a conflict.
+/// operation), so it may change between builds. Only operations under one key are ever
+/// compared, so a false "same" needs a 2^-64 coincidence for that key, and would answer with
+/// the first outcome instead of a conflict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct OperationFingerprint(u128);
+pub struct OperationFingerprint(u64);
 
 impl OperationFingerprint {
     pub fn of(operation: &Operation) -> OperationFingerprint {
-        let high = foldhash::fast::FixedState::with_seed(0x6964_656d_706f_7431).hash_one(operation);
-        let low = foldhash::fast::FixedState::with_seed(0x6964_656d_706f_7432).hash_one(operation);
-        OperationFingerprint((u128::from(high) << 64) | u128::from(low))
+        OperationFingerprint(foldhash::fast::FixedState::with_seed(0x6964_656d_706f_7431).hash_one(operation))
     }
 }
 

@@ -91,13 +91,12 @@ impl<'l, 'a> Tx<'l, 'a> {
         self.effects.push(effect);
     }
 
-    fn account(&mut self, account: &UserAccount) -> Result<AccountState, EngineError> {
+    fn account(&mut self, account: &UserAccount) -> Result<&AccountState, EngineError> {
         self.shards
             .get(self.map.of_user(account.user_id))
             .users
             .get(&account.user_id)
             .and_then(|user| user.account(account.domain, account.asset))
-            .copied()
             .ok_or(EngineError::UnknownAccount { account: AccountRef::User(*account) })
     }
 
@@ -128,6 +127,7 @@ impl<'l, 'a> Tx<'l, 'a> {
     /// Checks that `amount_minor` may leave `account` now as an outflow, and counts it against
     /// the account's limits.
     fn take_outflow(&mut self, account: &UserAccount, amount_minor: i128) -> Result<(), EngineError> {
+        let now_ms = self.now_ms;
         let state = self.account(account)?;
         if state.config.frozen {
             return Err(EngineError::AccountFrozen { account: *account });
@@ -140,17 +140,21 @@ impl<'l, 'a> Tx<'l, 'a> {
                 requested_minor: amount_minor,
             });
         }
-        let after = state.usage.after_outflow(&state.config.limits, self.now_ms, amount_minor).map_err(|breach| {
-            EngineError::LimitExceeded {
+        let limits = &state.config.limits;
+        if limits.per_transaction_minor.is_none() && limits.daily_minor.is_none() && limits.monthly_minor.is_none() {
+            return Ok(());
+        }
+        let before = state.usage;
+        let after =
+            before.after_outflow(limits, now_ms, amount_minor).map_err(|breach| EngineError::LimitExceeded {
                 account: *account,
                 limit: breach.limit,
                 limit_minor: breach.limit_minor,
                 used_minor: breach.used_minor,
                 requested_minor: amount_minor,
-            }
-        })?;
-        if after != state.usage {
-            self.emit(Effect::UsageChanged { account: *account, before: state.usage, after });
+            })?;
+        if after != before {
+            self.emit(Effect::UsageChanged { account: *account, before, after });
         }
         Ok(())
     }
@@ -163,9 +167,10 @@ impl<'l, 'a> Tx<'l, 'a> {
         amount_minor: i128,
     ) -> Result<(), EngineError> {
         let state = self.account(account)?;
-        let after = state.usage.after_refund(&state.config.limits, counted_at_ms, amount_minor);
-        if after != state.usage {
-            self.emit(Effect::UsageChanged { account: *account, before: state.usage, after });
+        let before = state.usage;
+        let after = before.after_refund(&state.config.limits, counted_at_ms, amount_minor);
+        if after != before {
+            self.emit(Effect::UsageChanged { account: *account, before, after });
         }
         Ok(())
     }
@@ -299,11 +304,11 @@ fn reserve(
         .filter(|ttl_ms| (1..=MAX_RESERVATION_TTL_MS).contains(ttl_ms))
         .and_then(|ttl_ms| tx.now_ms.checked_add(ttl_ms))
         .ok_or(EngineError::ReservationTtlOutOfRange { max_ttl_ms: MAX_RESERVATION_TTL_MS })?;
-    let state = tx.account(account)?;
+    let reserved_minor = tx.account(account)?.balance.reserved_minor;
     if tx.reservation(account.user_id, reservation_id).is_some() {
         return Err(EngineError::ReservationAlreadyExists { user_id: account.user_id, reservation_id });
     }
-    if state.balance.reserved_minor + amount.minor() > MAX_AMOUNT_MINOR {
+    if reserved_minor + amount.minor() > MAX_AMOUNT_MINOR {
         return Err(EngineError::BalanceOverflow { account: AccountRef::User(*account) });
     }
     tx.take_outflow(account, amount.minor())?;
