@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -60,27 +59,52 @@ fn key_for(counter: u64) -> IdempotencyKey {
     IdempotencyKey::new(std::str::from_utf8(&text).unwrap_or_default()).unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// The sharded engine with a clock and key counter, sweeping old keys as production would.
+/// One thread's requests: unique keys (the thread index in the high bits, so threads share no
+/// counter) and a clock that jumps past the retention window every `SWEEP_EVERY` requests,
+/// when the sweeping caller sweeps, as production would, so the idempotency store stays bounded.
+struct Caller {
+    thread_index: u64,
+    sweeper: bool,
+    requests: u64,
+}
+
+impl Caller {
+    fn new(thread_index: u64, sweeper: bool) -> Caller {
+        Caller { thread_index, sweeper, requests: 0 }
+    }
+
+    /// The next request's (key counter, now_ms, whether this caller sweeps first).
+    fn next(&mut self) -> (u64, i64, bool) {
+        let requests = self.requests;
+        self.requests += 1;
+        let now_ms = (requests / SWEEP_EVERY) as i64 * 2 * RETENTION_MS;
+        let sweeps = self.sweeper && requests.is_multiple_of(SWEEP_EVERY);
+        ((self.thread_index << 48) | requests, now_ms, sweeps)
+    }
+}
+
+/// The sharded engine, its sink discarding records.
 struct Sharded {
     engine: Engine<DiscardJournal>,
-    counter: AtomicU64,
 }
 
 impl Sharded {
     fn new(users: u128) -> Sharded {
         let config = EngineConfig { retention_ms: RETENTION_MS, ..EngineConfig::default() };
-        let sharded = Sharded { engine: Engine::new(config, DiscardJournal), counter: AtomicU64::new(0) };
+        let sharded = Sharded { engine: Engine::new(config, DiscardJournal) };
+        let mut setup = Caller::new(0xffff, false);
         for user in 0..users {
-            sharded.run(Operation::OpenAccount { account: usd(user), config: AccountConfig::default() });
-            sharded.run(Operation::Deposit { account: usd(user), amount: amount(1 << 60), provider: Provider::Stripe });
+            sharded.run(&mut setup, Operation::OpenAccount { account: usd(user), config: AccountConfig::default() });
+            let deposit =
+                Operation::Deposit { account: usd(user), amount: amount(1 << 60), provider: Provider::Stripe };
+            sharded.run(&mut setup, deposit);
         }
         sharded
     }
 
-    fn run(&self, operation: Operation) {
-        let counter = self.counter.fetch_add(1, Ordering::Relaxed);
-        let now_ms = (counter / SWEEP_EVERY) as i64 * 2 * RETENTION_MS;
-        if counter.is_multiple_of(SWEEP_EVERY) {
+    fn run(&self, caller: &mut Caller, operation: Operation) {
+        let (counter, now_ms, sweeps) = caller.next();
+        if sweeps {
             self.engine.sweep(now_ms).unwrap_or_else(|error| panic!("{error}"));
         }
         let outcome = self.engine.execute(Request { key: key_for(counter), now_ms, operation });
@@ -100,7 +124,6 @@ struct GlobalInner {
 #[derive(Default)]
 struct Global {
     inner: Mutex<GlobalInner>,
-    counter: AtomicU64,
 }
 
 impl Global {
@@ -114,10 +137,10 @@ impl Global {
         global
     }
 
-    fn with_key(&self, work: impl FnOnce(&mut GlobalInner, u64)) {
-        let counter = self.counter.fetch_add(1, Ordering::Relaxed);
+    fn with_key(&self, caller: &mut Caller, work: impl FnOnce(&mut GlobalInner, u64)) {
+        let (counter, _, sweeps) = caller.next();
         let mut inner = self.inner.lock();
-        if counter.is_multiple_of(SWEEP_EVERY) {
+        if sweeps {
             inner.keys.clear();
             inner.journal.clear();
         }
@@ -127,8 +150,8 @@ impl Global {
         work(&mut inner, counter);
     }
 
-    fn transfer(&self, from: UserAccount, to: UserAccount, minor: i128) {
-        self.with_key(|inner, sequence| {
+    fn transfer(&self, caller: &mut Caller, from: UserAccount, to: UserAccount, minor: i128) {
+        self.with_key(caller, |inner, sequence| {
             let source = inner.balances.get_mut(&from).map(|balance| &mut balance.0);
             match source {
                 Some(available) if *available >= minor => *available -= minor,
@@ -141,8 +164,8 @@ impl Global {
         });
     }
 
-    fn reserve(&self, id: Uuid, account: UserAccount, minor: i128) {
-        self.with_key(|inner, sequence| {
+    fn reserve(&self, caller: &mut Caller, id: Uuid, account: UserAccount, minor: i128) {
+        self.with_key(caller, |inner, sequence| {
             if let Some(balance) = inner.balances.get_mut(&account)
                 && balance.0 >= minor
             {
@@ -154,8 +177,8 @@ impl Global {
         });
     }
 
-    fn commit(&self, id: Uuid, to: UserAccount) {
-        self.with_key(|inner, sequence| {
+    fn commit(&self, caller: &mut Caller, id: Uuid, to: UserAccount) {
+        self.with_key(caller, |inner, sequence| {
             if let Some((account, minor)) = inner.reservations.remove(&id) {
                 if let Some(balance) = inner.balances.get_mut(&account) {
                     balance.1 -= minor;
@@ -189,34 +212,41 @@ fn single_thread(c: &mut Criterion) {
         to: AccountRef::User(usd(to)),
         amount: amount(1),
     };
+    let mut caller = Caller::new(0, true);
 
     let mut group = c.benchmark_group("transfer");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("sharded/same_shard", |b| b.iter(|| sharded.run(transfer(same_a, same_b))));
-    group.bench_function("sharded/cross_shard", |b| b.iter(|| sharded.run(transfer(cross_a, cross_b))));
-    group.bench_function("global_mutex", |b| b.iter(|| global.transfer(usd(cross_a), usd(cross_b), 1)));
+    group.bench_function("sharded/same_shard", |b| b.iter(|| sharded.run(&mut caller, transfer(same_a, same_b))));
+    group.bench_function("sharded/cross_shard", |b| b.iter(|| sharded.run(&mut caller, transfer(cross_a, cross_b))));
+    group.bench_function("global_mutex", |b| b.iter(|| global.transfer(&mut caller, usd(cross_a), usd(cross_b), 1)));
     group.finish();
 
     let mut group = c.benchmark_group("reserve_commit");
     group.throughput(Throughput::Elements(1));
-    let next_id = AtomicU64::new(0);
+    let mut next_id = 0_u64;
     group.bench_function("sharded", |b| {
         b.iter(|| {
-            let reservation_id = Uuid::from_u64_pair(0, next_id.fetch_add(1, Ordering::Relaxed));
-            sharded.run(Operation::Reserve { reservation_id, account: usd(cross_a), amount: amount(5), ttl_ms: None });
-            sharded.run(Operation::Commit {
-                user_id: usd(cross_a).user_id,
-                reservation_id,
-                destination: AccountRef::User(usd(cross_b)),
-                amount: None,
-            });
+            next_id += 1;
+            let reservation_id = Uuid::from_u64_pair(0, next_id);
+            let reserve = Operation::Reserve { reservation_id, account: usd(cross_a), amount: amount(5), ttl_ms: None };
+            sharded.run(&mut caller, reserve);
+            sharded.run(
+                &mut caller,
+                Operation::Commit {
+                    user_id: usd(cross_a).user_id,
+                    reservation_id,
+                    destination: AccountRef::User(usd(cross_b)),
+                    amount: None,
+                },
+            );
         })
     });
     group.bench_function("global_mutex", |b| {
         b.iter(|| {
-            let reservation_id = Uuid::from_u64_pair(0, next_id.fetch_add(1, Ordering::Relaxed));
-            global.reserve(reservation_id, usd(cross_a), 5);
-            global.commit(reservation_id, usd(cross_b));
+            next_id += 1;
+            let reservation_id = Uuid::from_u64_pair(0, next_id);
+            global.reserve(&mut caller, reservation_id, usd(cross_a), 5);
+            global.commit(&mut caller, reservation_id, usd(cross_b));
         })
     });
     group.finish();
@@ -232,48 +262,43 @@ fn single_thread(c: &mut Criterion) {
                     transfer(next_user, next_user + 1)
                 })
                 .collect();
-            sharded.run(Operation::LinkedBatch { operations });
+            sharded.run(&mut caller, Operation::LinkedBatch { operations });
         })
     });
     group.bench_function("global_mutex", |b| {
         let mut next_user = 0_u128;
         b.iter(|| {
-            let mut inner = global.inner.lock();
-            let sequence = global.counter.fetch_add(1, Ordering::Relaxed);
-            inner.keys.insert(key_for(sequence), sequence);
-            if sequence.is_multiple_of(SWEEP_EVERY) {
-                inner.keys.clear();
-                inner.journal.clear();
-            }
-            for _ in 0..10 {
-                next_user = (next_user + 1) % (UNIFORM_USERS - 1);
-                let (from, to) = (usd(next_user), usd(next_user + 1));
-                if let Some(balance) = inner.balances.get_mut(&from) {
-                    balance.0 -= 1;
+            global.with_key(&mut caller, |inner, sequence| {
+                for _ in 0..10 {
+                    next_user = (next_user + 1) % (UNIFORM_USERS - 1);
+                    let (from, to) = (usd(next_user), usd(next_user + 1));
+                    if let Some(balance) = inner.balances.get_mut(&from) {
+                        balance.0 -= 1;
+                    }
+                    if let Some(balance) = inner.balances.get_mut(&to) {
+                        balance.0 += 1;
+                    }
+                    inner.journal.push((sequence, from, to, 1));
                 }
-                if let Some(balance) = inner.balances.get_mut(&to) {
-                    balance.0 += 1;
-                }
-                inner.journal.push((sequence, from, to, 1));
-            }
+            })
         })
     });
     group.finish();
 }
 
-/// Transfers per second with `threads` threads over `users` accounts (uniform random pairs).
-fn parallel_transfers(
-    threads: usize,
-    operations: u64,
-    transfer: Arc<dyn Fn(u128, u128) + Send + Sync>,
-    users: u128,
-) -> Duration {
-    let per_thread = operations / threads as u64;
+type TransferFn = Arc<dyn Fn(&mut Caller, u128, u128) + Send + Sync>;
+
+/// Runs `operations` uniform random transfers over `users` accounts, split over one thread per
+/// caller (callers persist across calls so keys stay unique and clocks move forward); returns
+/// the wall time.
+fn parallel_transfers(callers: &[Mutex<Caller>], operations: u64, transfer: &TransferFn, users: u128) -> Duration {
+    let per_thread = operations / callers.len() as u64;
     let start = Instant::now();
     std::thread::scope(|scope| {
-        for thread_index in 0..threads {
-            let transfer = Arc::clone(&transfer);
+        for (thread_index, caller) in callers.iter().enumerate() {
+            let transfer = Arc::clone(transfer);
             scope.spawn(move || {
+                let mut caller = caller.lock();
                 let mut state = 0x9E37_79B9_7F4A_7C15_u64 ^ thread_index as u64;
                 for _ in 0..per_thread {
                     state ^= state << 13;
@@ -281,7 +306,7 @@ fn parallel_transfers(
                     state ^= state << 17;
                     let from = u128::from(state) % users;
                     let to = (from + 1 + u128::from(state >> 32) % (users - 1)) % users;
-                    transfer(from, to);
+                    transfer(&mut caller, from, to);
                 }
             });
         }
@@ -293,25 +318,28 @@ fn multi_thread(c: &mut Criterion) {
     for (label, users) in [("uniform", UNIFORM_USERS), ("hot", HOT_USERS)] {
         let mut group = c.benchmark_group(format!("transfers_{label}"));
         group.throughput(Throughput::Elements(1));
-        let sharded = Arc::new(Sharded::new(users));
-        let global = Arc::new(Global::new(users));
-        for threads in [1, 2] {
-            let engine = Arc::clone(&sharded);
-            let transfer: Arc<dyn Fn(u128, u128) + Send + Sync> = Arc::new(move |from, to| {
-                engine.run(Operation::Transfer {
+        for threads in [1_u64, 2] {
+            // A fresh engine and baseline per thread count, so every caller's clock starts with its engine's.
+            let callers = || -> Vec<Mutex<Caller>> {
+                (0..threads).map(|index| Mutex::new(Caller::new(index, index == 0))).collect()
+            };
+            let engine = Arc::new(Sharded::new(users));
+            let sharded_transfer: TransferFn = Arc::new(move |caller, from, to| {
+                let transfer = Operation::Transfer {
                     from: AccountRef::User(usd(from)),
                     to: AccountRef::User(usd(to)),
                     amount: amount(1),
-                })
+                };
+                engine.run(caller, transfer)
             });
-            group.bench_with_input(BenchmarkId::new("sharded", threads), &threads, |b, &threads| {
-                b.iter_custom(|iterations| parallel_transfers(threads, iterations, Arc::clone(&transfer), users))
+            group.bench_with_input(BenchmarkId::new("sharded", threads), &callers(), |b, callers| {
+                b.iter_custom(|iterations| parallel_transfers(callers, iterations, &sharded_transfer, users))
             });
-            let baseline = Arc::clone(&global);
-            let transfer: Arc<dyn Fn(u128, u128) + Send + Sync> =
-                Arc::new(move |from, to| baseline.transfer(usd(from), usd(to), 1));
-            group.bench_with_input(BenchmarkId::new("global_mutex", threads), &threads, |b, &threads| {
-                b.iter_custom(|iterations| parallel_transfers(threads, iterations, Arc::clone(&transfer), users))
+            let baseline = Arc::new(Global::new(users));
+            let global_transfer: TransferFn =
+                Arc::new(move |caller, from, to| baseline.transfer(caller, usd(from), usd(to), 1));
+            group.bench_with_input(BenchmarkId::new("global_mutex", threads), &callers(), |b, callers| {
+                b.iter_custom(|iterations| parallel_transfers(callers, iterations, &global_transfer, users))
             });
         }
         group.finish();
