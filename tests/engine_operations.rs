@@ -235,7 +235,7 @@ fn expiry_is_driven_by_the_callers_clock_and_is_final() {
     };
     h.ok(short);
     h.ok(reserve(usd(1), 2, 100));
-    assert_eq!(h.engine.sweep(h.now_ms + 59_999).unwrap(), 0);
+    assert_eq!(h.engine.sweep(h.now_ms + 59_999).unwrap().expired, 0);
 
     // Past its expiry but not yet swept: it can no longer be committed.
     h.now_ms += 60_000;
@@ -247,7 +247,7 @@ fn expiry_is_driven_by_the_callers_clock_and_is_final() {
     };
     assert!(matches!(h.refused(commit.clone()), EngineError::ReservationExpired { .. }));
 
-    assert_eq!(h.engine.sweep(h.now_ms).unwrap(), 1);
+    assert_eq!(h.engine.sweep(h.now_ms).unwrap().expired, 1);
     h.engine.state().check_invariants().unwrap();
     assert_eq!(h.balance(usd(1)), Balance { available_minor: 900, reserved_minor: 100 });
     assert_eq!(
@@ -258,7 +258,7 @@ fn expiry_is_driven_by_the_callers_clock_and_is_final() {
         h.refused(commit),
         EngineError::ReservationNotActive { reservation_id: Uuid::from_u128(1), status: ReservationStatus::Expired }
     );
-    assert_eq!(h.engine.sweep(h.now_ms).unwrap(), 0, "an expired reservation expires once");
+    assert_eq!(h.engine.sweep(h.now_ms).unwrap().expired, 0, "an expired reservation expires once");
 }
 
 #[test]
@@ -602,4 +602,144 @@ fn replay_accepts_keys_and_reservation_ids_reused_after_the_retention_window() {
     let mut duplicated = records[records.len() - 1].clone();
     duplicated.sequence = replayed.last_sequence() + 1;
     assert!(matches!(replayed.apply_record(&duplicated), Err(diboas_ledger::engine::ReplayError::Inconsistent { .. })));
+}
+
+#[test]
+fn an_earlier_dated_request_cannot_reopen_a_past_limit_window() {
+    // Found in review: callers' clocks disagree; a request stamped just before midnight that
+    // arrives after one stamped just after it must not move the daily window back (which would
+    // reset the counter and let the limit be spent twice).
+    let mut h = Harness::new();
+    let limits = OutflowLimits { daily_minor: Some(100), ..OutflowLimits::default() };
+    h.open(usd(1), AccountConfig { limits, ..AccountConfig::default() });
+    h.ok(Operation::Deposit { account: usd(1), amount: amount(1_000), provider: Provider::Stripe });
+    let midnight_ms = (h.now_ms / 86_400_000 + 1) * 86_400_000;
+    let withdraw = |minor| Operation::Withdraw { account: usd(1), amount: amount(minor), provider: Provider::Stripe };
+    h.now_ms = midnight_ms + 10;
+    h.ok(withdraw(90));
+    h.now_ms = midnight_ms - 5;
+    assert!(matches!(h.refused(withdraw(20)), EngineError::LimitExceeded { limit: LimitKind::Daily, .. }));
+    h.now_ms = midnight_ms + 20;
+    assert!(matches!(h.refused(withdraw(20)), EngineError::LimitExceeded { limit: LimitKind::Daily, .. }));
+}
+
+#[test]
+fn replay_agrees_with_the_live_engine_when_callers_clocks_disagree() {
+    // Found in review: a reservation id forgotten by a sweep and reused by a request stamped
+    // slightly earlier than that sweep. The shard's clock dates the reuse after the sweep, so
+    // the journal stays replayable.
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.ok(reserve(usd(1), 7, 10));
+    h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(7) });
+    let retention_ms = h.engine.config().retention_ms;
+    let swept_at_ms = h.now_ms + retention_ms;
+    h.engine.sweep(swept_at_ms).unwrap();
+    assert!(h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(7)).is_none());
+    h.now_ms = swept_at_ms - 1;
+    h.ok(reserve(usd(1), 7, 10));
+    assert_eq!(h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(7)).unwrap().created_at_ms, swept_at_ms);
+
+    let replayed = Engine::new(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default());
+    for record in h.engine.sink().drain() {
+        replayed.apply_record(&record).unwrap();
+    }
+    assert_eq!(
+        replayed.state().within_retention(swept_at_ms, retention_ms),
+        h.engine.state().within_retention(swept_at_ms, retention_ms)
+    );
+}
+
+#[test]
+fn a_sweep_says_when_more_reservations_are_due_than_it_expired() {
+    let mut h = Harness::with_config(diboas_ledger::engine::EngineConfig {
+        shard_count: 1,
+        ..diboas_ledger::engine::EngineConfig::default()
+    });
+    h.open_funded(usd(1), 1_000_000);
+    let due = diboas_ledger::engine::MAX_EXPIRIES_PER_SHARD_SWEEP as u128 + 10;
+    for id in 0..due {
+        let op = Operation::Reserve {
+            reservation_id: Uuid::from_u128(id),
+            account: usd(1),
+            amount: amount(1),
+            ttl_ms: Some(1_000),
+        };
+        h.engine.execute(Request { key: key(&format!("r{id}")), now_ms: h.now_ms, operation: op }).result.unwrap();
+    }
+    let first = h.engine.sweep(h.now_ms + 1_000).unwrap();
+    assert_eq!((first.expired, first.more_due), (diboas_ledger::engine::MAX_EXPIRIES_PER_SHARD_SWEEP, true));
+    let second = h.engine.sweep(h.now_ms + 1_000).unwrap();
+    assert_eq!((second.expired, second.more_due), (10, false));
+    assert_eq!(h.balance(usd(1)), Balance { available_minor: 1_000_000, reserved_minor: 0 });
+    h.engine.state().check_invariants().unwrap();
+}
+
+#[test]
+fn an_engine_rebuilt_from_its_state_has_the_same_state_and_behaviour() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.open(usd(2), AccountConfig { overdraft_minor: 50, ..AccountConfig::default() });
+    h.ok(reserve(usd(1), 1, 100));
+    h.ok(reserve(usd(1), 2, 200));
+    h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(2) });
+    let transfer = Request {
+        key: key("t-1"),
+        now_ms: h.now_ms,
+        operation: Operation::Transfer {
+            from: AccountRef::User(usd(2)),
+            to: AccountRef::User(usd(1)),
+            amount: amount(30),
+        },
+    };
+    let first = h.engine.execute(transfer.clone());
+    let state = h.engine.state();
+
+    let rebuilt =
+        Engine::from_state(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default(), &state);
+    assert_eq!(rebuilt.state(), state);
+    let retry = rebuilt.execute(transfer);
+    assert_eq!((retry.result, retry.sequence, retry.replayed), (first.result, first.sequence, true));
+    let next = rebuilt.execute(Request { key: key("after"), now_ms: h.now_ms, operation: reserve(usd(1), 3, 1) });
+    assert_eq!(next.sequence, Some(state.next_sequence), "sequencing continues where it stopped");
+}
+
+#[test]
+fn a_journal_that_closes_mid_batch_undoes_every_effect() {
+    /// Accepts `remaining` records, then refuses.
+    struct ClosingJournal {
+        remaining: parking_lot::Mutex<usize>,
+    }
+    impl diboas_ledger::engine::record::JournalSink for ClosingJournal {
+        fn append(
+            &self,
+            record: diboas_ledger::engine::record::JournalRecord,
+        ) -> Result<(), diboas_ledger::engine::record::JournalClosed> {
+            let mut remaining = self.remaining.lock();
+            if *remaining == 0 {
+                return Err(diboas_ledger::engine::record::JournalClosed { record: Box::new(record) });
+            }
+            *remaining -= 1;
+            Ok(())
+        }
+    }
+    let engine = Engine::new(Default::default(), ClosingJournal { remaining: parking_lot::Mutex::new(3) });
+    let run = |text: &str, operation| engine.execute(Request { key: key(text), now_ms: START_MS, operation });
+    run("open-1", Operation::OpenAccount { account: usd(1), config: AccountConfig::default() }).result.unwrap();
+    run("open-2", Operation::OpenAccount { account: usd(2), config: AccountConfig::default() }).result.unwrap();
+    run("fund", Operation::Deposit { account: usd(1), amount: amount(1_000), provider: Provider::Stripe })
+        .result
+        .unwrap();
+    let before = money_state(&engine.state());
+    let batch = Operation::LinkedBatch {
+        operations: vec![
+            Operation::Transfer { from: AccountRef::User(usd(1)), to: AccountRef::User(usd(2)), amount: amount(300) },
+            reserve(usd(2), 1, 100),
+            Operation::Withdraw { account: usd(1), amount: amount(50), provider: Provider::Ramp },
+        ],
+    };
+    assert_eq!(run("batch", batch).result, Err(EngineError::JournalUnavailable));
+    assert_eq!(money_state(&engine.state()), before);
+    engine.state().check_invariants().unwrap();
+    assert_eq!(engine.sweep(START_MS + 1), Ok(diboas_ledger::engine::SweepReport::default()));
 }

@@ -66,6 +66,15 @@ impl Default for EngineConfig {
     }
 }
 
+/// What one `sweep` call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SweepReport {
+    /// Reservations moved from Active to Expired.
+    pub expired: usize,
+    /// Some shard had more due than one call expires: call `sweep` again.
+    pub more_due: bool,
+}
+
 /// What `execute` answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
@@ -112,14 +121,17 @@ impl<S: JournalSink> Engine<S> {
         &self.sink
     }
 
-    /// Executes one request: all of it or none of it, exactly once per idempotency key.
+    /// Executes one request: all of it or none of it, exactly once per idempotency key. The
+    /// change is dated `request.now_ms`, or later if a shard it touches has already seen a later
+    /// time (see `Shard::clock_ms`).
     pub fn execute(&self, request: Request) -> Outcome {
-        let Request { key, now_ms, operation } = request;
+        let Request { key, now_ms: requested_ms, operation } = request;
         let key_shard = self.map.of_key(&key);
         let mut plan = SmallVec::new();
         rules::lock_plan(&operation, self.map, &mut plan);
         plan.push(key_shard);
         let mut shards = LockedShards::lock(&self.shards, plan);
+        let now_ms = shards.advance_clock(requested_ms);
 
         let fingerprint = OperationFingerprint::of(&operation);
         let store = &shards.get(key_shard).idempotency;
@@ -180,12 +192,12 @@ impl<S: JournalSink> Engine<S> {
 
     /// Expires every Active reservation whose time is up at `now_ms` (at most
     /// [`MAX_EXPIRIES_PER_SHARD_SWEEP`] per shard per call), forgets closed reservations older
-    /// than the retention window, and rotates idempotency generations (see `idempotency`). Returns how many reservations
-    /// expired; a caller that gets a full batch should call again.
-    pub fn sweep(&self, now_ms: i64) -> Result<usize, EngineError> {
-        let mut expired = 0;
+    /// than the retention window, and rotates idempotency generations (see `idempotency`).
+    pub fn sweep(&self, requested_ms: i64) -> Result<SweepReport, EngineError> {
+        let mut report = SweepReport::default();
         for index in 0..self.map.count() {
             let mut shards = LockedShards::lock(&self.shards, SmallVec::from_slice(&[index]));
+            let now_ms = shards.advance_clock(requested_ms);
             let due: Vec<Reservation> = {
                 let shard = shards.get(index);
                 shard
@@ -215,7 +227,8 @@ impl<S: JournalSink> Engine<S> {
                 if self.append(&mut shards, record).is_none() {
                     return Err(EngineError::JournalUnavailable);
                 }
-                expired += due.len();
+                report.expired += due.len();
+                report.more_due |= due.len() == MAX_EXPIRIES_PER_SHARD_SWEEP;
             }
             let shard = shards.get(index);
             let retired_keys = shard.idempotency.rotate(now_ms, self.config.retention_ms);
@@ -224,7 +237,7 @@ impl<S: JournalSink> Engine<S> {
             // Freeing a retired generation takes a while; do it after the shard is unlocked.
             drop(retired_keys);
         }
-        Ok(expired)
+        Ok(report)
     }
 
     /// Applies a record read back from the journal: its effects and its idempotency entry,
@@ -239,6 +252,7 @@ impl<S: JournalSink> Engine<S> {
             plan.push(self.map.of_key(key));
         }
         let mut shards = LockedShards::lock(&self.shards, plan);
+        shards.advance_clock(record.at_ms);
         let mut next_sequence = self.sequencer.lock();
         if record.sequence != *next_sequence {
             return Err(ReplayError::OutOfOrder { expected: *next_sequence, found: record.sequence });
@@ -265,13 +279,17 @@ impl<S: JournalSink> Engine<S> {
             }
             effect::apply(&mut shards, self.map, effect);
         }
+        let mut retired_keys = None;
         if let Origin::Request { key, operation, outcome } = &record.origin {
-            shards
-                .get(self.map.of_key(key))
-                .idempotency
-                .replace(*key, IdempotencyRecord::new(operation, outcome.clone(), record.sequence, record.at_ms));
+            let store = &mut shards.get(self.map.of_key(key)).idempotency;
+            // Rotate as the live engine's sweeps would have, so a long replay stays within capacity.
+            retired_keys = store.rotate(record.at_ms, self.config.retention_ms);
+            store.replace(*key, IdempotencyRecord::new(operation, outcome.clone(), record.sequence, record.at_ms));
         }
         *next_sequence += 1;
+        drop(next_sequence);
+        drop(shards);
+        drop(retired_keys);
         Ok(())
     }
 
@@ -354,8 +372,19 @@ impl<S: JournalSink> Engine<S> {
     /// System balances land in shard 0; only their sums are state.
     pub fn from_state(config: EngineConfig, sink: S, state: &EngineState) -> Engine<S> {
         let engine = Engine::new(config, sink);
-        *engine.sequencer.lock() = state.next_sequence;
+        *engine.sequencer.lock() = state.next_sequence.max(1);
         let mut shards = LockedShards::lock(&engine.shards, (0..engine.map.count()).collect());
+        // Time restarts from the latest moment the state has seen, and keys older than the
+        // retention window are not brought back (the live engine may already have forgotten them).
+        let latest_ms = state
+            .idempotency
+            .values()
+            .map(|record| record.recorded_at_ms)
+            .chain(state.reservations.values().flat_map(|r| [Some(r.created_at_ms), r.closed_at_ms]).flatten())
+            .max()
+            .unwrap_or(i64::MIN);
+        shards.advance_clock(latest_ms);
+        let forgotten_before_ms = latest_ms.saturating_sub(config.retention_ms);
         for view in state.accounts.values() {
             let user =
                 shards.get(engine.map.of_user(view.account.user_id)).users.entry(view.account.user_id).or_default();
@@ -388,7 +417,8 @@ impl<S: JournalSink> Engine<S> {
         for (account, amount_minor) in &state.system_minor {
             shards.get(0).system_minor[account.kind.index()][account.asset.index()] = *amount_minor;
         }
-        let mut keys: Vec<_> = state.idempotency.iter().collect();
+        let mut keys: Vec<_> =
+            state.idempotency.iter().filter(|(_, record)| record.recorded_at_ms > forgotten_before_ms).collect();
         keys.sort_by_key(|(_, record)| record.recorded_at_ms);
         for (key, record) in keys {
             shards.get(engine.map.of_key(key)).idempotency.insert(*key, record.clone());
@@ -450,7 +480,18 @@ fn replay_check(
                 return Err("account opened twice");
             }
         }
-        Effect::FrozenChanged { account, .. } | Effect::UsageChanged { account, .. } => {
+        Effect::FrozenChanged { account, frozen } => {
+            let changes = shards
+                .get(map.of_user(account.user_id))
+                .users
+                .get(&account.user_id)
+                .and_then(|user| user.account(account.domain, account.asset))
+                .is_some_and(|state| state.config.frozen != *frozen);
+            if !changes {
+                return Err("freeze change on a missing account, or one that changes nothing");
+            }
+        }
+        Effect::UsageChanged { account, .. } => {
             if !account_exists(account) {
                 return Err("effect on a missing account");
             }

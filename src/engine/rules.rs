@@ -4,6 +4,7 @@
 //! checks, then emits effects that apply immediately; an `Err` anywhere means the caller
 //! rolls every emitted effect back, which is what makes linked batches all-or-nothing.
 
+use ethnum::U256;
 use rust_decimal::Decimal;
 use smallvec::SmallVec;
 use uuid::Uuid;
@@ -47,8 +48,12 @@ pub(crate) fn lock_plan(operation: &Operation, map: ShardMap, out: &mut SmallVec
             out.push(map.of_user(to.user_id));
         }
         Operation::LinkedBatch { operations } => {
+            // A nested batch is refused before it does anything, so its contents need no locks;
+            // not recursing keeps the plan bounded by MAX_BATCH_OPERATIONS whatever the nesting.
             for operation in operations.iter().take(MAX_BATCH_OPERATIONS) {
-                lock_plan(operation, map, out);
+                if !matches!(operation, Operation::LinkedBatch { .. }) {
+                    lock_plan(operation, map, out);
+                }
             }
         }
     }
@@ -441,19 +446,20 @@ fn convert(
 
 /// `amount_minor` of an asset with `from_scale` decimals, times `price`, in minor units of an
 /// asset with `to_scale` decimals, rounded toward zero (the platform never pays out a fraction
-/// it does not have). `None` if the result passes the maximum amount.
+/// it does not have). `None` if the result passes the maximum amount. The product is taken in
+/// 256 bits: an amount near the maximum (~2^93) times a price mantissa (< 2^96) fits with room.
 pub(crate) fn proceeds_minor(amount_minor: i128, from_scale: u32, to_scale: u32, price: Decimal) -> Option<i128> {
-    let amount = u128::try_from(amount_minor).ok()?;
-    let mantissa = u128::try_from(price.mantissa()).ok()?;
+    let amount = U256::from(u128::try_from(amount_minor).ok()?);
+    let mantissa = U256::from(u128::try_from(price.mantissa()).ok()?);
     let product = amount.checked_mul(mantissa)?;
     let exponent = i64::from(to_scale) - i64::from(price.scale()) - i64::from(from_scale);
     let value = if exponent >= 0 {
-        product.checked_mul(10_u128.checked_pow(u32::try_from(exponent).ok()?)?)?
+        product.checked_mul(U256::from(10_u32).checked_pow(u32::try_from(exponent).ok()?)?)?
     } else {
-        match 10_u128.checked_pow(u32::try_from(-exponent).ok()?) {
+        match U256::from(10_u32).checked_pow(u32::try_from(-exponent).ok()?) {
             Some(divisor) => product / divisor,
-            // 10^39 is more than any u128: the quotient is zero.
-            None => 0,
+            // 10^78 is more than any 256-bit product: the quotient is zero.
+            None => U256::ZERO,
         }
     };
     i128::try_from(value).ok().filter(|value| *value <= MAX_AMOUNT_MINOR)
@@ -474,5 +480,13 @@ mod tests {
         assert_eq!(proceeds_minor(1, 18, 2, Decimal::new(3_500, 0)), Some(0));
         // Past the maximum.
         assert_eq!(proceeds_minor(MAX_AMOUNT_MINOR, 2, 18, Decimal::new(1_000, 0)), None);
+        // A price with 18 decimals (found in review): 0.1 ETH at 3500.000000000000000000 USD/ETH
+        // is 350.00 USD; the 128-bit product of amount and mantissa would overflow.
+        let precise_price: Decimal = "3500.000000000000000000".parse().unwrap();
+        assert_eq!(proceeds_minor(100_000_000_000_000_000, 18, 2, precise_price), Some(35_000));
+        // A 28-significant-digit rate, as Decimal division produces, against a large amount.
+        let rate: Decimal = "0.0000285714285714285714285714".parse().unwrap();
+        // 10^10 USD at that rate is 285,714.28571428|57... BTC.
+        assert_eq!(proceeds_minor(1_000_000_000_000, 2, 8, rate), Some(28_571_428_571_428));
     }
 }
