@@ -1,1 +1,354 @@
-fn main() {}
+//! Engine benchmarks (criterion): the hot path alone, without the database.
+//!
+//! Each operation is measured on the sharded engine and, in the same run, on a baseline: the
+//! same logical work (idempotency check, funds check, postings, reservations, an appended
+//! journal entry) behind one global `Mutex<HashMap>`, which is what a first implementation
+//! would write. The engine's journal sink here discards records, so the figures are the engine
+//! itself; the journal's cost is measured by the journal benchmark.
+//!
+//! Run: `cargo bench --bench engine`. Figures and their reading live in docs/BENCHMARKS.md.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use diboas_ledger::engine::account::{AccountConfig, AccountRef, Domain, Provider, UserAccount};
+use diboas_ledger::engine::asset::Asset;
+use diboas_ledger::engine::idempotency::IdempotencyKey;
+use diboas_ledger::engine::money::Amount;
+use diboas_ledger::engine::operation::{Operation, Request};
+use diboas_ledger::engine::record::{JournalClosed, JournalRecord, JournalSink};
+use diboas_ledger::engine::{Engine, EngineConfig};
+use parking_lot::Mutex;
+use uuid::Uuid;
+
+/// Keys are forgotten after this long; the benchmark clock advances past it regularly so the
+/// idempotency store stays bounded, as it does in production.
+const RETENTION_MS: i64 = 1_000;
+const SWEEP_EVERY: u64 = 1 << 16;
+const UNIFORM_USERS: u128 = 10_000;
+const HOT_USERS: u128 = 4;
+
+struct DiscardJournal;
+
+impl JournalSink for DiscardJournal {
+    fn append(&self, record: JournalRecord) -> Result<(), JournalClosed> {
+        black_box(record);
+        Ok(())
+    }
+}
+
+fn usd(user: u128) -> UserAccount {
+    UserAccount { user_id: Uuid::from_u128(user), domain: Domain::Banking, asset: Asset::USD }
+}
+
+fn amount(minor: i128) -> Amount {
+    Amount::from_minor(minor).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// A unique key per request without formatting: the counter's hex digits.
+fn key_for(counter: u64) -> IdempotencyKey {
+    let mut text = [b'0'; 17];
+    text[0] = b'k';
+    for (index, slot) in text[1..].iter_mut().enumerate() {
+        let nibble = ((counter >> (60 - 4 * index)) & 0xf) as u8;
+        *slot = if nibble < 10 { b'0' + nibble } else { b'a' + nibble - 10 };
+    }
+    IdempotencyKey::new(std::str::from_utf8(&text).unwrap_or_default()).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// One thread's requests: unique keys (the thread index in the high bits, so threads share no
+/// counter) and a clock that jumps past the retention window every `SWEEP_EVERY` requests,
+/// when the sweeping caller sweeps, as production would, so the idempotency store stays bounded.
+struct Caller {
+    thread_index: u64,
+    sweeper: bool,
+    requests: u64,
+}
+
+impl Caller {
+    fn new(thread_index: u64, sweeper: bool) -> Caller {
+        Caller { thread_index, sweeper, requests: 0 }
+    }
+
+    /// The next request's (key counter, now_ms, whether this caller sweeps first).
+    fn next(&mut self) -> (u64, i64, bool) {
+        let requests = self.requests;
+        self.requests += 1;
+        let now_ms = (requests / SWEEP_EVERY) as i64 * 2 * RETENTION_MS;
+        let sweeps = self.sweeper && requests.is_multiple_of(SWEEP_EVERY);
+        ((self.thread_index << 48) | requests, now_ms, sweeps)
+    }
+}
+
+/// The sharded engine, its sink discarding records.
+struct Sharded {
+    engine: Engine<DiscardJournal>,
+}
+
+impl Sharded {
+    fn new(users: u128) -> Sharded {
+        let config = EngineConfig { retention_ms: RETENTION_MS, ..EngineConfig::default() };
+        let sharded = Sharded { engine: Engine::new(config, DiscardJournal) };
+        let mut setup = Caller::new(0xffff, false);
+        for user in 0..users {
+            sharded.run(&mut setup, Operation::OpenAccount { account: usd(user), config: AccountConfig::default() });
+            let deposit =
+                Operation::Deposit { account: usd(user), amount: amount(1 << 60), provider: Provider::Stripe };
+            sharded.run(&mut setup, deposit);
+        }
+        sharded
+    }
+
+    fn run(&self, caller: &mut Caller, operation: Operation) {
+        let (counter, now_ms, sweeps) = caller.next();
+        if sweeps {
+            self.engine.sweep(now_ms).unwrap_or_else(|error| panic!("{error}"));
+        }
+        let outcome = self.engine.execute(Request { key: key_for(counter), now_ms, operation });
+        assert!(outcome.result.is_ok(), "{:?}", outcome.result);
+    }
+}
+
+/// The baseline: one lock over plain maps doing the same logical work.
+#[derive(Default)]
+struct GlobalInner {
+    balances: HashMap<UserAccount, (i128, i128)>,
+    reservations: HashMap<Uuid, (UserAccount, i128)>,
+    keys: HashMap<IdempotencyKey, u64>,
+    journal: Vec<(u64, UserAccount, UserAccount, i128)>,
+}
+
+#[derive(Default)]
+struct Global {
+    inner: Mutex<GlobalInner>,
+}
+
+impl Global {
+    fn new(users: u128) -> Global {
+        let global = Global::default();
+        let mut inner = global.inner.lock();
+        for user in 0..users {
+            inner.balances.insert(usd(user), (1 << 60, 0));
+        }
+        drop(inner);
+        global
+    }
+
+    fn with_key(&self, caller: &mut Caller, work: impl FnOnce(&mut GlobalInner, u64)) {
+        let (counter, _, sweeps) = caller.next();
+        let mut inner = self.inner.lock();
+        if sweeps {
+            inner.keys.clear();
+            inner.journal.clear();
+        }
+        if inner.keys.insert(key_for(counter), counter).is_some() {
+            return;
+        }
+        work(&mut inner, counter);
+    }
+
+    fn transfer(&self, caller: &mut Caller, from: UserAccount, to: UserAccount, minor: i128) {
+        self.with_key(caller, |inner, sequence| {
+            let source = inner.balances.get_mut(&from).map(|balance| &mut balance.0);
+            match source {
+                Some(available) if *available >= minor => *available -= minor,
+                _ => return,
+            }
+            if let Some(balance) = inner.balances.get_mut(&to) {
+                balance.0 += minor;
+            }
+            inner.journal.push((sequence, from, to, minor));
+        });
+    }
+
+    fn reserve(&self, caller: &mut Caller, id: Uuid, account: UserAccount, minor: i128) {
+        self.with_key(caller, |inner, sequence| {
+            if let Some(balance) = inner.balances.get_mut(&account)
+                && balance.0 >= minor
+            {
+                balance.0 -= minor;
+                balance.1 += minor;
+                inner.reservations.insert(id, (account, minor));
+                inner.journal.push((sequence, account, account, minor));
+            }
+        });
+    }
+
+    fn commit(&self, caller: &mut Caller, id: Uuid, to: UserAccount) {
+        self.with_key(caller, |inner, sequence| {
+            if let Some((account, minor)) = inner.reservations.remove(&id) {
+                if let Some(balance) = inner.balances.get_mut(&account) {
+                    balance.1 -= minor;
+                }
+                if let Some(balance) = inner.balances.get_mut(&to) {
+                    balance.0 += minor;
+                }
+                inner.journal.push((sequence, account, to, minor));
+            }
+        });
+    }
+}
+
+/// Two users on the same shard, and two on different shards.
+fn shard_pairs(engine: &Engine<DiscardJournal>) -> ((u128, u128), (u128, u128)) {
+    let same = (1..UNIFORM_USERS)
+        .find(|user| engine.shard_of(usd(*user).user_id) == engine.shard_of(usd(0).user_id))
+        .unwrap_or(1);
+    let cross = (1..UNIFORM_USERS)
+        .find(|user| engine.shard_of(usd(*user).user_id) != engine.shard_of(usd(0).user_id))
+        .unwrap_or(1);
+    ((0, same), (0, cross))
+}
+
+fn single_thread(c: &mut Criterion) {
+    let sharded = Sharded::new(UNIFORM_USERS);
+    let global = Global::new(UNIFORM_USERS);
+    let ((same_a, same_b), (cross_a, cross_b)) = shard_pairs(&sharded.engine);
+    let transfer = |from, to| Operation::Transfer {
+        from: AccountRef::User(usd(from)),
+        to: AccountRef::User(usd(to)),
+        amount: amount(1),
+    };
+    let mut caller = Caller::new(0, true);
+
+    let mut group = c.benchmark_group("transfer");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("sharded/same_shard", |b| b.iter(|| sharded.run(&mut caller, transfer(same_a, same_b))));
+    group.bench_function("sharded/cross_shard", |b| b.iter(|| sharded.run(&mut caller, transfer(cross_a, cross_b))));
+    group.bench_function("global_mutex", |b| b.iter(|| global.transfer(&mut caller, usd(cross_a), usd(cross_b), 1)));
+    group.finish();
+
+    let mut group = c.benchmark_group("reserve_commit");
+    group.throughput(Throughput::Elements(1));
+    let mut next_id = 0_u64;
+    group.bench_function("sharded", |b| {
+        b.iter(|| {
+            next_id += 1;
+            let reservation_id = Uuid::from_u64_pair(0, next_id);
+            let reserve = Operation::Reserve { reservation_id, account: usd(cross_a), amount: amount(5), ttl_ms: None };
+            sharded.run(&mut caller, reserve);
+            sharded.run(
+                &mut caller,
+                Operation::Commit {
+                    user_id: usd(cross_a).user_id,
+                    reservation_id,
+                    destination: AccountRef::User(usd(cross_b)),
+                    amount: None,
+                },
+            );
+        })
+    });
+    group.bench_function("global_mutex", |b| {
+        b.iter(|| {
+            next_id += 1;
+            let reservation_id = Uuid::from_u64_pair(0, next_id);
+            global.reserve(&mut caller, reservation_id, usd(cross_a), 5);
+            global.commit(&mut caller, reservation_id, usd(cross_b));
+        })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("linked_batch_10");
+    group.throughput(Throughput::Elements(10));
+    group.bench_function("sharded", |b| {
+        let mut next_user = 0_u128;
+        b.iter(|| {
+            let operations = (0..10)
+                .map(|_| {
+                    next_user = (next_user + 1) % (UNIFORM_USERS - 1);
+                    transfer(next_user, next_user + 1)
+                })
+                .collect();
+            sharded.run(&mut caller, Operation::LinkedBatch { operations });
+        })
+    });
+    group.bench_function("global_mutex", |b| {
+        let mut next_user = 0_u128;
+        b.iter(|| {
+            global.with_key(&mut caller, |inner, sequence| {
+                for _ in 0..10 {
+                    next_user = (next_user + 1) % (UNIFORM_USERS - 1);
+                    let (from, to) = (usd(next_user), usd(next_user + 1));
+                    if let Some(balance) = inner.balances.get_mut(&from) {
+                        balance.0 -= 1;
+                    }
+                    if let Some(balance) = inner.balances.get_mut(&to) {
+                        balance.0 += 1;
+                    }
+                    inner.journal.push((sequence, from, to, 1));
+                }
+            })
+        })
+    });
+    group.finish();
+}
+
+type TransferFn = Arc<dyn Fn(&mut Caller, u128, u128) + Send + Sync>;
+
+/// Runs `operations` uniform random transfers over `users` accounts, split over one thread per
+/// caller (callers persist across calls so keys stay unique and clocks move forward); returns
+/// the wall time.
+fn parallel_transfers(callers: &[Mutex<Caller>], operations: u64, transfer: &TransferFn, users: u128) -> Duration {
+    let per_thread = operations / callers.len() as u64;
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for (thread_index, caller) in callers.iter().enumerate() {
+            let transfer = Arc::clone(transfer);
+            scope.spawn(move || {
+                let mut caller = caller.lock();
+                let mut state = 0x9E37_79B9_7F4A_7C15_u64 ^ thread_index as u64;
+                for _ in 0..per_thread {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let from = u128::from(state) % users;
+                    let to = (from + 1 + u128::from(state >> 32) % (users - 1)) % users;
+                    transfer(&mut caller, from, to);
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+fn multi_thread(c: &mut Criterion) {
+    for (label, users) in [("uniform", UNIFORM_USERS), ("hot", HOT_USERS)] {
+        let mut group = c.benchmark_group(format!("transfers_{label}"));
+        group.throughput(Throughput::Elements(1));
+        for threads in [1_u64, 2] {
+            // A fresh engine and baseline per thread count, so every caller's clock starts with its engine's.
+            let callers = || -> Vec<Mutex<Caller>> {
+                (0..threads).map(|index| Mutex::new(Caller::new(index, index == 0))).collect()
+            };
+            let engine = Arc::new(Sharded::new(users));
+            let sharded_transfer: TransferFn = Arc::new(move |caller, from, to| {
+                let transfer = Operation::Transfer {
+                    from: AccountRef::User(usd(from)),
+                    to: AccountRef::User(usd(to)),
+                    amount: amount(1),
+                };
+                engine.run(caller, transfer)
+            });
+            group.bench_with_input(BenchmarkId::new("sharded", threads), &callers(), |b, callers| {
+                b.iter_custom(|iterations| parallel_transfers(callers, iterations, &sharded_transfer, users))
+            });
+            let baseline = Arc::new(Global::new(users));
+            let global_transfer: TransferFn =
+                Arc::new(move |caller, from, to| baseline.transfer(caller, usd(from), usd(to), 1));
+            group.bench_with_input(BenchmarkId::new("global_mutex", threads), &callers(), |b, callers| {
+                b.iter_custom(|iterations| parallel_transfers(callers, iterations, &global_transfer, users))
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = single_thread, multi_thread
+}
+criterion_main!(benches);

@@ -31,7 +31,7 @@ use crate::engine::error::EngineError;
 use crate::engine::operation::Request;
 use crate::engine::record::JournalRecord;
 use crate::engine::state::{AccountView, EngineState, InvariantViolation};
-use crate::engine::{Engine, EngineConfig, Outcome};
+use crate::engine::{Engine, EngineConfig, Outcome, SweepReport};
 use crate::journal::{CONNECT_TIMEOUT_MS, Durability, JournalConfig, JournalError, Writer};
 use crate::store::{self, StoreError};
 
@@ -174,14 +174,14 @@ impl Ledger {
     }
 
     /// Expires due reservations at `now_ms` (see `Engine::sweep`), once the expiries are durable.
-    pub async fn sweep(&self, now_ms: i64) -> Result<usize, LedgerError> {
+    pub async fn sweep(&self, now_ms: i64) -> Result<SweepReport, LedgerError> {
         let generation = self.current();
-        let expired = generation.engine.sweep(now_ms).map_err(|error| match error {
+        let report = generation.engine.sweep(now_ms).map_err(|error| match error {
             EngineError::JournalUnavailable => LedgerError::Unavailable,
             other => LedgerError::Refused(other),
         })?;
         generation.wait_durable(generation.engine.last_sequence()).await?;
-        Ok(expired)
+        Ok(report)
     }
 
     /// The balance of one account, as durable in PostgreSQL.

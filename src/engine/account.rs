@@ -158,7 +158,7 @@ impl fmt::Display for AccountRef {
 }
 
 /// Caps on what may leave an account. Each is optional; windows are UTC calendar days and months.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct OutflowLimits {
     pub per_transaction_minor: Option<i128>,
     pub daily_minor: Option<i128>,
@@ -166,7 +166,7 @@ pub struct OutflowLimits {
 }
 
 /// Settings chosen when an account is opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct AccountConfig {
     /// How far `available` may go below zero; zero means no overdraft.
     pub overdraft_minor: i128,

@@ -157,8 +157,12 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
             let previous = shard
                 .users
                 .get_mut(&reservation.account.user_id)
-                .map(|user| user.reservations.insert(reservation.id, *reservation));
-            debug_assert!(matches!(previous, Some(None)), "reservation opened twice or for a missing user");
+                .and_then(|user| user.reservations.insert(reservation.id, *reservation));
+            // Only a journal replay reuses an id, after the live engine forgot the closed original.
+            if let Some(forgotten) = previous {
+                debug_assert!(forgotten.closed_at_ms.is_some(), "an active reservation was opened again");
+                shard.closed.retain(|(_, user_id, id)| (*user_id, *id) != (forgotten.account.user_id, forgotten.id));
+            }
         }
         Effect::ReservationClosed { user_id, reservation_id, status, closed_at_ms } => {
             let reservation = reservation_mut(shards, map, *user_id, *reservation_id);

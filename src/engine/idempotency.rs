@@ -8,11 +8,16 @@
 //! check and the operation are one atomic step.
 //!
 //! Limits: a key is 1..=64 printable ASCII bytes, stored inline (no allocation); each shard
-//! holds at most a configured number of keys; keys are forgotten once older than the
-//! retention window. A full store refuses new operations rather than forget a live key.
+//! holds at most a configured number of keys; a full store refuses new operations rather than
+//! forget a live key. Keys are kept in two generations: new keys go into the current one, and
+//! once per retention window the sweep retires the previous generation whole and the current
+//! one becomes previous. Dropping a whole map is far cheaper than evicting keys one by one, at
+//! the price of a looser window: a key is remembered for at least the retention window and at
+//! most twice it (plus the sweep interval).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -34,7 +39,7 @@ pub enum IdempotencyKeyError {
 }
 
 /// A validated idempotency key, stored inline so copying it never allocates.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct IdempotencyKey {
     len: u8,
     bytes: [u8; MAX_IDEMPOTENCY_KEY_LEN],
@@ -59,6 +64,14 @@ impl IdempotencyKey {
     pub fn as_str(&self) -> &str {
         // Only printable ASCII is ever stored, which is valid UTF-8.
         std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+/// Hashes only the key's own bytes, not the unused rest of the inline buffer (which is zeroed,
+/// so the derived equality stays consistent with this hash).
+impl Hash for IdempotencyKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.bytes[..usize::from(self.len)].hash(state);
     }
 }
 
@@ -87,57 +100,140 @@ impl<'de> Deserialize<'de> for IdempotencyKey {
     }
 }
 
-/// What the store remembers about a key: the operation, its first outcome, and where it sits
-/// in the journal (a replayed answer must also wait for that sequence to be durable).
+/// A 64-bit digest of an operation. The store keeps it instead of the operation to tell "the
+/// same request again" from "a different request under the same key" at a fraction of the
+/// memory. Computed in-process and never persisted (recovery recomputes it from the stored
+/// operation), so it may change between builds. Only operations under one key are ever
+/// compared, so a false "same" needs a 2^-64 coincidence for that key, and would answer with
+/// the first outcome instead of a conflict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OperationFingerprint(u64);
+
+impl OperationFingerprint {
+    pub fn of(operation: &Operation) -> OperationFingerprint {
+        OperationFingerprint(foldhash::fast::FixedState::with_seed(0x6964_656d_706f_7431).hash_one(operation))
+    }
+}
+
+/// What the store remembers about a key: which operation it was, its first outcome, and where
+/// it sits in the journal (a replayed answer must also wait for that sequence to be durable).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdempotencyRecord {
-    pub operation: Operation,
+    pub fingerprint: OperationFingerprint,
     pub outcome: Result<Receipt, EngineError>,
     pub sequence: u64,
     pub recorded_at_ms: i64,
 }
 
-/// One shard's keys, with their insertion order for eviction by age.
+impl IdempotencyRecord {
+    pub fn new(
+        operation: &Operation,
+        outcome: Result<Receipt, EngineError>,
+        sequence: u64,
+        recorded_at_ms: i64,
+    ) -> IdempotencyRecord {
+        IdempotencyRecord { fingerprint: OperationFingerprint::of(operation), outcome, sequence, recorded_at_ms }
+    }
+}
+
+/// The outcome as stored: the common `Ok(Done)` inline, anything else boxed, so an entry stays
+/// two cache lines and most requests allocate nothing here.
+#[derive(Debug)]
+enum StoredOutcome {
+    Done,
+    Other(Box<Result<Receipt, EngineError>>),
+}
+
+#[derive(Debug)]
+pub(crate) struct StoredRecord {
+    pub fingerprint: OperationFingerprint,
+    pub sequence: u64,
+    recorded_at_ms: i64,
+    outcome: StoredOutcome,
+}
+
+impl StoredRecord {
+    fn new(record: IdempotencyRecord) -> StoredRecord {
+        let outcome = match record.outcome {
+            Ok(Receipt::Done) => StoredOutcome::Done,
+            other => StoredOutcome::Other(Box::new(other)),
+        };
+        StoredRecord {
+            fingerprint: record.fingerprint,
+            sequence: record.sequence,
+            recorded_at_ms: record.recorded_at_ms,
+            outcome,
+        }
+    }
+
+    pub fn outcome(&self) -> Result<Receipt, EngineError> {
+        match &self.outcome {
+            StoredOutcome::Done => Ok(Receipt::Done),
+            StoredOutcome::Other(outcome) => outcome.as_ref().clone(),
+        }
+    }
+
+    pub fn recorded_at_ms(&self) -> i64 {
+        self.recorded_at_ms
+    }
+
+    fn to_record(&self) -> IdempotencyRecord {
+        IdempotencyRecord {
+            fingerprint: self.fingerprint,
+            outcome: self.outcome(),
+            sequence: self.sequence,
+            recorded_at_ms: self.recorded_at_ms,
+        }
+    }
+}
+
+pub(crate) type Generation = HashMap<IdempotencyKey, StoredRecord, foldhash::fast::RandomState>;
+
+/// One shard's keys in two generations (see the module comment).
 #[derive(Debug, Default)]
 pub(crate) struct IdempotencyStore {
-    records: HashMap<IdempotencyKey, IdempotencyRecord, foldhash::fast::RandomState>,
-    by_age: VecDeque<(i64, IdempotencyKey)>,
+    current: Generation,
+    previous: Generation,
+    /// When the current generation started taking keys.
+    current_since_ms: i64,
 }
 
 impl IdempotencyStore {
-    pub(crate) fn get(&self, key: &IdempotencyKey) -> Option<&IdempotencyRecord> {
-        self.records.get(key)
+    pub(crate) fn get(&self, key: &IdempotencyKey) -> Option<&StoredRecord> {
+        self.current.get(key).or_else(|| self.previous.get(key))
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.records.len()
+        self.current.len() + self.previous.len()
     }
 
     pub(crate) fn insert(&mut self, key: IdempotencyKey, record: IdempotencyRecord) {
-        self.by_age.push_back((record.recorded_at_ms, key));
-        let previous = self.records.insert(key, record);
-        debug_assert!(previous.is_none(), "an idempotency key is recorded once");
+        debug_assert!(self.get(&key).is_none(), "an idempotency key is recorded once");
+        self.current.insert(key, StoredRecord::new(record));
     }
 
-    /// Forgets keys recorded at or before `cutoff_ms`; returns how many were forgotten.
-    /// Callers pass times that only move forward in practice; a record that arrived slightly
-    /// out of order is simply forgotten on a later sweep.
-    pub(crate) fn forget_recorded_before(&mut self, cutoff_ms: i64) -> usize {
-        let mut forgotten = 0;
-        while let Some(&(recorded_at_ms, key)) = self.by_age.front() {
-            if recorded_at_ms > cutoff_ms {
-                break;
-            }
-            self.by_age.pop_front();
-            if self.records.remove(&key).is_some() {
-                forgotten += 1;
-            }
+    /// Records `key`, replacing a forgotten-in-the-live-engine earlier record (journal replay).
+    pub(crate) fn replace(&mut self, key: IdempotencyKey, record: IdempotencyRecord) {
+        self.previous.remove(&key);
+        self.current.insert(key, StoredRecord::new(record));
+    }
+
+    /// Starts a new generation if the current one is at least `retention_ms` old at `now_ms`.
+    /// Returns the retired generation, for the caller to drop after releasing the shard lock.
+    pub(crate) fn rotate(&mut self, now_ms: i64, retention_ms: i64) -> Option<Generation> {
+        if now_ms.saturating_sub(self.current_since_ms) < retention_ms {
+            return None;
         }
-        forgotten
+        self.current_since_ms = now_ms;
+        // The next generation will likely see as many keys as this one: size it up front so it
+        // does not rehash while requests wait on the shard lock.
+        let next = Generation::with_capacity_and_hasher(self.current.len(), Default::default());
+        let retired = std::mem::replace(&mut self.previous, std::mem::replace(&mut self.current, next));
+        Some(retired)
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&IdempotencyKey, &IdempotencyRecord)> {
-        self.records.iter()
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&IdempotencyKey, IdempotencyRecord)> {
+        self.current.iter().chain(self.previous.iter()).map(|(key, record)| (key, record.to_record()))
     }
 }
 
@@ -155,5 +251,40 @@ mod tests {
         assert_eq!(IdempotencyKey::new("naïve"), Err(IdempotencyKeyError::NotPrintable));
         assert_eq!(IdempotencyKey::new("tab\t"), Err(IdempotencyKeyError::NotPrintable));
         assert_eq!(IdempotencyKey::new("abc").unwrap().as_str(), "abc");
+    }
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::*;
+    use crate::engine::account::{Domain, UserAccount};
+    use crate::engine::asset::Asset;
+    use crate::engine::money::Amount;
+    use rust_decimal::Decimal;
+    use uuid::Uuid;
+
+    fn convert(price: Decimal, amount_minor: i128) -> Operation {
+        let account = |asset| UserAccount { user_id: Uuid::nil(), domain: Domain::Investing, asset };
+        Operation::Convert {
+            from: account(Asset::USD),
+            to: account(Asset::BTC),
+            amount: Amount::from_minor(amount_minor).unwrap(),
+            price,
+            commission_bps: 10,
+        }
+    }
+
+    #[test]
+    fn equal_operations_share_a_fingerprint_and_different_ones_do_not() {
+        // 1.0 and 1.00 are the same price: the operations are equal, so must their fingerprints be.
+        assert_eq!(convert(Decimal::new(10, 1), 5), convert(Decimal::new(100, 2), 5));
+        assert_eq!(
+            OperationFingerprint::of(&convert(Decimal::new(10, 1), 5)),
+            OperationFingerprint::of(&convert(Decimal::new(100, 2), 5))
+        );
+        assert_ne!(
+            OperationFingerprint::of(&convert(Decimal::ONE, 5)),
+            OperationFingerprint::of(&convert(Decimal::ONE, 6))
+        );
     }
 }

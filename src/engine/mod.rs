@@ -37,7 +37,7 @@ use self::account::{AccountRef, Balance, SystemAccount, SystemKind, UserAccount}
 use self::asset::Asset;
 use self::effect::Effect;
 use self::error::EngineError;
-use self::idempotency::IdempotencyRecord;
+use self::idempotency::{IdempotencyRecord, OperationFingerprint};
 use self::operation::{Receipt, Request};
 use self::record::{JournalRecord, JournalSink, Origin};
 use self::reservation::{Reservation, ReservationStatus};
@@ -55,7 +55,8 @@ pub struct EngineConfig {
     pub shard_count: usize,
     /// The most idempotency keys one shard remembers; past it new requests are refused.
     pub idempotency_capacity_per_shard: usize,
-    /// How long idempotency keys and closed reservations are remembered.
+    /// How long idempotency keys (at least this, at most twice this) and closed reservations
+    /// are remembered.
     pub retention_ms: i64,
 }
 
@@ -63,6 +64,15 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig { shard_count: 64, idempotency_capacity_per_shard: 65_536, retention_ms: 24 * 60 * 60 * 1_000 }
     }
+}
+
+/// What one `sweep` call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SweepReport {
+    /// Reservations moved from Active to Expired.
+    pub expired: usize,
+    /// Some shard had more due than one call expires: call `sweep` again.
+    pub more_due: bool,
 }
 
 /// What `execute` answers.
@@ -111,19 +121,23 @@ impl<S: JournalSink> Engine<S> {
         &self.sink
     }
 
-    /// Executes one request: all of it or none of it, exactly once per idempotency key.
+    /// Executes one request: all of it or none of it, exactly once per idempotency key. The
+    /// change is dated `request.now_ms`, or later if a shard it touches has already seen a later
+    /// time (see `Shard::clock_ms`).
     pub fn execute(&self, request: Request) -> Outcome {
-        let Request { key, now_ms, operation } = request;
+        let Request { key, now_ms: requested_ms, operation } = request;
         let key_shard = self.map.of_key(&key);
         let mut plan = SmallVec::new();
         rules::lock_plan(&operation, self.map, &mut plan);
         plan.push(key_shard);
         let mut shards = LockedShards::lock(&self.shards, plan);
+        let now_ms = shards.advance_clock(requested_ms);
 
+        let fingerprint = OperationFingerprint::of(&operation);
         let store = &shards.get(key_shard).idempotency;
         if let Some(first) = store.get(&key) {
-            return if first.operation == operation {
-                Outcome { sequence: Some(first.sequence), result: first.outcome.clone(), replayed: true }
+            return if first.fingerprint == fingerprint {
+                Outcome { sequence: Some(first.sequence), result: first.outcome(), replayed: true }
             } else {
                 refused(EngineError::IdempotencyConflict { key: key.as_str().to_owned() })
             };
@@ -138,10 +152,11 @@ impl<S: JournalSink> Engine<S> {
             tx.rollback();
         }
         let effects = tx.into_effects();
+        let stored_outcome = result.clone();
         let record = JournalRecord {
             sequence: 0,
             at_ms: now_ms,
-            origin: Origin::Request { key, operation: operation.clone(), outcome: result.clone() },
+            origin: Origin::Request { key, operation, outcome: result.clone() },
             effects,
         };
         let Some(sequence) = self.append(&mut shards, record) else {
@@ -150,7 +165,7 @@ impl<S: JournalSink> Engine<S> {
         shards
             .get(key_shard)
             .idempotency
-            .insert(key, IdempotencyRecord { operation, outcome: result.clone(), sequence, recorded_at_ms: now_ms });
+            .insert(key, IdempotencyRecord { fingerprint, outcome: stored_outcome, sequence, recorded_at_ms: now_ms });
         Outcome { sequence: Some(sequence), result, replayed: false }
     }
 
@@ -176,13 +191,13 @@ impl<S: JournalSink> Engine<S> {
     }
 
     /// Expires every Active reservation whose time is up at `now_ms` (at most
-    /// [`MAX_EXPIRIES_PER_SHARD_SWEEP`] per shard per call), and forgets idempotency keys and
-    /// closed reservations older than the retention window. Returns how many reservations
-    /// expired; a caller that gets a full batch should call again.
-    pub fn sweep(&self, now_ms: i64) -> Result<usize, EngineError> {
-        let mut expired = 0;
+    /// [`MAX_EXPIRIES_PER_SHARD_SWEEP`] per shard per call), forgets closed reservations older
+    /// than the retention window, and rotates idempotency generations (see `idempotency`).
+    pub fn sweep(&self, requested_ms: i64) -> Result<SweepReport, EngineError> {
+        let mut report = SweepReport::default();
         for index in 0..self.map.count() {
             let mut shards = LockedShards::lock(&self.shards, SmallVec::from_slice(&[index]));
+            let now_ms = shards.advance_clock(requested_ms);
             let due: Vec<Reservation> = {
                 let shard = shards.get(index);
                 shard
@@ -212,11 +227,17 @@ impl<S: JournalSink> Engine<S> {
                 if self.append(&mut shards, record).is_none() {
                     return Err(EngineError::JournalUnavailable);
                 }
-                expired += due.len();
+                report.expired += due.len();
+                report.more_due |= due.len() == MAX_EXPIRIES_PER_SHARD_SWEEP;
             }
-            forget_old(shards.get(index), now_ms.saturating_sub(self.config.retention_ms));
+            let shard = shards.get(index);
+            let retired_keys = shard.idempotency.rotate(now_ms, self.config.retention_ms);
+            forget_closed_reservations(shard, now_ms.saturating_sub(self.config.retention_ms));
+            drop(shards);
+            // Freeing a retired generation takes a while; do it after the shard is unlocked.
+            drop(retired_keys);
         }
-        Ok(expired)
+        Ok(report)
     }
 
     /// Applies a record read back from the journal: its effects and its idempotency entry,
@@ -231,18 +252,26 @@ impl<S: JournalSink> Engine<S> {
             plan.push(self.map.of_key(key));
         }
         let mut shards = LockedShards::lock(&self.shards, plan);
+        shards.advance_clock(record.at_ms);
         let mut next_sequence = self.sequencer.lock();
         if record.sequence != *next_sequence {
             return Err(ReplayError::OutOfOrder { expected: *next_sequence, found: record.sequence });
         }
         let inconsistent = |reason| ReplayError::Inconsistent { sequence: record.sequence, reason };
+        // A key (or a reservation id) seen again is legitimate only if the live engine could have
+        // forgotten the first one, i.e. the first is older than the retention window.
+        let forgotten_before_ms = record.at_ms.saturating_sub(self.config.retention_ms);
         if let Origin::Request { key, .. } = &record.origin
-            && shards.get(self.map.of_key(key)).idempotency.get(key).is_some()
+            && shards
+                .get(self.map.of_key(key))
+                .idempotency
+                .get(key)
+                .is_some_and(|first| first.recorded_at_ms() > forgotten_before_ms)
         {
-            return Err(inconsistent("idempotency key recorded twice"));
+            return Err(inconsistent("idempotency key recorded twice within the retention window"));
         }
         for (applied, effect) in record.effects.iter().enumerate() {
-            if let Err(reason) = replay_check(&mut shards, self.map, effect) {
+            if let Err(reason) = replay_check(&mut shards, self.map, effect, forgotten_before_ms) {
                 for done in record.effects[..applied].iter().rev() {
                     effect::revert(&mut shards, self.map, done);
                 }
@@ -250,18 +279,17 @@ impl<S: JournalSink> Engine<S> {
             }
             effect::apply(&mut shards, self.map, effect);
         }
+        let mut retired_keys = None;
         if let Origin::Request { key, operation, outcome } = &record.origin {
-            shards.get(self.map.of_key(key)).idempotency.insert(
-                *key,
-                IdempotencyRecord {
-                    operation: operation.clone(),
-                    outcome: outcome.clone(),
-                    sequence: record.sequence,
-                    recorded_at_ms: record.at_ms,
-                },
-            );
+            let store = &mut shards.get(self.map.of_key(key)).idempotency;
+            // Rotate as the live engine's sweeps would have, so a long replay stays within capacity.
+            retired_keys = store.rotate(record.at_ms, self.config.retention_ms);
+            store.replace(*key, IdempotencyRecord::new(operation, outcome.clone(), record.sequence, record.at_ms));
         }
         *next_sequence += 1;
+        drop(next_sequence);
+        drop(shards);
+        drop(retired_keys);
         Ok(())
     }
 
@@ -304,6 +332,11 @@ impl<S: JournalSink> Engine<S> {
             .copied()
     }
 
+    /// The shard holding `user_id`'s accounts (for operators and benchmarks that place load).
+    pub fn shard_of(&self, user_id: Uuid) -> u32 {
+        self.map.of_user(user_id)
+    }
+
     /// The sequence of the last change handed to the journal (0 before the first).
     pub fn last_sequence(&self) -> u64 {
         *self.sequencer.lock() - 1
@@ -329,7 +362,7 @@ impl<S: JournalSink> Engine<S> {
                     *system_minor.entry(SystemAccount { kind, asset }).or_default() += amount_minor;
                 }
             }
-            state.idempotency.extend(shard.idempotency.iter().map(|(key, record)| (*key, record.clone())));
+            state.idempotency.extend(shard.idempotency.iter().map(|(key, record)| (*key, record)));
         }
         state.system_minor = system_minor.into_iter().filter(|(_, amount_minor)| *amount_minor != 0).collect();
         state
@@ -339,8 +372,19 @@ impl<S: JournalSink> Engine<S> {
     /// System balances land in shard 0; only their sums are state.
     pub fn from_state(config: EngineConfig, sink: S, state: &EngineState) -> Engine<S> {
         let engine = Engine::new(config, sink);
-        *engine.sequencer.lock() = state.next_sequence;
+        *engine.sequencer.lock() = state.next_sequence.max(1);
         let mut shards = LockedShards::lock(&engine.shards, (0..engine.map.count()).collect());
+        // Time restarts from the latest moment the state has seen, and keys older than the
+        // retention window are not brought back (the live engine may already have forgotten them).
+        let latest_ms = state
+            .idempotency
+            .values()
+            .map(|record| record.recorded_at_ms)
+            .chain(state.reservations.values().flat_map(|r| [Some(r.created_at_ms), r.closed_at_ms]).flatten())
+            .max()
+            .unwrap_or(i64::MIN);
+        shards.advance_clock(latest_ms);
+        let forgotten_before_ms = latest_ms.saturating_sub(config.retention_ms);
         for view in state.accounts.values() {
             let user =
                 shards.get(engine.map.of_user(view.account.user_id)).users.entry(view.account.user_id).or_default();
@@ -373,7 +417,8 @@ impl<S: JournalSink> Engine<S> {
         for (account, amount_minor) in &state.system_minor {
             shards.get(0).system_minor[account.kind.index()][account.asset.index()] = *amount_minor;
         }
-        let mut keys: Vec<_> = state.idempotency.iter().collect();
+        let mut keys: Vec<_> =
+            state.idempotency.iter().filter(|(_, record)| record.recorded_at_ms > forgotten_before_ms).collect();
         keys.sort_by_key(|(_, record)| record.recorded_at_ms);
         for (key, record) in keys {
             shards.get(engine.map.of_key(key)).idempotency.insert(*key, record.clone());
@@ -397,9 +442,8 @@ fn user_views(user_id: Uuid, user: &UserState) -> impl Iterator<Item = AccountVi
     })
 }
 
-/// Drops idempotency keys and closed reservations last touched at or before `cutoff_ms`.
-fn forget_old(shard: &mut Shard, cutoff_ms: i64) {
-    shard.idempotency.forget_recorded_before(cutoff_ms);
+/// Drops closed reservations that closed at or before `cutoff_ms`.
+fn forget_closed_reservations(shard: &mut Shard, cutoff_ms: i64) {
     while let Some(&(closed_at_ms, user_id, reservation_id)) = shard.closed.front() {
         if closed_at_ms > cutoff_ms {
             break;
@@ -413,7 +457,12 @@ fn forget_old(shard: &mut Shard, cutoff_ms: i64) {
 
 /// Checks that a journal effect can apply to the current state, so a corrupt journal is
 /// reported instead of breaking an invariant.
-fn replay_check(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effect) -> Result<(), &'static str> {
+fn replay_check(
+    shards: &mut LockedShards<'_>,
+    map: ShardMap,
+    effect: &Effect,
+    forgotten_before_ms: i64,
+) -> Result<(), &'static str> {
     let mut account_exists = |account: &UserAccount| {
         shards
             .get(map.of_user(account.user_id))
@@ -431,7 +480,18 @@ fn replay_check(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effect) -
                 return Err("account opened twice");
             }
         }
-        Effect::FrozenChanged { account, .. } | Effect::UsageChanged { account, .. } => {
+        Effect::FrozenChanged { account, frozen } => {
+            let changes = shards
+                .get(map.of_user(account.user_id))
+                .users
+                .get(&account.user_id)
+                .and_then(|user| user.account(account.domain, account.asset))
+                .is_some_and(|state| state.config.frozen != *frozen);
+            if !changes {
+                return Err("freeze change on a missing account, or one that changes nothing");
+            }
+        }
+        Effect::UsageChanged { account, .. } => {
             if !account_exists(account) {
                 return Err("effect on a missing account");
             }
@@ -446,8 +506,11 @@ fn replay_check(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effect) -
                 return Err("reservation opened on a missing account or not active");
             }
             let user = &shards.get(map.of_user(reservation.account.user_id)).users[&reservation.account.user_id];
-            if user.reservations.contains_key(&reservation.id) {
-                return Err("reservation opened twice");
+            let still_remembered = user.reservations.get(&reservation.id).is_some_and(|earlier| {
+                earlier.closed_at_ms.is_none_or(|closed_at_ms| closed_at_ms > forgotten_before_ms)
+            });
+            if still_remembered {
+                return Err("reservation opened twice within the retention window");
             }
         }
         Effect::ReservationClosed { user_id, reservation_id, status, .. } => {

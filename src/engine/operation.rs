@@ -34,7 +34,7 @@ pub struct Request {
     pub operation: Operation,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "op", content = "data", rename_all = "snake_case")]
 pub enum Operation {
     /// Creates a user account with its settings; every other operation needs the account to exist.

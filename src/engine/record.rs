@@ -61,3 +61,32 @@ impl JournalSink for crossbeam_channel::Sender<JournalRecord> {
         self.send(record).map_err(|refused| JournalClosed { record: Box::new(refused.0) })
     }
 }
+
+/// A sink that keeps every record in memory, in order: for tests, fuzzing and benchmarks that
+/// need to replay or count the journal without a database.
+#[derive(Debug, Default)]
+pub struct MemoryJournal {
+    records: parking_lot::Mutex<Vec<JournalRecord>>,
+}
+
+impl MemoryJournal {
+    /// Takes the records appended so far, leaving the journal empty.
+    pub fn drain(&self) -> Vec<JournalRecord> {
+        std::mem::take(&mut *self.records.lock())
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.lock().is_empty()
+    }
+}
+
+impl JournalSink for MemoryJournal {
+    fn append(&self, record: JournalRecord) -> Result<(), JournalClosed> {
+        self.records.lock().push(record);
+        Ok(())
+    }
+}

@@ -4,6 +4,7 @@
 //! checks, then emits effects that apply immediately; an `Err` anywhere means the caller
 //! rolls every emitted effect back, which is what makes linked batches all-or-nothing.
 
+use ethnum::U256;
 use rust_decimal::Decimal;
 use smallvec::SmallVec;
 use uuid::Uuid;
@@ -47,8 +48,12 @@ pub(crate) fn lock_plan(operation: &Operation, map: ShardMap, out: &mut SmallVec
             out.push(map.of_user(to.user_id));
         }
         Operation::LinkedBatch { operations } => {
+            // A nested batch is refused before it does anything, so its contents need no locks;
+            // not recursing keeps the plan bounded by MAX_BATCH_OPERATIONS whatever the nesting.
             for operation in operations.iter().take(MAX_BATCH_OPERATIONS) {
-                lock_plan(operation, map, out);
+                if !matches!(operation, Operation::LinkedBatch { .. }) {
+                    lock_plan(operation, map, out);
+                }
             }
         }
     }
@@ -91,13 +96,12 @@ impl<'l, 'a> Tx<'l, 'a> {
         self.effects.push(effect);
     }
 
-    fn account(&mut self, account: &UserAccount) -> Result<AccountState, EngineError> {
+    fn account(&mut self, account: &UserAccount) -> Result<&AccountState, EngineError> {
         self.shards
             .get(self.map.of_user(account.user_id))
             .users
             .get(&account.user_id)
             .and_then(|user| user.account(account.domain, account.asset))
-            .copied()
             .ok_or(EngineError::UnknownAccount { account: AccountRef::User(*account) })
     }
 
@@ -128,6 +132,7 @@ impl<'l, 'a> Tx<'l, 'a> {
     /// Checks that `amount_minor` may leave `account` now as an outflow, and counts it against
     /// the account's limits.
     fn take_outflow(&mut self, account: &UserAccount, amount_minor: i128) -> Result<(), EngineError> {
+        let now_ms = self.now_ms;
         let state = self.account(account)?;
         if state.config.frozen {
             return Err(EngineError::AccountFrozen { account: *account });
@@ -140,17 +145,21 @@ impl<'l, 'a> Tx<'l, 'a> {
                 requested_minor: amount_minor,
             });
         }
-        let after = state.usage.after_outflow(&state.config.limits, self.now_ms, amount_minor).map_err(|breach| {
-            EngineError::LimitExceeded {
+        let limits = &state.config.limits;
+        if limits.per_transaction_minor.is_none() && limits.daily_minor.is_none() && limits.monthly_minor.is_none() {
+            return Ok(());
+        }
+        let before = state.usage;
+        let after =
+            before.after_outflow(limits, now_ms, amount_minor).map_err(|breach| EngineError::LimitExceeded {
                 account: *account,
                 limit: breach.limit,
                 limit_minor: breach.limit_minor,
                 used_minor: breach.used_minor,
                 requested_minor: amount_minor,
-            }
-        })?;
-        if after != state.usage {
-            self.emit(Effect::UsageChanged { account: *account, before: state.usage, after });
+            })?;
+        if after != before {
+            self.emit(Effect::UsageChanged { account: *account, before, after });
         }
         Ok(())
     }
@@ -163,17 +172,19 @@ impl<'l, 'a> Tx<'l, 'a> {
         amount_minor: i128,
     ) -> Result<(), EngineError> {
         let state = self.account(account)?;
-        let after = state.usage.after_refund(&state.config.limits, counted_at_ms, amount_minor);
-        if after != state.usage {
-            self.emit(Effect::UsageChanged { account: *account, before: state.usage, after });
+        let before = state.usage;
+        let after = before.after_refund(&state.config.limits, counted_at_ms, amount_minor);
+        if after != before {
+            self.emit(Effect::UsageChanged { account: *account, before, after });
         }
         Ok(())
     }
 
-    /// Checks that `slot` can receive `amount_minor` without passing the maximum balance.
+    /// Checks that `slot` can receive `amount_minor` without passing the maximum balance. A user
+    /// account is bounded on its total, so a later release (reserved -> available) stays in range.
     fn check_credit(&mut self, slot: Slot, amount_minor: i128) -> Result<(), EngineError> {
         let (balance_minor, account) = match slot {
-            Slot::User(account) => (self.account(&account)?.balance.available_minor, AccountRef::User(account)),
+            Slot::User(account) => (self.account(&account)?.balance.total_minor(), AccountRef::User(account)),
             Slot::System { account, shard } => (self.system_minor(account, shard), AccountRef::System(account)),
         };
         if balance_minor + amount_minor > MAX_AMOUNT_MINOR {
@@ -298,9 +309,12 @@ fn reserve(
         .filter(|ttl_ms| (1..=MAX_RESERVATION_TTL_MS).contains(ttl_ms))
         .and_then(|ttl_ms| tx.now_ms.checked_add(ttl_ms))
         .ok_or(EngineError::ReservationTtlOutOfRange { max_ttl_ms: MAX_RESERVATION_TTL_MS })?;
-    tx.account(account)?;
+    let reserved_minor = tx.account(account)?.balance.reserved_minor;
     if tx.reservation(account.user_id, reservation_id).is_some() {
         return Err(EngineError::ReservationAlreadyExists { user_id: account.user_id, reservation_id });
+    }
+    if reserved_minor + amount.minor() > MAX_AMOUNT_MINOR {
+        return Err(EngineError::BalanceOverflow { account: AccountRef::User(*account) });
     }
     tx.take_outflow(account, amount.minor())?;
     tx.emit(Effect::ReservationOpened {
@@ -432,19 +446,20 @@ fn convert(
 
 /// `amount_minor` of an asset with `from_scale` decimals, times `price`, in minor units of an
 /// asset with `to_scale` decimals, rounded toward zero (the platform never pays out a fraction
-/// it does not have). `None` if the result passes the maximum amount.
+/// it does not have). `None` if the result passes the maximum amount. The product is taken in
+/// 256 bits: an amount near the maximum (~2^93) times a price mantissa (< 2^96) fits with room.
 pub(crate) fn proceeds_minor(amount_minor: i128, from_scale: u32, to_scale: u32, price: Decimal) -> Option<i128> {
-    let amount = u128::try_from(amount_minor).ok()?;
-    let mantissa = u128::try_from(price.mantissa()).ok()?;
+    let amount = U256::from(u128::try_from(amount_minor).ok()?);
+    let mantissa = U256::from(u128::try_from(price.mantissa()).ok()?);
     let product = amount.checked_mul(mantissa)?;
     let exponent = i64::from(to_scale) - i64::from(price.scale()) - i64::from(from_scale);
     let value = if exponent >= 0 {
-        product.checked_mul(10_u128.checked_pow(u32::try_from(exponent).ok()?)?)?
+        product.checked_mul(U256::from(10_u32).checked_pow(u32::try_from(exponent).ok()?)?)?
     } else {
-        match 10_u128.checked_pow(u32::try_from(-exponent).ok()?) {
+        match U256::from(10_u32).checked_pow(u32::try_from(-exponent).ok()?) {
             Some(divisor) => product / divisor,
-            // 10^39 is more than any u128: the quotient is zero.
-            None => 0,
+            // 10^78 is more than any 256-bit product: the quotient is zero.
+            None => U256::ZERO,
         }
     };
     i128::try_from(value).ok().filter(|value| *value <= MAX_AMOUNT_MINOR)
@@ -465,5 +480,13 @@ mod tests {
         assert_eq!(proceeds_minor(1, 18, 2, Decimal::new(3_500, 0)), Some(0));
         // Past the maximum.
         assert_eq!(proceeds_minor(MAX_AMOUNT_MINOR, 2, 18, Decimal::new(1_000, 0)), None);
+        // A price with 18 decimals (found in review): 0.1 ETH at 3500.000000000000000000 USD/ETH
+        // is 350.00 USD; the 128-bit product of amount and mantissa would overflow.
+        let precise_price: Decimal = "3500.000000000000000000".parse().unwrap();
+        assert_eq!(proceeds_minor(100_000_000_000_000_000, 18, 2, precise_price), Some(35_000));
+        // A 28-significant-digit rate, as Decimal division produces, against a large amount.
+        let rate: Decimal = "0.0000285714285714285714285714".parse().unwrap();
+        // 10^10 USD at that rate is 285,714.28571428|57... BTC.
+        assert_eq!(proceeds_minor(1_000_000_000_000, 2, 8, rate), Some(28_571_428_571_428));
     }
 }

@@ -59,6 +59,10 @@ pub(crate) struct Shard {
     /// Closed reservations by close time, so they can be forgotten after the retention window.
     pub closed: VecDeque<(i64, Uuid, Uuid)>,
     pub idempotency: IdempotencyStore,
+    /// The latest time any change in this shard was made at. Callers' clocks disagree a little;
+    /// a change is dated no earlier than this, so time never goes back within a shard (limit
+    /// windows cannot move backwards, and what a sweep forgot stays forgotten in replay).
+    pub clock_ms: i64,
 }
 
 impl Default for Shard {
@@ -69,6 +73,7 @@ impl Default for Shard {
             expiry: BTreeSet::new(),
             closed: VecDeque::new(),
             idempotency: IdempotencyStore::default(),
+            clock_ms: i64::MIN,
         }
     }
 }
@@ -98,7 +103,7 @@ impl ShardMap {
     }
 
     pub fn of_key(self, key: &IdempotencyKey) -> u32 {
-        let hash = foldhash::fast::FixedState::with_seed(0x6469_626f_6153).hash_one(key.as_str());
+        let hash = foldhash::fast::FixedState::with_seed(0x6469_626f_6153).hash_one(key);
         ((hash >> 32) % u64::from(self.shard_count)) as u32
     }
 }
@@ -115,6 +120,16 @@ impl<'a> LockedShards<'a> {
         indexes.dedup();
         let guards = indexes.into_iter().map(|index| (index, shards[index as usize].lock())).collect();
         LockedShards { guards }
+    }
+
+    /// The time a change to these shards is made at: `requested_ms`, or the latest time any of
+    /// them has seen if that is later. All of them move to it.
+    pub fn advance_clock(&mut self, requested_ms: i64) -> i64 {
+        let now_ms = self.guards.iter().map(|(_, shard)| shard.clock_ms).fold(requested_ms, i64::max);
+        for (_, shard) in &mut self.guards {
+            shard.clock_ms = now_ms;
+        }
+        now_ms
     }
 
     /// The locked shard `index`. Asking for a shard that was not locked is a bug in the

@@ -101,6 +101,19 @@ impl EngineState {
         Ok(())
     }
 
+    /// This state without what the engine may already have forgotten at `now_ms`: idempotency
+    /// keys and closed reservations older than the retention window. Two engines with the same
+    /// history agree on this even if one of them (a journal replay) never swept.
+    pub fn within_retention(&self, now_ms: i64, retention_ms: i64) -> EngineState {
+        let cutoff_ms = now_ms.saturating_sub(retention_ms);
+        let mut state = self.clone();
+        state.idempotency.retain(|_, record| record.recorded_at_ms > cutoff_ms);
+        state
+            .reservations
+            .retain(|_, reservation| reservation.closed_at_ms.is_none_or(|closed_at_ms| closed_at_ms > cutoff_ms));
+        state
+    }
+
     /// The summed balance of a system account (zero if it never moved).
     pub fn system_balance_minor(&self, account: &SystemAccount) -> i128 {
         self.system_minor.get(account).copied().unwrap_or(0)

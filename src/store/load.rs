@@ -148,7 +148,7 @@ pub(super) async fn read_state(tx: &mut PgConnection, cutoff_ms: i64) -> Result<
         if recorded_key != parsed_key || record.sequence != codec::from_bigint(sequence)? {
             return Err(corrupt("its journal record belongs to another request"));
         }
-        let record = IdempotencyRecord { operation, outcome, sequence: record.sequence, recorded_at_ms };
+        let record = IdempotencyRecord::new(&operation, outcome, record.sequence, recorded_at_ms);
         state.idempotency.insert(parsed_key, record);
     }
     Ok(state)

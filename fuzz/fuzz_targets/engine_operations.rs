@@ -1,0 +1,160 @@
+//! Fuzz target: arbitrary bytes become a sequence of engine requests (including malformed
+//! amount text, linked batches, expiry sweeps and retries of earlier keys) over a small set of
+//! users and assets. After every request the engine's invariants must hold and a retry of an
+//! earlier key must return its first outcome; at the end, replaying the journal must rebuild
+//! the identical state. Any panic or failed assertion is a finding.
+#![no_main]
+
+use diboas_ledger::engine::account::{
+    AccountConfig, AccountRef, Domain, FeeTier, OutflowLimits, Provider, SystemAccount, SystemKind, UserAccount,
+};
+use diboas_ledger::engine::asset::Asset;
+use diboas_ledger::engine::idempotency::IdempotencyKey;
+use diboas_ledger::engine::money::{Amount, MAX_AMOUNT_MINOR};
+use diboas_ledger::engine::operation::{Operation, Request};
+use diboas_ledger::engine::record::MemoryJournal;
+use diboas_ledger::engine::{Engine, EngineConfig};
+use libfuzzer_sys::arbitrary::{Result, Unstructured};
+use libfuzzer_sys::fuzz_target;
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+const MAX_REQUESTS: usize = 256;
+const ASSETS: [Asset; 3] = [Asset::USD, Asset::BTC, Asset::ETH];
+
+fn user_account(u: &mut Unstructured) -> Result<UserAccount> {
+    let domain = *u.choose(&Domain::ALL)?;
+    let asset = *u.choose(&ASSETS)?;
+    Ok(UserAccount { user_id: Uuid::from_u128(u.int_in_range(0..=5)?), domain, asset })
+}
+
+fn account_ref(u: &mut Unstructured) -> Result<AccountRef> {
+    Ok(if u.ratio(1, 5)? {
+        let kind = *u.choose(&[
+            SystemKind::ExchangeLiquidity,
+            SystemKind::FeeRevenue(FeeTier::Platform),
+            SystemKind::ProviderClearing(Provider::Ramp),
+        ])?;
+        AccountRef::System(SystemAccount { kind, asset: *u.choose(&ASSETS)? })
+    } else {
+        AccountRef::User(user_account(u)?)
+    })
+}
+
+/// An amount, sometimes parsed from arbitrary text (which must never panic, only be refused).
+fn amount(u: &mut Unstructured, asset: Asset) -> Result<Amount> {
+    if u.ratio(1, 8)? {
+        let text: &str = u.arbitrary()?;
+        if let Ok(parsed) = Amount::parse(text, asset) {
+            return Ok(parsed);
+        }
+    }
+    let minor = if u.ratio(1, 16)? { MAX_AMOUNT_MINOR } else { i128::from(u.int_in_range(1..=1_000_000_u32)?) };
+    Ok(Amount::from_minor(minor).unwrap_or_else(|_| unreachable!("in range")))
+}
+
+fn operation(u: &mut Unstructured, depth: u8) -> Result<Operation> {
+    let user = user_account(u)?;
+    let reservation_id = Uuid::from_u128(u.int_in_range(0..=3)?);
+    Ok(match u.int_in_range(0..=10)? {
+        0 => Operation::OpenAccount {
+            account: user,
+            config: AccountConfig {
+                overdraft_minor: i128::from(u.int_in_range(-1..=1_000_i32)?),
+                limits: OutflowLimits {
+                    per_transaction_minor: u.arbitrary::<Option<u16>>()?.map(i128::from),
+                    daily_minor: u.arbitrary::<Option<u16>>()?.map(i128::from),
+                    monthly_minor: u.arbitrary::<Option<u32>>()?.map(i128::from),
+                },
+                frozen: u.ratio(1, 10)?,
+            },
+        },
+        1 => Operation::SetFrozen { account: user, frozen: u.arbitrary()? },
+        2 => Operation::Deposit { account: user, amount: amount(u, user.asset)?, provider: Provider::Stripe },
+        3 => Operation::Withdraw { account: user, amount: amount(u, user.asset)?, provider: Provider::Moonpay },
+        4 => Operation::Reserve {
+            reservation_id,
+            account: user,
+            amount: amount(u, user.asset)?,
+            ttl_ms: u.arbitrary::<Option<i32>>()?.map(i64::from),
+        },
+        5 => Operation::Commit {
+            user_id: user.user_id,
+            reservation_id,
+            destination: account_ref(u)?,
+            amount: if u.arbitrary()? { Some(amount(u, user.asset)?) } else { None },
+        },
+        6 => Operation::Release { user_id: user.user_id, reservation_id },
+        7 | 8 => {
+            let from = account_ref(u)?;
+            let to = account_ref(u)?;
+            Operation::Transfer { from, to, amount: amount(u, from.asset())? }
+        }
+        9 => Operation::Convert {
+            from: user,
+            to: user_account(u)?,
+            amount: amount(u, user.asset)?,
+            price: Decimal::new(u.int_in_range(-5..=i64::from(u32::MAX))?, u.int_in_range(0..=28)?),
+            commission_bps: u.int_in_range(0..=10_001)?,
+        },
+        _ if depth == 0 => {
+            let count = u.int_in_range(0..=6)?;
+            let operations = (0..count).map(|_| operation(u, depth + 1)).collect::<Result<Vec<_>>>()?;
+            Operation::LinkedBatch { operations }
+        }
+        _ => Operation::LinkedBatch { operations: Vec::new() },
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut u = Unstructured::new(data);
+    let engine = Engine::new(EngineConfig { shard_count: 3, ..EngineConfig::default() }, MemoryJournal::default());
+    let mut now_ms: i64 = 1_790_000_000_000;
+    // Callers' clocks disagree, so time may step back; the engine dates changes no earlier than
+    // the latest time a shard has seen, which is at most `latest_ms`.
+    let mut latest_ms = now_ms;
+    let mut sent: Vec<(Request, Result<(), ()>)> = Vec::new();
+    for index in 0..MAX_REQUESTS {
+        if u.is_empty() {
+            break;
+        }
+        let Ok(choice) = u.int_in_range(0..=9_u8) else { break };
+        match choice {
+            0 => {
+                now_ms += i64::from(u.int_in_range(0..=4_000_000_u32).unwrap_or(0));
+                latest_ms = latest_ms.max(now_ms);
+                engine.sweep(now_ms).unwrap_or_else(|error| panic!("sweep failed: {error}"));
+            }
+            2 => now_ms -= i64::from(u.int_in_range(0..=7_200_000_u32).unwrap_or(0)),
+            1 if !sent.is_empty() => {
+                let nth = u.choose_index(sent.len()).unwrap_or(0);
+                let (request, first) = &sent[nth];
+                let retry = engine.execute(Request { now_ms, ..request.clone() });
+                // Within the retention window the first outcome must come back; after it the key
+                // may have been forgotten and the request is then a new one.
+                if latest_ms - request.now_ms < engine.config().retention_ms {
+                    assert!(retry.replayed, "a retry within the retention window is answered from the store");
+                    assert_eq!(retry.result.is_ok(), first.is_ok(), "a retry returns the first outcome");
+                }
+            }
+            _ => {
+                let Ok(operation) = operation(&mut u, 0) else { break };
+                let key = IdempotencyKey::new(&format!("fuzz-{index}")).unwrap_or_else(|_| unreachable!("valid key"));
+                let request = Request { key, now_ms, operation };
+                let outcome = engine.execute(request.clone());
+                sent.push((request, outcome.result.map(|_| ()).map_err(|_| ())));
+            }
+        }
+        engine.state().check_invariants().unwrap_or_else(|violation| panic!("invariant broken: {violation}"));
+    }
+    let replayed = Engine::new(*engine.config(), MemoryJournal::default());
+    for record in engine.sink().drain() {
+        replayed.apply_record(&record).unwrap_or_else(|error| panic!("replay failed: {error}"));
+    }
+    let retention_ms = engine.config().retention_ms;
+    assert_eq!(
+        replayed.state().within_retention(latest_ms, retention_ms),
+        engine.state().within_retention(latest_ms, retention_ms),
+        "replay rebuilds the same state"
+    );
+});

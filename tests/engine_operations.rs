@@ -1,0 +1,745 @@
+//! Every engine operation, its success and each of its refusals. A refusal must name its cause
+//! precisely and leave every balance and reservation as it was; invariants hold after each step.
+
+mod support;
+
+use diboas_ledger::engine::Engine;
+use diboas_ledger::engine::account::{
+    AccountConfig, AccountRef, Balance, Domain, FeeTier, OutflowLimits, Provider, SystemAccount, SystemKind,
+};
+use diboas_ledger::engine::asset::Asset;
+use diboas_ledger::engine::error::{EngineError, LimitKind};
+use diboas_ledger::engine::operation::{
+    DEFAULT_RESERVATION_TTL_MS, MAX_RESERVATION_TTL_MS, Operation, Receipt, Request,
+};
+use diboas_ledger::engine::reservation::ReservationStatus;
+use rust_decimal::Decimal;
+use support::*;
+use uuid::Uuid;
+
+fn reserve(account: diboas_ledger::engine::account::UserAccount, id: u128, minor: i128) -> Operation {
+    Operation::Reserve { reservation_id: Uuid::from_u128(id), account, amount: amount(minor), ttl_ms: None }
+}
+
+#[test]
+fn deposit_and_withdraw_move_money_through_provider_clearing() {
+    let mut h = Harness::new();
+    h.open(usd(1), AccountConfig::default());
+    h.ok(Operation::Deposit { account: usd(1), amount: amount(10_000), provider: Provider::Stripe });
+    h.ok(Operation::Withdraw { account: usd(1), amount: amount(2_500), provider: Provider::Ramp });
+    assert_eq!(h.balance(usd(1)), Balance { available_minor: 7_500, reserved_minor: 0 });
+    assert_eq!(h.system_balance(clearing(Provider::Stripe, Asset::USD)), -10_000);
+    assert_eq!(h.system_balance(clearing(Provider::Ramp, Asset::USD)), 2_500);
+}
+
+#[test]
+fn operations_on_missing_accounts_are_refused() {
+    let mut h = Harness::new();
+    let missing = AccountRef::User(usd(9));
+    assert_eq!(
+        h.refused(Operation::Deposit { account: usd(9), amount: amount(1), provider: Provider::Stripe }),
+        EngineError::UnknownAccount { account: missing }
+    );
+    h.open_funded(usd(1), 100);
+    assert_eq!(
+        h.refused(Operation::Transfer { from: AccountRef::User(usd(1)), to: missing, amount: amount(1) }),
+        EngineError::UnknownAccount { account: missing }
+    );
+    assert_eq!(
+        h.refused(Operation::SetFrozen { account: usd(9), frozen: true }),
+        EngineError::UnknownAccount { account: missing }
+    );
+}
+
+#[test]
+fn an_account_opens_once_with_valid_settings() {
+    let mut h = Harness::new();
+    h.open(usd(1), AccountConfig::default());
+    assert_eq!(
+        h.refused(Operation::OpenAccount { account: usd(1), config: AccountConfig::default() }),
+        EngineError::AccountAlreadyExists { account: usd(1) }
+    );
+    let negative_overdraft = AccountConfig { overdraft_minor: -1, ..AccountConfig::default() };
+    assert!(matches!(
+        h.refused(Operation::OpenAccount { account: usd(2), config: negative_overdraft }),
+        EngineError::InvalidAccountConfig { .. }
+    ));
+    let negative_limit = AccountConfig {
+        limits: OutflowLimits { daily_minor: Some(-5), ..OutflowLimits::default() },
+        ..AccountConfig::default()
+    };
+    assert!(matches!(
+        h.refused(Operation::OpenAccount { account: usd(2), config: negative_limit }),
+        EngineError::InvalidAccountConfig { .. }
+    ));
+}
+
+#[test]
+fn available_never_goes_below_the_overdraft() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    assert_eq!(
+        h.refused(Operation::Withdraw { account: usd(1), amount: amount(1_001), provider: Provider::Stripe }),
+        EngineError::InsufficientFunds {
+            account: AccountRef::User(usd(1)),
+            available_minor: 1_000,
+            overdraft_minor: 0,
+            requested_minor: 1_001
+        }
+    );
+    h.open(usd(2), AccountConfig { overdraft_minor: 500, ..AccountConfig::default() });
+    h.ok(Operation::Withdraw { account: usd(2), amount: amount(500), provider: Provider::Stripe });
+    assert_eq!(h.balance(usd(2)).available_minor, -500);
+    assert!(matches!(
+        h.refused(Operation::Withdraw { account: usd(2), amount: amount(1), provider: Provider::Stripe }),
+        EngineError::InsufficientFunds { .. }
+    ));
+}
+
+#[test]
+fn transfers_work_within_and_across_shards_and_between_user_and_system() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 10_000);
+    // Users 1..=40 spread over 8 shards: some pairs share a shard, most do not.
+    for user in 2..=40 {
+        h.open(usd(user), AccountConfig::default());
+        h.ok(Operation::Transfer {
+            from: AccountRef::User(usd(1)),
+            to: AccountRef::User(usd(user)),
+            amount: amount(100),
+        });
+    }
+    assert_eq!(h.balance(usd(1)).available_minor, 10_000 - 39 * 100);
+    let fees = SystemAccount { kind: SystemKind::FeeRevenue(FeeTier::Platform), asset: Asset::USD };
+    h.ok(Operation::Transfer { from: AccountRef::User(usd(2)), to: AccountRef::System(fees), amount: amount(40) });
+    h.ok(Operation::Transfer { from: AccountRef::System(fees), to: AccountRef::User(usd(3)), amount: amount(15) });
+    let clearing = AccountRef::System(clearing(Provider::Moonpay, Asset::USD));
+    h.ok(Operation::Transfer { from: AccountRef::System(fees), to: clearing, amount: amount(5) });
+    assert_eq!(h.system_balance(fees), 20);
+    assert_eq!(h.balance(usd(3)).available_minor, 115);
+}
+
+#[test]
+fn transfers_refuse_mismatched_assets_and_self_transfers() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 100);
+    let btc = user_account(1, Domain::Investing, Asset::BTC);
+    h.open(btc, AccountConfig::default());
+    assert_eq!(
+        h.refused(Operation::Transfer { from: AccountRef::User(usd(1)), to: AccountRef::User(btc), amount: amount(1) }),
+        EngineError::AssetMismatch { left: Asset::USD, right: Asset::BTC }
+    );
+    assert_eq!(
+        h.refused(Operation::Transfer {
+            from: AccountRef::User(usd(1)),
+            to: AccountRef::User(usd(1)),
+            amount: amount(1)
+        }),
+        EngineError::SameAccount
+    );
+}
+
+#[test]
+fn reserve_commit_and_release_keep_reserved_equal_to_active_reservations() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.open(usd(2), AccountConfig::default());
+    let receipt = h.ok(reserve(usd(1), 10, 300));
+    assert_eq!(receipt, Receipt::Reserved { expires_at_ms: START_MS + DEFAULT_RESERVATION_TTL_MS });
+    h.ok(reserve(usd(1), 11, 200));
+    assert_eq!(h.balance(usd(1)), Balance { available_minor: 500, reserved_minor: 500 });
+
+    let partial = Operation::Commit {
+        user_id: Uuid::from_u128(1),
+        reservation_id: Uuid::from_u128(10),
+        destination: AccountRef::User(usd(2)),
+        amount: Some(amount(120)),
+    };
+    assert_eq!(h.ok(partial), Receipt::Committed { committed_minor: 120, released_minor: 180 });
+    assert_eq!(h.balance(usd(1)), Balance { available_minor: 680, reserved_minor: 200 });
+    assert_eq!(h.balance(usd(2)).available_minor, 120);
+
+    let release = Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(11) };
+    assert_eq!(h.ok(release.clone()), Receipt::Released { released_minor: 200 });
+    assert_eq!(h.balance(usd(1)), Balance { available_minor: 880, reserved_minor: 0 });
+
+    // Final states never move again.
+    assert_eq!(
+        h.refused(release),
+        EngineError::ReservationNotActive { reservation_id: Uuid::from_u128(11), status: ReservationStatus::Released }
+    );
+    let whole = Operation::Commit {
+        user_id: Uuid::from_u128(1),
+        reservation_id: Uuid::from_u128(10),
+        destination: AccountRef::User(usd(2)),
+        amount: None,
+    };
+    assert_eq!(
+        h.refused(whole),
+        EngineError::ReservationNotActive { reservation_id: Uuid::from_u128(10), status: ReservationStatus::Completed }
+    );
+}
+
+#[test]
+fn reservation_refusals_name_their_cause() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.ok(reserve(usd(1), 1, 100));
+    assert_eq!(
+        h.refused(reserve(usd(1), 1, 100)),
+        EngineError::ReservationAlreadyExists { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(1) }
+    );
+    assert!(matches!(h.refused(reserve(usd(1), 2, 901)), EngineError::InsufficientFunds { .. }));
+    for ttl_ms in [0, -1, MAX_RESERVATION_TTL_MS + 1] {
+        let op = Operation::Reserve {
+            reservation_id: Uuid::from_u128(3),
+            account: usd(1),
+            amount: amount(1),
+            ttl_ms: Some(ttl_ms),
+        };
+        assert_eq!(h.refused(op), EngineError::ReservationTtlOutOfRange { max_ttl_ms: MAX_RESERVATION_TTL_MS });
+    }
+    let too_much = Operation::Commit {
+        user_id: Uuid::from_u128(1),
+        reservation_id: Uuid::from_u128(1),
+        destination: AccountRef::System(clearing(Provider::Stripe, Asset::USD)),
+        amount: Some(amount(101)),
+    };
+    assert_eq!(
+        h.refused(too_much),
+        EngineError::CommitExceedsReservation { reserved_minor: 100, requested_minor: 101 }
+    );
+    let to_self = Operation::Commit {
+        user_id: Uuid::from_u128(1),
+        reservation_id: Uuid::from_u128(1),
+        destination: AccountRef::User(usd(1)),
+        amount: None,
+    };
+    assert_eq!(h.refused(to_self), EngineError::SameAccount);
+    let wrong_user = Operation::Release { user_id: Uuid::from_u128(2), reservation_id: Uuid::from_u128(1) };
+    assert_eq!(
+        h.refused(wrong_user),
+        EngineError::ReservationNotFound { user_id: Uuid::from_u128(2), reservation_id: Uuid::from_u128(1) }
+    );
+}
+
+#[test]
+fn expiry_is_driven_by_the_callers_clock_and_is_final() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    let short = Operation::Reserve {
+        reservation_id: Uuid::from_u128(1),
+        account: usd(1),
+        amount: amount(400),
+        ttl_ms: Some(60_000),
+    };
+    h.ok(short);
+    h.ok(reserve(usd(1), 2, 100));
+    assert_eq!(h.engine.sweep(h.now_ms + 59_999).unwrap().expired, 0);
+
+    // Past its expiry but not yet swept: it can no longer be committed.
+    h.now_ms += 60_000;
+    let commit = Operation::Commit {
+        user_id: Uuid::from_u128(1),
+        reservation_id: Uuid::from_u128(1),
+        destination: AccountRef::System(clearing(Provider::Stripe, Asset::USD)),
+        amount: None,
+    };
+    assert!(matches!(h.refused(commit.clone()), EngineError::ReservationExpired { .. }));
+
+    assert_eq!(h.engine.sweep(h.now_ms).unwrap().expired, 1);
+    h.engine.state().check_invariants().unwrap();
+    assert_eq!(h.balance(usd(1)), Balance { available_minor: 900, reserved_minor: 100 });
+    assert_eq!(
+        h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(1)).unwrap().status,
+        ReservationStatus::Expired
+    );
+    assert_eq!(
+        h.refused(commit),
+        EngineError::ReservationNotActive { reservation_id: Uuid::from_u128(1), status: ReservationStatus::Expired }
+    );
+    assert_eq!(h.engine.sweep(h.now_ms).unwrap().expired, 0, "an expired reservation expires once");
+}
+
+#[test]
+fn closed_reservations_are_forgotten_after_the_retention_window() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.ok(reserve(usd(1), 1, 100));
+    h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(1) });
+    let retention_ms = h.engine.config().retention_ms;
+    h.engine.sweep(h.now_ms + retention_ms - 1).unwrap();
+    assert!(h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(1)).is_some());
+    h.engine.sweep(h.now_ms + retention_ms).unwrap();
+    assert!(h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(1)).is_none());
+}
+
+#[test]
+fn frozen_accounts_can_receive_but_nothing_leaves() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.open_funded(usd(2), 1_000);
+    h.ok(reserve(usd(1), 1, 100));
+    h.ok(reserve(usd(1), 2, 100));
+    h.ok(Operation::SetFrozen { account: usd(1), frozen: true });
+    let frozen = EngineError::AccountFrozen { account: usd(1) };
+    assert_eq!(
+        h.refused(Operation::Withdraw { account: usd(1), amount: amount(1), provider: Provider::Stripe }),
+        frozen
+    );
+    assert_eq!(h.refused(reserve(usd(1), 3, 1)), frozen);
+    let commit = Operation::Commit {
+        user_id: Uuid::from_u128(1),
+        reservation_id: Uuid::from_u128(1),
+        destination: AccountRef::User(usd(2)),
+        amount: None,
+    };
+    assert_eq!(h.refused(commit.clone()), frozen);
+    // Releasing gives money back to the frozen account, which is allowed, as is receiving.
+    h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(2) });
+    h.ok(Operation::Transfer { from: AccountRef::User(usd(2)), to: AccountRef::User(usd(1)), amount: amount(5) });
+    h.ok(Operation::SetFrozen { account: usd(1), frozen: false });
+    h.ok(commit);
+}
+
+#[test]
+fn outflow_limits_are_enforced_per_transaction_day_and_month() {
+    let mut h = Harness::new();
+    let limits = OutflowLimits { per_transaction_minor: Some(500), daily_minor: Some(800), monthly_minor: Some(1_000) };
+    h.open(usd(1), AccountConfig { limits, ..AccountConfig::default() });
+    h.ok(Operation::Deposit { account: usd(1), amount: amount(10_000), provider: Provider::Stripe });
+    let withdraw = |minor| Operation::Withdraw { account: usd(1), amount: amount(minor), provider: Provider::Stripe };
+    assert!(matches!(
+        h.refused(withdraw(501)),
+        EngineError::LimitExceeded { limit: LimitKind::PerTransaction, limit_minor: 500, .. }
+    ));
+    h.ok(withdraw(500));
+    h.ok(withdraw(300));
+    assert_eq!(
+        h.refused(withdraw(1)),
+        EngineError::LimitExceeded {
+            account: usd(1),
+            limit: LimitKind::Daily,
+            limit_minor: 800,
+            used_minor: 800,
+            requested_minor: 1
+        }
+    );
+    h.now_ms += 24 * 60 * 60 * 1_000;
+    h.ok(withdraw(200));
+    assert!(matches!(h.refused(withdraw(1)), EngineError::LimitExceeded { limit: LimitKind::Monthly, .. }));
+}
+
+#[test]
+fn released_reservations_give_their_amount_back_to_the_limits() {
+    let mut h = Harness::new();
+    let limits = OutflowLimits { daily_minor: Some(100), ..OutflowLimits::default() };
+    h.open(usd(1), AccountConfig { limits, ..AccountConfig::default() });
+    h.ok(Operation::Deposit { account: usd(1), amount: amount(1_000), provider: Provider::Stripe });
+    h.ok(reserve(usd(1), 1, 100));
+    assert!(matches!(h.refused(reserve(usd(1), 2, 1)), EngineError::LimitExceeded { .. }));
+    let partial = Operation::Commit {
+        user_id: Uuid::from_u128(1),
+        reservation_id: Uuid::from_u128(1),
+        destination: AccountRef::System(clearing(Provider::Stripe, Asset::USD)),
+        amount: Some(amount(60)),
+    };
+    h.ok(partial);
+    h.ok(reserve(usd(1), 2, 40));
+    assert!(matches!(h.refused(reserve(usd(1), 3, 1)), EngineError::LimitExceeded { .. }));
+}
+
+#[test]
+fn conversions_go_through_exchange_liquidity_with_commission() {
+    let mut h = Harness::new();
+    let dollars = usd(1);
+    let bitcoin = user_account(1, Domain::Investing, Asset::BTC);
+    h.open_funded(dollars, 1_000_000);
+    h.open(bitcoin, AccountConfig::default());
+    // 6 000.00 USD at 0.00001 BTC per USD = 0.06 BTC, minus 1% commission.
+    let convert = Operation::Convert {
+        from: dollars,
+        to: bitcoin,
+        amount: amount(600_000),
+        price: Decimal::new(1, 5),
+        commission_bps: 100,
+    };
+    assert_eq!(
+        h.ok(convert),
+        Receipt::Converted { sold_minor: 600_000, bought_minor: 5_940_000, commission_minor: 60_000 }
+    );
+    assert_eq!(h.balance(bitcoin).available_minor, 5_940_000);
+    let liquidity = |asset| SystemAccount { kind: SystemKind::ExchangeLiquidity, asset };
+    let platform_fees = SystemAccount { kind: SystemKind::FeeRevenue(FeeTier::Platform), asset: Asset::BTC };
+    assert_eq!(h.system_balance(liquidity(Asset::USD)), 600_000);
+    assert_eq!(h.system_balance(liquidity(Asset::BTC)), -6_000_000);
+    assert_eq!(h.system_balance(platform_fees), 60_000);
+}
+
+#[test]
+fn conversion_refusals() {
+    let mut h = Harness::new();
+    let dollars = usd(1);
+    let ether = user_account(1, Domain::Investing, Asset::ETH);
+    h.open_funded(dollars, 1_000);
+    h.open(ether, AccountConfig::default());
+    let convert = |price: Decimal, commission_bps, to| Operation::Convert {
+        from: dollars,
+        to,
+        amount: amount(1_000),
+        price,
+        commission_bps,
+    };
+    assert_eq!(h.refused(convert(Decimal::ONE, 0, usd(2))), EngineError::SameAsset);
+    assert_eq!(h.refused(convert(Decimal::ZERO, 0, ether)), EngineError::InvalidPrice);
+    assert_eq!(h.refused(convert(Decimal::NEGATIVE_ONE, 0, ether)), EngineError::InvalidPrice);
+    assert_eq!(h.refused(convert(Decimal::ONE, 10_001, ether)), EngineError::CommissionOutOfRange { max_bps: 10_000 });
+    assert_eq!(h.refused(convert(Decimal::ONE, 10_000, ether)), EngineError::ConversionTooSmall);
+    assert_eq!(h.refused(convert(Decimal::new(1, 28), 0, ether)), EngineError::ConversionTooSmall);
+    assert_eq!(h.refused(convert(Decimal::MAX, 0, ether)), EngineError::ConversionOverflow);
+}
+
+#[test]
+fn linked_batches_are_all_or_nothing_and_name_the_failing_operation() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.open(usd(2), AccountConfig::default());
+    let transfer = |from, to, minor| Operation::Transfer {
+        from: AccountRef::User(usd(from)),
+        to: AccountRef::User(usd(to)),
+        amount: amount(minor),
+    };
+    // Later operations see earlier ones: user 2 can only pay back what it just received.
+    let good = Operation::LinkedBatch {
+        operations: vec![transfer(1, 2, 600), transfer(2, 1, 600), reserve(usd(1), 1, 1_000)],
+    };
+    assert!(matches!(h.ok(good), Receipt::Batch { receipts } if receipts.len() == 3));
+    h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(1) });
+
+    let bad =
+        Operation::LinkedBatch { operations: vec![transfer(1, 2, 600), reserve(usd(1), 2, 100), transfer(2, 1, 601)] };
+    match h.refused(bad) {
+        EngineError::BatchOperationFailed { index: 2, cause } => {
+            assert!(matches!(*cause, EngineError::InsufficientFunds { .. }))
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert!(h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(2)).is_none());
+    assert_eq!(h.refused(Operation::LinkedBatch { operations: vec![] }), EngineError::BatchSize { max: 8_192 });
+    let nested = Operation::LinkedBatch { operations: vec![Operation::LinkedBatch { operations: vec![] }] };
+    assert!(matches!(
+        h.refused(nested),
+        EngineError::BatchOperationFailed { index: 0, cause } if *cause == EngineError::NestedBatch
+    ));
+}
+
+#[test]
+fn idempotent_retries_return_the_first_outcome_and_change_nothing() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.open(usd(2), AccountConfig::default());
+    let transfer =
+        Operation::Transfer { from: AccountRef::User(usd(1)), to: AccountRef::User(usd(2)), amount: amount(700) };
+    let request = Request { key: key("pay-1"), now_ms: h.now_ms, operation: transfer.clone() };
+    let first = h.engine.execute(request.clone());
+    assert!(first.result.is_ok() && !first.replayed);
+    let before = money_state(&h.engine.state());
+    let journal_len = h.engine.sink().len();
+
+    // Same key, same operation, later: the first outcome, nothing moves, nothing is journaled.
+    let retry = h.engine.execute(Request { now_ms: h.now_ms + 5_000, ..request.clone() });
+    assert_eq!((retry.sequence, retry.result.clone(), retry.replayed), (first.sequence, first.result.clone(), true));
+    assert_eq!(money_state(&h.engine.state()), before);
+    assert_eq!(h.engine.sink().len(), journal_len);
+
+    // Same key, different operation: a distinct refusal, nothing recorded.
+    let other = Operation::Transfer { from: AccountRef::User(usd(1)), to: AccountRef::User(usd(2)), amount: amount(1) };
+    let conflict = h.engine.execute(Request { operation: other, ..request.clone() });
+    assert_eq!(conflict.result, Err(EngineError::IdempotencyConflict { key: "pay-1".to_owned() }));
+    assert_eq!(conflict.sequence, None);
+
+    // Refusals are remembered too: a retry after funds arrive still gets the first refusal.
+    let too_much = Request { key: key("pay-2"), now_ms: h.now_ms, operation: transfer.clone() };
+    let refused = h.engine.execute(too_much.clone());
+    assert!(matches!(refused.result, Err(EngineError::InsufficientFunds { .. })));
+    h.ok(Operation::Deposit { account: usd(1), amount: amount(5_000), provider: Provider::Stripe });
+    let again = h.engine.execute(too_much);
+    assert_eq!((again.result, again.replayed), (refused.result, true));
+}
+
+#[test]
+fn a_full_idempotency_store_refuses_instead_of_forgetting() {
+    let mut h = Harness::with_config(diboas_ledger::engine::EngineConfig {
+        shard_count: 1,
+        idempotency_capacity_per_shard: 3,
+        retention_ms: 1_000,
+    });
+    h.open_funded(usd(1), 100);
+    h.open(usd(2), AccountConfig::default());
+    assert_eq!(
+        h.refused(Operation::SetFrozen { account: usd(1), frozen: true }),
+        EngineError::IdempotencyCapacityExhausted
+    );
+    // Keys live between one and two retention windows: one rotation keeps them (as the
+    // previous generation), the next one forgets them.
+    h.now_ms += 1_000;
+    h.engine.sweep(h.now_ms).unwrap();
+    assert_eq!(h.engine.state().idempotency.len(), 3);
+    h.now_ms += 1_000;
+    h.engine.sweep(h.now_ms).unwrap();
+    assert!(h.engine.state().idempotency.is_empty());
+    h.ok(Operation::SetFrozen { account: usd(1), frozen: true });
+}
+
+#[test]
+fn balances_cannot_pass_the_maximum() {
+    // One shard, so both users post against the same system sub-account (the bound is per
+    // sub-account; a system total is bounded by shards x maximum, still far inside i128).
+    let mut h = Harness::with_config(diboas_ledger::engine::EngineConfig {
+        shard_count: 1,
+        ..diboas_ledger::engine::EngineConfig::default()
+    });
+    h.open(usd(1), AccountConfig::default());
+    let max = diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
+    h.ok(Operation::Deposit { account: usd(1), amount: amount(max), provider: Provider::Stripe });
+    assert_eq!(
+        h.refused(Operation::Deposit { account: usd(1), amount: amount(1), provider: Provider::Ramp }),
+        EngineError::BalanceOverflow { account: AccountRef::User(usd(1)) }
+    );
+    h.open(usd(2), AccountConfig::default());
+    assert_eq!(
+        h.refused(Operation::Deposit { account: usd(2), amount: amount(1), provider: Provider::Stripe }),
+        EngineError::BalanceOverflow { account: AccountRef::System(clearing(Provider::Stripe, Asset::USD)) }
+    );
+}
+
+#[test]
+fn reads_list_a_users_accounts_and_summary() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 500);
+    h.open_funded(user_account(1, Domain::Defi, Asset::USDC_SOLANA), 7);
+    h.open_funded(user_account(1, Domain::Investing, Asset::USDC_SOLANA), 3);
+    let views = h.engine.accounts_of(Uuid::from_u128(1));
+    assert_eq!(views.len(), 3);
+    let summary = diboas_ledger::engine::summary::UserSummary::from_accounts(&views);
+    assert_eq!(summary.by_asset[&Asset::USDC_SOLANA].total_minor(), 10);
+    assert!(h.engine.accounts_of(Uuid::from_u128(99)).is_empty());
+}
+
+#[test]
+fn a_closed_journal_makes_the_engine_refuse_and_undo() {
+    let (sender, receiver) = crossbeam_channel::bounded(16);
+    let engine = diboas_ledger::engine::Engine::new(Default::default(), sender);
+    let open = |user| Request {
+        key: key(&format!("open-{user}")),
+        now_ms: START_MS,
+        operation: Operation::OpenAccount { account: usd(user), config: AccountConfig::default() },
+    };
+    assert_eq!(engine.execute(open(1)).sequence, Some(1));
+    drop(receiver);
+    let refused = engine.execute(open(2));
+    assert_eq!(refused.result, Err(EngineError::JournalUnavailable));
+    assert!(engine.accounts_of(Uuid::from_u128(2)).is_empty(), "the change was undone");
+    assert_eq!(engine.last_sequence(), 1, "no sequence was used");
+    // The key was not remembered: a retry once the journal is back is a fresh attempt.
+    assert!(engine.state().idempotency.keys().all(|k| k.as_str() != "open-2"));
+}
+
+#[test]
+fn reservations_cannot_push_reserved_or_a_later_release_past_the_maximum() {
+    // Found by fuzzing: reserved grew past the maximum, and a release could then carry
+    // available past it. Credits are bounded on the total, reservations on reserved.
+    let max = diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
+    let mut h = Harness::new();
+    h.open(usd(1), AccountConfig { overdraft_minor: max, ..AccountConfig::default() });
+    h.ok(Operation::Deposit { account: usd(1), amount: amount(max), provider: Provider::Stripe });
+    h.ok(reserve(usd(1), 1, max));
+    assert_eq!(h.refused(reserve(usd(1), 2, 1)), EngineError::BalanceOverflow { account: AccountRef::User(usd(1)) });
+    assert_eq!(
+        h.refused(Operation::Deposit { account: usd(1), amount: amount(1), provider: Provider::Ramp }),
+        EngineError::BalanceOverflow { account: AccountRef::User(usd(1)) }
+    );
+    h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(1) });
+    assert_eq!(h.balance(usd(1)), Balance { available_minor: max, reserved_minor: 0 });
+}
+
+#[test]
+fn replay_accepts_keys_and_reservation_ids_reused_after_the_retention_window() {
+    // Found by fuzzing: once the live engine forgot a key (or a closed reservation), a retry
+    // runs as a new operation and the journal holds the key twice; replay must accept that,
+    // and only that.
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    let request = Request { key: key("reused"), now_ms: h.now_ms, operation: reserve(usd(1), 7, 10) };
+    h.engine.execute(request.clone()).result.unwrap();
+    h.engine
+        .execute(Request {
+            key: key("release-7"),
+            now_ms: h.now_ms,
+            operation: Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(7) },
+        })
+        .result
+        .unwrap();
+    let retention_ms = h.engine.config().retention_ms;
+    for _ in 0..2 {
+        h.now_ms += retention_ms;
+        h.engine.sweep(h.now_ms).unwrap();
+    }
+    let again = h.engine.execute(Request { now_ms: h.now_ms, ..request });
+    assert!(!again.replayed && again.result.is_ok(), "forgotten key and reservation id are new again");
+
+    let records = h.engine.sink().drain();
+    let replayed = Engine::new(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default());
+    for record in &records {
+        replayed.apply_record(record).unwrap();
+    }
+    assert_eq!(
+        replayed.state().within_retention(h.now_ms, retention_ms),
+        h.engine.state().within_retention(h.now_ms, retention_ms)
+    );
+
+    // The same key twice within the window is a corrupt journal.
+    let mut duplicated = records[records.len() - 1].clone();
+    duplicated.sequence = replayed.last_sequence() + 1;
+    assert!(matches!(replayed.apply_record(&duplicated), Err(diboas_ledger::engine::ReplayError::Inconsistent { .. })));
+}
+
+#[test]
+fn an_earlier_dated_request_cannot_reopen_a_past_limit_window() {
+    // Found in review: callers' clocks disagree; a request stamped just before midnight that
+    // arrives after one stamped just after it must not move the daily window back (which would
+    // reset the counter and let the limit be spent twice).
+    let mut h = Harness::new();
+    let limits = OutflowLimits { daily_minor: Some(100), ..OutflowLimits::default() };
+    h.open(usd(1), AccountConfig { limits, ..AccountConfig::default() });
+    h.ok(Operation::Deposit { account: usd(1), amount: amount(1_000), provider: Provider::Stripe });
+    let midnight_ms = (h.now_ms / 86_400_000 + 1) * 86_400_000;
+    let withdraw = |minor| Operation::Withdraw { account: usd(1), amount: amount(minor), provider: Provider::Stripe };
+    h.now_ms = midnight_ms + 10;
+    h.ok(withdraw(90));
+    h.now_ms = midnight_ms - 5;
+    assert!(matches!(h.refused(withdraw(20)), EngineError::LimitExceeded { limit: LimitKind::Daily, .. }));
+    h.now_ms = midnight_ms + 20;
+    assert!(matches!(h.refused(withdraw(20)), EngineError::LimitExceeded { limit: LimitKind::Daily, .. }));
+}
+
+#[test]
+fn replay_agrees_with_the_live_engine_when_callers_clocks_disagree() {
+    // Found in review: a reservation id forgotten by a sweep and reused by a request stamped
+    // slightly earlier than that sweep. The shard's clock dates the reuse after the sweep, so
+    // the journal stays replayable.
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.ok(reserve(usd(1), 7, 10));
+    h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(7) });
+    let retention_ms = h.engine.config().retention_ms;
+    let swept_at_ms = h.now_ms + retention_ms;
+    h.engine.sweep(swept_at_ms).unwrap();
+    assert!(h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(7)).is_none());
+    h.now_ms = swept_at_ms - 1;
+    h.ok(reserve(usd(1), 7, 10));
+    assert_eq!(h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(7)).unwrap().created_at_ms, swept_at_ms);
+
+    let replayed = Engine::new(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default());
+    for record in h.engine.sink().drain() {
+        replayed.apply_record(&record).unwrap();
+    }
+    assert_eq!(
+        replayed.state().within_retention(swept_at_ms, retention_ms),
+        h.engine.state().within_retention(swept_at_ms, retention_ms)
+    );
+}
+
+#[test]
+fn a_sweep_says_when_more_reservations_are_due_than_it_expired() {
+    let mut h = Harness::with_config(diboas_ledger::engine::EngineConfig {
+        shard_count: 1,
+        ..diboas_ledger::engine::EngineConfig::default()
+    });
+    h.open_funded(usd(1), 1_000_000);
+    let due = diboas_ledger::engine::MAX_EXPIRIES_PER_SHARD_SWEEP as u128 + 10;
+    for id in 0..due {
+        let op = Operation::Reserve {
+            reservation_id: Uuid::from_u128(id),
+            account: usd(1),
+            amount: amount(1),
+            ttl_ms: Some(1_000),
+        };
+        h.engine.execute(Request { key: key(&format!("r{id}")), now_ms: h.now_ms, operation: op }).result.unwrap();
+    }
+    let first = h.engine.sweep(h.now_ms + 1_000).unwrap();
+    assert_eq!((first.expired, first.more_due), (diboas_ledger::engine::MAX_EXPIRIES_PER_SHARD_SWEEP, true));
+    let second = h.engine.sweep(h.now_ms + 1_000).unwrap();
+    assert_eq!((second.expired, second.more_due), (10, false));
+    assert_eq!(h.balance(usd(1)), Balance { available_minor: 1_000_000, reserved_minor: 0 });
+    h.engine.state().check_invariants().unwrap();
+}
+
+#[test]
+fn an_engine_rebuilt_from_its_state_has_the_same_state_and_behaviour() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.open(usd(2), AccountConfig { overdraft_minor: 50, ..AccountConfig::default() });
+    h.ok(reserve(usd(1), 1, 100));
+    h.ok(reserve(usd(1), 2, 200));
+    h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(2) });
+    let transfer = Request {
+        key: key("t-1"),
+        now_ms: h.now_ms,
+        operation: Operation::Transfer {
+            from: AccountRef::User(usd(2)),
+            to: AccountRef::User(usd(1)),
+            amount: amount(30),
+        },
+    };
+    let first = h.engine.execute(transfer.clone());
+    let state = h.engine.state();
+
+    let rebuilt =
+        Engine::from_state(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default(), &state);
+    assert_eq!(rebuilt.state(), state);
+    let retry = rebuilt.execute(transfer);
+    assert_eq!((retry.result, retry.sequence, retry.replayed), (first.result, first.sequence, true));
+    let next = rebuilt.execute(Request { key: key("after"), now_ms: h.now_ms, operation: reserve(usd(1), 3, 1) });
+    assert_eq!(next.sequence, Some(state.next_sequence), "sequencing continues where it stopped");
+}
+
+#[test]
+fn a_journal_that_closes_mid_batch_undoes_every_effect() {
+    /// Accepts `remaining` records, then refuses.
+    struct ClosingJournal {
+        remaining: parking_lot::Mutex<usize>,
+    }
+    impl diboas_ledger::engine::record::JournalSink for ClosingJournal {
+        fn append(
+            &self,
+            record: diboas_ledger::engine::record::JournalRecord,
+        ) -> Result<(), diboas_ledger::engine::record::JournalClosed> {
+            let mut remaining = self.remaining.lock();
+            if *remaining == 0 {
+                return Err(diboas_ledger::engine::record::JournalClosed { record: Box::new(record) });
+            }
+            *remaining -= 1;
+            Ok(())
+        }
+    }
+    let engine = Engine::new(Default::default(), ClosingJournal { remaining: parking_lot::Mutex::new(3) });
+    let run = |text: &str, operation| engine.execute(Request { key: key(text), now_ms: START_MS, operation });
+    run("open-1", Operation::OpenAccount { account: usd(1), config: AccountConfig::default() }).result.unwrap();
+    run("open-2", Operation::OpenAccount { account: usd(2), config: AccountConfig::default() }).result.unwrap();
+    run("fund", Operation::Deposit { account: usd(1), amount: amount(1_000), provider: Provider::Stripe })
+        .result
+        .unwrap();
+    let before = money_state(&engine.state());
+    let batch = Operation::LinkedBatch {
+        operations: vec![
+            Operation::Transfer { from: AccountRef::User(usd(1)), to: AccountRef::User(usd(2)), amount: amount(300) },
+            reserve(usd(2), 1, 100),
+            Operation::Withdraw { account: usd(1), amount: amount(50), provider: Provider::Ramp },
+        ],
+    };
+    assert_eq!(run("batch", batch).result, Err(EngineError::JournalUnavailable));
+    assert_eq!(money_state(&engine.state()), before);
+    engine.state().check_invariants().unwrap();
+    assert_eq!(engine.sweep(START_MS + 1), Ok(diboas_ledger::engine::SweepReport::default()));
+}
