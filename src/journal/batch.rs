@@ -3,11 +3,12 @@
 //!
 //! Projections are written as deltas coalesced per account (an account touched by a thousand
 //! postings in a batch gets one UPDATE row), using UNNEST over bound arrays: a handful of
-//! statements per batch whatever its size; in large batches the plain appends (journal rows,
-//! idempotency keys) use binary COPY instead, which costs PostgreSQL less per row. Reservation closes are applied in SQL, since only the
-//! reservation row knows the amount that goes back to available. Every UPDATE checks it touched
-//! exactly the rows it expected, and the checkpoint moves only from the sequence this writer
-//! expects, so a projection or writer mismatch aborts the batch instead of committing it.
+//! statements per batch whatever its size. In large batches the plain appends (journal rows,
+//! idempotency keys) use binary COPY instead, which costs PostgreSQL less per row. Reservation
+//! closes are applied in SQL, since only the reservation row knows the amount that goes back to
+//! available. Every UPDATE checks it touched exactly the rows it expected, and the checkpoint
+//! moves only from the sequence this writer expects, so a projection or writer mismatch aborts
+//! the batch instead of committing it.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +18,7 @@ use uuid::Uuid;
 
 use super::JournalError;
 use crate::engine::account::{AccountConfig, SystemAccount, UserAccount};
+use crate::engine::asset::Asset;
 use crate::engine::effect::{Effect, Slot};
 use crate::engine::limits::OutflowUsage;
 use crate::engine::record::{JournalRecord, Origin};
@@ -155,7 +157,7 @@ fn seq(sequence: u64) -> Result<i64, JournalError> {
     Ok(codec::to_bigint(sequence)?)
 }
 
-fn decimal(amount_minor: i128, asset: crate::engine::asset::Asset) -> Result<Decimal, JournalError> {
+fn decimal(amount_minor: i128, asset: Asset) -> Result<Decimal, JournalError> {
     Ok(codec::to_decimal(amount_minor, asset)?)
 }
 
