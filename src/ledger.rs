@@ -16,7 +16,7 @@
 //! old engine had applied but PostgreSQL did not commit is dropped with it.
 
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
@@ -87,7 +87,6 @@ struct Generation {
 
 impl Generation {
     async fn start(config: &LedgerConfig) -> Result<Generation, LedgerError> {
-        let cutoff_ms = now_ms().saturating_sub(config.engine.retention_ms);
         let connect = PgConnection::connect_with(&config.connect);
         let mut conn = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect)
             .await
@@ -95,7 +94,7 @@ impl Generation {
             .map_err(StoreError::from)?;
         // Start-up (and every reload) makes sure the journal can take this month's rows.
         store::ensure_partitions(&mut conn).await?;
-        let state = store::load_state(&mut conn, cutoff_ms).await?;
+        let state = store::load_state(&mut conn, Some(config.engine.retention_ms)).await?;
         conn.close().await.map_err(StoreError::from)?;
         state.check_invariants()?;
         let committed_sequence = state.next_sequence - 1;
@@ -276,11 +275,4 @@ async fn supervise(shared: Weak<Shared>) {
             }
         }
     }
-}
-
-/// The wall clock in UTC milliseconds: only recovery's retention cutoff uses it.
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
 }

@@ -233,3 +233,29 @@ async fn verify_reports_a_drifted_projection_and_start_up_refuses_broken_invaria
         Ok(_) => panic!("started on a state whose USD balances do not sum to zero"),
     }
 }
+
+/// Recovery forgets exactly what the engine forgets: keys older than the retention window,
+/// measured from the latest time the journal has seen (not from the wall clock).
+#[sqlx::test]
+async fn recovery_keeps_idempotency_keys_within_the_retention_window_of_the_latest_request(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let mut short_retention = config(options);
+    short_retention.engine.retention_ms = 10_000;
+    // Far from the wall clock on purpose.
+    let old_ms = 1_000_000;
+    let new_ms = old_ms + 20_000;
+    let alice = account(1, Domain::Banking, Asset::USD);
+    let ledger = Ledger::open(short_retention.clone()).await.unwrap();
+    ledger.submit(request("open", old_ms, open(alice))).await.unwrap();
+    ledger.submit(request("old", old_ms, deposit(alice, 1))).await.unwrap();
+    ledger.submit(request("new", new_ms, deposit(alice, 2))).await.unwrap();
+    ledger.shutdown().await.unwrap();
+
+    let ledger = Ledger::open(short_retention).await.unwrap();
+    let state = ledger.state().await.unwrap();
+    let keys: Vec<&str> = state.idempotency.keys().map(|key| key.as_str()).collect();
+    assert_eq!(keys, ["new"]);
+    let retried = ledger.submit(request("new", new_ms, deposit(alice, 2))).await.unwrap();
+    assert!(retried.replayed);
+    ledger.shutdown().await.unwrap();
+}

@@ -36,22 +36,36 @@ type AccountRow = (
 
 type ReservationRow = (Uuid, Uuid, String, String, Decimal, i64, i64, String, Option<i64>);
 
-/// The state as of the last committed batch. Idempotency keys recorded, and reservations closed,
-/// at or before `cutoff_ms` are left out (the engine would have forgotten them too); pass
-/// `i64::MIN` to load everything.
-pub async fn load_state(conn: &mut PgConnection, cutoff_ms: i64) -> Result<EngineState, StoreError> {
+/// The state as of the last committed batch. With `retention_ms`, idempotency keys recorded, and
+/// reservations closed, more than `retention_ms` before the latest time the state has seen are
+/// left out: the engine forgets them too (`Engine::from_state` measures from the same latest
+/// time), so recovery does not depend on the wall clock. `None` loads everything.
+pub async fn load_state(conn: &mut PgConnection, retention_ms: Option<i64>) -> Result<EngineState, StoreError> {
     let mut tx = conn.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-    let state = read_state(&mut tx, cutoff_ms).await?;
+    let state = read_state(&mut tx, retention_ms).await?;
     tx.commit().await?;
     Ok(state)
 }
 
 /// [`load_state`] inside a transaction the caller opened (REPEATABLE READ, for one snapshot).
-pub(super) async fn read_state(tx: &mut PgConnection, cutoff_ms: i64) -> Result<EngineState, StoreError> {
+pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>) -> Result<EngineState, StoreError> {
     let (committed,): (i64,) =
         sqlx::query_as("SELECT committed_sequence FROM ledger.checkpoint").fetch_one(&mut *tx).await?;
     let mut state = EngineState { next_sequence: codec::from_bigint(committed)? + 1, ..EngineState::default() };
+    let cutoff_ms = match retention_ms {
+        Some(retention_ms) => {
+            // The latest time the state has seen, as Engine::from_state computes it.
+            let (latest_ms,): (Option<i64>,) = sqlx::query_as(
+                "SELECT GREATEST((SELECT max(recorded_at_ms) FROM ledger.idempotency_keys),
+                                 (SELECT max(GREATEST(created_at_ms, closed_at_ms)) FROM ledger.reservations))",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            latest_ms.map_or(i64::MIN, |latest_ms| latest_ms.saturating_sub(retention_ms))
+        }
+        None => i64::MIN,
+    };
 
     let accounts: Vec<AccountRow> = sqlx::query_as(
         "SELECT a.user_id, a.domain, a.asset, a.overdraft, a.limit_per_transaction, a.limit_daily, a.limit_monthly,

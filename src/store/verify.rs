@@ -83,7 +83,7 @@ pub async fn verify(conn: &mut PgConnection) -> Result<VerifyReport, StoreError>
         }
         after = last;
     }
-    let projected = read_state(&mut tx, i64::MIN).await?;
+    let projected = read_state(&mut tx, None).await?;
     tx.commit().await?;
     let replayed = engine.state();
 
