@@ -1,12 +1,12 @@
 //! Durable throughput of the journal, against the per-operation baseline, in one run.
 //!
-//! Journal alone: transfers between 10 000 accounts (and, last, among 100 hot ones) are executed in an engine whose sink is an
-//! in-memory channel; the records are then made durable with the writer's own batch code
-//! (`journal::batch`: JSON encoding, one transaction of UNNEST statements per batch, projections
-//! coalesced per account, fsync on commit) at batch sizes 1, 16, 256 and 4096.
+//! Journal alone: transfers between 10 000 accounts (and, last, among 100 hot ones) are executed
+//! in an engine whose sink is an in-memory channel; the records are then made durable with the
+//! writer's own batch code (`journal::batch`: JSON encoding, one transaction per batch with the
+//! projections coalesced per account, fsync on commit) at batch sizes 1, 16, 256 and 4096.
 //!
-//! Through the ledger: the same kind of transfers submitted by 4096 concurrent callers to
-//! `Ledger::submit`, each answered only once its batch committed (engine, channel, writer thread
+//! Through the ledger: the same kind of transfers submitted by 64 and by 4096 concurrent callers
+//! to `Ledger::submit`, each answered only once its batch committed (engine, channel, writer thread
 //! and PostgreSQL, with batches forming by themselves).
 //!
 //! Baseline: what a service without the engine would do: each transfer its own transaction
@@ -50,8 +50,9 @@ const JOURNAL_RUNS: [(usize, usize, u64); 5] = [
     (4_096, 400_000, HOT_ACCOUNTS),
 ];
 /// Concurrent callers and transfers for the run through `Ledger::submit`.
-const LEDGER_CALLERS: usize = 4_096;
-const LEDGER_TRANSFERS: usize = 400_000;
+/// (concurrent callers, transfers) for the runs through `Ledger::submit`: few callers show the
+/// latency of a lightly loaded ledger, many show its throughput.
+const LEDGER_RUNS: [(usize, usize); 2] = [(64, 50_000), (4_096, 400_000)];
 /// (concurrent connections, transfers, accounts) for the per-operation baseline.
 const BASELINE_RUNS: [(usize, usize, u64); 3] =
     [(1, 2_000, ACCOUNTS), (16, 8_000, ACCOUNTS), (16, 8_000, HOT_ACCOUNTS)];
@@ -207,36 +208,50 @@ async fn through_ledger(options: &PgConnectOptions) -> Result<f64, BenchError> {
         let outcome = ledger.submit(Request { key: key(&format!("setup-{index}")), now_ms: AT_MS, operation }).await?;
         assert!(outcome.result.is_ok(), "{outcome:?}");
     }
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut callers = Vec::new();
-    for caller in 0..LEDGER_CALLERS {
-        let (ledger, next) = (ledger.clone(), next.clone());
-        callers.push(tokio::spawn(async move {
-            let mut random = XorShift(0x9e37_79b9_7f4a_7c15 ^ (caller as u64 + 1));
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= LEDGER_TRANSFERS {
-                    return Ok::<(), diboas_ledger::ledger::LedgerError>(());
+    println!("through the ledger (Ledger::submit, each caller waits for durability), {ACCOUNTS} accounts:");
+    let mut best: f64 = 0.0;
+    for (run, (callers, transfers)) in LEDGER_RUNS.into_iter().enumerate() {
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for caller in 0..callers {
+            let (ledger, next) = (ledger.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut random = XorShift(0x9e37_79b9_7f4a_7c15 ^ (caller as u64 + 1));
+                let mut latencies_us = Vec::new();
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= transfers {
+                        return Ok::<Vec<u64>, diboas_ledger::ledger::LedgerError>(latencies_us);
+                    }
+                    let request = Request {
+                        key: key(&format!("r{run}-{index}")),
+                        now_ms: AT_MS,
+                        operation: transfer(&mut random, ACCOUNTS),
+                    };
+                    let submitted = Instant::now();
+                    ledger.submit(request).await?;
+                    latencies_us.push(submitted.elapsed().as_micros() as u64);
                 }
-                let request = Request {
-                    key: key(&format!("t-{index}")),
-                    now_ms: AT_MS,
-                    operation: transfer(&mut random, ACCOUNTS),
-                };
-                ledger.submit(request).await?;
-            }
-        }));
+            }));
+        }
+        let mut latencies_us = Vec::with_capacity(transfers);
+        for task in tasks {
+            latencies_us.extend(task.await??);
+        }
+        let per_second = transfers as f64 / started.elapsed().as_secs_f64();
+        best = best.max(per_second);
+        latencies_us.sort_unstable();
+        let percentile = |p: f64| latencies_us[((latencies_us.len() - 1) as f64 * p) as usize] as f64 / 1_000.0;
+        println!(
+            "  {callers:>5} callers: {transfers:>7} transfers, {per_second:>9.0} durable ops/s, latency p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
+            percentile(0.5),
+            percentile(0.99),
+            percentile(0.999)
+        );
     }
-    for caller in callers {
-        caller.await??;
-    }
-    let per_second = LEDGER_TRANSFERS as f64 / started.elapsed().as_secs_f64();
-    println!(
-        "through the ledger (Ledger::submit, {LEDGER_CALLERS} concurrent callers): {LEDGER_TRANSFERS} transfers, {per_second:.0} durable ops/s"
-    );
     Arc::into_inner(ledger).ok_or("callers still hold the ledger")?.shutdown().await?;
-    Ok(per_second)
+    Ok(best)
 }
 
 async fn baseline(options: &PgConnectOptions) -> Result<f64, BenchError> {
