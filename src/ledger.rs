@@ -78,6 +78,19 @@ pub enum LedgerError {
     Busy,
 }
 
+impl LedgerError {
+    /// Whether the failure is PostgreSQL being unreachable (retry later) rather than a refusal,
+    /// a bug or corrupted state. The gRPC layer maps these to UNAVAILABLE.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            LedgerError::Unavailable | LedgerError::ConnectTimeout => true,
+            LedgerError::Store(error) => error.is_unavailable(),
+            LedgerError::Journal(error) => error.is_unavailable(),
+            LedgerError::Refused(_) | LedgerError::Invariant(_) | LedgerError::Busy => false,
+        }
+    }
+}
+
 /// One engine and the writer journaling it. Replaced as a whole after a storage failure.
 struct Generation {
     engine: Engine<Sender<JournalRecord>>,
@@ -269,7 +282,11 @@ async fn supervise(shared: Weak<Shared>) {
                 }
                 Err(error) => {
                     let next_ms = backoff_ms.map_or(min_ms, |wait_ms: u64| wait_ms.saturating_mul(2).min(max_ms));
-                    tracing::warn!(%error, retry_in_ms = next_ms, "reloading the ledger from PostgreSQL failed");
+                    if error.is_unavailable() {
+                        tracing::warn!(%error, retry_in_ms = next_ms, "PostgreSQL still unavailable");
+                    } else {
+                        tracing::error!(%error, retry_in_ms = next_ms, "reloading the ledger from PostgreSQL failed");
+                    }
                     backoff_ms = Some(next_ms);
                 }
             }

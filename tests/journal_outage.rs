@@ -119,7 +119,8 @@ async fn nothing_acknowledged_is_lost_and_service_resumes_after_postgresql_is_cu
                         assert!(outcome.result.is_ok());
                         log.lock().unwrap().acknowledged.push(key);
                     }
-                    Err(LedgerError::Unavailable) => {
+                    Err(error) if error.is_unavailable() => {
+                        assert!(matches!(error, LedgerError::Unavailable), "{error}");
                         log.lock().unwrap().unavailable += 1;
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }

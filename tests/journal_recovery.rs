@@ -40,6 +40,7 @@ async fn restart_restores_the_same_state(pool: PgPool, copy_min_bytes: usize) {
     assert_eq!(ledger.sweep(started_ms + 2_000).await.unwrap().expired, 1);
     let before = ledger.state().await.unwrap();
     before.check_invariants().unwrap();
+    assert_eq!(ledger.committed_sequence(), before.next_sequence - 1);
     ledger.shutdown().await.unwrap();
 
     let ledger = Ledger::open(config(options.clone())).await.unwrap();

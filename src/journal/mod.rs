@@ -146,7 +146,13 @@ impl Writer {
                 let _ = ready_sender.send(Ok(()));
                 let mut state = WriterLoop { conn, receiver, committed_sequence, config, durability: &durability };
                 if let Err(error) = state.run().await {
-                    tracing::error!(%error, committed_sequence = state.committed_sequence, "journal writer stopped");
+                    let committed_sequence = state.committed_sequence;
+                    // An outage is expected to heal; anything else is a bug or corruption.
+                    if error.is_unavailable() {
+                        tracing::warn!(%error, committed_sequence, "journal writer stopped: PostgreSQL unavailable");
+                    } else {
+                        tracing::error!(%error, committed_sequence, "journal writer stopped");
+                    }
                     durability.send_modify(|durability| durability.failed = true);
                     // Dropping the receiver (with `state`) closes the journal: the engine refuses
                     // every later change, and whatever was queued is never reported done.
