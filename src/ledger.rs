@@ -106,14 +106,15 @@ impl Generation {
             .map_err(|_| LedgerError::ConnectTimeout)?
             .map_err(StoreError::from)?;
         // Start-up (and every reload) makes sure the journal can take this month's rows.
-        store::ensure_partitions(&mut conn).await?;
+        let key_keep_days = store::idempotency_key_keep_days(config.engine.retention_ms);
+        store::ensure_partitions(&mut conn, Some(key_keep_days)).await?;
         let state = store::load_state(&mut conn, Some(config.engine.retention_ms)).await?;
         conn.close().await.map_err(StoreError::from)?;
         state.check_invariants()?;
         let committed_sequence = state.next_sequence - 1;
         let (sender, receiver) = crossbeam_channel::bounded(config.journal.channel_capacity);
         let (durability_sender, durability) = watch::channel(Durability { committed_sequence, failed: false });
-        let (options, journal) = (config.connect.clone(), config.journal);
+        let (options, journal) = (config.connect.clone(), JournalConfig { key_keep_days, ..config.journal });
         let writer = tokio::task::spawn_blocking(move || {
             Writer::start(options, receiver, committed_sequence, journal, durability_sender)
         })

@@ -260,3 +260,48 @@ async fn recovery_keeps_idempotency_keys_within_the_retention_window_of_the_late
     assert!(retried.replayed);
     ledger.shutdown().await.unwrap();
 }
+
+/// A key the engine has forgotten (older than its retention) and then sees again is a new
+/// request: it must commit like any other, on both write paths, and survive a restart. (Before
+/// the keys table was partitioned by day, the second row collided with the first, failed the
+/// batch and sent the ledger into fail-stop on every retry.)
+#[sqlx::test]
+async fn a_key_reused_after_the_engine_forgot_it_commits_and_survives_restart(pool: PgPool) {
+    a_key_reused_after_retention(pool, JournalConfig::default().copy_min_bytes).await;
+}
+
+#[sqlx::test]
+async fn a_key_reused_after_the_engine_forgot_it_commits_when_batches_are_copied(pool: PgPool) {
+    a_key_reused_after_retention(pool, 0).await;
+}
+
+async fn a_key_reused_after_retention(pool: PgPool, copy_min_bytes: usize) {
+    let options = prepared(&pool).await;
+    let mut short_retention = config(options);
+    short_retention.engine.retention_ms = 1_000;
+    short_retention.journal.copy_min_bytes = copy_min_bytes;
+    let alice = account(1, Domain::Banking, Asset::USD);
+    let first_ms = now_ms();
+    let ledger = Ledger::open(short_retention.clone()).await.unwrap();
+    ledger.submit(request("open", first_ms, open(alice))).await.unwrap();
+    ledger.submit(request("reused", first_ms, deposit(alice, 5))).await.unwrap();
+    // Two rotations past the window: the engine no longer remembers the key.
+    ledger.sweep(first_ms + 1_000).await.unwrap();
+    ledger.sweep(first_ms + 2_000).await.unwrap();
+    let again = ledger.submit(request("reused", first_ms + 2_001, deposit(alice, 7))).await.unwrap();
+    assert!(again.result.is_ok() && !again.replayed, "{again:?}");
+    let balance = ledger.balance(&AccountRef::User(alice)).await.unwrap();
+    assert_eq!(balance.available_minor, 12);
+    ledger.shutdown().await.unwrap();
+
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM ledger.idempotency_keys WHERE key = 'reused'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2, "both uses are kept until their day's partition is dropped");
+    let ledger = Ledger::open(short_retention).await.unwrap();
+    let retried = ledger.submit(request("reused", first_ms + 2_001, deposit(alice, 7))).await.unwrap();
+    assert!(retried.replayed, "after restart the latest use is the one remembered");
+    assert_eq!(ledger.balance(&AccountRef::User(alice)).await.unwrap().available_minor, 12);
+    ledger.shutdown().await.unwrap();
+}

@@ -56,3 +56,59 @@ async fn partitions_are_created_ahead_across_a_year_boundary(pool: PgPool) {
         sqlx::query_as("SELECT tableoid::regclass::text FROM ledger.journal").fetch_one(&pool).await.unwrap();
     assert_eq!(partition, "ledger.journal_2030_12");
 }
+
+/// Idempotency keys live in daily partitions: maintenance creates the next days and drops the
+/// days past the kept window whole (no DELETE load on the writer).
+#[sqlx::test]
+async fn idempotency_key_partitions_are_created_ahead_and_dropped_after_the_kept_days(pool: PgPool) {
+    prepared(&pool).await;
+    let partitions = || async {
+        let names: Vec<(String,)> = sqlx::query_as(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'ledger.idempotency_keys'::regclass AND c.relname >= 'idempotency_keys_2030' ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        names.into_iter().map(|(name,)| name).collect::<Vec<_>>()
+    };
+    sqlx::query("SELECT ledger.ensure_idempotency_key_partitions('2030-12-30 12:00:00+00', 3, NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        partitions().await,
+        [
+            "idempotency_keys_2030_12_30",
+            "idempotency_keys_2030_12_31",
+            "idempotency_keys_2031_01_01",
+            "idempotency_keys_2031_01_02"
+        ]
+    );
+    sqlx::query(
+        "INSERT INTO ledger.idempotency_keys (key, sequence, recorded_at_ms, created_at)
+         VALUES ('old', 1, 0, '2030-12-30 08:00:00+00'), ('newer', 2, 0, '2031-01-02 08:00:00+00')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // Keeping 2 days before 2031-01-03: the 30th and 31st of December are dropped with their keys.
+    sqlx::query("SELECT ledger.ensure_idempotency_key_partitions('2031-01-03 12:00:00+00', 1, 2)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        partitions().await,
+        [
+            "idempotency_keys_2031_01_01",
+            "idempotency_keys_2031_01_02",
+            "idempotency_keys_2031_01_03",
+            "idempotency_keys_2031_01_04"
+        ]
+    );
+    let keys: Vec<(String,)> = sqlx::query_as("SELECT key FROM ledger.idempotency_keys WHERE recorded_at_ms = 0")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(keys, [("newer".to_owned(),)]);
+}

@@ -31,7 +31,8 @@ use crate::store::StoreError;
 /// How long a connection attempt to PostgreSQL may take before it counts as a failure.
 pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 
-/// How often the writer makes sure next months' journal partitions exist.
+/// How often the writer makes sure the next journal and idempotency-key partitions exist and
+/// drops idempotency-key partitions past their retention.
 pub const PARTITION_CHECK_INTERVAL_MS: u64 = 60 * 60 * 1_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,9 @@ pub struct JournalConfig {
     /// The longest one batch's transaction may take. Past it the outcome is unknown and the
     /// writer stops (fail-stop), so callers are never left waiting on a hung PostgreSQL.
     pub max_commit_ms: u64,
+    /// Past days of idempotency keys the periodic partition maintenance keeps (the ledger sets
+    /// it from the engine's retention, see `store::idempotency_key_keep_days`).
+    pub key_keep_days: i32,
 }
 
 impl Default for JournalConfig {
@@ -59,6 +63,7 @@ impl Default for JournalConfig {
             max_batch_bytes: 16 << 20,
             copy_min_bytes: 1 << 20,
             max_commit_ms: 30_000,
+            key_keep_days: crate::store::idempotency_key_keep_days(crate::engine::EngineConfig::default().retention_ms),
         }
     }
 }
@@ -205,7 +210,7 @@ impl WriterLoop<'_> {
                 &mut self.conn,
                 &batch,
                 self.committed_sequence,
-                ensure_partitions,
+                ensure_partitions.then_some(self.config.key_keep_days),
                 self.config.copy_min_bytes,
             );
             tokio::time::timeout(Duration::from_millis(self.config.max_commit_ms), write)

@@ -81,15 +81,35 @@ pub async fn prepare(options: &PgConnectOptions) -> Result<(), StoreError> {
     let mut conn = PgConnection::connect_with(options).await?;
     MIGRATOR.run(&mut conn).await?;
     seed_assets(&mut conn).await?;
-    ensure_partitions(&mut conn).await?;
+    ensure_partitions(&mut conn, None).await?;
     conn.close().await?;
     Ok(())
 }
 
-/// Creates the current month's journal partition and the next ones if missing.
-pub async fn ensure_partitions(conn: &mut PgConnection) -> Result<(), StoreError> {
+/// Days of idempotency-key partitions created ahead of today.
+const IDEMPOTENCY_KEY_PARTITION_DAYS_AHEAD: i32 = 3;
+
+/// How many past days of idempotency keys to keep for an engine that remembers keys for
+/// `retention_ms`: it may hold a key up to twice that, recovery needs those within it of the
+/// latest request, and one more day covers callers' clocks running behind the database's.
+pub fn idempotency_key_keep_days(retention_ms: i64) -> i32 {
+    const MS_PER_DAY: i64 = 24 * 60 * 60 * 1_000;
+    let days = (2 * retention_ms.max(0) + MS_PER_DAY - 1) / MS_PER_DAY + 1;
+    i32::try_from(days).unwrap_or(i32::MAX)
+}
+
+/// Creates the current month's journal partition and the next ones, and the idempotency-key
+/// partitions of today and the next days, if missing. With `keep_days`, also drops the
+/// idempotency-key partitions of days older than that (see [`idempotency_key_keep_days`]);
+/// `migrate` passes `None`, since only the running ledger knows its retention.
+pub async fn ensure_partitions(conn: &mut PgConnection, keep_days: Option<i32>) -> Result<(), StoreError> {
     sqlx::query("SELECT ledger.ensure_journal_partitions(now(), $1)")
         .bind(JOURNAL_PARTITION_MONTHS_AHEAD)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SELECT ledger.ensure_idempotency_key_partitions(now(), $1, $2)")
+        .bind(IDEMPOTENCY_KEY_PARTITION_DAYS_AHEAD)
+        .bind(keep_days)
         .execute(&mut *conn)
         .await?;
     Ok(())
