@@ -136,11 +136,14 @@ impl IdempotencyRecord {
     }
 }
 
-/// The outcome as stored: the common `Ok(Done)` inline, anything else boxed, so an entry stays
-/// two cache lines and most requests allocate nothing here.
+/// The outcome as stored: the common receipts inline, anything else (refusals, conversions,
+/// batches) boxed, so most requests allocate nothing here.
 #[derive(Debug)]
 enum StoredOutcome {
     Done,
+    Reserved { expires_at_ms: i64 },
+    Committed { committed_minor: i128, released_minor: i128 },
+    Released { released_minor: i128 },
     Other(Box<Result<Receipt, EngineError>>),
 }
 
@@ -156,6 +159,11 @@ impl StoredRecord {
     fn new(record: IdempotencyRecord) -> StoredRecord {
         let outcome = match record.outcome {
             Ok(Receipt::Done) => StoredOutcome::Done,
+            Ok(Receipt::Reserved { expires_at_ms }) => StoredOutcome::Reserved { expires_at_ms },
+            Ok(Receipt::Committed { committed_minor, released_minor }) => {
+                StoredOutcome::Committed { committed_minor, released_minor }
+            }
+            Ok(Receipt::Released { released_minor }) => StoredOutcome::Released { released_minor },
             other => StoredOutcome::Other(Box::new(other)),
         };
         StoredRecord {
@@ -169,6 +177,11 @@ impl StoredRecord {
     pub fn outcome(&self) -> Result<Receipt, EngineError> {
         match &self.outcome {
             StoredOutcome::Done => Ok(Receipt::Done),
+            StoredOutcome::Reserved { expires_at_ms } => Ok(Receipt::Reserved { expires_at_ms: *expires_at_ms }),
+            StoredOutcome::Committed { committed_minor, released_minor } => {
+                Ok(Receipt::Committed { committed_minor: *committed_minor, released_minor: *released_minor })
+            }
+            StoredOutcome::Released { released_minor } => Ok(Receipt::Released { released_minor: *released_minor }),
             StoredOutcome::Other(outcome) => outcome.as_ref().clone(),
         }
     }
