@@ -114,8 +114,10 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .map_err(|source| CommandError::Bind { address: args.listen, source })?;
+            let listening =
+                listener.local_addr().map_err(|source| CommandError::Bind { address: args.listen, source })?;
             let ledger = Ledger::open(LedgerConfig::new(options)).await?;
-            tracing::info!(listen = %args.listen, "serving diboas.ledger.v1.Ledger");
+            tracing::info!(%listening, "serving diboas.ledger.v1.Ledger");
             serve(ledger, listener, config, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
