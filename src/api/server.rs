@@ -75,7 +75,11 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ledger_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            shutdown.await;
+            // Health checkers see the server leave before its connections do.
+            health_reporter.set_not_serving::<LedgerServer<LedgerService>>().await;
+        })
         .await;
 
     sweeper.abort();
