@@ -9,7 +9,9 @@
 //! - [`store`]: PostgreSQL itself: migrations, recovery at start-up, `verify`.
 //! - [`ledger`]: the durable handle callers use: execute, then wait until the change is durable;
 //!   fail-stop and reload when PostgreSQL fails.
+//! - [`api`]: the gRPC service and server over the ledger: validation, error mapping, lifecycle.
 
+pub mod api;
 pub mod engine;
 pub mod journal;
 pub mod ledger;

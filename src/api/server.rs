@@ -1,0 +1,118 @@
+//! The gRPC server: the ledger service plus standard health checking and reflection, with its
+//! limits, the expiry sweep on a timer, and graceful shutdown.
+//!
+//! [`serve`] takes an already-bound listener (the binary binds the configured address, tests bind
+//! port 0) and a shutdown future. When the future completes the server stops accepting, lets
+//! in-flight requests finish, stops the sweep, and shuts the ledger down, which flushes the
+//! journal: everything acknowledged is in PostgreSQL when `serve` returns.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use super::pb;
+use super::pb::ledger_server::LedgerServer;
+use super::service::{LedgerService, now_ms};
+use crate::ledger::{Ledger, LedgerError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// The largest request message accepted; larger ones are refused by tonic (OUT_OF_RANGE).
+    pub max_message_bytes: usize,
+    /// The most engine operations one SubmitBatch may carry.
+    pub max_batch_operations: usize,
+    /// The longest a request may run; a client's shorter `grpc-timeout` wins.
+    pub request_timeout_ms: u64,
+    /// How often the expiry sweep runs.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_batch_operations: 4_096,
+            request_timeout_ms: 30_000,
+            sweep_interval_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("the gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("building server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("shutting the ledger down: {0}")]
+    Ledger(#[from] LedgerError),
+}
+
+/// Serves `ledger` on `listener` until `shutdown` completes, then shuts the ledger down.
+pub async fn serve(
+    ledger: Ledger,
+    listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let ledger = Arc::new(ledger);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<LedgerServer<LedgerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let ledger_service = LedgerServer::new(LedgerService::new(Arc::clone(&ledger), config.max_batch_operations))
+        .max_decoding_message_size(config.max_message_bytes);
+    let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ledger), Duration::from_millis(config.sweep_interval_ms)));
+
+    let served = tonic::transport::Server::builder()
+        .timeout(Duration::from_millis(config.request_timeout_ms))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ledger_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            shutdown.await;
+            // Health checkers see the server leave before its connections do.
+            health_reporter.set_not_serving::<LedgerServer<LedgerService>>().await;
+        })
+        .await;
+
+    sweeper.abort();
+    // An aborted task ends with a cancellation error: that is the expected outcome here.
+    let _ = sweeper.await;
+    // The server and its connections are gone, so this is the last handle on the ledger.
+    let ledger = Arc::try_unwrap(ledger).map_err(|_| LedgerError::Busy)?;
+    ledger.shutdown().await?;
+    tracing::info!("ledger shut down; the journal is flushed");
+    served?;
+    Ok(())
+}
+
+/// Expires due reservations every `interval`, repeating at once while a sweep reports more due.
+async fn sweep_forever(ledger: Arc<Ledger>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        loop {
+            match ledger.sweep(now_ms()).await {
+                Ok(report) if report.more_due => continue,
+                Ok(report) => {
+                    if report.expired > 0 {
+                        tracing::debug!(expired = report.expired, "expired reservations");
+                    }
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "the expiry sweep failed; retrying at the next tick");
+                    break;
+                }
+            }
+        }
+    }
+}

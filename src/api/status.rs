@@ -1,0 +1,206 @@
+//! The one mapping from every refusal the API can give to a gRPC status (promise 8).
+//!
+//! Each refusal gets a status code a client can branch on, a human message, and a
+//! google.rpc.ErrorInfo whose `reason` is a stable machine-readable name (e.g.
+//! `INSUFFICIENT_FUNDS`) in the domain [`ERROR_DOMAIN`], with metadata (the account, the limit, the
+//! reservation...). Bad input also carries a google.rpc.BadRequest naming the field. Codes:
+//!
+//! - INVALID_ARGUMENT: a value that can never be right (malformed input, asset mismatch, ...)
+//! - NOT_FOUND: an unknown account or reservation
+//! - ALREADY_EXISTS: the account or reservation exists; an idempotency key reused for another body
+//! - FAILED_PRECONDITION: right request, wrong moment (funds, frozen, limits, reservation state)
+//! - RESOURCE_EXHAUSTED: the idempotency store is full; retry later
+//! - UNAVAILABLE: PostgreSQL cannot be written; the outcome is unknown, retry with the same key
+//! - INTERNAL: a failure of the server itself
+
+use std::collections::HashMap;
+
+use thiserror::Error;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use super::convert::InvalidField;
+use crate::engine::account::AccountRef;
+use crate::engine::error::EngineError;
+use crate::ledger::LedgerError;
+
+/// The ErrorInfo domain of every refusal this service gives.
+pub const ERROR_DOMAIN: &str = "ledger.diboas";
+
+/// Every way an RPC of the ledger service can fail.
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidField),
+    #[error("a batch holds {found} operations, more than the {max} allowed")]
+    BatchTooLarge { found: usize, max: usize },
+    #[error("a batch must hold at least one entry")]
+    EmptyBatch,
+    #[error(transparent)]
+    Refused(#[from] EngineError),
+    #[error(transparent)]
+    Ledger(LedgerError),
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(error: LedgerError) -> ApiError {
+        match error {
+            LedgerError::Refused(refusal) => ApiError::Refused(refusal),
+            other => ApiError::Ledger(other),
+        }
+    }
+}
+
+type Metadata = Vec<(&'static str, String)>;
+
+/// Code, reason and metadata of an engine refusal.
+fn classify(error: &EngineError) -> (Code, &'static str, Metadata) {
+    use EngineError as E;
+    match error {
+        E::UnknownAccount { account } => (Code::NotFound, "ACCOUNT_NOT_FOUND", vec![("account", account.to_string())]),
+        E::AccountAlreadyExists { account } => {
+            (Code::AlreadyExists, "ACCOUNT_ALREADY_EXISTS", vec![("account", AccountRef::User(*account).to_string())])
+        }
+        E::AccountFrozen { account } => {
+            (Code::FailedPrecondition, "ACCOUNT_FROZEN", vec![("account", AccountRef::User(*account).to_string())])
+        }
+        E::InsufficientFunds { account, available_minor, overdraft_minor, requested_minor } => (
+            Code::FailedPrecondition,
+            "INSUFFICIENT_FUNDS",
+            vec![
+                ("account", account.to_string()),
+                ("available_minor", available_minor.to_string()),
+                ("overdraft_minor", overdraft_minor.to_string()),
+                ("requested_minor", requested_minor.to_string()),
+            ],
+        ),
+        E::LimitExceeded { account, limit, limit_minor, used_minor, requested_minor } => (
+            Code::FailedPrecondition,
+            "OUTFLOW_LIMIT_EXCEEDED",
+            vec![
+                ("account", AccountRef::User(*account).to_string()),
+                ("limit", limit.name().to_string()),
+                ("limit_minor", limit_minor.to_string()),
+                ("used_minor", used_minor.to_string()),
+                ("requested_minor", requested_minor.to_string()),
+            ],
+        ),
+        E::BalanceOverflow { account } => {
+            (Code::FailedPrecondition, "BALANCE_OVERFLOW", vec![("account", account.to_string())])
+        }
+        E::AssetMismatch { left, right } => (
+            Code::InvalidArgument,
+            "ASSET_MISMATCH",
+            vec![("left", left.symbol().to_string()), ("right", right.symbol().to_string())],
+        ),
+        E::SameAccount => (Code::InvalidArgument, "SAME_ACCOUNT", vec![]),
+        E::SameAsset => (Code::InvalidArgument, "SAME_ASSET", vec![]),
+        E::ReservationNotFound { user_id, reservation_id } => (
+            Code::NotFound,
+            "RESERVATION_NOT_FOUND",
+            vec![("user_id", user_id.to_string()), ("reservation_id", reservation_id.to_string())],
+        ),
+        E::ReservationAlreadyExists { user_id, reservation_id } => (
+            Code::AlreadyExists,
+            "RESERVATION_ALREADY_EXISTS",
+            vec![("user_id", user_id.to_string()), ("reservation_id", reservation_id.to_string())],
+        ),
+        E::ReservationNotActive { reservation_id, status } => (
+            Code::FailedPrecondition,
+            "RESERVATION_NOT_ACTIVE",
+            vec![("reservation_id", reservation_id.to_string()), ("status", format!("{status:?}").to_uppercase())],
+        ),
+        E::ReservationExpired { reservation_id, expires_at_ms } => (
+            Code::FailedPrecondition,
+            "RESERVATION_EXPIRED",
+            vec![("reservation_id", reservation_id.to_string()), ("expires_at_ms", expires_at_ms.to_string())],
+        ),
+        E::CommitExceedsReservation { reserved_minor, requested_minor } => (
+            Code::FailedPrecondition,
+            "COMMIT_EXCEEDS_RESERVATION",
+            vec![("reserved_minor", reserved_minor.to_string()), ("requested_minor", requested_minor.to_string())],
+        ),
+        E::ReservationTtlOutOfRange { max_ttl_ms } => {
+            (Code::InvalidArgument, "RESERVATION_TTL_OUT_OF_RANGE", vec![("max_ttl_ms", max_ttl_ms.to_string())])
+        }
+        E::InvalidPrice => (Code::InvalidArgument, "INVALID_PRICE", vec![]),
+        E::CommissionOutOfRange { max_bps } => {
+            (Code::InvalidArgument, "COMMISSION_OUT_OF_RANGE", vec![("max_bps", max_bps.to_string())])
+        }
+        E::ConversionTooSmall => (Code::InvalidArgument, "CONVERSION_TOO_SMALL", vec![]),
+        E::ConversionOverflow => (Code::InvalidArgument, "CONVERSION_OVERFLOW", vec![]),
+        E::BatchSize { max } => (Code::InvalidArgument, "BATCH_SIZE", vec![("max", max.to_string())]),
+        E::NestedBatch => (Code::InvalidArgument, "NESTED_BATCH", vec![]),
+        E::BatchOperationFailed { index, cause } => {
+            // The group failed because of one operation: report that operation's code and reason.
+            let (code, reason, mut metadata) = classify(cause);
+            metadata.push(("operation_index", index.to_string()));
+            (code, reason, metadata)
+        }
+        E::IdempotencyConflict { key } => {
+            (Code::AlreadyExists, "IDEMPOTENCY_KEY_REUSED", vec![("idempotency_key", key.clone())])
+        }
+        E::IdempotencyCapacityExhausted => (Code::ResourceExhausted, "IDEMPOTENCY_STORE_FULL", vec![]),
+        E::InvalidAccountConfig { reason } => {
+            (Code::InvalidArgument, "INVALID_ACCOUNT_CONFIG", vec![("reason", reason.clone())])
+        }
+        E::JournalUnavailable => (Code::Unavailable, "JOURNAL_UNAVAILABLE", vec![]),
+    }
+}
+
+fn with_info(code: Code, message: String, reason: &str, metadata: Metadata, mut details: ErrorDetails) -> Status {
+    let metadata: HashMap<String, String> = metadata.into_iter().map(|(key, value)| (key.to_string(), value)).collect();
+    details.set_error_info(reason, ERROR_DOMAIN, metadata);
+    Status::with_error_details(code, message, details)
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        let message = error.to_string();
+        match error {
+            ApiError::Invalid(InvalidField { field, description }) => with_info(
+                Code::InvalidArgument,
+                message,
+                "INVALID_FIELD",
+                vec![("field", field.clone())],
+                ErrorDetails::with_bad_request_violation(field, description),
+            ),
+            ApiError::BatchTooLarge { max, .. } => with_info(
+                Code::InvalidArgument,
+                message.clone(),
+                "BATCH_TOO_LARGE",
+                vec![("max_operations", max.to_string())],
+                ErrorDetails::with_bad_request_violation("entries", message),
+            ),
+            ApiError::EmptyBatch => with_info(
+                Code::InvalidArgument,
+                message.clone(),
+                "INVALID_FIELD",
+                vec![("field", "entries".to_string())],
+                ErrorDetails::with_bad_request_violation("entries", message),
+            ),
+            ApiError::Refused(refusal) => {
+                let (code, reason, metadata) = classify(&refusal);
+                with_info(code, message, reason, metadata, ErrorDetails::new())
+            }
+            ApiError::Ledger(LedgerError::Unavailable) => {
+                with_info(Code::Unavailable, message, "JOURNAL_UNAVAILABLE", vec![], ErrorDetails::new())
+            }
+            ApiError::Ledger(other) => {
+                tracing::error!(error = %other, "internal ledger failure");
+                with_info(Code::Internal, message, "INTERNAL", vec![], ErrorDetails::new())
+            }
+        }
+    }
+}
+
+/// The google.rpc.Status form of a status, for a batch entry's result: the same code, message
+/// and details a unary call would have carried.
+pub fn to_rpc_status(status: &Status) -> tonic_types::pb::Status {
+    use prost::Message;
+    tonic_types::pb::Status::decode(status.details()).unwrap_or_else(|_| tonic_types::pb::Status {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        details: Vec::new(),
+    })
+}
