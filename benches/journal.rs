@@ -198,7 +198,7 @@ async fn write(conn: &mut PgConnection, records: &[JournalRecord], committed: u6
     for record in records {
         batch.push(record.clone())?;
     }
-    write_batch(conn, &batch, committed, None, JournalConfig::default().copy_min_bytes).await?;
+    write_batch(conn, &batch, committed, JournalConfig::default().copy_min_bytes).await?;
     Ok(batch.last_sequence().unwrap_or(committed))
 }
 

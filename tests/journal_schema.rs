@@ -112,3 +112,35 @@ async fn idempotency_key_partitions_are_created_ahead_and_dropped_after_the_kept
         .unwrap();
     assert_eq!(keys, [("newer".to_owned(),)]);
 }
+
+/// Partition maintenance never makes the writer wait on a long reader: when it cannot lock an
+/// old partition quickly it changes nothing and says so, and succeeds once the reader is gone.
+#[sqlx::test]
+async fn partition_maintenance_gives_way_to_a_long_reader_and_succeeds_later(pool: PgPool) {
+    prepared(&pool).await;
+    sqlx::raw_sql(
+        "CREATE TABLE ledger.idempotency_keys_2020_01_01 PARTITION OF ledger.idempotency_keys
+         FOR VALUES FROM ('2020-01-01 00:00:00+00') TO ('2020-01-02 00:00:00+00')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM ledger.idempotency_keys").execute(&mut *reader).await.unwrap();
+
+    let mut writer = pool.acquire().await.unwrap();
+    assert!(!diboas_ledger::store::maintain_partitions(&mut writer, 3).await.unwrap(), "gave way to the reader");
+    let exists = |pool: PgPool| async move {
+        let (found,): (Option<String>,) =
+            sqlx::query_as("SELECT to_regclass('ledger.idempotency_keys_2020_01_01')::text")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        found.is_some()
+    };
+    assert!(exists(pool.clone()).await, "nothing changed");
+
+    reader.commit().await.unwrap();
+    assert!(diboas_ledger::store::maintain_partitions(&mut writer, 3).await.unwrap());
+    assert!(!exists(pool.clone()).await, "the old day was dropped");
+}

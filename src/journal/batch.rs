@@ -170,15 +170,12 @@ fn expect_rows(what: &str, affected: u64, expected: usize) -> Result<(), Journal
 }
 
 /// Commits `batch` in one transaction: the journal rows, the projections, and the checkpoint
-/// moving from `committed_sequence` to the batch's last sequence. With `partition_keep_days`,
-/// the same transaction also creates partitions ahead and drops idempotency-key partitions older
-/// than that many days (the writer asks for it periodically). A batch of at
+/// moving from `committed_sequence` to the batch's last sequence. A batch of at
 /// least `copy_min_bytes` appends its journal rows and keys with binary COPY.
 pub async fn write_batch(
     conn: &mut PgConnection,
     batch: &Batch,
     committed_sequence: u64,
-    partition_keep_days: Option<i32>,
     copy_min_bytes: usize,
 ) -> Result<(), JournalError> {
     let (Some(first), Some(last)) = (batch.first_sequence(), batch.last_sequence()) else { return Ok(()) };
@@ -190,9 +187,6 @@ pub async fn write_batch(
     }
     let changes = Changes::of(&batch.records);
     let mut tx = conn.begin().await?;
-    if let Some(keep_days) = partition_keep_days {
-        crate::store::ensure_partitions(&mut tx, Some(keep_days)).await?;
-    }
     // Binary COPY needs two writes in a row (data, then end of data); sqlx 0.9.0 does not set
     // TCP_NODELAY, so for a small batch the second write waits out the server's delayed ACK
     // (about 40 ms). Small batches therefore use UNNEST, which is one write per statement.

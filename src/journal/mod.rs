@@ -35,6 +35,9 @@ pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// drops idempotency-key partitions past their retention.
 pub const PARTITION_CHECK_INTERVAL_MS: u64 = 60 * 60 * 1_000;
 
+/// How soon partition maintenance tries again after it could not lock its tables.
+pub const PARTITION_RETRY_INTERVAL_MS: u64 = 60 * 1_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JournalConfig {
     /// Records the engine may hand over before it waits for the writer (back-pressure).
@@ -205,20 +208,23 @@ impl WriterLoop<'_> {
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            let ensure_partitions = Instant::now() >= next_partition_check;
-            let write = write_batch(
-                &mut self.conn,
-                &batch,
-                self.committed_sequence,
-                ensure_partitions.then_some(self.config.key_keep_days),
-                self.config.copy_min_bytes,
-            );
+            if Instant::now() >= next_partition_check {
+                let maintain = crate::store::maintain_partitions(&mut self.conn, self.config.key_keep_days);
+                let done = tokio::time::timeout(Duration::from_millis(self.config.max_commit_ms), maintain)
+                    .await
+                    .map_err(|_| JournalError::CommitTimeout(self.config.max_commit_ms))??;
+                let retry_in_ms = if done {
+                    PARTITION_CHECK_INTERVAL_MS
+                } else {
+                    tracing::warn!("partition maintenance could not lock its tables; retrying shortly");
+                    PARTITION_RETRY_INTERVAL_MS
+                };
+                next_partition_check = Instant::now() + Duration::from_millis(retry_in_ms);
+            }
+            let write = write_batch(&mut self.conn, &batch, self.committed_sequence, self.config.copy_min_bytes);
             tokio::time::timeout(Duration::from_millis(self.config.max_commit_ms), write)
                 .await
                 .map_err(|_| JournalError::CommitTimeout(self.config.max_commit_ms))??;
-            if ensure_partitions {
-                next_partition_check = Instant::now() + Duration::from_millis(PARTITION_CHECK_INTERVAL_MS);
-            }
             if let Some(last) = batch.last_sequence() {
                 self.committed_sequence = last;
                 self.durability.send_modify(|durability| durability.committed_sequence = last);

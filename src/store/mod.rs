@@ -115,6 +115,38 @@ pub async fn ensure_partitions(conn: &mut PgConnection, keep_days: Option<i32>) 
     Ok(())
 }
 
+/// How long the running writer's partition maintenance waits for a table lock before giving up
+/// until the next attempt. Dropping a partition needs an exclusive lock, which a long query on
+/// the keys (say, on `ledger.idempotency_outcomes`) would otherwise make the writer wait for.
+const PARTITION_MAINTENANCE_LOCK_TIMEOUT_MS: u32 = 250;
+
+/// PostgreSQL's SQLSTATE for a lock that could not be had within `lock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// The running writer's partition maintenance ([`ensure_partitions`] with `keep_days`), in its
+/// own short transaction so it never delays a batch. Returns `Ok(false)` when a table lock
+/// could not be had quickly: nothing changed, try again later (partitions are created days and
+/// months ahead, so a late attempt is harmless).
+pub async fn maintain_partitions(conn: &mut PgConnection, keep_days: i32) -> Result<bool, StoreError> {
+    let mut tx = conn.begin().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL lock_timeout = {PARTITION_MAINTENANCE_LOCK_TIMEOUT_MS}")))
+        .execute(&mut *tx)
+        .await?;
+    match ensure_partitions(&mut tx, Some(keep_days)).await {
+        Ok(()) => {
+            tx.commit().await?;
+            Ok(true)
+        }
+        Err(StoreError::Database(sqlx::Error::Database(error)))
+            if error.code().as_deref() == Some(LOCK_NOT_AVAILABLE) =>
+        {
+            tx.rollback().await?;
+            Ok(false)
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Writes the binary's asset registry; an existing asset whose scale differs is refused, since
 /// every amount already stored for it would change meaning.
 async fn seed_assets(conn: &mut PgConnection) -> Result<(), StoreError> {
