@@ -6,69 +6,19 @@
 //! small TCP proxy sits between the ledger and PostgreSQL and the test cuts it.
 
 mod grpc_common;
+mod outage_proxy;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diboas_ledger::api::server::ServeConfig;
 use diboas_ledger::ledger::LedgerConfig;
 use grpc_common::*;
+use outage_proxy::Proxy;
 use sqlx::PgPool;
-use tokio::net::{TcpListener, TcpStream};
 use tonic::Code;
 
 /// How many times the test retries (20 ms apart) before declaring the server stuck.
 const ATTEMPTS: usize = 3_000;
-
-/// A TCP proxy on its own thread and runtime, so it keeps forwarding whatever the test does.
-struct Proxy {
-    port: u16,
-    cut: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Proxy {
-    fn start(upstream: String) -> Proxy {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let connections = Arc::new(Mutex::new(Vec::new()));
-        let (cut_flag, registry) = (cut.clone(), connections.clone());
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                let listener = TcpListener::from_std(listener).unwrap();
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    if cut_flag.load(Ordering::SeqCst) {
-                        continue; // dropped: the connection is refused while cut
-                    }
-                    let upstream = upstream.clone();
-                    let task = tokio::spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                        }
-                    });
-                    registry.lock().unwrap().push(task.abort_handle());
-                }
-            });
-        });
-        Proxy { port, cut, connections }
-    }
-
-    /// Drops every open connection and refuses new ones, as a dead server or network would.
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
 
 #[sqlx::test]
 async fn an_outage_is_unavailable_and_a_retry_with_the_same_key_completes_once(pool: PgPool) {
