@@ -174,8 +174,17 @@ impl Ledger {
     /// When the journal's channel is full, the engine blocks the calling thread until the writer
     /// makes room (back-pressure, bounded by `JournalConfig::channel_capacity`).
     pub async fn submit(&self, request: Request) -> Result<Outcome, LedgerError> {
+        self.submit_correlated(request, None).await
+    }
+
+    /// [`Ledger::submit`], recording the caller's correlation id in the journal entry.
+    pub async fn submit_correlated(
+        &self,
+        request: Request,
+        correlation_id: Option<String>,
+    ) -> Result<Outcome, LedgerError> {
         let generation = self.current();
-        let outcome = generation.engine.execute(request);
+        let outcome = generation.engine.execute_with(request, correlation_id);
         match outcome.sequence {
             Some(sequence) => {
                 generation.wait_durable(sequence).await?;

@@ -535,5 +535,26 @@ async fn the_correlation_id_is_echoed_or_generated(pool: PgPool) {
     let response = client.get_balance(pb::GetBalanceRequest { account: Some(alice) }).await.unwrap();
     let generated = response.metadata().get(HEADER).unwrap().to_str().unwrap();
     assert!(uuid::Uuid::try_parse(generated).is_ok(), "{generated}");
+
+    // The change's journal entry carries the id too, so an audit can follow a request from the
+    // caller's logs into PostgreSQL.
+    let mut request = tonic::Request::new(deposit("fund", &usd(1), "5.00"));
+    request.metadata_mut().insert(HEADER, "order-44".parse().unwrap());
+    client.deposit(request).await.unwrap();
     server.stop().await;
+    let journaled: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT record -> 'origin' -> 'data' ->> 'key', record -> 'origin' -> 'data' ->> 'correlation_id'
+         FROM ledger.journal ORDER BY sequence",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        journaled,
+        [
+            ("open".to_owned(), Some("order-42".to_owned())),
+            ("open-again".to_owned(), Some("order-43".to_owned())),
+            ("fund".to_owned(), Some("order-44".to_owned())),
+        ]
+    );
 }

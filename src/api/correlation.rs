@@ -2,7 +2,8 @@
 //!
 //! The caller may send `x-correlation-id`; a value that is missing, too long or not made of
 //! safe characters is replaced by a fresh UUID (rather than refused: a correlation id is a
-//! diagnostic aid, not part of the request). Handlers run inside a tracing span carrying the id.
+//! diagnostic aid, not part of the request). Handlers run inside a tracing span carrying the id,
+//! and inside a task-local [`scope`] so the changes they submit record it in the journal.
 
 use tonic::metadata::{MetadataMap, MetadataValue};
 
@@ -25,6 +26,20 @@ fn is_usable(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_CORRELATION_ID_LEN
         && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b':'))
+}
+
+tokio::task_local! {
+    static CURRENT: String;
+}
+
+/// Runs `handler` with `id` as the current request's correlation id (see [`current`]).
+pub async fn scope<F: std::future::Future>(id: String, handler: F) -> F::Output {
+    CURRENT.scope(id, handler).await
+}
+
+/// The correlation id of the request being handled on this task, if any.
+pub fn current() -> Option<String> {
+    CURRENT.try_with(String::clone).ok()
 }
 
 /// Adds the id to outgoing metadata. Ids are checked or generated ASCII, so this always succeeds.

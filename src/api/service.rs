@@ -37,7 +37,8 @@ impl LedgerService {
 
     /// Submits one validated request at the server's clock and waits until it is durable.
     async fn execute(&self, key: IdempotencyKey, operation: Operation) -> Result<pb::MutationResponse, ApiError> {
-        let outcome = self.ledger.submit(Request { key, now_ms: now_ms(), operation }).await?;
+        let request = Request { key, now_ms: now_ms(), operation };
+        let outcome = self.ledger.submit_correlated(request, correlation::current()).await?;
         let receipt = outcome.result?;
         Ok(pb::MutationResponse {
             receipt: Some(convert::receipt(&receipt)),
@@ -98,7 +99,7 @@ where
 {
     let correlation_id = correlation::of_request(request.metadata());
     let span = tracing::info_span!("rpc", method, correlation_id = %correlation_id);
-    let result = async {
+    let handled = async {
         let result = handler(request.into_inner()).await;
         match &result {
             Ok(_) => tracing::debug!("ok"),
@@ -106,8 +107,8 @@ where
         }
         result
     }
-    .instrument(span)
-    .await;
+    .instrument(span);
+    let result = correlation::scope(correlation_id.clone(), handled).await;
     match result {
         Ok(body) => {
             let mut response = Response::new(body);

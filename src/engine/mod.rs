@@ -125,6 +125,11 @@ impl<S: JournalSink> Engine<S> {
     /// change is dated `request.now_ms`, or later if a shard it touches has already seen a later
     /// time (see `Shard::clock_ms`).
     pub fn execute(&self, request: Request) -> Outcome {
+        self.execute_with(request, None)
+    }
+
+    /// [`Engine::execute`], recording the caller's correlation id in the journal record.
+    pub fn execute_with(&self, request: Request, correlation_id: Option<String>) -> Outcome {
         let Request { key, now_ms: requested_ms, operation } = request;
         let key_shard = self.map.of_key(&key);
         let mut plan = SmallVec::new();
@@ -156,7 +161,7 @@ impl<S: JournalSink> Engine<S> {
         let record = JournalRecord {
             sequence: 0,
             at_ms: now_ms,
-            origin: Origin::Request { key, operation, outcome: result.clone() },
+            origin: Origin::Request { key, operation, outcome: result.clone(), correlation_id },
             effects,
         };
         let Some(sequence) = self.append(&mut shards, record) else {
@@ -280,7 +285,7 @@ impl<S: JournalSink> Engine<S> {
             effect::apply(&mut shards, self.map, effect);
         }
         let mut retired_keys = None;
-        if let Origin::Request { key, operation, outcome } = &record.origin {
+        if let Origin::Request { key, operation, outcome, .. } = &record.origin {
             let store = &mut shards.get(self.map.of_key(key)).idempotency;
             // Rotate as the live engine's sweeps would have, so a long replay stays within capacity.
             retired_keys = store.rotate(record.at_ms, self.config.retention_ms);

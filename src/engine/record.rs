@@ -22,8 +22,15 @@ use super::operation::{Operation, Receipt};
     reason = "almost every record is a request; boxing it would cost an allocation each"
 )]
 pub enum Origin {
-    /// A caller's request, with the outcome remembered under its idempotency key.
-    Request { key: IdempotencyKey, operation: Operation, outcome: Result<Receipt, EngineError> },
+    /// A caller's request, with the outcome remembered under its idempotency key, and the
+    /// caller's correlation id (opaque to the engine) so the journal entry can be traced back.
+    Request {
+        key: IdempotencyKey,
+        operation: Operation,
+        outcome: Result<Receipt, EngineError>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        correlation_id: Option<String>,
+    },
     /// The expiry sweep releasing reservations whose time ran out.
     ExpirySweep,
 }

@@ -156,7 +156,7 @@ pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>)
         let parsed_key = IdempotencyKey::new(&key).map_err(|error| corrupt(&error.to_string()))?;
         let record: JournalRecord = serde_json::from_str(&text)
             .map_err(|error| corrupt(&format!("its journal record does not parse: {error}")))?;
-        let Origin::Request { key: recorded_key, operation, outcome } = record.origin else {
+        let Origin::Request { key: recorded_key, operation, outcome, .. } = record.origin else {
             return Err(corrupt("its journal record is not a request"));
         };
         if recorded_key != parsed_key || record.sequence != codec::from_bigint(sequence)? {
