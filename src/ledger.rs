@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::engine::account::{AccountRef, Balance};
 use crate::engine::error::EngineError;
 use crate::engine::operation::Request;
-use crate::engine::record::JournalRecord;
+use crate::engine::record::{JournalRecord, RequestContext};
 use crate::engine::state::{AccountView, EngineState, InvariantViolation};
 use crate::engine::{Engine, EngineConfig, Outcome, SweepReport};
 use crate::journal::{CONNECT_TIMEOUT_MS, Durability, JournalConfig, JournalError, Writer};
@@ -177,14 +177,14 @@ impl Ledger {
         self.submit_correlated(request, None).await
     }
 
-    /// [`Ledger::submit`], recording the caller's correlation id in the journal entry.
+    /// [`Ledger::submit`], recording who asked (see [`RequestContext`]) in the journal entry.
     pub async fn submit_correlated(
         &self,
         request: Request,
-        correlation_id: Option<String>,
+        context: Option<Box<RequestContext>>,
     ) -> Result<Outcome, LedgerError> {
         let generation = self.current();
-        let outcome = generation.engine.execute_with(request, correlation_id);
+        let outcome = generation.engine.execute_with(request, context);
         match outcome.sequence {
             Some(sequence) => {
                 generation.wait_durable(sequence).await?;

@@ -543,7 +543,7 @@ async fn the_correlation_id_is_echoed_or_generated(pool: PgPool) {
     client.deposit(request).await.unwrap();
     server.stop().await;
     let journaled: Vec<(String, Option<String>)> = sqlx::query_as(
-        "SELECT record -> 'origin' -> 'data' ->> 'key', record -> 'origin' -> 'data' ->> 'correlation_id'
+        "SELECT record -> 'origin' -> 'data' ->> 'key', record -> 'origin' -> 'data' -> 'context' ->> 'correlation_id'
          FROM ledger.journal ORDER BY sequence",
     )
     .fetch_all(&pool)
@@ -557,4 +557,15 @@ async fn the_correlation_id_is_echoed_or_generated(pool: PgPool) {
             ("fund".to_owned(), Some("order-44".to_owned())),
         ]
     );
+    // With the peer address and the client's user agent, for the audit trail.
+    let (peer, user_agent): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT record -> 'origin' -> 'data' -> 'context' ->> 'peer',
+                record -> 'origin' -> 'data' -> 'context' ->> 'user_agent'
+         FROM ledger.journal WHERE sequence = 3",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(peer.is_some_and(|peer| peer.starts_with("127.0.0.1:")));
+    assert!(user_agent.is_some_and(|agent| agent.contains("tonic")), "tonic clients say who they are");
 }

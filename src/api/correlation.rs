@@ -1,11 +1,15 @@
-//! Correlation ids: every request has one, in every log line it causes and in its response.
+//! Correlation ids and the request's context: every request has a correlation id, in every log
+//! line it causes and in its response, and the changes it submits record who asked.
 //!
 //! The caller may send `x-correlation-id`; a value that is missing, too long or not made of
 //! safe characters is replaced by a fresh UUID (rather than refused: a correlation id is a
 //! diagnostic aid, not part of the request). Handlers run inside a tracing span carrying the id,
-//! and inside a task-local [`scope`] so the changes they submit record it in the journal.
+//! and inside a task-local [`scope`] holding the [`RequestContext`] (correlation id, calling
+//! service, peer address, user agent), so the changes they submit record it in the journal.
 
 use tonic::metadata::{MetadataMap, MetadataValue};
+
+use crate::engine::record::RequestContext;
 
 /// The metadata key, lower case as gRPC metadata keys are.
 pub const HEADER: &str = "x-correlation-id";
@@ -28,18 +32,42 @@ fn is_usable(id: &str) -> bool {
         && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b':'))
 }
 
+/// The metadata key of the caller's user agent (set by every gRPC client library).
+const USER_AGENT: &str = "user-agent";
+
+/// The longest user agent kept; longer ones are cut (at a character boundary).
+const MAX_USER_AGENT_LEN: usize = 256;
+
+/// The context of a request: its correlation id (see [`of_request`]), the calling service once
+/// authenticated, the peer address and the user agent.
+pub fn context_of(
+    metadata: &MetadataMap,
+    correlation_id: String,
+    caller: Option<String>,
+    peer: Option<std::net::SocketAddr>,
+) -> RequestContext {
+    let user_agent = metadata.get(USER_AGENT).and_then(|value| value.to_str().ok()).map(|agent| {
+        let mut end = agent.len().min(MAX_USER_AGENT_LEN);
+        while !agent.is_char_boundary(end) {
+            end -= 1;
+        }
+        agent[..end].to_owned()
+    });
+    RequestContext { correlation_id, caller, peer: peer.map(|address| address.to_string()), user_agent }
+}
+
 tokio::task_local! {
-    static CURRENT: String;
+    static CURRENT: RequestContext;
 }
 
-/// Runs `handler` with `id` as the current request's correlation id (see [`current`]).
-pub async fn scope<F: std::future::Future>(id: String, handler: F) -> F::Output {
-    CURRENT.scope(id, handler).await
+/// Runs `handler` with `context` as the current request's context (see [`current`]).
+pub async fn scope<F: std::future::Future>(context: RequestContext, handler: F) -> F::Output {
+    CURRENT.scope(context, handler).await
 }
 
-/// The correlation id of the request being handled on this task, if any.
-pub fn current() -> Option<String> {
-    CURRENT.try_with(String::clone).ok()
+/// The context of the request being handled on this task, if any.
+pub fn current() -> Option<Box<RequestContext>> {
+    CURRENT.try_with(|context| Box::new(context.clone())).ok()
 }
 
 /// Adds the id to outgoing metadata. Ids are checked or generated ASCII, so this always succeeds.

@@ -98,6 +98,7 @@ where
     Fut: Future<Output = Result<R, ApiError>>,
 {
     let correlation_id = correlation::of_request(request.metadata());
+    let context = correlation::context_of(request.metadata(), correlation_id.clone(), None, request.remote_addr());
     let span = tracing::info_span!("rpc", method, correlation_id = %correlation_id);
     let handled = async {
         let result = handler(request.into_inner()).await;
@@ -108,7 +109,7 @@ where
         result
     }
     .instrument(span);
-    let result = correlation::scope(correlation_id.clone(), handled).await;
+    let result = correlation::scope(context, handled).await;
     match result {
         Ok(body) => {
             let mut response = Response::new(body);

@@ -39,7 +39,7 @@ use self::effect::Effect;
 use self::error::EngineError;
 use self::idempotency::{IdempotencyRecord, OperationFingerprint};
 use self::operation::{Receipt, Request};
-use self::record::{JournalRecord, JournalSink, Origin};
+use self::record::{JournalRecord, JournalSink, Origin, RequestContext};
 use self::reservation::{Reservation, ReservationStatus};
 use self::shard::{LockedShards, Shard, ShardMap, UserState};
 use self::state::{AccountView, EngineState};
@@ -128,8 +128,8 @@ impl<S: JournalSink> Engine<S> {
         self.execute_with(request, None)
     }
 
-    /// [`Engine::execute`], recording the caller's correlation id in the journal record.
-    pub fn execute_with(&self, request: Request, correlation_id: Option<String>) -> Outcome {
+    /// [`Engine::execute`], recording who asked (see [`RequestContext`]) in the journal record.
+    pub fn execute_with(&self, request: Request, context: Option<Box<RequestContext>>) -> Outcome {
         let Request { key, now_ms: requested_ms, operation } = request;
         let key_shard = self.map.of_key(&key);
         let mut plan = SmallVec::new();
@@ -161,7 +161,7 @@ impl<S: JournalSink> Engine<S> {
         let record = JournalRecord {
             sequence: 0,
             at_ms: now_ms,
-            origin: Origin::Request { key, operation, outcome: result.clone(), correlation_id },
+            origin: Origin::Request { key, operation, outcome: result.clone(), context },
             effects,
         };
         let Some(sequence) = self.append(&mut shards, record) else {

@@ -22,17 +22,31 @@ use super::operation::{Operation, Receipt};
     reason = "almost every record is a request; boxing it would cost an allocation each"
 )]
 pub enum Origin {
-    /// A caller's request, with the outcome remembered under its idempotency key, and the
-    /// caller's correlation id (opaque to the engine) so the journal entry can be traced back.
+    /// A caller's request, with the outcome remembered under its idempotency key, and who asked
+    /// (opaque to the engine) so the journal entry can be traced back and audited.
     Request {
         key: IdempotencyKey,
         operation: Operation,
         outcome: Result<Receipt, EngineError>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        correlation_id: Option<String>,
+        context: Option<Box<RequestContext>>,
     },
     /// The expiry sweep releasing reservations whose time ran out.
     ExpirySweep,
+}
+
+/// Who asked for a change and through what: recorded with the change for tracing and audit. The
+/// engine never looks inside; the API layer fills it from the request (its correlation id, the
+/// authenticated calling service, the peer address and user agent of the connection).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestContext {
+    pub correlation_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
