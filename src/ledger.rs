@@ -26,7 +26,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::engine::account::{AccountRef, Balance};
+use crate::engine::account::{AccountRef, Balance, Domain};
 use crate::engine::error::EngineError;
 use crate::engine::operation::Request;
 use crate::engine::record::{JournalRecord, RequestContext};
@@ -114,7 +114,7 @@ impl Generation {
         let committed_sequence = state.next_sequence - 1;
         let (sender, receiver) = crossbeam_channel::bounded(config.journal.channel_capacity);
         let (durability_sender, durability) = watch::channel(Durability { committed_sequence, failed: false });
-        let (options, journal) = (config.connect.clone(), JournalConfig { key_keep_days, ..config.journal });
+        let (options, journal) = (config.connect.clone(), JournalConfig { key_keep_days, ..config.journal.clone() });
         let writer = tokio::task::spawn_blocking(move || {
             Writer::start(options, receiver, committed_sequence, journal, durability_sender)
         })
@@ -228,6 +228,17 @@ impl Ledger {
         let state = generation.engine.state();
         generation.wait_durable(state.next_sequence - 1).await?;
         Ok(state)
+    }
+
+    /// The last sequence applied in memory (committed or still waiting for its batch).
+    pub fn applied_sequence(&self) -> u64 {
+        self.current().engine.last_sequence()
+    }
+
+    /// The domain of a reservation's account, if the reservation is known (for scope checks of
+    /// commit and release, which name only the reservation).
+    pub fn reservation_domain(&self, user_id: Uuid, reservation_id: Uuid) -> Option<Domain> {
+        self.current().engine.reservation(user_id, reservation_id).map(|reservation| reservation.account.domain)
     }
 
     /// The last sequence committed in PostgreSQL.

@@ -9,10 +9,14 @@
 //! - [`store`]: PostgreSQL itself: migrations, recovery at start-up, `verify`.
 //! - [`ledger`]: the durable handle callers use: execute, then wait until the change is durable;
 //!   fail-stop and reload when PostgreSQL fails.
-//! - [`api`]: the gRPC service and server over the ledger: validation, error mapping, lifecycle.
+//! - [`api`]: the gRPC service and server over the ledger: validation, authentication, error
+//!   mapping, load shedding, lifecycle.
+//! - [`metrics`]: Prometheus metrics of the API and the journal, served on their own port.
+//! - [`load`]: the load generator (`diboas-ledger load`) that drives a running server.
 
 pub mod api;
 pub mod engine;
 pub mod journal;
 pub mod ledger;
+pub mod metrics;
 pub mod store;

@@ -6,14 +6,19 @@
 //!   the asset registry and creates the journal partitions ahead.
 //! - `verify`: replays the whole journal into a fresh engine and compares it with the
 //!   projections; exits non-zero and lists the differences if they disagree.
+//! - `token`: makes a new bearer token for a calling service and prints the callers-file entry
+//!   (with the token's digest) that admits it.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::str::FromStr;
+use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
-use diboas_ledger::api::server::{ServeConfig, ServeError, serve};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use diboas_ledger::api::auth::{self, AuthConfigError, Authenticator, CallersFile};
+use diboas_ledger::api::server::{ServeConfig, ServeError, ServeOptions, serve};
 use diboas_ledger::ledger::{Ledger, LedgerConfig, LedgerError};
+use diboas_ledger::metrics::Metrics;
 use diboas_ledger::store;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -31,8 +36,21 @@ struct Cli {
         global = true
     )]
     database_url: String,
+    /// Log line format: human-readable text, or one JSON object per line for log pipelines.
+    #[arg(long, env = "DIBOAS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// What is logged when RUST_LOG is not set: our own info lines, and only warnings from sqlx
+/// (whose info lines are PostgreSQL notices such as "relation already exists, skipping").
+const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -43,6 +61,21 @@ enum Command {
     Migrate,
     /// Replay the journal and compare it with the projections.
     Verify,
+    /// Make a bearer token for a calling service; prints the token once, and its callers-file entry.
+    Token(TokenArgs),
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The calling service's name (appears in logs, metrics and the journal).
+    #[arg(long)]
+    service: String,
+    /// RPC names it may call (e.g. Deposit,GetBalance), or `*` for all.
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    operations: Vec<String>,
+    /// Domains it may touch (banking, investing, defi), or `*` for all.
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    domains: Vec<String>,
 }
 
 #[derive(Args)]
@@ -62,6 +95,18 @@ struct ServeArgs {
     /// How often reservations past their expiry are released, in milliseconds.
     #[arg(long, env = "DIBOAS_SWEEP_INTERVAL_MS", default_value_t = ServeConfig::default().sweep_interval_ms)]
     sweep_interval_ms: u64,
+    /// Most requests handled at once; more are refused with RESOURCE_EXHAUSTED (load shedding).
+    #[arg(long, env = "DIBOAS_MAX_IN_FLIGHT", default_value_t = ServeConfig::default().max_in_flight)]
+    max_in_flight: usize,
+    /// The callers file: each calling service's token digest and scopes (see `token`).
+    #[arg(long, env = "DIBOAS_AUTH_FILE")]
+    auth_file: Option<std::path::PathBuf>,
+    /// Development mode: no tokens, every caller has every scope. Loopback addresses only.
+    #[arg(long, env = "DIBOAS_DEV_MODE", conflicts_with = "auth_file")]
+    dev_mode: bool,
+    /// Address of the Prometheus metrics endpoint (GET /metrics).
+    #[arg(long, env = "DIBOAS_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    metrics_listen: SocketAddr,
 }
 
 /// Everything a command can fail with.
@@ -77,11 +122,22 @@ enum CommandError {
     Signals(std::io::Error),
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
+    #[error("printing the callers entry: {0}")]
+    Print(#[from] serde_json::Error),
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     let cli = Cli::parse();
+    // Logs go to stderr: stdout is the commands' own output (`verify`'s report, `token`'s entry).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -102,6 +158,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
     let options = PgConnectOptions::from_str(&cli.database_url).map_err(store::StoreError::from)?;
     match cli.command {
         Command::Serve(args) => {
+            let authenticator = authenticator(&args)?;
             store::create_database_if_missing(&cli.database_url).await?;
             store::prepare(&options).await?;
             let config = ServeConfig {
@@ -109,16 +166,28 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
                 max_batch_operations: args.max_batch_operations,
                 request_timeout_ms: args.request_timeout_ms,
                 sweep_interval_ms: args.sweep_interval_ms,
+                max_in_flight: args.max_in_flight,
             };
             let shutdown = shutdown_signal().map_err(CommandError::Signals)?;
-            let listener = tokio::net::TcpListener::bind(args.listen)
-                .await
-                .map_err(|source| CommandError::Bind { address: args.listen, source })?;
+            let listener = bind(args.listen).await?;
+            let metrics_listener = bind(args.metrics_listen).await?;
             let listening =
                 listener.local_addr().map_err(|source| CommandError::Bind { address: args.listen, source })?;
-            let ledger = Ledger::open(LedgerConfig::new(options)).await?;
-            tracing::info!(%listening, "serving diboas.ledger.v1.Ledger");
-            serve(ledger, listener, config, shutdown).await?;
+            let metrics = Arc::new(Metrics::new());
+            let mut ledger_config = LedgerConfig::new(options);
+            ledger_config.journal.metrics = metrics.journal.clone();
+            let ledger = Ledger::open(ledger_config).await?;
+            tracing::info!(%listening, metrics = %args.metrics_listen, "serving diboas.ledger.v1.Ledger");
+            let options = ServeOptions { config, authenticator, metrics_listener: Some(metrics_listener), metrics };
+            serve(ledger, listener, options, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(args) => {
+            let (token, entry) = auth::new_token(&args.service, args.operations, args.domains);
+            // Check the entry is one the server would accept before handing it out.
+            Authenticator::from_callers(&CallersFile { callers: vec![entry.clone()] })?;
+            println!("token (give it to {}; it is not stored anywhere): {token}", args.service);
+            println!("callers-file entry:\n{}", serde_json::to_string_pretty(&entry)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
@@ -146,6 +215,21 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
                 Ok(ExitCode::FAILURE)
             }
         }
+    }
+}
+
+async fn bind(address: SocketAddr) -> Result<tokio::net::TcpListener, CommandError> {
+    tokio::net::TcpListener::bind(address).await.map_err(|source| CommandError::Bind { address, source })
+}
+
+/// Tokens from the callers file, or development mode when asked for by name on a loopback
+/// address; neither is a refusal to start, so the server never runs open by accident.
+fn authenticator(args: &ServeArgs) -> Result<Authenticator, CommandError> {
+    match (&args.auth_file, args.dev_mode) {
+        (Some(path), _) => Ok(Authenticator::from_file(path)?),
+        (None, true) if args.listen.ip().is_loopback() => Ok(Authenticator::development()),
+        (None, true) => Err(AuthConfigError::DevModeNotLoopback(args.listen).into()),
+        (None, false) => Err(AuthConfigError::NoCallers.into()),
     }
 }
 

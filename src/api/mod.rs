@@ -3,12 +3,18 @@
 //! - [`pb`]: the code generated from `proto/diboas/ledger/v1/ledger.proto` (build.rs).
 //! - [`convert`]: wire <-> domain conversion and validation; the only place requests are checked.
 //! - [`status`]: the one mapping from refusals to gRPC statuses with machine-readable details.
-//! - [`correlation`]: the `x-correlation-id` of each request, in its log lines and its response.
-//! - [`service`]: the RPC handlers: validate, stamp the server's clock, submit, answer.
-//! - [`server`]: the server itself: health, reflection, limits, the expiry sweep, graceful shutdown.
+//! - [`correlation`]: the `x-correlation-id` of each request, in its log lines and its response,
+//!   and the request's context recorded with its changes.
+//! - [`auth`]: bearer tokens (stored as digests) and scopes (operations and domains).
+//! - [`gate`]: the one way into every RPC: correlation, load shedding, authentication, metrics.
+//! - [`service`]: the RPC handlers: validate, check scopes, stamp the server's clock, submit, answer.
+//! - [`server`]: the server itself: health, reflection, limits, the expiry sweep, metrics
+//!   endpoint, graceful shutdown.
 
+pub mod auth;
 pub mod convert;
 pub mod correlation;
+pub mod gate;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -1,10 +1,11 @@
 //! The gRPC server: the ledger service plus standard health checking and reflection, with its
-//! limits, the expiry sweep on a timer, and graceful shutdown.
+//! limits, authentication, the expiry sweep on a timer, the metrics endpoint, and graceful
+//! shutdown.
 //!
-//! [`serve`] takes an already-bound listener (the binary binds the configured address, tests bind
+//! [`serve`] takes already-bound listeners (the binary binds the configured addresses, tests bind
 //! port 0) and a shutdown future. When the future completes the server stops accepting, lets
-//! in-flight requests finish, stops the sweep, and shuts the ledger down, which flushes the
-//! journal: everything acknowledged is in PostgreSQL when `serve` returns.
+//! in-flight requests finish, stops the sweep and the metrics endpoint, and shuts the ledger
+//! down, which flushes the journal: everything acknowledged is in PostgreSQL when `serve` returns.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,10 +15,13 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use super::auth::Authenticator;
+use super::gate::Gate;
 use super::pb;
 use super::pb::ledger_server::LedgerServer;
 use super::service::{LedgerService, now_ms};
 use crate::ledger::{Ledger, LedgerError};
+use crate::metrics::{Metrics, endpoint};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeConfig {
@@ -25,10 +29,12 @@ pub struct ServeConfig {
     pub max_message_bytes: usize,
     /// The most engine operations one SubmitBatch may carry.
     pub max_batch_operations: usize,
-    /// The longest a request may run; a client's shorter `grpc-timeout` wins.
+    /// The longest a request may run; a client's shorter `grpc-timeout` wins (see `gate`).
     pub request_timeout_ms: u64,
     /// How often the expiry sweep runs.
     pub sweep_interval_ms: u64,
+    /// The most requests handled at once; past it requests are shed with RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
 }
 
 impl Default for ServeConfig {
@@ -38,6 +44,7 @@ impl Default for ServeConfig {
             max_batch_operations: 4_096,
             request_timeout_ms: 30_000,
             sweep_interval_ms: 1_000,
+            max_in_flight: 4_096,
         }
     }
 }
@@ -52,26 +59,64 @@ pub enum ServeError {
     Ledger(#[from] LedgerError),
 }
 
+/// What a server needs besides the ledger and its gRPC listener.
+pub struct ServeOptions {
+    pub config: ServeConfig,
+    pub authenticator: Authenticator,
+    /// Where `/metrics` is served; `None` serves no endpoint (the metrics are still kept).
+    pub metrics_listener: Option<TcpListener>,
+    /// The registry; tests pass their own to read it.
+    pub metrics: Arc<Metrics>,
+}
+
+impl ServeOptions {
+    /// Development-mode authentication, no metrics endpoint: for tests and local runs.
+    pub fn development(config: ServeConfig) -> ServeOptions {
+        ServeOptions {
+            config,
+            authenticator: Authenticator::development(),
+            metrics_listener: None,
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+}
+
 /// Serves `ledger` on `listener` until `shutdown` completes, then shuts the ledger down.
 pub async fn serve(
     ledger: Ledger,
     listener: TcpListener,
-    config: ServeConfig,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let ServeOptions { config, authenticator, metrics_listener, metrics } = options;
+    if authenticator.is_development() {
+        tracing::warn!(
+            "DEVELOPMENT MODE: no bearer tokens are checked; every caller has every scope. Never run this in production."
+        );
+    }
     let ledger = Arc::new(ledger);
+    let gate =
+        Arc::new(Gate::new(authenticator, config.max_in_flight, config.request_timeout_ms, Arc::clone(&metrics)));
+    let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
+    let metrics_endpoint = metrics_listener.map(|listener| {
+        let mut stopped = metrics_stopped;
+        tokio::spawn(endpoint::serve(listener, Arc::clone(&metrics), Arc::clone(&ledger), async move {
+            // A dropped sender also means stop.
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }))
+    });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<LedgerService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let ledger_service = LedgerServer::new(LedgerService::new(Arc::clone(&ledger), config.max_batch_operations))
-        .max_decoding_message_size(config.max_message_bytes);
+    let ledger_service =
+        LedgerServer::new(LedgerService::new(Arc::clone(&ledger), Arc::clone(&gate), config.max_batch_operations))
+            .max_decoding_message_size(config.max_message_bytes);
     let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ledger), Duration::from_millis(config.sweep_interval_ms)));
 
     let served = tonic::transport::Server::builder()
-        .timeout(Duration::from_millis(config.request_timeout_ms))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ledger_service)
@@ -85,6 +130,13 @@ pub async fn serve(
     sweeper.abort();
     // An aborted task ends with a cancellation error: that is the expected outcome here.
     let _ = sweeper.await;
+    let _ = stop_metrics.send(true);
+    if let Some(metrics_endpoint) = metrics_endpoint {
+        // The endpoint failing must not keep the ledger from flushing: log it and go on.
+        if let Ok(Err(error)) = metrics_endpoint.await {
+            tracing::warn!(%error, "the metrics endpoint failed");
+        }
+    }
     // The server and its connections are gone, so this is the last handle on the ledger.
     let ledger = Arc::try_unwrap(ledger).map_err(|_| LedgerError::Busy)?;
     ledger.shutdown().await?;

@@ -1,42 +1,54 @@
 //! The RPC handlers of `diboas.ledger.v1.Ledger`.
 //!
-//! Every handler does the same four things: take the correlation id and open a span for it,
-//! convert the request (refusing bad input before the ledger sees it), call the ledger with the
-//! server's clock, and answer with the receipt or the mapped status, echoing the correlation
-//! id either way. Mutations answer only once durable (`Ledger::submit` waits for the journal).
+//! Every handler runs behind the [`Gate`] (correlation id, load shedding, authentication,
+//! metrics, status mapping) and does the same three things: convert the request (refusing bad
+//! input before the ledger sees it), check the caller's scopes cover every operation and domain
+//! it touches, and call the ledger with the server's clock. Mutations answer only once durable
+//! (`Ledger::submit` waits for the journal).
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
 use tonic::{Request as GrpcRequest, Response, Status};
-use tracing::Instrument;
 
+use super::auth::{self, AuthError, Caller};
 use super::convert;
 use super::correlation;
+use super::gate::Gate;
 use super::pb;
 use super::status::{ApiError, to_rpc_status};
 use crate::engine::account::AccountRef;
 use crate::engine::error::EngineError;
 use crate::engine::idempotency::IdempotencyKey;
 use crate::engine::operation::{Operation, Request};
+use crate::engine::state::AccountView;
 use crate::engine::summary::UserSummary;
 use crate::ledger::Ledger;
 
 pub struct LedgerService {
     ledger: Arc<Ledger>,
+    gate: Arc<Gate>,
     /// The most engine operations one SubmitBatch may carry (entries plus linked members).
     max_batch_operations: usize,
 }
 
+/// The caller of the request being handled; the gate always sets one, so its absence refuses
+/// (fail closed) rather than allows.
+fn caller() -> Result<Arc<Caller>, ApiError> {
+    auth::current().ok_or(ApiError::Auth(AuthError::MissingToken))
+}
+
 impl LedgerService {
-    pub fn new(ledger: Arc<Ledger>, max_batch_operations: usize) -> LedgerService {
-        LedgerService { ledger, max_batch_operations }
+    pub fn new(ledger: Arc<Ledger>, gate: Arc<Gate>, max_batch_operations: usize) -> LedgerService {
+        LedgerService { ledger, gate, max_batch_operations }
     }
 
     /// Submits one validated request at the server's clock and waits until it is durable.
     async fn execute(&self, key: IdempotencyKey, operation: Operation) -> Result<pb::MutationResponse, ApiError> {
+        caller()?.require_engine_operation(&operation, &|user_id, reservation_id| {
+            self.ledger.reservation_domain(user_id, reservation_id)
+        })?;
         let request = Request { key, now_ms: now_ms(), operation };
         let outcome = self.ledger.submit_correlated(request, correlation::current()).await?;
         let receipt = outcome.result?;
@@ -45,6 +57,14 @@ impl LedgerService {
             replayed: outcome.replayed,
             sequence: outcome.sequence.unwrap_or_default(),
         })
+    }
+
+    /// A user's accounts in the domains the caller may see.
+    async fn visible_accounts(&self, user_id: uuid::Uuid) -> Result<Vec<AccountView>, ApiError> {
+        let caller = caller()?;
+        let mut views = self.ledger.accounts_of(user_id).await?;
+        views.retain(|view| caller.may_touch(view.account.domain));
+        Ok(views)
     }
 
     async fn mutate(
@@ -90,174 +110,153 @@ impl LedgerService {
     }
 }
 
-/// Runs one handler inside a span carrying the request's correlation id, logs its outcome, and
-/// echoes the id in the response or the error status.
-async fn handle<T, R, F, Fut>(method: &'static str, request: GrpcRequest<T>, handler: F) -> Result<Response<R>, Status>
-where
-    F: FnOnce(T) -> Fut,
-    Fut: Future<Output = Result<R, ApiError>>,
-{
-    let correlation_id = correlation::of_request(request.metadata());
-    let context = correlation::context_of(request.metadata(), correlation_id.clone(), None, request.remote_addr());
-    let span = tracing::info_span!("rpc", method, correlation_id = %correlation_id);
-    let handled = async {
-        let result = handler(request.into_inner()).await;
-        match &result {
-            Ok(_) => tracing::debug!("ok"),
-            Err(error) => tracing::info!(%error, "refused"),
-        }
-        result
-    }
-    .instrument(span);
-    let result = correlation::scope(context, handled).await;
-    match result {
-        Ok(body) => {
-            let mut response = Response::new(body);
-            correlation::echo(response.metadata_mut(), &correlation_id);
-            Ok(response)
-        }
-        Err(error) => {
-            let mut status = Status::from(error);
-            correlation::echo(status.metadata_mut(), &correlation_id);
-            Err(status)
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl pb::ledger_server::Ledger for LedgerService {
     async fn open_account(
         &self,
         request: GrpcRequest<pb::OpenAccountRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        handle("OpenAccount", request, |body| async move {
-            self.mutate(&body.idempotency_key, convert::open_account_request(&body)).await
-        })
-        .await
+        self.gate
+            .handle("OpenAccount", request, |body| async move {
+                self.mutate(&body.idempotency_key, convert::open_account_request(&body)).await
+            })
+            .await
     }
 
     async fn set_frozen(
         &self,
         request: GrpcRequest<pb::SetFrozenRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        handle("SetFrozen", request, |body| async move {
-            self.mutate(&body.idempotency_key, convert::set_frozen_request(&body)).await
-        })
-        .await
+        self.gate
+            .handle("SetFrozen", request, |body| async move {
+                self.mutate(&body.idempotency_key, convert::set_frozen_request(&body)).await
+            })
+            .await
     }
 
     async fn get_balance(
         &self,
         request: GrpcRequest<pb::GetBalanceRequest>,
     ) -> Result<Response<pb::GetBalanceResponse>, Status> {
-        handle("GetBalance", request, |body| async move {
-            let account = convert::user_account(body.account.as_ref(), "account")?;
-            let views = self.ledger.accounts_of(account.user_id).await?;
-            let view = views
-                .iter()
-                .find(|view| view.account == account)
-                .ok_or(EngineError::UnknownAccount { account: AccountRef::User(account) })?;
-            Ok(pb::GetBalanceResponse { balance: Some(convert::balance(view)) })
-        })
-        .await
+        self.gate
+            .handle("GetBalance", request, |body| async move {
+                let account = convert::user_account(body.account.as_ref(), "account")?;
+                caller()?.require_domain(account.domain)?;
+                let views = self.ledger.accounts_of(account.user_id).await?;
+                let view = views
+                    .iter()
+                    .find(|view| view.account == account)
+                    .ok_or(EngineError::UnknownAccount { account: AccountRef::User(account) })?;
+                Ok(pb::GetBalanceResponse { balance: Some(convert::balance(view)) })
+            })
+            .await
     }
 
     async fn list_balances(
         &self,
         request: GrpcRequest<pb::ListBalancesRequest>,
     ) -> Result<Response<pb::ListBalancesResponse>, Status> {
-        handle("ListBalances", request, |body| async move {
-            let user_id = convert::uuid(&body.user_id, "user_id")?;
-            let views = self.ledger.accounts_of(user_id).await?;
-            Ok(pb::ListBalancesResponse { balances: views.iter().map(convert::balance).collect() })
-        })
-        .await
+        self.gate
+            .handle("ListBalances", request, |body| async move {
+                let user_id = convert::uuid(&body.user_id, "user_id")?;
+                let views = self.visible_accounts(user_id).await?;
+                Ok(pb::ListBalancesResponse { balances: views.iter().map(convert::balance).collect() })
+            })
+            .await
     }
 
     async fn get_user_summary(
         &self,
         request: GrpcRequest<pb::GetUserSummaryRequest>,
     ) -> Result<Response<pb::GetUserSummaryResponse>, Status> {
-        handle("GetUserSummary", request, |body| async move {
-            let user_id = convert::uuid(&body.user_id, "user_id")?;
-            let views = self.ledger.accounts_of(user_id).await?;
-            Ok(convert::summary(&UserSummary::from_accounts(&views)))
-        })
-        .await
+        self.gate
+            .handle("GetUserSummary", request, |body| async move {
+                let user_id = convert::uuid(&body.user_id, "user_id")?;
+                let views = self.visible_accounts(user_id).await?;
+                Ok(convert::summary(&UserSummary::from_accounts(&views)))
+            })
+            .await
     }
 
     async fn deposit(
         &self,
         request: GrpcRequest<pb::DepositRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        handle("Deposit", request, |body| async move {
-            self.mutate(&body.idempotency_key, convert::deposit_request(&body)).await
-        })
-        .await
+        self.gate
+            .handle("Deposit", request, |body| async move {
+                self.mutate(&body.idempotency_key, convert::deposit_request(&body)).await
+            })
+            .await
     }
 
     async fn withdraw(
         &self,
         request: GrpcRequest<pb::WithdrawRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        handle("Withdraw", request, |body| async move {
-            self.mutate(&body.idempotency_key, convert::withdraw_request(&body)).await
-        })
-        .await
+        self.gate
+            .handle("Withdraw", request, |body| async move {
+                self.mutate(&body.idempotency_key, convert::withdraw_request(&body)).await
+            })
+            .await
     }
 
     async fn reserve(
         &self,
         request: GrpcRequest<pb::ReserveRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        handle("Reserve", request, |body| async move {
-            self.mutate(&body.idempotency_key, convert::reserve_request(&body)).await
-        })
-        .await
+        self.gate
+            .handle("Reserve", request, |body| async move {
+                self.mutate(&body.idempotency_key, convert::reserve_request(&body)).await
+            })
+            .await
     }
 
     async fn commit(&self, request: GrpcRequest<pb::CommitRequest>) -> Result<Response<pb::MutationResponse>, Status> {
-        handle("Commit", request, |body| async move {
-            self.mutate(&body.idempotency_key, convert::commit_request(&body)).await
-        })
-        .await
+        self.gate
+            .handle("Commit", request, |body| async move {
+                self.mutate(&body.idempotency_key, convert::commit_request(&body)).await
+            })
+            .await
     }
 
     async fn release(
         &self,
         request: GrpcRequest<pb::ReleaseRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        handle("Release", request, |body| async move {
-            self.mutate(&body.idempotency_key, convert::release_request(&body)).await
-        })
-        .await
+        self.gate
+            .handle("Release", request, |body| async move {
+                self.mutate(&body.idempotency_key, convert::release_request(&body)).await
+            })
+            .await
     }
 
     async fn transfer(
         &self,
         request: GrpcRequest<pb::TransferRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        handle("Transfer", request, |body| async move {
-            self.mutate(&body.idempotency_key, convert::transfer_request(&body)).await
-        })
-        .await
+        self.gate
+            .handle("Transfer", request, |body| async move {
+                self.mutate(&body.idempotency_key, convert::transfer_request(&body)).await
+            })
+            .await
     }
 
     async fn convert(
         &self,
         request: GrpcRequest<pb::ConvertRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        handle("Convert", request, |body| async move {
-            self.mutate(&body.idempotency_key, convert::convert_request(&body)).await
-        })
-        .await
+        self.gate
+            .handle("Convert", request, |body| async move {
+                self.mutate(&body.idempotency_key, convert::convert_request(&body)).await
+            })
+            .await
     }
 
     async fn submit_batch(
         &self,
         request: GrpcRequest<pb::SubmitBatchRequest>,
     ) -> Result<Response<pb::SubmitBatchResponse>, Status> {
-        handle("SubmitBatch", request, |body| self.submit_batch_entries(body)).await
+        self.gate.handle("SubmitBatch", request, |body| self.submit_batch_entries(body)).await
     }
 }
 

@@ -9,8 +9,13 @@
 //! - NOT_FOUND: an unknown account or reservation
 //! - ALREADY_EXISTS: the account or reservation exists; an idempotency key reused for another body
 //! - FAILED_PRECONDITION: right request, wrong moment (funds, frozen, limits, reservation state)
-//! - RESOURCE_EXHAUSTED: the idempotency store is full; retry later
+//! - RESOURCE_EXHAUSTED: the idempotency store is full, or the server is at its concurrency
+//!   limit (OVERLOADED: nothing was done; retry later with backoff)
 //! - UNAVAILABLE: PostgreSQL cannot be written; the outcome is unknown, retry with the same key
+//! - DEADLINE_EXCEEDED: the request's deadline passed; a change may still become durable, so
+//!   retry with the same idempotency key
+//! - UNAUTHENTICATED: no bearer token, or not one the server knows
+//! - PERMISSION_DENIED: the caller's scopes do not cover the operation or the domain
 //! - INTERNAL: a failure of the server itself
 
 use std::collections::HashMap;
@@ -19,6 +24,7 @@ use thiserror::Error;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use super::auth::AuthError;
 use super::convert::InvalidField;
 use crate::engine::account::AccountRef;
 use crate::engine::error::EngineError;
@@ -26,6 +32,9 @@ use crate::ledger::LedgerError;
 
 /// The ErrorInfo domain of every refusal this service gives.
 pub const ERROR_DOMAIN: &str = "ledger.diboas";
+
+/// The delay an OVERLOADED refusal suggests before a retry (google.rpc.RetryInfo).
+pub const OVERLOADED_RETRY_DELAY_MS: u64 = 50;
 
 /// Every way an RPC of the ledger service can fail.
 #[derive(Debug, Error)]
@@ -40,6 +49,15 @@ pub enum ApiError {
     Refused(#[from] EngineError),
     #[error(transparent)]
     Ledger(LedgerError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("the server is at its limit of {max_in_flight} requests in flight; retry later")]
+    Overloaded { max_in_flight: usize },
+    #[error(
+        "the request did not finish within its deadline of {deadline_ms} ms; a change it asked for may still \
+         become durable: retry with the same idempotency key to learn its outcome"
+    )]
+    DeadlineExceeded { deadline_ms: u64 },
 }
 
 impl From<LedgerError> for ApiError {
@@ -189,6 +207,42 @@ impl From<ApiError> for Status {
             ApiError::Ledger(other) => {
                 tracing::error!(error = %other, "internal ledger failure");
                 with_info(Code::Internal, message, "INTERNAL", vec![], ErrorDetails::new())
+            }
+            ApiError::Auth(refusal) => {
+                let (code, reason, metadata) = match &refusal {
+                    AuthError::MissingToken => (Code::Unauthenticated, "MISSING_TOKEN", vec![]),
+                    AuthError::MalformedToken => (Code::Unauthenticated, "MALFORMED_TOKEN", vec![]),
+                    AuthError::UnknownToken => (Code::Unauthenticated, "UNKNOWN_TOKEN", vec![]),
+                    AuthError::OperationNotAllowed { service, operation } => (
+                        Code::PermissionDenied,
+                        "OPERATION_NOT_ALLOWED",
+                        vec![("service", service.clone()), ("operation", operation.clone())],
+                    ),
+                    AuthError::DomainNotAllowed { service, domain } => (
+                        Code::PermissionDenied,
+                        "DOMAIN_NOT_ALLOWED",
+                        vec![("service", service.clone()), ("domain", (*domain).to_owned())],
+                    ),
+                };
+                with_info(code, message, reason, metadata, ErrorDetails::new())
+            }
+            ApiError::DeadlineExceeded { deadline_ms } => with_info(
+                Code::DeadlineExceeded,
+                message,
+                "DEADLINE_EXCEEDED",
+                vec![("deadline_ms", deadline_ms.to_string())],
+                ErrorDetails::new(),
+            ),
+            ApiError::Overloaded { max_in_flight } => {
+                let mut details = ErrorDetails::new();
+                details.set_retry_info(Some(std::time::Duration::from_millis(OVERLOADED_RETRY_DELAY_MS)));
+                with_info(
+                    Code::ResourceExhausted,
+                    message,
+                    "OVERLOADED",
+                    vec![("max_in_flight", max_in_flight.to_string())],
+                    details,
+                )
             }
         }
     }

@@ -31,6 +31,11 @@ impl Domain {
             Domain::Defi => "defi",
         }
     }
+
+    /// The domain named by [`Domain::name`].
+    pub fn parse(name: &str) -> Option<Domain> {
+        Domain::ALL.into_iter().find(|domain| domain.name() == name)
+    }
 }
 
 /// Payment providers money enters and leaves through; each has a clearing account per asset.

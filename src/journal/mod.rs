@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use self::batch::{Batch, write_batch};
 use crate::engine::record::JournalRecord;
+use crate::metrics::JournalMetrics;
 use crate::store::StoreError;
 
 /// How long a connection attempt to PostgreSQL may take before it counts as a failure.
@@ -38,7 +39,7 @@ pub const PARTITION_CHECK_INTERVAL_MS: u64 = 60 * 60 * 1_000;
 /// How soon partition maintenance tries again after it could not lock its tables.
 pub const PARTITION_RETRY_INTERVAL_MS: u64 = 60 * 1_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct JournalConfig {
     /// Records the engine may hand over before it waits for the writer (back-pressure).
     pub channel_capacity: usize,
@@ -56,6 +57,8 @@ pub struct JournalConfig {
     /// Past days of idempotency keys the periodic partition maintenance keeps (the ledger sets
     /// it from the engine's retention, see `store::idempotency_key_keep_days`).
     pub key_keep_days: i32,
+    /// Where the writer records its batch sizes and commit latencies.
+    pub metrics: JournalMetrics,
 }
 
 impl Default for JournalConfig {
@@ -67,6 +70,7 @@ impl Default for JournalConfig {
             copy_min_bytes: 1 << 20,
             max_commit_ms: 30_000,
             key_keep_days: crate::store::idempotency_key_keep_days(crate::engine::EngineConfig::default().retention_ms),
+            metrics: JournalMetrics::default(),
         }
     }
 }
@@ -221,10 +225,13 @@ impl WriterLoop<'_> {
                 };
                 next_partition_check = Instant::now() + Duration::from_millis(retry_in_ms);
             }
+            let started = Instant::now();
             let write = write_batch(&mut self.conn, &batch, self.committed_sequence, self.config.copy_min_bytes);
             tokio::time::timeout(Duration::from_millis(self.config.max_commit_ms), write)
                 .await
                 .map_err(|_| JournalError::CommitTimeout(self.config.max_commit_ms))??;
+            self.config.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+            self.config.metrics.batch_records.observe(batch.len() as f64);
             if let Some(last) = batch.last_sequence() {
                 self.committed_sequence = last;
                 self.durability.send_modify(|durability| durability.committed_sequence = last);

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use diboas_ledger::api::pb;
 use diboas_ledger::api::pb::ledger_client::LedgerClient;
-use diboas_ledger::api::server::{ServeConfig, ServeError, serve};
+use diboas_ledger::api::server::{ServeConfig, ServeError, ServeOptions, serve};
 use diboas_ledger::api::status::ERROR_DOMAIN;
 use diboas_ledger::ledger::{Ledger, LedgerConfig};
 use diboas_ledger::store;
@@ -49,11 +49,15 @@ impl TestServer {
     }
 
     pub async fn start_with_ledger(ledger: LedgerConfig, config: ServeConfig) -> TestServer {
+        TestServer::start_with_options(ledger, ServeOptions::development(config)).await
+    }
+
+    pub async fn start_with_options(ledger: LedgerConfig, options: ServeOptions) -> TestServer {
         let ledger = Ledger::open(ledger).await.expect("open the ledger");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a free port");
         let address = listener.local_addr().expect("local address");
         let (shutdown, signal) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(ledger, listener, config, async {
+        let task = tokio::spawn(serve(ledger, listener, options, async {
             // A dropped sender also means stop.
             let _ = signal.await;
         }));

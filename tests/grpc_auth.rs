@@ -1,0 +1,258 @@
+//! Authentication and scopes end to end: bearer tokens, operations and domains, for unary RPCs,
+//! batches (independent and linked) and reads; every refusal has the right code and reason and
+//! changes nothing; the journal records which service asked.
+
+mod grpc_common;
+
+use std::sync::Arc;
+
+use diboas_ledger::api::auth::{self, AUTHORIZATION, Authenticator, CallerEntry, CallersFile};
+use diboas_ledger::api::pb;
+use diboas_ledger::api::server::{ServeConfig, ServeOptions};
+use diboas_ledger::ledger::LedgerConfig;
+use diboas_ledger::metrics::Metrics;
+use grpc_common::*;
+use sqlx::PgPool;
+use tonic::Code;
+
+struct Tokens {
+    /// Everything, every domain: sets the scene.
+    admin: String,
+    /// Banking money-in only.
+    payments: String,
+    /// Every operation, investing only.
+    trading: String,
+}
+
+fn entry(service: &str, operations: &[&str], domains: &[&str]) -> (String, CallerEntry) {
+    auth::new_token(
+        service,
+        operations.iter().map(|name| (*name).to_owned()).collect(),
+        domains.iter().map(|name| (*name).to_owned()).collect(),
+    )
+}
+
+async fn server_with_tokens(pool: &PgPool) -> (TestServer, Tokens) {
+    let (admin, admin_entry) = entry("admin", &["*"], &["*"]);
+    let (payments, payments_entry) = entry(
+        "payments",
+        &["OpenAccount", "Deposit", "GetBalance", "ListBalances", "GetUserSummary", "SubmitBatch"],
+        &["banking"],
+    );
+    let (trading, trading_entry) = entry("trading", &["*"], &["investing"]);
+    let authenticator =
+        Authenticator::from_callers(&CallersFile { callers: vec![admin_entry, payments_entry, trading_entry] })
+            .expect("a valid callers file");
+    let options = ServeOptions {
+        config: ServeConfig::default(),
+        authenticator,
+        metrics_listener: None,
+        metrics: Arc::new(Metrics::new()),
+    };
+    let server = TestServer::start_with_options(LedgerConfig::new(prepared(pool).await), options).await;
+    (server, Tokens { admin, payments, trading })
+}
+
+fn with_token<T>(body: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(body);
+    request.metadata_mut().insert(AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+async fn balance_as(server: &TestServer, token: &str, account: &pb::UserAccount) -> String {
+    let mut client = server.client.clone();
+    let response = client
+        .get_balance(with_token(pb::GetBalanceRequest { account: Some(account.clone()) }, token))
+        .await
+        .expect("balance");
+    response.into_inner().balance.expect("a balance").total
+}
+
+#[sqlx::test]
+async fn missing_malformed_and_unknown_tokens_are_unauthenticated(pool: PgPool) {
+    let (server, tokens) = server_with_tokens(&pool).await;
+    let mut client = server.client.clone();
+    let alice = usd(1);
+
+    let missing = client.open_account(open("open", &alice)).await.unwrap_err();
+    assert_refused(&missing, Code::Unauthenticated, "MISSING_TOKEN");
+    let unknown = client.open_account(with_token(open("open", &alice), "not-a-token")).await.unwrap_err();
+    assert_refused(&unknown, Code::Unauthenticated, "UNKNOWN_TOKEN");
+    let mut basic = tonic::Request::new(open("open", &alice));
+    basic.metadata_mut().insert(AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().unwrap());
+    assert_refused(&client.open_account(basic).await.unwrap_err(), Code::Unauthenticated, "MALFORMED_TOKEN");
+    // Reads are guarded too.
+    let read = client.get_balance(pb::GetBalanceRequest { account: Some(alice.clone()) }).await.unwrap_err();
+    assert_refused(&read, Code::Unauthenticated, "MISSING_TOKEN");
+
+    // Nothing was opened: the same key now opens the account for the first time.
+    let opened = client.open_account(with_token(open("open", &alice), &tokens.admin)).await.unwrap().into_inner();
+    assert!(!opened.replayed);
+    server.stop().await;
+}
+
+#[sqlx::test]
+async fn operations_and_domains_outside_the_scopes_are_permission_denied(pool: PgPool) {
+    let (server, tokens) = server_with_tokens(&pool).await;
+    let mut client = server.client.clone();
+    let alice = usd(1);
+    let alice_btc = account(1, pb::Domain::Investing, "BTC");
+    client.open_account(with_token(open("open-alice", &alice), &tokens.payments)).await.unwrap();
+    client.deposit(with_token(deposit("fund-alice", &alice, "100.00"), &tokens.payments)).await.unwrap();
+    client.open_account(with_token(open("open-btc", &alice_btc), &tokens.trading)).await.unwrap();
+
+    // payments may not withdraw at all...
+    let withdraw = pb::WithdrawRequest {
+        idempotency_key: "wd".into(),
+        operation: Some(pb::Withdraw {
+            account: Some(alice.clone()),
+            amount: "1.00".into(),
+            provider: pb::Provider::Stripe.into(),
+        }),
+    };
+    let denied = client.withdraw(with_token(withdraw, &tokens.payments)).await.unwrap_err();
+    assert_refused(&denied, Code::PermissionDenied, "OPERATION_NOT_ALLOWED");
+    // ...nor touch the investing domain, even with an operation it may use...
+    let denied =
+        client.deposit(with_token(deposit("fund-btc", &alice_btc, "1.0"), &tokens.payments)).await.unwrap_err();
+    assert_refused(&denied, Code::PermissionDenied, "DOMAIN_NOT_ALLOWED");
+    // ...and trading may not reach into banking.
+    let denied = client.deposit(with_token(deposit("fund-usd", &alice, "1.00"), &tokens.trading)).await.unwrap_err();
+    assert_refused(&denied, Code::PermissionDenied, "DOMAIN_NOT_ALLOWED");
+    let denied = client
+        .get_balance(with_token(pb::GetBalanceRequest { account: Some(alice.clone()) }, &tokens.trading))
+        .await
+        .unwrap_err();
+    assert_refused(&denied, Code::PermissionDenied, "DOMAIN_NOT_ALLOWED");
+
+    // Commit and release name only a reservation: its account's domain is checked.
+    client
+        .reserve(with_token(
+            pb::ReserveRequest {
+                idempotency_key: "hold".into(),
+                operation: Some(pb::Reserve {
+                    reservation_id: uuid::Uuid::from_u128(7).to_string(),
+                    account: Some(alice.clone()),
+                    amount: "10.00".into(),
+                    ttl_ms: None,
+                }),
+            },
+            &tokens.admin,
+        ))
+        .await
+        .unwrap();
+    let release = pb::ReleaseRequest {
+        idempotency_key: "release".into(),
+        operation: Some(pb::Release {
+            user_id: alice.user_id.clone(),
+            reservation_id: uuid::Uuid::from_u128(7).to_string(),
+        }),
+    };
+    let denied = client.release(with_token(release.clone(), &tokens.trading)).await.unwrap_err();
+    assert_refused(&denied, Code::PermissionDenied, "DOMAIN_NOT_ALLOWED");
+
+    // Nothing the refusals asked for happened.
+    assert_eq!(balance_as(&server, &tokens.admin, &alice).await, "100.00");
+    assert_eq!(balance_as(&server, &tokens.admin, &alice_btc).await, "0.00000000");
+    let listed = client
+        .list_balances(with_token(pb::ListBalancesRequest { user_id: alice.user_id.clone() }, &tokens.admin))
+        .await
+        .unwrap()
+        .into_inner();
+    let reserved: Vec<&str> = listed.balances.iter().map(|balance| balance.reserved.as_str()).collect();
+    assert!(reserved.contains(&"10.00"), "the reservation is still held: {reserved:?}");
+    // The key the refused release used is still free.
+    let released = client.release(with_token(release, &tokens.admin)).await.unwrap().into_inner();
+    assert!(!released.replayed);
+    server.stop().await;
+}
+
+#[sqlx::test]
+async fn reads_show_only_the_domains_in_scope(pool: PgPool) {
+    let (server, tokens) = server_with_tokens(&pool).await;
+    let mut client = server.client.clone();
+    let alice = usd(1);
+    let alice_btc = account(1, pb::Domain::Investing, "BTC");
+    client.open_account(with_token(open("open-usd", &alice), &tokens.admin)).await.unwrap();
+    client.open_account(with_token(open("open-btc", &alice_btc), &tokens.admin)).await.unwrap();
+
+    let list = |token: &str| with_token(pb::ListBalancesRequest { user_id: alice.user_id.clone() }, token);
+    let all = client.list_balances(list(&tokens.admin)).await.unwrap().into_inner().balances;
+    let banking = client.list_balances(list(&tokens.payments)).await.unwrap().into_inner().balances;
+    let investing = client.list_balances(list(&tokens.trading)).await.unwrap().into_inner().balances;
+    assert_eq!(all.len(), 2);
+    assert_eq!(banking.len(), 1);
+    assert_eq!(banking[0].account.as_ref().unwrap().asset, "USD");
+    assert_eq!(investing.len(), 1);
+    assert_eq!(investing[0].account.as_ref().unwrap().asset, "BTC");
+    server.stop().await;
+}
+
+#[sqlx::test]
+async fn batches_are_checked_entry_by_entry_and_linked_groups_as_a_whole(pool: PgPool) {
+    let (server, tokens) = server_with_tokens(&pool).await;
+    let mut client = server.client.clone();
+    let alice = usd(1);
+    let bob = usd(2);
+    let alice_btc = account(1, pb::Domain::Investing, "BTC");
+    for (key, account) in [("open-a", &alice), ("open-b", &bob), ("open-btc", &alice_btc)] {
+        client.open_account(with_token(open(key, account), &tokens.admin)).await.unwrap();
+    }
+    let single = |key: &str, kind: pb::operation::Kind| pb::BatchEntry {
+        idempotency_key: key.into(),
+        kind: Some(pb::batch_entry::Kind::Single(pb::Operation { kind: Some(kind) })),
+    };
+    let batch = pb::SubmitBatchRequest {
+        entries: vec![
+            single("ok", pb::operation::Kind::Deposit(deposit_body(&alice, "5.00"))),
+            single("wrong-domain", pb::operation::Kind::Deposit(deposit_body(&alice_btc, "1.0"))),
+            single("wrong-operation", pb::operation::Kind::Transfer(transfer_body(&alice, &bob, "1.00"))),
+            pb::BatchEntry {
+                idempotency_key: "linked".into(),
+                kind: Some(pb::batch_entry::Kind::Linked(pb::LinkedGroup {
+                    operations: vec![
+                        pb::Operation { kind: Some(pb::operation::Kind::Deposit(deposit_body(&bob, "3.00"))) },
+                        pb::Operation {
+                            kind: Some(pb::operation::Kind::Transfer(transfer_body(&bob, &alice, "1.00"))),
+                        },
+                    ],
+                })),
+            },
+        ],
+    };
+    let results = client.submit_batch(with_token(batch, &tokens.payments)).await.unwrap().into_inner().results;
+    assert!(matches!(results[0].result, Some(pb::batch_result::Result::Receipt(_))));
+    let reason = |index: usize| match &results[index].result {
+        Some(pb::batch_result::Result::Error(status)) => {
+            assert_eq!(status.code, Code::PermissionDenied as i32);
+            tonic_types::RpcStatusExt::get_details_error_info(status).expect("ErrorInfo").reason
+        }
+        other => panic!("entry {index}: expected a refusal, got {other:?}"),
+    };
+    assert_eq!(reason(1), "DOMAIN_NOT_ALLOWED");
+    assert_eq!(reason(2), "OPERATION_NOT_ALLOWED");
+    assert_eq!(reason(3), "OPERATION_NOT_ALLOWED", "one forbidden member refuses the whole linked group");
+    assert_eq!(balance_as(&server, &tokens.admin, &alice).await, "5.00");
+    assert_eq!(balance_as(&server, &tokens.admin, &bob).await, "0.00", "the linked deposit did not happen");
+    assert_eq!(balance_as(&server, &tokens.admin, &alice_btc).await, "0.00000000");
+    server.stop().await;
+}
+
+#[sqlx::test]
+async fn the_journal_records_which_service_asked(pool: PgPool) {
+    let (server, tokens) = server_with_tokens(&pool).await;
+    let mut client = server.client.clone();
+    client.open_account(with_token(open("open", &usd(1)), &tokens.payments)).await.unwrap();
+    client
+        .open_account(with_token(open("open-btc", &account(1, pb::Domain::Investing, "BTC")), &tokens.trading))
+        .await
+        .unwrap();
+    server.stop().await;
+    let callers: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT record -> 'origin' -> 'data' -> 'context' ->> 'caller' FROM ledger.journal ORDER BY sequence",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(callers, [Some("payments".to_owned()), Some("trading".to_owned())]);
+}
