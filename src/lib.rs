@@ -18,5 +18,6 @@ pub mod api;
 pub mod engine;
 pub mod journal;
 pub mod ledger;
+pub mod load;
 pub mod metrics;
 pub mod store;

@@ -6,6 +6,9 @@
 //!   the asset registry and creates the journal partitions ahead.
 //! - `verify`: replays the whole journal into a fresh engine and compares it with the
 //!   projections; exits non-zero and lists the differences if they disagree.
+//! - `load`: the load generator: drives a running server over gRPC and reports durable ops/s,
+//!   latency percentiles and errors by code; `--baseline` adds per-operation PostgreSQL
+//!   transactions doing the same work, in the same run.
 //! - `token`: makes a new bearer token for a calling service and prints the callers-file entry
 //!   (with the token's digest) that admits it.
 
@@ -18,6 +21,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use diboas_ledger::api::auth::{self, AuthConfigError, Authenticator, CallersFile};
 use diboas_ledger::api::server::{ServeConfig, ServeError, ServeOptions, serve};
 use diboas_ledger::ledger::{Ledger, LedgerConfig, LedgerError};
+use diboas_ledger::load::{self, LoadConfig, Pacing};
 use diboas_ledger::metrics::Metrics;
 use diboas_ledger::store;
 use sqlx::postgres::PgConnectOptions;
@@ -63,6 +67,55 @@ enum Command {
     Verify,
     /// Make a bearer token for a calling service; prints the token once, and its callers-file entry.
     Token(TokenArgs),
+    /// Drive a running server with load and report durable ops/s, latency and errors.
+    Load(LoadArgs),
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// The server to drive.
+    #[arg(long, env = "DIBOAS_LOAD_TARGET", default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// Bearer token to send (leave unset for a --dev-mode server).
+    #[arg(long, env = "DIBOAS_LOAD_TOKEN")]
+    token: Option<String>,
+    /// gRPC connections (HTTP/2), shared round-robin by the in-flight slots.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Requests in flight at once (closed loop: workers; open loop: the cap on outstanding requests).
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
+    /// Operation mix, kind=weight: deposit, withdraw, transfer, reserve-commit.
+    #[arg(long, default_value = "transfer=60,deposit=20,withdraw=10,reserve-commit=10")]
+    mix: String,
+    /// Users to spread the load over (opened and funded before the run).
+    #[arg(long, default_value_t = 10_000)]
+    users: u64,
+    /// Skew users with a Zipf distribution of this exponent (hot accounts); unset is uniform.
+    #[arg(long)]
+    zipf: Option<f64>,
+    /// Units per SubmitBatch; 0 sends unary RPCs.
+    #[arg(long, default_value_t = 0)]
+    batch_size: usize,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    duration_s: u64,
+    /// Open loop: requests started per second, whatever the answers do; unset is closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seed of the random choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also run the same workload as one PostgreSQL transaction per operation, and compare.
+    #[arg(long)]
+    baseline: bool,
+    /// The baseline's own database (created if missing; its tables are emptied each run).
+    #[arg(
+        long,
+        env = "DIBOAS_BASELINE_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/diboas_load_baseline"
+    )]
+    baseline_database_url: String,
 }
 
 #[derive(Args)]
@@ -126,6 +179,10 @@ enum CommandError {
     Auth(#[from] AuthConfigError),
     #[error("printing the callers entry: {0}")]
     Print(#[from] serde_json::Error),
+    #[error("load: {0}")]
+    Load(#[from] load::LoadError),
+    #[error("load: {0}")]
+    Workload(#[from] load::workload::WorkloadError),
 }
 
 fn main() -> ExitCode {
@@ -180,6 +237,32 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
             tracing::info!(%listening, metrics = %args.metrics_listen, "serving diboas.ledger.v1.Ledger");
             let options = ServeOptions { config, authenticator, metrics_listener: Some(metrics_listener), metrics };
             serve(ledger, listener, options, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Load(args) => {
+            let config = LoadConfig {
+                target: args.target,
+                token: args.token,
+                connections: args.connections,
+                in_flight: args.in_flight,
+                mix: load::workload::Mix::parse(&args.mix)?,
+                users: load::workload::Users::new(args.users, args.zipf)?,
+                batch_size: args.batch_size,
+                duration_s: args.duration_s,
+                pacing: args.rate.map_or(Pacing::Closed, |requests_per_second| Pacing::Open { requests_per_second }),
+                seed: args.seed,
+                run_id: load::new_run_id(),
+                baseline: args.baseline,
+                baseline_database_url: args.baseline_database_url,
+            };
+            let reports = load::run(config).await?;
+            for report in &reports {
+                println!("{report}");
+            }
+            if let [ledger, baseline] = reports.as_slice() {
+                let ratio = ledger.operations_per_second() / baseline.operations_per_second().max(f64::EPSILON);
+                println!("ledger / baseline durable ops/s: {ratio:.1}x");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(args) => {
