@@ -10,9 +10,14 @@
 //! - [`ledger`]: the durable handle callers use: execute, then wait until the change is durable;
 //!   fail-stop and reload when PostgreSQL fails.
 //! - [`api`]: the gRPC service and server over the ledger: validation, error mapping, lifecycle.
+//! - [`directory`], [`audit`], [`readside`]: users and compliance data (encrypted personal data),
+//!   the audit and data-access logs, summary views, retention and database statistics.
 
 pub mod api;
+pub mod audit;
+pub mod directory;
 pub mod engine;
 pub mod journal;
 pub mod ledger;
+pub mod readside;
 pub mod store;

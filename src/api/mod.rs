@@ -6,9 +6,13 @@
 //! - [`correlation`]: the `x-correlation-id` of each request, in its log lines and its response.
 //! - [`service`]: the RPC handlers: validate, stamp the server's clock, submit, answer.
 //! - [`server`]: the server itself: health, reflection, limits, the expiry sweep, graceful shutdown.
+//! - [`directory`], [`directory_convert`]: the `Directory` service (users, wallets, compliance
+//!   data, database statistics) and its request checks.
 
 pub mod convert;
 pub mod correlation;
+pub mod directory;
+pub mod directory_convert;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -14,6 +14,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use super::directory::ReadSide;
 use super::pb;
 use super::pb::ledger_server::LedgerServer;
 use super::service::{LedgerService, now_ms};
@@ -59,6 +60,17 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    serve_with(ledger, None, listener, config, shutdown).await
+}
+
+/// [`serve`], plus the read side when given: the Directory service and its periodic upkeep.
+pub async fn serve_with(
+    ledger: Ledger,
+    read_side: Option<ReadSide>,
+    listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let ledger = Arc::new(ledger);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<LedgerService>>().await;
@@ -68,6 +80,10 @@ pub async fn serve(
         .build_v1()?;
     let ledger_service = LedgerServer::new(LedgerService::new(Arc::clone(&ledger), config.max_batch_operations))
         .max_decoding_message_size(config.max_message_bytes);
+    let directory = read_side
+        .as_ref()
+        .map(|read_side| read_side.service().max_decoding_message_size(config.max_message_bytes));
+    let maintenance = read_side.as_ref().map(ReadSide::spawn_maintenance);
     let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ledger), Duration::from_millis(config.sweep_interval_ms)));
 
     let served = tonic::transport::Server::builder()
@@ -75,6 +91,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ledger_service)
+        .add_optional_service(directory)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             shutdown.await;
             // Health checkers see the server leave before its connections do.
@@ -85,6 +102,10 @@ pub async fn serve(
     sweeper.abort();
     // An aborted task ends with a cancellation error: that is the expected outcome here.
     let _ = sweeper.await;
+    if let Some(maintenance) = maintenance {
+        maintenance.abort();
+        let _ = maintenance.await;
+    }
     // The server and its connections are gone, so this is the last handle on the ledger.
     let ledger = Arc::try_unwrap(ledger).map_err(|_| LedgerError::Busy)?;
     ledger.shutdown().await?;

@@ -1,0 +1,11 @@
+//! The read side's upkeep and reports, next to the ledger: the summary materialized views, the
+//! periodic maintenance (view refresh, audit retention) that `serve` runs, and database
+//! statistics for the admin RPC.
+//!
+//! - [`views`]: refreshing `ledger.user_balance_summary` and `ledger.transaction_summary`.
+//! - [`maintenance`]: the background task and its configuration.
+//! - [`monitoring`]: pool, connection, table and index usage.
+
+pub mod maintenance;
+pub mod monitoring;
+pub mod views;
