@@ -5,7 +5,9 @@
 //! - [`views`]: refreshing `ledger.user_balance_summary` and `ledger.transaction_summary`.
 //! - [`maintenance`]: the background task and its configuration.
 //! - [`monitoring`]: pool, connection, table and index usage.
+//! - [`pool`]: the read side's connection pool, with slow-statement logging.
 
 pub mod maintenance;
 pub mod monitoring;
+pub mod pool;
 pub mod views;
