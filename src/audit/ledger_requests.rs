@@ -13,14 +13,25 @@
 use sqlx::PgConnection;
 
 use super::ip_of;
-use crate::engine::account::AccountRef;
+use crate::engine::account::{AccountRef, UserAccount};
 use crate::engine::operation::Operation;
 use crate::engine::record::{JournalRecord, Origin, RequestContext};
 use crate::journal::JournalError;
+use crate::store::codec;
+
+/// An account's entity id: `user_id/domain/asset`, or `system/kind/asset`.
+fn account_id(account: &AccountRef) -> String {
+    match account {
+        AccountRef::User(user) => format!("{}/{}/{}", user.user_id, user.domain.name(), user.asset.symbol()),
+        AccountRef::System(system) => {
+            format!("system/{}/{}", codec::system_kind_name(system.kind), system.asset.symbol())
+        }
+    }
+}
 
 /// The event type and the entity an operation acts on.
 fn subject(operation: &Operation) -> (&'static str, &'static str, String) {
-    let account = |account: &crate::engine::account::UserAccount| AccountRef::User(*account).to_string();
+    let account = |account: &UserAccount| account_id(&AccountRef::User(*account));
     match operation {
         Operation::OpenAccount { account: acted, .. } => ("ledger.open_account", "ledger_account", account(acted)),
         Operation::SetFrozen { account: acted, .. } => ("ledger.set_frozen", "ledger_account", account(acted)),
@@ -33,7 +44,7 @@ fn subject(operation: &Operation) -> (&'static str, &'static str, String) {
         Operation::Release { user_id, reservation_id } => {
             ("ledger.release", "reservation", format!("{user_id}/{reservation_id}"))
         }
-        Operation::Transfer { from, .. } => ("ledger.transfer", "ledger_account", from.to_string()),
+        Operation::Transfer { from, .. } => ("ledger.transfer", "ledger_account", account_id(from)),
         Operation::Convert { from, .. } => ("ledger.convert", "ledger_account", account(from)),
         Operation::LinkedBatch { operations } => (
             "ledger.linked_batch",
