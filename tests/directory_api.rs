@@ -296,7 +296,10 @@ async fn every_mutating_directory_rpc_writes_one_audit_row(pool: PgPool) {
         .await
         .expect("account");
     directory
-        .erase_user(correlated(pb::EraseUserRequest { user_id: user.to_string(), reason: "GDPR art. 17".into() }, "c-erase"))
+        .erase_user(correlated(
+            pb::EraseUserRequest { user_id: user.to_string(), reason: "GDPR art. 17".into() },
+            "c-erase",
+        ))
         .await
         .expect("erase");
 
@@ -344,9 +347,17 @@ async fn bad_wallets_are_refused_and_nothing_is_stored(pool: PgPool) {
         public_key: public_key.into(),
     };
     let cases = [
-        (wallet(pb::WalletChain::Ethereum, "0x5AAeb6053F3E94C9b9A09f33669435E7Ef1BeAed", ""), "INVALID_WALLET_ADDRESS", "address"),
+        (
+            wallet(pb::WalletChain::Ethereum, "0x5AAeb6053F3E94C9b9A09f33669435E7Ef1BeAed", ""),
+            "INVALID_WALLET_ADDRESS",
+            "address",
+        ),
         (wallet(pb::WalletChain::Ethereum, "0x1234", ""), "INVALID_WALLET_ADDRESS", "address"),
-        (wallet(pb::WalletChain::Bitcoin, "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN3", ""), "INVALID_WALLET_ADDRESS", "address"),
+        (
+            wallet(pb::WalletChain::Bitcoin, "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN3", ""),
+            "INVALID_WALLET_ADDRESS",
+            "address",
+        ),
         (wallet(pb::WalletChain::Solana, "0OIl", ""), "INVALID_WALLET_ADDRESS", "address"),
         (wallet(pb::WalletChain::Sui, &format!("0x{}", "g".repeat(64)), ""), "INVALID_WALLET_ADDRESS", "address"),
         (
@@ -355,7 +366,11 @@ async fn bad_wallets_are_refused_and_nothing_is_stored(pool: PgPool) {
             "address",
         ),
         (
-            wallet(pb::WalletChain::Ethereum, ETH_ADDRESS, "xprv9s21ZrQH143K3QTDL4LXw2F7HEK3wJUD2nW2nRk4stbPy6cq3jPPqjiChkVvvNKmPGJxWUtg6LnF5kejMRNNU3TGtRBeJgk33yuGBxrMPHi"),
+            wallet(
+                pb::WalletChain::Ethereum,
+                ETH_ADDRESS,
+                "xprv9s21ZrQH143K3QTDL4LXw2F7HEK3wJUD2nW2nRk4stbPy6cq3jPPqjiChkVvvNKmPGJxWUtg6LnF5kejMRNNU3TGtRBeJgk33yuGBxrMPHi",
+            ),
             "PRIVATE_KEY_REFUSED",
             "public_key",
         ),
@@ -367,8 +382,15 @@ async fn bad_wallets_are_refused_and_nothing_is_stored(pool: PgPool) {
     }
     let unspecified = server.directory.register_wallet(wallet(pb::WalletChain::Unspecified, ETH_ADDRESS, "")).await;
     assert_refused(&unspecified.unwrap_err(), Code::InvalidArgument, "INVALID_FIELD");
-    let unknown_user = pb::RegisterWalletRequest { user_id: user_id(77).to_string(), ..wallet(pb::WalletChain::Ethereum, ETH_ADDRESS, "") };
-    assert_refused(&server.directory.register_wallet(unknown_user).await.unwrap_err(), Code::NotFound, "USER_NOT_FOUND");
+    let unknown_user = pb::RegisterWalletRequest {
+        user_id: user_id(77).to_string(),
+        ..wallet(pb::WalletChain::Ethereum, ETH_ADDRESS, "")
+    };
+    assert_refused(
+        &server.directory.register_wallet(unknown_user).await.unwrap_err(),
+        Code::NotFound,
+        "USER_NOT_FOUND",
+    );
 
     assert_eq!(count(&pool, "SELECT count(*) FROM directory.wallets").await, 0);
     assert_eq!(count(&pool, "SELECT count(*) FROM audit.audit_log").await, audit_before);
@@ -413,7 +435,8 @@ async fn erasure_removes_personal_data_and_keeps_the_ledger(pool: PgPool) {
     let mut server = ReadSideServer::start(&pool).await;
     let user = user_id(9);
     populated_user(&mut server, user).await;
-    let account = pb::UserAccount { user_id: user.to_string(), domain: pb::Domain::Banking.into(), asset: "USD".into() };
+    let account =
+        pb::UserAccount { user_id: user.to_string(), domain: pb::Domain::Banking.into(), asset: "USD".into() };
     server
         .ledger
         .open_account(pb::OpenAccountRequest {
@@ -492,8 +515,7 @@ async fn database_stats_report_the_pool_and_usage(pool: PgPool) {
     assert!(stats.pool_max >= 1 && stats.pool_size >= 1, "{stats:?}");
     assert!(stats.server_connections >= 1);
     assert!(!stats.tables.is_empty() && stats.tables.len() <= 100);
-    assert!(stats.tables.iter().any(|table| table.name == "directory.users" && table.live_rows + table.index_scans > 0
-        || table.name == "directory.users"), "{:?}", stats.tables);
+    assert!(stats.tables.iter().any(|table| table.name == "directory.users"), "{:?}", stats.tables);
     assert!(stats.indexes.iter().any(|index| index.index_name == "users_pkey"), "{:?}", stats.indexes);
     server.stop().await;
 }

@@ -68,13 +68,12 @@ async fn partitions_exist_ahead_and_rows_land_in_their_month(pool: PgPool) {
 
     for months_ahead in [0, 1, 3] {
         audit_row_in(&pool, -months_ahead).await;
-        let landed: String = sqlx::query_scalar(
-            "SELECT tableoid::regclass::text FROM audit.audit_log WHERE entity_id = $1::text",
-        )
-        .bind(-months_ahead)
-        .fetch_one(&pool)
-        .await
-        .expect("the row");
+        let landed: String =
+            sqlx::query_scalar("SELECT tableoid::regclass::text FROM audit.audit_log WHERE entity_id = $1::text")
+                .bind(-months_ahead)
+                .fetch_one(&pool)
+                .await
+                .expect("the row");
         assert_eq!(landed, format!("audit.{}", month_name(&pool, "audit_log", -months_ahead).await));
     }
     sqlx::query("INSERT INTO audit.data_access_log (entity_type, fields, reason) VALUES ('user', '{email}', 'test')")
@@ -116,15 +115,21 @@ async fn retention_archives_and_drops_exactly_the_old_months(pool: PgPool) {
     assert!(archived.contains(&month_name(&pool, "audit_log", 84).await));
     assert!(!archived.contains(&month_name(&pool, "audit_log", 85).await));
 
-    let hot_rows: Vec<String> =
-        sqlx::query_scalar("SELECT entity_id FROM audit.audit_log ORDER BY entity_id::int").fetch_all(&pool).await.expect("hot");
-    assert_eq!(hot_rows, ["0", "1", "13"]);
-    let archived_rows: Vec<String> = sqlx::query_scalar("SELECT entity_id FROM archive.audit_log ORDER BY entity_id::int")
+    let hot_rows: Vec<String> = sqlx::query_scalar("SELECT entity_id FROM audit.audit_log ORDER BY entity_id::int")
         .fetch_all(&pool)
         .await
-        .expect("the archive stays queryable");
+        .expect("hot");
+    assert_eq!(hot_rows, ["0", "1", "13"]);
+    let archived_rows: Vec<String> =
+        sqlx::query_scalar("SELECT entity_id FROM archive.audit_log ORDER BY entity_id::int")
+            .fetch_all(&pool)
+            .await
+            .expect("the archive stays queryable");
     assert_eq!(archived_rows, ["14", "20", "84"]);
-    assert_eq!(count(&pool, "SELECT count(*) FROM pg_class WHERE relname LIKE 'audit_log_%' AND relkind = 'r'").await, 17 + 71);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM pg_class WHERE relname LIKE 'audit_log_%' AND relkind = 'r'").await,
+        17 + 71
+    );
 
     // The archive is append-only too, and archived months are not recreated in the hot table.
     let error = sqlx::query("DELETE FROM archive.audit_log").execute(&pool).await.expect_err("append-only");

@@ -75,7 +75,7 @@ async fn views_agree_with_the_base_tables_after_refresh(pool: PgPool) {
     .fetch_one(&pool)
     .await
     .expect("alice's USD");
-    assert_eq!((accounts, total), (2, Decimal::new(127_50, 2)), "150.50 - 20 - 10 in banking, 7 in investing");
+    assert_eq!((accounts, total), (2, Decimal::new(12_750, 2)), "150.50 - 20 - 10 in banking, 7 in investing");
 
     // transaction_summary, for alice's banking USD account, by operation and outcome.
     let rows: Vec<(String, String, i64, Decimal, Decimal)> = sqlx::query_as(
@@ -87,10 +87,10 @@ async fn views_agree_with_the_base_tables_after_refresh(pool: PgPool) {
     .await
     .expect("summary");
     let expected = vec![
-        ("convert".to_string(), "ok".to_string(), 1, Decimal::from(10_00), commission_minor),
-        ("deposit".to_string(), "ok".to_string(), 2, Decimal::from(150_50), Decimal::ZERO),
+        ("convert".to_string(), "ok".to_string(), 1, Decimal::from(1_000), commission_minor),
+        ("deposit".to_string(), "ok".to_string(), 2, Decimal::from(15_050), Decimal::ZERO),
         ("open_account".to_string(), "ok".to_string(), 1, Decimal::ZERO, Decimal::ZERO),
-        ("transfer".to_string(), "ok".to_string(), 1, Decimal::from(20_00), Decimal::ZERO),
+        ("transfer".to_string(), "ok".to_string(), 1, Decimal::from(2_000), Decimal::ZERO),
         ("transfer".to_string(), "refused".to_string(), 1, Decimal::from(100_000_000), Decimal::ZERO),
     ];
     assert_eq!(rows, expected);

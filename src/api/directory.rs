@@ -83,7 +83,10 @@ impl pb::directory_server::Directory for DirectoryService {
         .await
     }
 
-    async fn set_kyc(&self, request: GrpcRequest<pb::SetKycRequest>) -> Result<Response<pb::UserChangeResponse>, Status> {
+    async fn set_kyc(
+        &self,
+        request: GrpcRequest<pb::SetKycRequest>,
+    ) -> Result<Response<pb::UserChangeResponse>, Status> {
         handle("SetKyc", request, |body| async move {
             let (user_id, kyc) = convert::set_kyc(&body)?;
             store::set_kyc(&self.pool, &self.keyring, user_id, &kyc, correlation::current().as_deref()).await?;
@@ -129,7 +132,10 @@ impl pb::directory_server::Directory for DirectoryService {
         .await
     }
 
-    async fn get_user(&self, request: GrpcRequest<pb::GetUserRequest>) -> Result<Response<pb::GetUserResponse>, Status> {
+    async fn get_user(
+        &self,
+        request: GrpcRequest<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
         handle("GetUser", request, |body| async move {
             let user_id = convert::user_id(&body.user_id, "user_id")?;
             let reason = convert::reason(&body.reason)?;

@@ -150,7 +150,9 @@ pub fn register_user(request: &pb::RegisterUserRequest, today: NaiveDate) -> Res
 }
 
 pub fn update_user(request: &pb::UpdateUserRequest, today: NaiveDate) -> Result<(Uuid, UserUpdate), InvalidField> {
-    let optional_text = |value: Option<&String>, field: &str| value.filter(|value| !value.is_empty()).map(|value| text(value, field)).transpose();
+    let optional_text = |value: Option<&String>, field: &str| {
+        value.filter(|value| !value.is_empty()).map(|value| text(value, field)).transpose()
+    };
     let preferences = request.preferences.as_ref();
     let domains = if request.enabled_domains.is_empty() {
         None
@@ -226,7 +228,9 @@ pub fn set_kyc(request: &pb::SetKycRequest) -> Result<(Uuid, KycUpdate), Invalid
     ))
 }
 
-pub fn compliance_check(request: &pb::RecordComplianceCheckRequest) -> Result<(Uuid, NewComplianceCheck), InvalidField> {
+pub fn compliance_check(
+    request: &pb::RecordComplianceCheckRequest,
+) -> Result<(Uuid, NewComplianceCheck), InvalidField> {
     let check_type = match pb::ComplianceCheckType::try_from(request.check_type) {
         Ok(pb::ComplianceCheckType::Kyc) => CheckType::Kyc,
         Ok(pb::ComplianceCheckType::Aml) => CheckType::Aml,
@@ -245,7 +249,9 @@ pub fn compliance_check(request: &pb::RecordComplianceCheckRequest) -> Result<(U
         .ok_or_else(|| invalid("risk_score", "must be 0 to 100"))?;
     let expires_at = match request.expires_at_ms {
         0 => None,
-        ms => Some(DateTime::<Utc>::from_timestamp_millis(ms).ok_or_else(|| invalid("expires_at_ms", "is out of range"))?),
+        ms => Some(
+            DateTime::<Utc>::from_timestamp_millis(ms).ok_or_else(|| invalid("expires_at_ms", "is out of range"))?,
+        ),
     };
     Ok((
         user_id(&request.user_id, "user_id")?,
@@ -315,7 +321,8 @@ pub fn domain_account(request: &pb::OpenDomainAccountRequest) -> Result<(Uuid, N
     let (domain, kind, settings) = match request.account.as_ref() {
         None => return Err(invalid("account", "is required: banking, investing or defi")),
         Some(Account::Banking(banking)) => {
-            let kind = named(&banking.kind, "banking.kind", BankingKind::from_name, "checking, savings, credit_card, wire")?;
+            let kind =
+                named(&banking.kind, "banking.kind", BankingKind::from_name, "checking, savings, credit_card, wire")?;
             let verification = named(
                 &banking.verification_status,
                 "banking.verification_status",
@@ -330,7 +337,8 @@ pub fn domain_account(request: &pb::OpenDomainAccountRequest) -> Result<(Uuid, N
             (Domain::Banking, kind.name(), settings)
         }
         Some(Account::Investing(investing)) => {
-            let kind = named(&investing.kind, "investing.kind", InvestingKind::from_name, "brokerage, retirement, margin")?;
+            let kind =
+                named(&investing.kind, "investing.kind", InvestingKind::from_name, "brokerage, retirement, margin")?;
             let tolerance =
                 named(&investing.risk_tolerance, "investing.risk_tolerance", RiskTolerance::from_name, tolerances)?;
             if investing.margin_enabled && kind != InvestingKind::Margin {

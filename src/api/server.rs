@@ -80,9 +80,8 @@ pub async fn serve_with(
         .build_v1()?;
     let ledger_service = LedgerServer::new(LedgerService::new(Arc::clone(&ledger), config.max_batch_operations))
         .max_decoding_message_size(config.max_message_bytes);
-    let directory = read_side
-        .as_ref()
-        .map(|read_side| read_side.service().max_decoding_message_size(config.max_message_bytes));
+    let directory =
+        read_side.as_ref().map(|read_side| read_side.service().max_decoding_message_size(config.max_message_bytes));
     let maintenance = read_side.as_ref().map(ReadSide::spawn_maintenance);
     let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ledger), Duration::from_millis(config.sweep_interval_ms)));
 

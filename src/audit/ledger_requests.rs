@@ -82,9 +82,11 @@ pub async fn write(tx: &mut PgConnection, records: &[JournalRecord]) -> Result<(
         ips.push(ip_of(context.and_then(|context| context.peer.as_deref())));
         user_agents.push(context.and_then(|context| context.user_agent.clone()));
         correlation_ids.push(context.map(|context| context.correlation_id.clone()));
-        sequences.push(i64::try_from(record.sequence).map_err(|_| {
-            JournalError::Inconsistent(format!("sequence {} does not fit a bigint", record.sequence))
-        })?);
+        sequences.push(
+            i64::try_from(record.sequence).map_err(|_| {
+                JournalError::Inconsistent(format!("sequence {} does not fit a bigint", record.sequence))
+            })?,
+        );
     }
     if event_types.is_empty() {
         return Ok(());

@@ -81,14 +81,14 @@ const BECH32_CHARSET: &[u8] = b"qpzry9x8gf2tvdw0s3jn54khce6mua7l";
 fn bitcoin(address: &str) -> Result<(), AddressError> {
     let malformed = |why| AddressError::Malformed { chain: "bitcoin", why };
     let lower = address.to_ascii_lowercase();
-    if lower.starts_with("bc1") {
+    if let Some(data) = lower.strip_prefix("bc1") {
         if address != lower && address != address.to_ascii_uppercase() {
             return Err(malformed("bech32 must not mix case"));
         }
         if !(14..=74).contains(&address.len()) {
             return Err(malformed("bech32 address of the wrong length"));
         }
-        return if lower[3..].bytes().all(|byte| BECH32_CHARSET.contains(&byte)) {
+        return if data.bytes().all(|byte| BECH32_CHARSET.contains(&byte)) {
             Ok(())
         } else {
             Err(malformed("bech32 address with a character outside its charset"))
@@ -124,9 +124,8 @@ fn ethereum(address: &str) -> Result<(), AddressError> {
 }
 
 fn solana(address: &str) -> Result<(), AddressError> {
-    let bytes = bs58::decode(address)
-        .into_vec()
-        .map_err(|_| AddressError::Malformed { chain: "solana", why: "not base58" })?;
+    let bytes =
+        bs58::decode(address).into_vec().map_err(|_| AddressError::Malformed { chain: "solana", why: "not base58" })?;
     if bytes.len() == 32 {
         Ok(())
     } else {
@@ -180,7 +179,12 @@ mod tests {
         // The well-known WIF example from the Bitcoin wiki (not anyone's key).
         let wif = "5HueCGU8rMjxEXxiPuD5BDku4MkFqeZyd4dZ1jvhTVqvbTLvyTJ";
         assert_eq!(validate_address(Chain::Bitcoin, wif), Err(AddressError::PrivateKey));
-        assert_eq!(validate_public_key("xprv9s21ZrQH143K3QTDL4LXw2F7HEK3wJUD2nW2nRk4stbPy6cq3jPPqjiChkVvvNKmPGJxWUtg6LnF5kejMRNNU3TGtRBeJgk33yuGBxrMPHi"), Err(AddressError::PrivateKey));
+        assert_eq!(
+            validate_public_key(
+                "xprv9s21ZrQH143K3QTDL4LXw2F7HEK3wJUD2nW2nRk4stbPy6cq3jPPqjiChkVvvNKmPGJxWUtg6LnF5kejMRNNU3TGtRBeJgk33yuGBxrMPHi"
+            ),
+            Err(AddressError::PrivateKey)
+        );
         let keypair = bs58::encode([7u8; 64]).into_string();
         assert_eq!(validate_address(Chain::Solana, &keypair), Err(AddressError::PrivateKey));
     }

@@ -135,8 +135,10 @@ impl Keyring {
     /// string, so anything sealed under it is as good as plaintext. The server logs a warning
     /// whenever it runs with it.
     pub fn development() -> Keyring {
-        let data_key: [u8; KEY_BYTES] = Sha256::digest(b"diboas-ledger development data key; never use in production").into();
-        let index_key: [u8; KEY_BYTES] = Sha256::digest(b"diboas-ledger development index key; never use in production").into();
+        let data_key: [u8; KEY_BYTES] =
+            Sha256::digest(b"diboas-ledger development data key; never use in production").into();
+        let index_key: [u8; KEY_BYTES] =
+            Sha256::digest(b"diboas-ledger development index key; never use in production").into();
         Keyring { keys: BTreeMap::from([(1, cipher(&data_key))]), active: 1, index_key }
     }
 
@@ -150,7 +152,8 @@ impl Keyring {
         let cipher = self.keys.get(&self.active).ok_or(CryptoError::UnknownKeyVersion(self.active))?;
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let aad = associated_data(owner, field);
-        let ciphertext = cipher.encrypt(&nonce, Payload { msg: plaintext, aad: &aad }).map_err(|_| CryptoError::Seal)?;
+        let ciphertext =
+            cipher.encrypt(&nonce, Payload { msg: plaintext, aad: &aad }).map_err(|_| CryptoError::Seal)?;
         Ok(Sealed { key_version: self.active, nonce: nonce.to_vec(), ciphertext })
     }
 

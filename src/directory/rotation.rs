@@ -10,6 +10,9 @@ use uuid::Uuid;
 use super::DirectoryError;
 use super::encryption::{Keyring, Sealed};
 
+/// A stored value: owner, field, key version, nonce, ciphertext.
+type SealedRow = (Uuid, String, i32, Vec<u8>, Vec<u8>);
+
 /// The most values one rotation batch re-seals.
 pub const MAX_ROTATION_BATCH: i64 = 10_000;
 
@@ -18,7 +21,7 @@ pub async fn rotate_batch(pool: &PgPool, keyring: &Keyring, batch_size: i64) -> 
     let batch_size = batch_size.clamp(1, MAX_ROTATION_BATCH);
     let active = keyring.active_version();
     let mut tx = pool.begin().await?;
-    let rows: Vec<(Uuid, String, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+    let rows: Vec<SealedRow> = sqlx::query_as(
         "SELECT user_id, field, key_version, nonce, ciphertext FROM directory.personal_data
          WHERE key_version <> $1 ORDER BY user_id, field LIMIT $2 FOR UPDATE SKIP LOCKED",
     )

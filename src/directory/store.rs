@@ -152,7 +152,8 @@ pub async fn update_user(
 ) -> Result<(), DirectoryError> {
     let mut tx = pool.begin().await?;
     let before = lock_user(&mut tx, user_id).await?;
-    let domains = update.enabled_domains.as_ref().map(|domains| domains.iter().map(|domain| domain.name()).collect::<Vec<_>>());
+    let domains =
+        update.enabled_domains.as_ref().map(|domains| domains.iter().map(|domain| domain.name()).collect::<Vec<_>>());
     let updated = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "UPDATE directory.users AS u SET email_index = COALESCE($2, email_index),
              two_factor_enabled = COALESCE($3, two_factor_enabled), timezone = COALESCE($4, timezone),
@@ -220,11 +221,8 @@ pub async fn set_kyc(
     .bind(&kyc.compliance_flags)
     .fetch_one(&mut *tx)
     .await?;
-    let documents: Vec<(PersonalField, String)> = kyc
-        .document_references
-        .iter()
-        .map(|references| (PersonalField::KycDocuments, references.join("\n")))
-        .collect();
+    let documents: Vec<(PersonalField, String)> =
+        kyc.document_references.iter().map(|references| (PersonalField::KycDocuments, references.join("\n"))).collect();
     write_personal(&mut tx, keyring, user_id, &documents).await?;
     let event = AuditEvent {
         event_type: "user.kyc_set",
@@ -408,6 +406,9 @@ type UserRow = (
     Option<DateTime<Utc>>,
 );
 
+/// A stored value: field, algorithm, key version, nonce, ciphertext.
+type SealedRow = (String, String, i32, Vec<u8>, Vec<u8>);
+
 type CheckRow = (Uuid, String, String, String, i16, Vec<String>, DateTime<Utc>, Option<DateTime<Utc>>);
 
 fn stored<T>(value: Option<T>, what: &str, text: &str) -> Result<T, DirectoryError> {
@@ -433,7 +434,7 @@ pub async fn get_user(
     .fetch_optional(&mut *tx)
     .await?;
     let row = row.ok_or(DirectoryError::UserNotFound(user_id))?;
-    let sealed: Vec<(String, String, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+    let sealed: Vec<SealedRow> = sqlx::query_as(
         "SELECT field, algorithm, key_version, nonce, ciphertext FROM directory.personal_data WHERE user_id = $1
          ORDER BY field",
     )
@@ -477,8 +478,22 @@ pub async fn get_user(
         let value = String::from_utf8(plaintext).map_err(|_| CryptoError::Unsealable)?;
         personal.push((stored(PersonalField::from_name(&field), "personal field", &field)?, value));
     }
-    let (two_factor_enabled, timezone, language, currency, mascot, experience, kyc, risk, flags, points, streak, domains, last_active_at, erased_at) =
-        row;
+    let (
+        two_factor_enabled,
+        timezone,
+        language,
+        currency,
+        mascot,
+        experience,
+        kyc,
+        risk,
+        flags,
+        points,
+        streak,
+        domains,
+        last_active_at,
+        erased_at,
+    ) = row;
     Ok(UserRecord {
         user_id,
         two_factor_enabled,
