@@ -91,6 +91,13 @@ pub async fn write(tx: &mut PgConnection, records: &[JournalRecord]) -> Result<(
     if event_types.is_empty() {
         return Ok(());
     }
+    debug_assert!(
+        [entity_types.len(), entity_ids.len(), after_states.len(), callers.len(), correlation_ids.len()]
+            .iter()
+            .chain([ips.len(), user_agents.len(), sequences.len()].iter())
+            .all(|length| *length == event_types.len()),
+        "one value per row in every column"
+    );
     sqlx::query(
         "INSERT INTO audit.audit_log (event_type, entity_type, entity_id, after_state, caller, ip_address, user_agent,
              correlation_id, journal_sequence)

@@ -24,9 +24,10 @@ pub struct RetentionReport {
     pub dropped: i32,
 }
 
-/// How long one run waits for a table lock; moving a partition needs an exclusive lock on the
-/// parent, which a long report query would otherwise make every audit insert wait behind.
-const RETENTION_LOCK_TIMEOUT_MS: u32 = 2_000;
+/// How long one run waits for a table lock. Moving a partition needs an exclusive lock on the
+/// parent, and while it waits every audit insert (the journal writer's batches) queues behind it,
+/// so it gives up quickly and tries again at the next run.
+const RETENTION_LOCK_TIMEOUT_MS: u32 = 250;
 
 /// Applies the retention rules as of `now`, one table per transaction.
 pub async fn apply(conn: &mut PgConnection, now: DateTime<Utc>) -> Result<RetentionReport, sqlx::Error> {
