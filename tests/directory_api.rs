@@ -519,3 +519,18 @@ async fn database_stats_report_the_pool_and_usage(pool: PgPool) {
     assert!(stats.indexes.iter().any(|index| index.index_name == "users_pkey"), "{:?}", stats.indexes);
     server.stop().await;
 }
+
+#[sqlx::test]
+async fn the_directory_reports_serving_health(pool: PgPool) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let server = ReadSideServer::start(&pool).await;
+    let mut health = HealthClient::new(server.channel.clone());
+    for service in ["diboas.ledger.v1.Directory", "diboas.ledger.v1.Ledger"] {
+        let response = health.check(HealthCheckRequest { service: service.into() }).await.expect("health").into_inner();
+        assert_eq!(response.status, ServingStatus::Serving as i32, "{service}");
+    }
+    drop(health);
+    server.stop().await;
+}

@@ -14,8 +14,9 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use super::directory::ReadSide;
+use super::directory::{DirectoryService, ReadSide};
 use super::pb;
+use super::pb::directory_server::DirectoryServer;
 use super::pb::ledger_server::LedgerServer;
 use super::service::{LedgerService, now_ms};
 use crate::ledger::{Ledger, LedgerError};
@@ -74,6 +75,9 @@ pub async fn serve_with(
     let ledger = Arc::new(ledger);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<LedgerService>>().await;
+    if read_side.is_some() {
+        health_reporter.set_serving::<DirectoryServer<DirectoryService>>().await;
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

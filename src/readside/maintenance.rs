@@ -9,9 +9,13 @@ use sqlx::PgPool;
 use super::views;
 use crate::audit::retention;
 
-/// Refreshes and retention every `interval`, until the task is aborted.
+/// The shortest interval accepted: a full refresh re-reads the journal, so more often than this
+/// would only load PostgreSQL (and a zero interval is not a timer).
+pub const MIN_INTERVAL_MS: u64 = 1_000;
+
+/// Refreshes and retention every `interval` (at least [`MIN_INTERVAL_MS`]), until the task is aborted.
 pub async fn run_forever(pool: PgPool, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
+    let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(MIN_INTERVAL_MS)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;

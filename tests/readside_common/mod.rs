@@ -32,6 +32,8 @@ pub const DOCUMENT: &str = "passport-PT-X9Q7K2L4";
 pub struct ReadSideServer {
     pub ledger: LedgerClient<Channel>,
     pub directory: DirectoryClient<Channel>,
+    /// The clients' connection, for the other services (health).
+    pub channel: Channel,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), ServeError>>,
 }
@@ -56,15 +58,16 @@ impl ReadSideServer {
         let channel = Channel::from_shared(format!("http://{address}")).expect("uri").connect().await.expect("connect");
         ReadSideServer {
             ledger: LedgerClient::new(channel.clone()),
-            directory: DirectoryClient::new(channel),
+            directory: DirectoryClient::new(channel.clone()),
+            channel,
             shutdown,
             task,
         }
     }
 
     pub async fn stop(self) {
-        let ReadSideServer { ledger, directory, shutdown, task } = self;
-        drop((ledger, directory));
+        let ReadSideServer { ledger, directory, channel, shutdown, task } = self;
+        drop((ledger, directory, channel));
         shutdown.send(()).expect("server still running");
         task.await.expect("server task").expect("server stopped cleanly");
     }
