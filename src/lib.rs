@@ -13,11 +13,16 @@
 //!   mapping, load shedding, lifecycle.
 //! - [`metrics`]: Prometheus metrics of the API and the journal, served on their own port.
 //! - [`load`]: the load generator (`diboas-ledger load`) that drives a running server.
+//! - [`directory`], [`audit`], [`readside`]: users and compliance data (encrypted personal data),
+//!   the audit and data-access logs, summary views, retention and database statistics.
 
 pub mod api;
+pub mod audit;
+pub mod directory;
 pub mod engine;
 pub mod journal;
 pub mod ledger;
 pub mod load;
 pub mod metrics;
+pub mod readside;
 pub mod store;

@@ -11,6 +11,9 @@
 //!   transactions doing the same work, in the same run.
 //! - `token`: makes a new bearer token for a calling service and prints the callers-file entry
 //!   (with the token's digest) that admits it.
+//! - `rotate-keys`: re-seals the personal data under the active encryption key, in batches,
+//!   while the server keeps serving.
+//! - `retention`: refreshes the summary views and applies the audit retention once.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -19,10 +22,14 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use diboas_ledger::api::auth::{self, AuthConfigError, Authenticator, CallersFile};
+use diboas_ledger::api::directory::ReadSide;
 use diboas_ledger::api::server::{ServeConfig, ServeError, ServeOptions, serve};
+use diboas_ledger::directory::encryption::{Keyring, KeyringError};
+use diboas_ledger::directory::{DirectoryError, rotation};
 use diboas_ledger::ledger::{Ledger, LedgerConfig, LedgerError};
 use diboas_ledger::load::{self, LoadConfig, Pacing};
 use diboas_ledger::metrics::Metrics;
+use diboas_ledger::readside;
 use diboas_ledger::store;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -69,6 +76,10 @@ enum Command {
     Token(TokenArgs),
     /// Drive a running server with load and report durable ops/s, latency and errors.
     Load(LoadArgs),
+    /// Re-seal personal data under the active encryption key (safe while serving).
+    RotateKeys(RotateArgs),
+    /// Refresh the summary views and apply the audit retention once.
+    Retention,
 }
 
 #[derive(Args)]
@@ -131,6 +142,45 @@ struct TokenArgs {
     domains: Vec<String>,
 }
 
+/// The encryption keys. Both keys unset means the development keys, which `serve` logs loudly.
+#[derive(Args)]
+struct KeyArgs {
+    /// Data keys as `version:base64-of-32-bytes`, comma separated; old versions stay until rotated away.
+    #[arg(long, env = "DIBOAS_ENCRYPTION_KEYS", hide_env_values = true)]
+    encryption_keys: Option<String>,
+    /// The key version new values are sealed under.
+    #[arg(long, env = "DIBOAS_ENCRYPTION_ACTIVE_KEY", default_value_t = 1)]
+    encryption_active_key: i32,
+    /// The blind-index (HMAC-SHA256) key for email lookups, base64 of 32 bytes.
+    #[arg(long, env = "DIBOAS_BLIND_INDEX_KEY", hide_env_values = true)]
+    blind_index_key: Option<String>,
+}
+
+impl KeyArgs {
+    fn keyring(&self) -> Result<Keyring, CommandError> {
+        match (&self.encryption_keys, &self.blind_index_key) {
+            (Some(keys), Some(index_key)) => Ok(Keyring::parse(keys, self.encryption_active_key, index_key)?),
+            (None, None) => {
+                tracing::warn!(
+                    "NO ENCRYPTION KEYS CONFIGURED: personal data is sealed with the public DEVELOPMENT key; \
+                     set DIBOAS_ENCRYPTION_KEYS and DIBOAS_BLIND_INDEX_KEY in any real deployment"
+                );
+                Ok(Keyring::development())
+            }
+            _ => Err(CommandError::PartialKeys),
+        }
+    }
+}
+
+#[derive(Args)]
+struct RotateArgs {
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// Values re-sealed per transaction.
+    #[arg(long, env = "DIBOAS_ROTATION_BATCH_SIZE", default_value_t = 500)]
+    batch_size: i64,
+}
+
 #[derive(Args)]
 struct ServeArgs {
     /// Address to listen on.
@@ -160,6 +210,17 @@ struct ServeArgs {
     /// Address of the Prometheus metrics endpoint (GET /metrics).
     #[arg(long, env = "DIBOAS_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     metrics_listen: SocketAddr,
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// How often the summary views are refreshed (and audit retention applied), in milliseconds.
+    #[arg(long, env = "DIBOAS_VIEW_REFRESH_INTERVAL_MS", default_value_t = 60_000)]
+    view_refresh_interval_ms: u64,
+    /// Statements slower than this are logged at WARN, in milliseconds.
+    #[arg(long, env = "DIBOAS_SLOW_STATEMENT_MS", default_value_t = 500)]
+    slow_statement_ms: u64,
+    /// Most connections of the read side's pool (the Directory service and the view refresh).
+    #[arg(long, env = "DIBOAS_READ_POOL_CONNECTIONS", default_value_t = 8)]
+    read_pool_connections: u32,
 }
 
 /// Everything a command can fail with.
@@ -183,6 +244,12 @@ enum CommandError {
     Load(#[from] load::LoadError),
     #[error("load: {0}")]
     Workload(#[from] load::workload::WorkloadError),
+    #[error("the encryption keyring: {0}")]
+    Keyring(#[from] KeyringError),
+    #[error("set both DIBOAS_ENCRYPTION_KEYS and DIBOAS_BLIND_INDEX_KEY, or neither (development keys)")]
+    PartialKeys,
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
 }
 
 fn main() -> ExitCode {
@@ -231,11 +298,26 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
             let listening =
                 listener.local_addr().map_err(|source| CommandError::Bind { address: args.listen, source })?;
             let metrics = Arc::new(Metrics::new());
-            let mut ledger_config = LedgerConfig::new(options);
+            let mut ledger_config = LedgerConfig::new(options.clone());
             ledger_config.journal.metrics = metrics.journal.clone();
+            let read_side = ReadSide {
+                pool: readside::pool::connect(&options, args.read_pool_connections, args.slow_statement_ms),
+                keyring: Arc::new(args.keys.keyring()?),
+                refresh_interval_ms: args.view_refresh_interval_ms,
+            };
             let ledger = Ledger::open(ledger_config).await?;
-            tracing::info!(%listening, metrics = %args.metrics_listen, "serving diboas.ledger.v1.Ledger");
-            let options = ServeOptions { config, authenticator, metrics_listener: Some(metrics_listener), metrics };
+            tracing::info!(
+                %listening,
+                metrics = %args.metrics_listen,
+                "serving diboas.ledger.v1.Ledger and diboas.ledger.v1.Directory"
+            );
+            let options = ServeOptions {
+                config,
+                authenticator,
+                metrics_listener: Some(metrics_listener),
+                metrics,
+                read_side: Some(read_side),
+            };
             serve(ledger, listener, options, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -277,6 +359,19 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
             store::create_database_if_missing(&cli.database_url).await?;
             store::prepare(&options).await?;
             println!("database ready");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RotateKeys(args) => {
+            let keyring = args.keys.keyring()?;
+            let pool = readside::pool::connect(&options, 1, u64::MAX);
+            let rotated = rotation::rotate_all(&pool, &keyring, args.batch_size).await?;
+            println!("re-sealed {rotated} values under key version {}", keyring.active_version());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Retention => {
+            let pool = readside::pool::connect(&options, 1, u64::MAX);
+            let report = readside::maintenance::run_once(&pool).await.map_err(store::StoreError::from)?;
+            println!("views refreshed; {} partitions archived, {} dropped", report.archived, report.dropped);
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify => {

@@ -4,13 +4,10 @@
 
 mod grpc_common;
 
-use std::sync::Arc;
-
 use diboas_ledger::api::auth::{self, AUTHORIZATION, Authenticator, CallerEntry, CallersFile};
 use diboas_ledger::api::pb;
 use diboas_ledger::api::server::{ServeConfig, ServeOptions};
 use diboas_ledger::ledger::LedgerConfig;
-use diboas_ledger::metrics::Metrics;
 use grpc_common::*;
 use sqlx::PgPool;
 use tonic::Code;
@@ -43,12 +40,7 @@ async fn server_with_tokens(pool: &PgPool) -> (TestServer, Tokens) {
     let authenticator =
         Authenticator::from_callers(&CallersFile { callers: vec![admin_entry, payments_entry, trading_entry] })
             .expect("a valid callers file");
-    let options = ServeOptions {
-        config: ServeConfig::default(),
-        authenticator,
-        metrics_listener: None,
-        metrics: Arc::new(Metrics::new()),
-    };
+    let options = ServeOptions { authenticator, ..ServeOptions::development(ServeConfig::default()) };
     let server = TestServer::start_with_options(LedgerConfig::new(prepared(pool).await), options).await;
     (server, Tokens { admin, payments, trading })
 }

@@ -10,7 +10,6 @@ mod grpc_common;
 
 use std::sync::Arc;
 
-use diboas_ledger::api::auth::Authenticator;
 use diboas_ledger::api::pb;
 use diboas_ledger::api::server::{ServeConfig, ServeOptions};
 use diboas_ledger::ledger::LedgerConfig;
@@ -37,12 +36,7 @@ async fn start(
     let metrics = Arc::new(Metrics::new());
     let mut ledger = LedgerConfig::new(prepared(pool).await);
     ledger.journal.metrics = metrics.journal.clone();
-    let options = ServeOptions {
-        config,
-        authenticator: Authenticator::development(),
-        metrics_listener,
-        metrics: Arc::clone(&metrics),
-    };
+    let options = ServeOptions { metrics_listener, metrics: Arc::clone(&metrics), ..ServeOptions::development(config) };
     (TestServer::start_with_options(ledger, options).await, metrics)
 }
 

@@ -10,10 +10,14 @@
 //! - [`service`]: the RPC handlers: validate, check scopes, stamp the server's clock, submit, answer.
 //! - [`server`]: the server itself: health, reflection, limits, the expiry sweep, metrics
 //!   endpoint, graceful shutdown.
+//! - [`directory`], [`directory_convert`]: the `Directory` service (users, wallets, compliance
+//!   data, database statistics) and its request checks.
 
 pub mod auth;
 pub mod convert;
 pub mod correlation;
+pub mod directory;
+pub mod directory_convert;
 pub mod gate;
 pub mod server;
 pub mod service;

@@ -16,8 +16,10 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use super::auth::Authenticator;
+use super::directory::{DirectoryService, ReadSide};
 use super::gate::Gate;
 use super::pb;
+use super::pb::directory_server::DirectoryServer;
 use super::pb::ledger_server::LedgerServer;
 use super::service::{LedgerService, now_ms};
 use crate::ledger::{Ledger, LedgerError};
@@ -67,6 +69,8 @@ pub struct ServeOptions {
     pub metrics_listener: Option<TcpListener>,
     /// The registry; tests pass their own to read it.
     pub metrics: Arc<Metrics>,
+    /// The read side (the Directory service and its periodic upkeep), if served.
+    pub read_side: Option<ReadSide>,
 }
 
 impl ServeOptions {
@@ -77,6 +81,7 @@ impl ServeOptions {
             authenticator: Authenticator::development(),
             metrics_listener: None,
             metrics: Arc::new(Metrics::new()),
+            read_side: None,
         }
     }
 }
@@ -88,7 +93,7 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let ServeOptions { config, authenticator, metrics_listener, metrics } = options;
+    let ServeOptions { config, authenticator, metrics_listener, metrics, read_side } = options;
     if authenticator.is_development() {
         tracing::warn!(
             "DEVELOPMENT MODE: no bearer tokens are checked; every caller has every scope. Never run this in production."
@@ -107,6 +112,9 @@ pub async fn serve(
     });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<LedgerService>>().await;
+    if read_side.is_some() {
+        health_reporter.set_serving::<DirectoryServer<DirectoryService>>().await;
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -114,12 +122,17 @@ pub async fn serve(
     let ledger_service =
         LedgerServer::new(LedgerService::new(Arc::clone(&ledger), Arc::clone(&gate), config.max_batch_operations))
             .max_decoding_message_size(config.max_message_bytes);
+    let directory = read_side
+        .as_ref()
+        .map(|read_side| read_side.service(Arc::clone(&gate)).max_decoding_message_size(config.max_message_bytes));
+    let maintenance = read_side.as_ref().map(ReadSide::spawn_maintenance);
     let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ledger), Duration::from_millis(config.sweep_interval_ms)));
 
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ledger_service)
+        .add_optional_service(directory)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             shutdown.await;
             // Health checkers see the server leave before its connections do.
@@ -136,6 +149,10 @@ pub async fn serve(
         if let Ok(Err(error)) = metrics_endpoint.await {
             tracing::warn!(%error, "the metrics endpoint failed");
         }
+    }
+    if let Some(maintenance) = maintenance {
+        maintenance.abort();
+        let _ = maintenance.await;
     }
     // The server and its connections are gone, so this is the last handle on the ledger.
     let ledger = Arc::try_unwrap(ledger).map_err(|_| LedgerError::Busy)?;

@@ -26,6 +26,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use super::auth::AuthError;
 use super::convert::InvalidField;
+use crate::directory::DirectoryError;
+use crate::directory::address::AddressError;
 use crate::engine::account::AccountRef;
 use crate::engine::error::EngineError;
 use crate::ledger::LedgerError;
@@ -58,6 +60,10 @@ pub enum ApiError {
          become durable: retry with the same idempotency key to learn its outcome"
     )]
     DeadlineExceeded { deadline_ms: u64 },
+    #[error("{field}: {error}")]
+    InvalidWallet { field: String, error: AddressError },
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
 }
 
 impl From<LedgerError> for ApiError {
@@ -166,6 +172,29 @@ fn classify(error: &EngineError) -> (Code, &'static str, Metadata) {
     }
 }
 
+/// Code, reason and metadata of a directory refusal.
+fn classify_directory(error: &DirectoryError) -> (Code, &'static str, Metadata) {
+    use DirectoryError as D;
+    match error {
+        D::UserNotFound(user_id) => (Code::NotFound, "USER_NOT_FOUND", vec![("user_id", user_id.to_string())]),
+        D::UserAlreadyExists(user_id) => {
+            (Code::AlreadyExists, "USER_ALREADY_EXISTS", vec![("user_id", user_id.to_string())])
+        }
+        D::EmailAlreadyRegistered => (Code::AlreadyExists, "EMAIL_ALREADY_REGISTERED", vec![]),
+        D::WalletAlreadyRegistered { user_id, chain } => (
+            Code::AlreadyExists,
+            "WALLET_ALREADY_REGISTERED",
+            vec![("user_id", user_id.to_string()), ("chain", (*chain).to_string())],
+        ),
+        D::DomainAccountAlreadyExists(account_id) => {
+            (Code::AlreadyExists, "DOMAIN_ACCOUNT_ALREADY_EXISTS", vec![("account_id", account_id.to_string())])
+        }
+        D::UserErased(user_id) => (Code::FailedPrecondition, "USER_ERASED", vec![("user_id", user_id.to_string())]),
+        D::Database(_) if error.is_unavailable() => (Code::Unavailable, "DATABASE_UNAVAILABLE", vec![]),
+        D::Crypto(_) | D::Corrupt(_) | D::Database(_) => (Code::Internal, "INTERNAL", vec![]),
+    }
+}
+
 fn with_info(code: Code, message: String, reason: &str, metadata: Metadata, mut details: ErrorDetails) -> Status {
     let metadata: HashMap<String, String> = metadata.into_iter().map(|(key, value)| (key.to_string(), value)).collect();
     details.set_error_info(reason, ERROR_DOMAIN, metadata);
@@ -243,6 +272,19 @@ impl From<ApiError> for Status {
                     vec![("max_in_flight", max_in_flight.to_string())],
                     details,
                 )
+            }
+            ApiError::InvalidWallet { field, error } => {
+                let reason =
+                    if error == AddressError::PrivateKey { "PRIVATE_KEY_REFUSED" } else { "INVALID_WALLET_ADDRESS" };
+                let details = ErrorDetails::with_bad_request_violation(field.clone(), error.to_string());
+                with_info(Code::InvalidArgument, message, reason, vec![("field", field)], details)
+            }
+            ApiError::Directory(error) => {
+                let (code, reason, metadata) = classify_directory(&error);
+                if code == Code::Internal {
+                    tracing::error!(%error, "internal directory failure");
+                }
+                with_info(code, message, reason, metadata, ErrorDetails::new())
             }
         }
     }

@@ -112,6 +112,7 @@ pub async fn ensure_partitions(conn: &mut PgConnection, keep_days: Option<i32>) 
         .bind(keep_days)
         .execute(&mut *conn)
         .await?;
+    crate::audit::partitions::ensure(conn).await?;
     Ok(())
 }
 

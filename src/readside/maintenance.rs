@@ -1,0 +1,37 @@
+//! The read side's background task inside `serve`: every interval it refreshes the summary
+//! views and applies the audit retention (which does nothing until a month passes its limit).
+//! Failures are logged and retried at the next tick; they never touch the ledger.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use super::views;
+use crate::audit::retention;
+
+/// The shortest interval accepted: a full refresh re-reads the journal, so more often than this
+/// would only load PostgreSQL (and a zero interval is not a timer).
+pub const MIN_INTERVAL_MS: u64 = 1_000;
+
+/// Refreshes and retention every `interval` (at least [`MIN_INTERVAL_MS`]), until the task is aborted.
+pub async fn run_forever(pool: PgPool, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(MIN_INTERVAL_MS)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(error) = run_once(&pool).await {
+            tracing::warn!(%error, "read-side maintenance failed; retrying at the next tick");
+        }
+    }
+}
+
+/// One round: refresh the views, apply retention.
+pub async fn run_once(pool: &PgPool) -> Result<retention::RetentionReport, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    views::refresh(&mut conn).await?;
+    let report = retention::apply(&mut conn, chrono::Utc::now()).await?;
+    if report != retention::RetentionReport::default() {
+        tracing::info!(archived = report.archived, dropped = report.dropped, "audit retention applied");
+    }
+    Ok(report)
+}
