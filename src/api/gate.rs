@@ -60,28 +60,24 @@ impl Gate {
         F: FnOnce(T) -> Fut,
         Fut: Future<Output = Result<R, ApiError>>,
     {
-        let started = Instant::now();
+        let mut tally = RpcTally { metrics: &self.metrics, method, started: Instant::now(), code: None };
         let correlation_id = correlation::of_request(request.metadata());
         let span = tracing::info_span!("rpc", method, correlation_id = %correlation_id, caller = tracing::field::Empty);
         let result = self.admit_and_run(method, request, handler, correlation_id.clone()).instrument(span).await;
-        let (code, answer) = match result {
+        match result {
             Ok(body) => {
                 let mut response = Response::new(body);
                 correlation::echo(response.metadata_mut(), &correlation_id);
-                (Code::Ok, Ok(response))
+                tally.code = Some(Code::Ok);
+                Ok(response)
             }
             Err(error) => {
                 let mut status = Status::from(error);
                 correlation::echo(status.metadata_mut(), &correlation_id);
-                (status.code(), Err(status))
+                tally.code = Some(status.code());
+                Err(status)
             }
-        };
-        self.metrics.rpc_requests.get_or_create(&RpcLabels { method, code: code_name(code) }).inc();
-        self.metrics
-            .rpc_latency_seconds
-            .get_or_create(&MethodLabels { method })
-            .observe(started.elapsed().as_secs_f64());
-        answer
+        }
     }
 
     async fn admit_and_run<T, R, F, Fut>(
@@ -126,6 +122,26 @@ impl Gate {
             Err(error) => tracing::info!(%error, "refused"),
         }
         outcome
+    }
+}
+
+/// Records one RPC in the metrics when it ends: with its answer's code, or CANCELLED if the
+/// handler was dropped unanswered (the caller went away or its own deadline fired first).
+struct RpcTally<'a> {
+    metrics: &'a Metrics,
+    method: &'static str,
+    started: Instant,
+    code: Option<Code>,
+}
+
+impl Drop for RpcTally<'_> {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(Code::Cancelled);
+        self.metrics.rpc_requests.get_or_create(&RpcLabels { method: self.method, code: code_name(code) }).inc();
+        self.metrics
+            .rpc_latency_seconds
+            .get_or_create(&MethodLabels { method: self.method })
+            .observe(self.started.elapsed().as_secs_f64());
     }
 }
 
