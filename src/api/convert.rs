@@ -372,6 +372,9 @@ pub fn receipt(receipt: &Receipt) -> pb::Receipt {
         Receipt::Batch { receipts } => {
             Kind::Linked(receipt::Linked { receipts: receipts.iter().map(self::receipt).collect() })
         }
+        // Transaction operations are served by the Transactions service (api::transactions),
+        // which reports the status itself; the Ledger service never issues them.
+        Receipt::Transaction { .. } => Kind::Done(receipt::Done {}),
     };
     pb::Receipt { kind: Some(kind) }
 }

@@ -145,6 +145,28 @@ fn classify(error: &EngineError) -> (Code, &'static str, Metadata) {
             (Code::InvalidArgument, "INVALID_ACCOUNT_CONFIG", vec![("reason", reason.clone())])
         }
         E::JournalUnavailable => (Code::Unavailable, "JOURNAL_UNAVAILABLE", vec![]),
+        E::TransactionNotFound { user_id, transaction_id } => (
+            Code::NotFound,
+            "TRANSACTION_NOT_FOUND",
+            vec![("user_id", user_id.to_string()), ("transaction_id", transaction_id.to_string())],
+        ),
+        E::TransactionAlreadyExists { transaction_id } => {
+            (Code::AlreadyExists, "TRANSACTION_ALREADY_EXISTS", vec![("transaction_id", transaction_id.to_string())])
+        }
+        E::IllegalTransition { transaction_id, from, to } => (
+            Code::FailedPrecondition,
+            "ILLEGAL_TRANSITION",
+            vec![
+                ("transaction_id", transaction_id.to_string()),
+                ("from", from.name().to_string()),
+                ("to", to.name().to_string()),
+            ],
+        ),
+        E::InvalidTransaction { reason } => {
+            (Code::InvalidArgument, "INVALID_TRANSACTION", vec![("reason", reason.clone())])
+        }
+        E::FillRequired => (Code::InvalidArgument, "FILL_REQUIRED", vec![]),
+        E::PayeeMismatch => (Code::InvalidArgument, "PAYEE_MISMATCH", vec![]),
     }
 }
 
