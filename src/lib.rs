@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod fees;
 pub mod journal;
 pub mod ledger;
 pub mod store;
