@@ -230,6 +230,11 @@ impl Ledger {
         Ok(state)
     }
 
+    /// Where the ledger's PostgreSQL is, for services that read its projections.
+    pub fn connect_options(&self) -> &sqlx::postgres::PgConnectOptions {
+        &self.shared.config.connect
+    }
+
     /// The last sequence committed in PostgreSQL.
     pub fn committed_sequence(&self) -> u64 {
         self.current().durability.borrow().committed_sequence

@@ -91,7 +91,7 @@ fn known<W: TryFrom<i32>, D>(
     W::try_from(value).ok().and_then(from_wire).ok_or_else(|| invalid(field, "must be a known, specified value"))
 }
 
-fn domain(value: i32, field: &str) -> Result<Domain, InvalidField> {
+pub(super) fn domain(value: i32, field: &str) -> Result<Domain, InvalidField> {
     known(value, field, |wire: pb::Domain| match wire {
         pb::Domain::Unspecified => None,
         pb::Domain::Banking => Some(Domain::Banking),
@@ -100,7 +100,7 @@ fn domain(value: i32, field: &str) -> Result<Domain, InvalidField> {
     })
 }
 
-fn provider(value: i32, field: &str) -> Result<Provider, InvalidField> {
+pub(super) fn provider(value: i32, field: &str) -> Result<Provider, InvalidField> {
     known(value, field, |wire: pb::Provider| match wire {
         pb::Provider::Unspecified => None,
         pb::Provider::Stripe => Some(Provider::Stripe),
@@ -242,7 +242,7 @@ fn transfer(wire: &pb::Transfer, field: &str) -> Result<Operation, InvalidField>
 }
 
 /// A price: plain positive decimal digits, like an amount but with `Decimal`'s own precision.
-fn price(text: &str, field: &str) -> Result<Decimal, InvalidField> {
+pub(super) fn price(text: &str, field: &str) -> Result<Decimal, InvalidField> {
     if text.is_empty() {
         return Err(invalid(field, "is required"));
     }

@@ -5,13 +5,18 @@
 //! - [`status`]: the one mapping from refusals to gRPC statuses with machine-readable details.
 //! - [`correlation`]: the `x-correlation-id` of each request, in its log lines and its response.
 //! - [`service`]: the RPC handlers: validate, stamp the server's clock, submit, answer.
+//! - [`transactions`], [`transactions_convert`], [`provider_events`]: the Transactions service
+//!   (business transactions, fees, history, compliance records, the provider inbox).
 //! - [`server`]: the server itself: health, reflection, limits, the expiry sweep, graceful shutdown.
 
 pub mod convert;
 pub mod correlation;
+pub mod provider_events;
 pub mod server;
 pub mod service;
 pub mod status;
+pub mod transactions;
+pub mod transactions_convert;
 
 /// Generated protobuf messages, the service trait and the client.
 pub mod pb {

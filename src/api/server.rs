@@ -68,6 +68,13 @@ pub async fn serve(
         .build_v1()?;
     let ledger_service = LedgerServer::new(LedgerService::new(Arc::clone(&ledger), config.max_batch_operations))
         .max_decoding_message_size(config.max_message_bytes);
+    let transactions_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(super::transactions::MAX_POOL_CONNECTIONS)
+        .connect_lazy_with(ledger.connect_options().clone());
+    let transactions_service = pb::transactions_server::TransactionsServer::new(
+        super::transactions::TransactionsService::new(Arc::clone(&ledger), transactions_pool),
+    )
+    .max_decoding_message_size(config.max_message_bytes);
     let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ledger), Duration::from_millis(config.sweep_interval_ms)));
 
     let served = tonic::transport::Server::builder()
@@ -75,6 +82,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ledger_service)
+        .add_service(transactions_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             shutdown.await;
             // Health checkers see the server leave before its connections do.

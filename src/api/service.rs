@@ -92,7 +92,11 @@ impl LedgerService {
 
 /// Runs one handler inside a span carrying the request's correlation id, logs its outcome, and
 /// echoes the id in the response or the error status.
-async fn handle<T, R, F, Fut>(method: &'static str, request: GrpcRequest<T>, handler: F) -> Result<Response<R>, Status>
+pub(super) async fn handle<T, R, F, Fut>(
+    method: &'static str,
+    request: GrpcRequest<T>,
+    handler: F,
+) -> Result<Response<R>, Status>
 where
     F: FnOnce(T) -> Fut,
     Fut: Future<Output = Result<R, ApiError>>,

@@ -22,7 +22,9 @@ use tonic_types::{ErrorDetails, StatusExt};
 use super::convert::InvalidField;
 use crate::engine::account::AccountRef;
 use crate::engine::error::EngineError;
+use crate::fees::FeeError;
 use crate::ledger::LedgerError;
+use crate::store::StoreError;
 
 /// The ErrorInfo domain of every refusal this service gives.
 pub const ERROR_DOMAIN: &str = "ledger.diboas";
@@ -40,6 +42,18 @@ pub enum ApiError {
     Refused(#[from] EngineError),
     #[error(transparent)]
     Ledger(LedgerError),
+    #[error("transaction {transaction_id} does not exist")]
+    TransactionNotFound { transaction_id: uuid::Uuid },
+    #[error("provider event {event_id:?} from {event_source:?} does not exist")]
+    EventNotFound { event_source: String, event_id: String },
+    #[error("the provider event is {status}; only failed or pending events are retried")]
+    EventNotRetryable { status: String },
+    #[error(transparent)]
+    Fees(#[from] FeeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<LedgerError> for ApiError {
@@ -210,6 +224,44 @@ impl From<ApiError> for Status {
             }
             ApiError::Ledger(other) => {
                 tracing::error!(error = %other, "internal ledger failure");
+                with_info(Code::Internal, message, "INTERNAL", vec![], ErrorDetails::new())
+            }
+            ApiError::TransactionNotFound { transaction_id } => with_info(
+                Code::NotFound,
+                message,
+                "TRANSACTION_NOT_FOUND",
+                vec![("transaction_id", transaction_id.to_string())],
+                ErrorDetails::new(),
+            ),
+            ApiError::EventNotFound { event_source, event_id } => with_info(
+                Code::NotFound,
+                message,
+                "PROVIDER_EVENT_NOT_FOUND",
+                vec![("source", event_source), ("event_id", event_id)],
+                ErrorDetails::new(),
+            ),
+            ApiError::EventNotRetryable { status } => with_info(
+                Code::FailedPrecondition,
+                message,
+                "PROVIDER_EVENT_NOT_RETRYABLE",
+                vec![("status", status)],
+                ErrorDetails::new(),
+            ),
+            ApiError::Fees(FeeError::InvalidSchedule { version, .. }) => with_info(
+                Code::FailedPrecondition,
+                message,
+                "FEE_SCHEDULE_INVALID",
+                vec![("schedule_version", version.to_string())],
+                ErrorDetails::new(),
+            ),
+            ApiError::Fees(FeeError::Overflow { .. }) => {
+                with_info(Code::InvalidArgument, message, "FEES_OVERFLOW", vec![], ErrorDetails::new())
+            }
+            ApiError::Store(error) if error.is_unavailable() => {
+                with_info(Code::Unavailable, message, "STORE_UNAVAILABLE", vec![], ErrorDetails::new())
+            }
+            ApiError::Store(_) | ApiError::Internal(_) => {
+                tracing::error!(error = %message, "internal failure");
                 with_info(Code::Internal, message, "INTERNAL", vec![], ErrorDetails::new())
             }
         }

@@ -8,6 +8,7 @@
 
 pub mod codec;
 mod load;
+pub mod transaction_queries;
 mod transactions;
 mod verify;
 
