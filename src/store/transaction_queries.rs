@@ -96,6 +96,10 @@ struct Row {
     updated_at_ms: i64,
 }
 
+type FeeTuple = (Uuid, String, String, String, Decimal, Option<String>, i64, String);
+type HistoryTuple = (i64, String, String, String, i64, Option<String>, Option<String>, String);
+type EventTuple = (String, String, String, String, String, Option<String>, Option<Uuid>);
+
 const COLUMNS: &str = "transaction_id, user_id, domain, type AS kind, status, asset, principal, fee_total, provider,
     details::text AS details_json, aml_status, aml_risk_score, aml_flags, fill_price, fill_quantity_minor,
     created_at_ms, updated_at_ms";
@@ -106,7 +110,7 @@ fn corrupt(what: String) -> StoreError {
 
 async fn with_fees(pool: &PgPool, rows: Vec<Row>) -> Result<Vec<TransactionRow>, StoreError> {
     let ids: Vec<Uuid> = rows.iter().map(|row| row.transaction_id).collect();
-    let fee_rows: Vec<(Uuid, String, String, String, Decimal, Option<String>, i64, String)> = sqlx::query_as(
+    let fee_rows: Vec<FeeTuple> = sqlx::query_as(
         "SELECT transaction_id, tier, category, method, amount, provider, schedule_version, status
          FROM ledger.transaction_fees WHERE transaction_id = ANY($1) ORDER BY transaction_id, tier",
     )
@@ -203,7 +207,7 @@ pub async fn list(
 pub const MAX_HISTORY_ROWS: i64 = 64;
 
 pub async fn history(pool: &PgPool, transaction_id: Uuid) -> Result<Vec<HistoryRow>, StoreError> {
-    let rows: Vec<(i64, String, String, String, i64, Option<String>, Option<String>, String)> = sqlx::query_as(
+    let rows: Vec<HistoryTuple> = sqlx::query_as(
         "SELECT sequence, from_status, to_status, reason, at_ms, provider_source, provider_event_id, metadata::text
          FROM ledger.transaction_status_history WHERE transaction_id = $1 ORDER BY sequence LIMIT $2",
     )
@@ -285,7 +289,7 @@ pub async fn insert_event(
 }
 
 pub async fn event(pool: &PgPool, source: &str, event_id: &str) -> Result<Option<InboxEvent>, StoreError> {
-    let row: Option<(String, String, String, String, String, Option<String>, Option<Uuid>)> = sqlx::query_as(
+    let row: Option<EventTuple> = sqlx::query_as(
         "SELECT source, event_id, event_type, raw_payload, status, reason, transaction_id
          FROM ledger.provider_events WHERE source = $1 AND event_id = $2",
     )
