@@ -289,6 +289,9 @@ fn complete(tx: &mut Tx<'_, '_>, spec: &NewTransaction, fill: Option<&Fill>) -> 
                 });
             }
             debug_assert_eq!(reservation.amount_minor, spec.reserve_minor());
+            if tx.account(&account)?.config.frozen {
+                return Err(EngineError::AccountFrozen { account });
+            }
             let payee = tx.slot(spec.payee, tx.map.of_user(account.user_id));
             tx.check_credit(payee, spec.principal_minor)?;
             tx.emit(Effect::ReservationClosed {
