@@ -431,3 +431,49 @@ proptest! {
         prop_assert_eq!(replayed(&records).state(), h.engine.state());
     }
 }
+
+#[test]
+fn a_transactions_reservation_moves_only_with_the_transaction() {
+    let mut h = harness();
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::BalanceReserved);
+    let (alice, id) = (Uuid::from_u128(ALICE), Uuid::from_u128(1));
+    let held = EngineError::ReservationHeldByTransaction { reservation_id: id };
+    assert_eq!(h.refused(Operation::Release { user_id: alice, reservation_id: id }), held);
+    assert_eq!(
+        h.refused(Operation::Commit {
+            user_id: alice,
+            reservation_id: id,
+            destination: AccountRef::User(usd(BOB)),
+            amount: None
+        }),
+        held
+    );
+    assert_eq!(
+        h.refused(Operation::Reserve { reservation_id: id, account: usd(ALICE), amount: amount(1), ttl_ms: None }),
+        held
+    );
+    // And a transaction cannot take the id of a plain reservation.
+    h.ok(Operation::Reserve {
+        reservation_id: Uuid::from_u128(2),
+        account: usd(ALICE),
+        amount: amount(1),
+        ttl_ms: None,
+    });
+    assert_eq!(
+        h.refused(Operation::InitiateTransaction { transaction: Box::new(spec(TxType::SendMoney, 2)) }),
+        EngineError::ReservationAlreadyExists { user_id: alice, reservation_id: Uuid::from_u128(2) }
+    );
+}
+
+#[test]
+fn a_frozen_payer_cannot_complete_and_can_still_fail() {
+    let mut h = harness();
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::SentToProvider);
+    h.ok(Operation::SetFrozen { account: usd(ALICE), frozen: true });
+    assert_eq!(
+        h.refused(to(ALICE, 1, TxStatus::Completed, Some(BOB))),
+        EngineError::AccountFrozen { account: usd(ALICE) }
+    );
+    drive_on(&mut h, 1, &[TxStatus::Failed], Some(BOB));
+    assert_eq!(h.balance(usd(ALICE)).reserved_minor, 0);
+}

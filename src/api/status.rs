@@ -180,6 +180,11 @@ fn classify(error: &EngineError) -> (Code, &'static str, Metadata) {
             (Code::InvalidArgument, "INVALID_TRANSACTION", vec![("reason", reason.clone())])
         }
         E::FillRequired => (Code::InvalidArgument, "FILL_REQUIRED", vec![]),
+        E::ReservationHeldByTransaction { reservation_id } => (
+            Code::FailedPrecondition,
+            "RESERVATION_HELD_BY_TRANSACTION",
+            vec![("reservation_id", reservation_id.to_string())],
+        ),
         E::PayeeMismatch => (Code::InvalidArgument, "PAYEE_MISMATCH", vec![]),
     }
 }

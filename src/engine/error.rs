@@ -90,6 +90,8 @@ pub enum EngineError {
     InvalidAccountConfig { reason: String },
     #[error("transaction {transaction_id} of user {user_id} does not exist (or finished and was forgotten)")]
     TransactionNotFound { user_id: Uuid, transaction_id: Uuid },
+    #[error("reservation {reservation_id} belongs to a transaction; it moves only with the transaction's status")]
+    ReservationHeldByTransaction { reservation_id: Uuid },
     #[error("transaction {transaction_id} already exists")]
     TransactionAlreadyExists { transaction_id: Uuid },
     #[error("transaction {transaction_id} cannot go from {} to {}", from.name(), to.name())]

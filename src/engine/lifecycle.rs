@@ -125,6 +125,10 @@ pub(crate) fn initiate(tx: &mut Tx<'_, '_>, spec: &NewTransaction) -> Result<Rec
     if find(tx, spec.user_id, spec.id).is_some() {
         return Err(EngineError::TransactionAlreadyExists { transaction_id: spec.id });
     }
+    // The transaction's reservation will take its id: it must be free.
+    if tx.reservation(spec.user_id, spec.id).is_some() {
+        return Err(EngineError::ReservationAlreadyExists { user_id: spec.user_id, reservation_id: spec.id });
+    }
     tx.emit(Effect::TransactionCreated {
         transaction: Box::new(Transaction {
             spec: spec.clone(),
@@ -136,6 +140,28 @@ pub(crate) fn initiate(tx: &mut Tx<'_, '_>, spec: &NewTransaction) -> Result<Rec
         }),
     });
     Ok(Receipt::Transaction { status: TxStatus::Initiated })
+}
+
+/// A transaction's reservation moves only with the transaction: the plain reservation operations
+/// may neither take its id nor commit or release it.
+pub(crate) fn refuse_if_transaction(
+    tx: &mut Tx<'_, '_>,
+    user_id: Uuid,
+    reservation_id: Uuid,
+) -> Result<(), EngineError> {
+    if find_status(tx, user_id, reservation_id).is_some() {
+        return Err(EngineError::ReservationHeldByTransaction { reservation_id });
+    }
+    Ok(())
+}
+
+fn find_status(tx: &mut Tx<'_, '_>, user_id: Uuid, transaction_id: Uuid) -> Option<TxStatus> {
+    tx.shards
+        .get(tx.map.of_user(user_id))
+        .users
+        .get(&user_id)
+        .and_then(|user| user.transactions.get(&transaction_id))
+        .map(|transaction| transaction.status)
 }
 
 fn find(tx: &mut Tx<'_, '_>, user_id: Uuid, transaction_id: Uuid) -> Option<Transaction> {

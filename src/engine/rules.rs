@@ -248,12 +248,17 @@ pub(crate) fn run(tx: &mut Tx<'_, '_>, operation: &Operation) -> Result<Receipt,
             Ok(Receipt::Done)
         }
         Operation::Reserve { reservation_id, account, amount, ttl_ms } => {
+            lifecycle::refuse_if_transaction(tx, account.user_id, *reservation_id)?;
             reserve(tx, *reservation_id, account, *amount, *ttl_ms)
         }
         Operation::Commit { user_id, reservation_id, destination, amount } => {
+            lifecycle::refuse_if_transaction(tx, *user_id, *reservation_id)?;
             commit(tx, *user_id, *reservation_id, *destination, *amount)
         }
-        Operation::Release { user_id, reservation_id } => release(tx, *user_id, *reservation_id),
+        Operation::Release { user_id, reservation_id } => {
+            lifecycle::refuse_if_transaction(tx, *user_id, *reservation_id)?;
+            release(tx, *user_id, *reservation_id)
+        }
         Operation::Transfer { from, to, amount } => {
             if from.asset() != to.asset() {
                 return Err(EngineError::AssetMismatch { left: from.asset(), right: to.asset() });
