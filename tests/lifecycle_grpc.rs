@@ -499,3 +499,44 @@ async fn a_restart_keeps_transactions_and_their_reservations(pool: PgPool) {
     server.stop().await;
     assert_conserved_and_verified(&options, &pool).await;
 }
+
+#[sqlx::test]
+async fn a_dispute_after_completion_is_undone_by_reverse_postings(pool: PgPool) {
+    let options = prepared(&pool).await;
+    fee_schedule(
+        &pool,
+        "add_money",
+        "USD",
+        "2020-01-01T00:00:00Z",
+        r#"[{"tier":"provider","category":"card_processing","method":"flat","amount_minor":100}]"#,
+    )
+    .await;
+    let mut server = TestServer::start(options.clone()).await;
+    let mut client = TransactionsClient::new(server.channel.clone());
+    server.client.open_account(open("open-1", &usd(1))).await.expect("open");
+    verified(&mut client, 1).await;
+    let mut request = initiate(1, 1, pb::Domain::Banking, "add_money", "50.00", "USD");
+    request.provider = pb::Provider::Stripe.into();
+    client.initiate_transaction(request).await.expect("initiate");
+    to_provider(&mut client, 1, 1).await;
+    let payload = format!(r#"{{"metadata":{{"transaction_id":"{}"}}}}"#, tx_id(1));
+    event(&mut client, "stripe", "evt_ok", "payment_intent.succeeded", payload.clone()).await;
+    assert_eq!(balance(&mut server.client, &usd(1)).await.2, "49.00");
+
+    let dispute = event(&mut client, "stripe", "evt_dispute", "charge.dispute.created", payload).await;
+    assert_eq!(dispute.transaction_status, "compensating");
+    assert_eq!(advance(&mut client, 1, 1, "compensated").await.status, "compensated");
+    assert_eq!(balance(&mut server.client, &usd(1)).await.2, "0.00");
+    assert_eq!(system_balance(&pool, "fee_revenue:provider", "USD").await, Decimal::ZERO);
+    assert!(get(&mut client, 1).await.fees.iter().all(|fee| fee.status == "reversed"));
+    // The completion postings are still in the journal: history was added to, not edited.
+    let postings: (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM ledger.journal, json_array_elements(record->'effects') e WHERE e->>'effect' = 'posting'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("postings");
+    assert_eq!(postings.0, 4, "two completion postings and their two reverses");
+    server.stop().await;
+    assert_conserved_and_verified(&options, &pool).await;
+}
