@@ -141,3 +141,27 @@ async fn lifecycles_within_shared_batches_project_exactly_and_recover(pool: PgPo
     assert_eq!(loaded.transactions, engine_state.transactions);
     assert_eq!(loaded.compliance, engine_state.compliance);
 }
+
+#[sqlx::test]
+async fn transaction_partitions_are_created_ahead_once(pool: PgPool) {
+    prepared(&pool).await;
+    let (created,): (i32,) = sqlx::query_as("SELECT ledger.ensure_transaction_partitions('2031-03-20 12:00:00+00', 2)")
+        .fetch_one(&pool)
+        .await
+        .expect("create");
+    assert_eq!(created, 3);
+    let (again,): (i32,) = sqlx::query_as("SELECT ledger.ensure_transaction_partitions('2031-04-01 00:00:00+00', 1)")
+        .fetch_one(&pool)
+        .await
+        .expect("again");
+    assert_eq!(again, 0);
+    let names: Vec<(String,)> = sqlx::query_as(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'ledger.transactions'::regclass AND c.relname LIKE 'transactions_2031_%' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("partitions");
+    let names: Vec<&str> = names.iter().map(|(name,)| name.as_str()).collect();
+    assert_eq!(names, ["transactions_2031_03", "transactions_2031_04", "transactions_2031_05"]);
+}

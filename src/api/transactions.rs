@@ -45,9 +45,9 @@ pub struct TransactionsService {
     pool: PgPool,
 }
 
-/// Where a status change leaves the transaction, and the engine's answer.
+/// The engine's answer to a mutation, and where it left the transaction (if it moved one).
 struct Applied {
-    status: TxStatus,
+    status: Option<TxStatus>,
     replayed: bool,
     sequence: u64,
 }
@@ -62,9 +62,8 @@ impl TransactionsService {
             self.ledger.submit_correlated(Request { key, now_ms: now_ms(), operation }, correlation::current()).await?;
         let receipt = outcome.result?;
         let status = match receipt {
-            Receipt::Transaction { status } => status,
-            // SetCompliance answers Done; its callers ignore the status.
-            _ => TxStatus::Initiated,
+            Receipt::Transaction { status } => Some(status),
+            _ => None,
         };
         Ok(Applied { status, replayed: outcome.replayed, sequence: outcome.sequence.unwrap_or_default() })
     }
@@ -295,7 +294,7 @@ impl TransactionsService {
         let provider_event = ProviderRef { source: source.to_owned(), event_id: event_id.to_owned() };
         let key = event_key(source, event_id);
         match self.transition(key, &spec, to, event_type.to_owned(), Some(provider_event), fill).await {
-            Ok(applied) => settle("processed", None, Some(id), Some(processed), Some(applied.status)).await,
+            Ok(applied) => settle("processed", None, Some(id), Some(processed), applied.status).await,
             Err(ApiError::Refused(refusal)) => {
                 settle("failed", Some(refusal.to_string()), Some(id), Some(processed), Some(current)).await
             }
