@@ -241,6 +241,16 @@ impl Ledger {
         self.current().engine.reservation(user_id, reservation_id).map(|reservation| reservation.account.domain)
     }
 
+    /// The domain of a transaction, if the engine holds it (for scope checks of its transitions).
+    pub fn transaction_domain(&self, user_id: Uuid, transaction_id: Uuid) -> Option<Domain> {
+        self.current().engine.transaction(user_id, transaction_id).map(|transaction| transaction.spec.domain)
+    }
+
+    /// Where the ledger's PostgreSQL is, for services that read its projections.
+    pub fn connect_options(&self) -> &sqlx::postgres::PgConnectOptions {
+        &self.shared.config.connect
+    }
+
     /// The last sequence committed in PostgreSQL.
     pub fn committed_sequence(&self) -> u64 {
         self.current().durability.borrow().committed_sequence

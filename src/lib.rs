@@ -20,6 +20,7 @@ pub mod api;
 pub mod audit;
 pub mod directory;
 pub mod engine;
+pub mod fees;
 pub mod journal;
 pub mod ledger;
 pub mod load;

@@ -1,5 +1,6 @@
 //! Fuzz target: arbitrary bytes become a sequence of engine requests (including malformed
-//! amount text, linked batches, expiry sweeps and retries of earlier keys) over a small set of
+//! amount text, linked batches, expiry sweeps, retries of earlier keys, and business
+//! transactions moved through arbitrary status changes) over a small set of
 //! users and assets. After every request the engine's invariants must hold and a retry of an
 //! earlier key must return its first outcome; at the end, replaying the journal must rebuild
 //! the identical state. Any panic or failed assertion is a finding.
@@ -13,6 +14,9 @@ use diboas_ledger::engine::idempotency::IdempotencyKey;
 use diboas_ledger::engine::money::{Amount, MAX_AMOUNT_MINOR};
 use diboas_ledger::engine::operation::{Operation, Request};
 use diboas_ledger::engine::record::MemoryJournal;
+use diboas_ledger::engine::transaction::{
+    ComplianceRecord, FeeLine, FeeMethod, Fill, KycStatus, NewTransaction, RiskLevel, TxStatus, TxType,
+};
 use diboas_ledger::engine::{Engine, EngineConfig};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
@@ -56,7 +60,7 @@ fn amount(u: &mut Unstructured, asset: Asset) -> Result<Amount> {
 fn operation(u: &mut Unstructured, depth: u8) -> Result<Operation> {
     let user = user_account(u)?;
     let reservation_id = Uuid::from_u128(u.int_in_range(0..=3)?);
-    Ok(match u.int_in_range(0..=10)? {
+    Ok(match u.int_in_range(0..=13)? {
         0 => Operation::OpenAccount {
             account: user,
             config: AccountConfig {
@@ -96,6 +100,68 @@ fn operation(u: &mut Unstructured, depth: u8) -> Result<Operation> {
             amount: amount(u, user.asset)?,
             price: Decimal::new(u.int_in_range(-5..=i64::from(u32::MAX))?, u.int_in_range(0..=28)?),
             commission_bps: u.int_in_range(0..=10_001)?,
+        },
+        // Transactions share the reservation ids' small range, so plain reservation operations
+        // collide with transactions' reservations (and must be refused).
+        11 => {
+            let kind = *u.choose(&TxType::ALL)?;
+            let domain = *u.choose(&Domain::ALL)?;
+            let fees = (0..u.int_in_range(0..=2)?)
+                .map(|index| {
+                    Ok(FeeLine {
+                        tier: FeeTier::ALL[index],
+                        category: "fuzz".into(),
+                        method: FeeMethod::Flat,
+                        amount_minor: i128::from(u.int_in_range(0..=1_000_u32)?),
+                        provider: None,
+                        schedule_version: 1,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let receive = if u.ratio(1, 3)? {
+                Some((
+                    SystemAccount { kind: SystemKind::ExchangeLiquidity, asset: *u.choose(&ASSETS)? },
+                    user_account(u)?,
+                ))
+            } else {
+                None
+            };
+            Operation::InitiateTransaction {
+                transaction: Box::new(NewTransaction {
+                    id: reservation_id,
+                    user_id: user.user_id,
+                    domain,
+                    kind,
+                    payer: if u.ratio(1, 4)? { account_ref(u)? } else { AccountRef::User(user) },
+                    payee: account_ref(u)?,
+                    principal_minor: amount(u, user.asset)?.minor(),
+                    fees,
+                    receive,
+                    provider: None,
+                    details: Default::default(),
+                }),
+            }
+        }
+        12 => Operation::TransitionTransaction {
+            user_id: user.user_id,
+            transaction_id: reservation_id,
+            to: *u.choose(&TxStatus::ALL)?,
+            reason: "fuzz".into(),
+            provider_event: None,
+            fill: if u.arbitrary()? {
+                Some(Fill { price: Decimal::ONE, quantity_minor: i128::from(u.int_in_range(-1..=1_000_000_i32)?) })
+            } else {
+                None
+            },
+            payee_user_id: if u.arbitrary()? { Some(Uuid::from_u128(u.int_in_range(0..=5)?)) } else { None },
+        },
+        13 => Operation::SetCompliance {
+            user_id: user.user_id,
+            record: ComplianceRecord {
+                kyc: *u.choose(&KycStatus::ALL)?,
+                risk: *u.choose(&RiskLevel::ALL)?,
+                max_transaction_minor: u.arbitrary::<Option<u16>>()?.map(i128::from),
+            },
         },
         _ if depth == 0 => {
             let count = u.int_in_range(0..=6)?;

@@ -141,14 +141,10 @@ impl Caller {
     }
 
     /// Refuses `operation` unless the caller may use its kind and touch every user account it
-    /// names. `reservation_domain` tells the domain of a reservation's account (commit and
-    /// release name only the reservation); `None` means it is unknown, and the engine will refuse
-    /// the operation as NOT_FOUND anyway.
-    pub fn require_engine_operation(
-        &self,
-        operation: &Operation,
-        reservation_domain: &dyn Fn(uuid::Uuid, uuid::Uuid) -> Option<Domain>,
-    ) -> Result<(), AuthError> {
+    /// names. `domains` tells the domain of a reservation or transaction that the operation names
+    /// only by id; `None` means it is unknown, and the engine will refuse the operation as
+    /// NOT_FOUND anyway.
+    pub fn require_engine_operation(&self, operation: &Operation, domains: &dyn DomainLookup) -> Result<(), AuthError> {
         let require_account = |account: &AccountRef| match account {
             AccountRef::User(user) => self.require_domain(user.domain),
             AccountRef::System(_) => Ok(()),
@@ -177,11 +173,15 @@ impl Caller {
             Operation::Commit { user_id, reservation_id, destination, .. } => {
                 self.require_operation("Commit")?;
                 require_account(destination)?;
-                reservation_domain(*user_id, *reservation_id).map_or(Ok(()), |domain| self.require_domain(domain))
+                domains
+                    .reservation_domain(*user_id, *reservation_id)
+                    .map_or(Ok(()), |domain| self.require_domain(domain))
             }
             Operation::Release { user_id, reservation_id } => {
                 self.require_operation("Release")?;
-                reservation_domain(*user_id, *reservation_id).map_or(Ok(()), |domain| self.require_domain(domain))
+                domains
+                    .reservation_domain(*user_id, *reservation_id)
+                    .map_or(Ok(()), |domain| self.require_domain(domain))
             }
             Operation::Transfer { from, to, .. } => {
                 self.require_operation("Transfer")?;
@@ -193,10 +193,38 @@ impl Caller {
                 self.require_domain(from.domain)?;
                 self.require_domain(to.domain)
             }
+            // The transaction RPCs' own names were checked by the gate; the domain is the
+            // transaction's (and the payer's and payee's, which belong to it).
+            Operation::InitiateTransaction { transaction } => {
+                self.require_domain(transaction.domain)?;
+                require_account(&transaction.payer)?;
+                require_account(&transaction.payee)
+            }
+            Operation::TransitionTransaction { user_id, transaction_id, .. } => domains
+                .transaction_domain(*user_id, *transaction_id)
+                .map_or(Ok(()), |domain| self.require_domain(domain)),
+            // A user's KYC record spans every domain: the RPC's scope is the check.
+            Operation::SetCompliance { .. } => Ok(()),
             Operation::LinkedBatch { operations } => {
-                operations.iter().try_for_each(|member| self.require_engine_operation(member, reservation_domain))
+                operations.iter().try_for_each(|member| self.require_engine_operation(member, domains))
             }
         }
+    }
+}
+
+/// Where the scope checks learn the domain of something an operation names only by id.
+pub trait DomainLookup {
+    fn reservation_domain(&self, user_id: uuid::Uuid, reservation_id: uuid::Uuid) -> Option<Domain>;
+    fn transaction_domain(&self, user_id: uuid::Uuid, transaction_id: uuid::Uuid) -> Option<Domain>;
+}
+
+impl DomainLookup for crate::ledger::Ledger {
+    fn reservation_domain(&self, user_id: uuid::Uuid, reservation_id: uuid::Uuid) -> Option<Domain> {
+        crate::ledger::Ledger::reservation_domain(self, user_id, reservation_id)
+    }
+
+    fn transaction_domain(&self, user_id: uuid::Uuid, transaction_id: uuid::Uuid) -> Option<Domain> {
+        crate::ledger::Ledger::transaction_domain(self, user_id, transaction_id)
     }
 }
 

@@ -91,7 +91,7 @@ fn known<W: TryFrom<i32>, D>(
     W::try_from(value).ok().and_then(from_wire).ok_or_else(|| invalid(field, "must be a known, specified value"))
 }
 
-fn domain(value: i32, field: &str) -> Result<Domain, InvalidField> {
+pub(super) fn domain(value: i32, field: &str) -> Result<Domain, InvalidField> {
     known(value, field, |wire: pb::Domain| match wire {
         pb::Domain::Unspecified => None,
         pb::Domain::Banking => Some(Domain::Banking),
@@ -100,7 +100,7 @@ fn domain(value: i32, field: &str) -> Result<Domain, InvalidField> {
     })
 }
 
-fn provider(value: i32, field: &str) -> Result<Provider, InvalidField> {
+pub(super) fn provider(value: i32, field: &str) -> Result<Provider, InvalidField> {
     known(value, field, |wire: pb::Provider| match wire {
         pb::Provider::Unspecified => None,
         pb::Provider::Stripe => Some(Provider::Stripe),
@@ -242,7 +242,7 @@ fn transfer(wire: &pb::Transfer, field: &str) -> Result<Operation, InvalidField>
 }
 
 /// A price: plain positive decimal digits, like an amount but with `Decimal`'s own precision.
-fn price(text: &str, field: &str) -> Result<Decimal, InvalidField> {
+pub(super) fn price(text: &str, field: &str) -> Result<Decimal, InvalidField> {
     if text.is_empty() {
         return Err(invalid(field, "is required"));
     }
@@ -372,6 +372,9 @@ pub fn receipt(receipt: &Receipt) -> pb::Receipt {
         Receipt::Batch { receipts } => {
             Kind::Linked(receipt::Linked { receipts: receipts.iter().map(self::receipt).collect() })
         }
+        // Transaction operations are served by the Transactions service (api::transactions),
+        // which reports the status itself; the Ledger service never issues them.
+        Receipt::Transaction { .. } => Kind::Done(receipt::Done {}),
     };
     pb::Receipt { kind: Some(kind) }
 }

@@ -12,6 +12,8 @@
 //!   endpoint, graceful shutdown.
 //! - [`directory`], [`directory_convert`]: the `Directory` service (users, wallets, compliance
 //!   data, database statistics) and its request checks.
+//! - [`transactions`], [`transactions_convert`], [`provider_events`]: the Transactions service
+//!   (business transactions, fees, history, compliance records, the provider inbox).
 
 pub mod auth;
 pub mod convert;
@@ -19,9 +21,12 @@ pub mod correlation;
 pub mod directory;
 pub mod directory_convert;
 pub mod gate;
+pub mod provider_events;
 pub mod server;
 pub mod service;
 pub mod status;
+pub mod transactions;
+pub mod transactions_convert;
 
 /// Generated protobuf messages, the service trait and the client.
 pub mod pb {

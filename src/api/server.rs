@@ -126,6 +126,13 @@ pub async fn serve(
         .as_ref()
         .map(|read_side| read_side.service(Arc::clone(&gate)).max_decoding_message_size(config.max_message_bytes));
     let maintenance = read_side.as_ref().map(ReadSide::spawn_maintenance);
+    let transactions_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(super::transactions::MAX_POOL_CONNECTIONS)
+        .connect_lazy_with(ledger.connect_options().clone());
+    let transactions_service = pb::transactions_server::TransactionsServer::new(
+        super::transactions::TransactionsService::new(Arc::clone(&ledger), Arc::clone(&gate), transactions_pool),
+    )
+    .max_decoding_message_size(config.max_message_bytes);
     let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ledger), Duration::from_millis(config.sweep_interval_ms)));
 
     let served = tonic::transport::Server::builder()
@@ -133,6 +140,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(ledger_service)
         .add_optional_service(directory)
+        .add_service(transactions_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             shutdown.await;
             // Health checkers see the server leave before its connections do.

@@ -35,7 +35,7 @@ pub struct LedgerService {
 
 /// The caller of the request being handled; the gate always sets one, so its absence refuses
 /// (fail closed) rather than allows.
-fn caller() -> Result<Arc<Caller>, ApiError> {
+pub(super) fn caller() -> Result<Arc<Caller>, ApiError> {
     auth::current().ok_or(ApiError::Auth(AuthError::MissingToken))
 }
 
@@ -46,9 +46,7 @@ impl LedgerService {
 
     /// Submits one validated request at the server's clock and waits until it is durable.
     async fn execute(&self, key: IdempotencyKey, operation: Operation) -> Result<pb::MutationResponse, ApiError> {
-        caller()?.require_engine_operation(&operation, &|user_id, reservation_id| {
-            self.ledger.reservation_domain(user_id, reservation_id)
-        })?;
+        caller()?.require_engine_operation(&operation, self.ledger.as_ref())?;
         let request = Request { key, now_ms: now_ms(), operation };
         let outcome = self.ledger.submit_correlated(request, correlation::current()).await?;
         let receipt = outcome.result?;

@@ -30,7 +30,9 @@ use crate::directory::DirectoryError;
 use crate::directory::address::AddressError;
 use crate::engine::account::AccountRef;
 use crate::engine::error::EngineError;
+use crate::fees::FeeError;
 use crate::ledger::LedgerError;
+use crate::store::StoreError;
 
 /// The ErrorInfo domain of every refusal this service gives.
 pub const ERROR_DOMAIN: &str = "ledger.diboas";
@@ -64,6 +66,18 @@ pub enum ApiError {
     InvalidWallet { field: String, error: AddressError },
     #[error(transparent)]
     Directory(#[from] DirectoryError),
+    #[error("transaction {transaction_id} does not exist")]
+    TransactionNotFound { transaction_id: uuid::Uuid },
+    #[error("provider event {event_id:?} from {event_source:?} does not exist")]
+    EventNotFound { event_source: String, event_id: String },
+    #[error("the provider event is {status}; only failed or pending events are retried")]
+    EventNotRetryable { status: String },
+    #[error(transparent)]
+    Fees(#[from] FeeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<LedgerError> for ApiError {
@@ -169,6 +183,33 @@ fn classify(error: &EngineError) -> (Code, &'static str, Metadata) {
             (Code::InvalidArgument, "INVALID_ACCOUNT_CONFIG", vec![("reason", reason.clone())])
         }
         E::JournalUnavailable => (Code::Unavailable, "JOURNAL_UNAVAILABLE", vec![]),
+        E::TransactionNotFound { user_id, transaction_id } => (
+            Code::NotFound,
+            "TRANSACTION_NOT_FOUND",
+            vec![("user_id", user_id.to_string()), ("transaction_id", transaction_id.to_string())],
+        ),
+        E::TransactionAlreadyExists { transaction_id } => {
+            (Code::AlreadyExists, "TRANSACTION_ALREADY_EXISTS", vec![("transaction_id", transaction_id.to_string())])
+        }
+        E::IllegalTransition { transaction_id, from, to } => (
+            Code::FailedPrecondition,
+            "ILLEGAL_TRANSITION",
+            vec![
+                ("transaction_id", transaction_id.to_string()),
+                ("from", from.name().to_string()),
+                ("to", to.name().to_string()),
+            ],
+        ),
+        E::InvalidTransaction { reason } => {
+            (Code::InvalidArgument, "INVALID_TRANSACTION", vec![("reason", reason.clone())])
+        }
+        E::FillRequired => (Code::InvalidArgument, "FILL_REQUIRED", vec![]),
+        E::ReservationHeldByTransaction { reservation_id } => (
+            Code::FailedPrecondition,
+            "RESERVATION_HELD_BY_TRANSACTION",
+            vec![("reservation_id", reservation_id.to_string())],
+        ),
+        E::PayeeMismatch => (Code::InvalidArgument, "PAYEE_MISMATCH", vec![]),
     }
 }
 
@@ -285,6 +326,44 @@ impl From<ApiError> for Status {
                     tracing::error!(%error, "internal directory failure");
                 }
                 with_info(code, message, reason, metadata, ErrorDetails::new())
+            }
+            ApiError::TransactionNotFound { transaction_id } => with_info(
+                Code::NotFound,
+                message,
+                "TRANSACTION_NOT_FOUND",
+                vec![("transaction_id", transaction_id.to_string())],
+                ErrorDetails::new(),
+            ),
+            ApiError::EventNotFound { event_source, event_id } => with_info(
+                Code::NotFound,
+                message,
+                "PROVIDER_EVENT_NOT_FOUND",
+                vec![("source", event_source), ("event_id", event_id)],
+                ErrorDetails::new(),
+            ),
+            ApiError::EventNotRetryable { status } => with_info(
+                Code::FailedPrecondition,
+                message,
+                "PROVIDER_EVENT_NOT_RETRYABLE",
+                vec![("status", status)],
+                ErrorDetails::new(),
+            ),
+            ApiError::Fees(FeeError::InvalidSchedule { version, .. }) => with_info(
+                Code::FailedPrecondition,
+                message,
+                "FEE_SCHEDULE_INVALID",
+                vec![("schedule_version", version.to_string())],
+                ErrorDetails::new(),
+            ),
+            ApiError::Fees(FeeError::Overflow { .. }) => {
+                with_info(Code::InvalidArgument, message, "FEES_OVERFLOW", vec![], ErrorDetails::new())
+            }
+            ApiError::Store(error) if error.is_unavailable() => {
+                with_info(Code::Unavailable, message, "STORE_UNAVAILABLE", vec![], ErrorDetails::new())
+            }
+            ApiError::Store(_) | ApiError::Internal(_) => {
+                tracing::error!(error = %message, "internal failure");
+                with_info(Code::Internal, message, "INTERNAL", vec![], ErrorDetails::new())
             }
         }
     }

@@ -46,6 +46,13 @@ fn subject(operation: &Operation) -> (&'static str, &'static str, String) {
         }
         Operation::Transfer { from, .. } => ("ledger.transfer", "ledger_account", account_id(from)),
         Operation::Convert { from, .. } => ("ledger.convert", "ledger_account", account(from)),
+        Operation::InitiateTransaction { transaction } => {
+            ("ledger.initiate_transaction", "transaction", format!("{}/{}", transaction.user_id, transaction.id))
+        }
+        Operation::TransitionTransaction { user_id, transaction_id, .. } => {
+            ("ledger.transition_transaction", "transaction", format!("{user_id}/{transaction_id}"))
+        }
+        Operation::SetCompliance { user_id, .. } => ("ledger.set_compliance", "user", user_id.to_string()),
         Operation::LinkedBatch { operations } => (
             "ledger.linked_batch",
             "linked_batch",

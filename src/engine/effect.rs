@@ -12,11 +12,12 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::account::{AccountConfig, SystemAccount, UserAccount};
+use super::account::{AccountConfig, Domain, SystemAccount, UserAccount};
 use super::limits::OutflowUsage;
 use super::money::MAX_AMOUNT_MINOR;
 use super::reservation::{Reservation, ReservationStatus};
 use super::shard::{AccountState, LockedShards, ShardMap};
+use super::transaction::{AmlResult, ComplianceRecord, FeeLine, Fill, ProviderRef, Transaction, TxStatus, TxType};
 
 /// A balance a posting touches: a user account, or one shard's sub-account of a system account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +61,45 @@ pub enum Effect {
         before: OutflowUsage,
         after: OutflowUsage,
     },
+    /// A business transaction was recorded, in status Initiated.
+    TransactionCreated {
+        transaction: Box<Transaction>,
+    },
+    /// A transaction changed status; the postings it implies are separate `Posting` effects of
+    /// the same record. Self-contained, so an outbox can publish it as it is.
+    TransactionStatusChanged {
+        change: Box<StatusChange>,
+    },
+    /// A user's compliance record was set (`before` is kept so the change can be undone).
+    ComplianceSet {
+        user_id: Uuid,
+        before: Option<ComplianceRecord>,
+        after: ComplianceRecord,
+    },
+}
+
+/// One status change of a transaction, with everything a "transaction status changed" or
+/// "fee posted" event needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusChange {
+    pub user_id: Uuid,
+    pub transaction_id: Uuid,
+    pub kind: TxType,
+    pub domain: Domain,
+    pub from: TxStatus,
+    pub to: TxStatus,
+    pub reason: String,
+    pub at_ms: i64,
+    /// The transaction's `updated_at_ms` before this change (to undo it).
+    pub previous_updated_at_ms: i64,
+    pub provider_event: Option<ProviderRef>,
+    /// The compliance verdict, when this change leaves Validating.
+    pub aml: Option<AmlResult>,
+    /// The trade's execution, when this change completes a trade.
+    pub fill: Option<Fill>,
+    /// Fees that went to fee revenue with this change (Completed), or came back from it
+    /// (Compensated): each is a `Posting` of the same record too.
+    pub fees_posted: Vec<FeeLine>,
 }
 
 impl Effect {
@@ -75,7 +115,11 @@ impl Effect {
             | Effect::UsageChanged { account, .. } => [Some(map.of_user(account.user_id)), None],
             Effect::Posting { from, to, .. } => [Some(slot_shard(from)), Some(slot_shard(to))],
             Effect::ReservationOpened { reservation } => [Some(map.of_user(reservation.account.user_id)), None],
-            Effect::ReservationClosed { user_id, .. } => [Some(map.of_user(*user_id)), None],
+            Effect::ReservationClosed { user_id, .. } | Effect::ComplianceSet { user_id, .. } => {
+                [Some(map.of_user(*user_id)), None]
+            }
+            Effect::TransactionCreated { transaction } => [Some(map.of_user(transaction.spec.user_id)), None],
+            Effect::TransactionStatusChanged { change } => [Some(map.of_user(change.user_id)), None],
         }
     }
 }
@@ -178,7 +222,57 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
         Effect::UsageChanged { account, after, .. } => {
             account_mut(shards, map, account).usage = *after;
         }
+        Effect::TransactionCreated { transaction } => {
+            let user_id = transaction.spec.user_id;
+            let shard = shards.get(map.of_user(user_id));
+            let previous = shard
+                .users
+                .entry(user_id)
+                .or_default()
+                .transactions
+                .insert(transaction.spec.id, (**transaction).clone());
+            // Only a journal replay reuses an id, after the live engine forgot the finished original.
+            if previous.is_some() {
+                shard.finished.retain(|(_, user, id)| (*user, *id) != (user_id, transaction.spec.id));
+            }
+        }
+        Effect::TransactionStatusChanged { change } => {
+            let transaction = transaction_mut(shards, map, change.user_id, change.transaction_id);
+            debug_assert_eq!(transaction.status, change.from);
+            transaction.status = change.to;
+            transaction.updated_at_ms = change.at_ms;
+            if let Some(aml) = &change.aml {
+                transaction.aml = Some(aml.clone());
+            }
+            if let Some(fill) = &change.fill {
+                transaction.fill = Some(fill.clone());
+            }
+            if change.to.is_finished() {
+                shards.get(map.of_user(change.user_id)).finished.push_back((
+                    change.at_ms,
+                    change.user_id,
+                    change.transaction_id,
+                ));
+            }
+        }
+        Effect::ComplianceSet { user_id, after, .. } => {
+            shards.get(map.of_user(*user_id)).users.entry(*user_id).or_default().compliance = Some(*after);
+        }
     }
+}
+
+fn transaction_mut<'s>(
+    shards: &'s mut LockedShards<'_>,
+    map: ShardMap,
+    user_id: Uuid,
+    transaction_id: Uuid,
+) -> &'s mut Transaction {
+    shards
+        .get(map.of_user(user_id))
+        .users
+        .get_mut(&user_id)
+        .and_then(|user| user.transactions.get_mut(&transaction_id))
+        .unwrap_or_else(|| panic!("effect on a transaction that does not exist: {transaction_id}"))
 }
 
 /// Undoes `effect`, which must be the most recent effect applied to the state it touches.
@@ -188,7 +282,7 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
             let shard = shards.get(map.of_user(account.user_id));
             if let Some(user) = shard.users.get_mut(&account.user_id) {
                 user.accounts.retain(|state| !(state.domain == account.domain && state.asset == account.asset));
-                if user.accounts.is_empty() && user.reservations.is_empty() {
+                if user.is_empty() {
                     shard.users.remove(&account.user_id);
                 }
             }
@@ -221,6 +315,40 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
         }
         Effect::UsageChanged { account, before, .. } => {
             account_mut(shards, map, account).usage = *before;
+        }
+        Effect::TransactionCreated { transaction } => {
+            let user_id = transaction.spec.user_id;
+            let shard = shards.get(map.of_user(user_id));
+            if let Some(user) = shard.users.get_mut(&user_id) {
+                user.transactions.remove(&transaction.spec.id);
+                if user.is_empty() {
+                    shard.users.remove(&user_id);
+                }
+            }
+        }
+        Effect::TransactionStatusChanged { change } => {
+            let transaction = transaction_mut(shards, map, change.user_id, change.transaction_id);
+            transaction.status = change.from;
+            transaction.updated_at_ms = change.previous_updated_at_ms;
+            if change.aml.is_some() {
+                transaction.aml = None;
+            }
+            if change.fill.is_some() {
+                transaction.fill = None;
+            }
+            if change.to.is_finished() {
+                let undone = shards.get(map.of_user(change.user_id)).finished.pop_back();
+                debug_assert_eq!(undone.map(|(_, _, id)| id), Some(change.transaction_id));
+            }
+        }
+        Effect::ComplianceSet { user_id, before, .. } => {
+            let shard = shards.get(map.of_user(*user_id));
+            if let Some(user) = shard.users.get_mut(user_id) {
+                user.compliance = *before;
+                if user.is_empty() {
+                    shard.users.remove(user_id);
+                }
+            }
         }
     }
 }

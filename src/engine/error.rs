@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::account::{AccountRef, UserAccount};
 use super::asset::Asset;
 use super::reservation::ReservationStatus;
+use super::transaction::TxStatus;
 
 /// Which outflow limit an operation would have broken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -87,6 +88,20 @@ pub enum EngineError {
     IdempotencyCapacityExhausted,
     #[error("account settings are invalid: {reason}")]
     InvalidAccountConfig { reason: String },
+    #[error("transaction {transaction_id} of user {user_id} does not exist (or finished and was forgotten)")]
+    TransactionNotFound { user_id: Uuid, transaction_id: Uuid },
+    #[error("reservation {reservation_id} belongs to a transaction; it moves only with the transaction's status")]
+    ReservationHeldByTransaction { reservation_id: Uuid },
+    #[error("transaction {transaction_id} already exists")]
+    TransactionAlreadyExists { transaction_id: Uuid },
+    #[error("transaction {transaction_id} cannot go from {} to {}", from.name(), to.name())]
+    IllegalTransition { transaction_id: Uuid, from: TxStatus, to: TxStatus },
+    #[error("transaction is invalid: {reason}")]
+    InvalidTransaction { reason: String },
+    #[error("completing this trade needs its fill (price and quantity)")]
+    FillRequired,
+    #[error("the payee user given does not match the transaction's payee")]
+    PayeeMismatch,
     #[error("the journal is not accepting changes; nothing was applied")]
     JournalUnavailable,
 }

@@ -16,6 +16,7 @@ pub mod asset;
 pub mod effect;
 pub mod error;
 pub mod idempotency;
+pub mod lifecycle;
 pub mod limits;
 pub mod money;
 pub mod operation;
@@ -25,6 +26,7 @@ mod rules;
 mod shard;
 pub mod state;
 pub mod summary;
+pub mod transaction;
 
 use std::collections::BTreeMap;
 
@@ -43,6 +45,7 @@ use self::record::{JournalRecord, JournalSink, Origin, RequestContext};
 use self::reservation::{Reservation, ReservationStatus};
 use self::shard::{LockedShards, Shard, ShardMap, UserState};
 use self::state::{AccountView, EngineState};
+use self::transaction::{ComplianceRecord, Transaction};
 
 pub use self::shard::MAX_SHARDS;
 
@@ -238,6 +241,7 @@ impl<S: JournalSink> Engine<S> {
             let shard = shards.get(index);
             let retired_keys = shard.idempotency.rotate(now_ms, self.config.retention_ms);
             forget_closed_reservations(shard, now_ms.saturating_sub(self.config.retention_ms));
+            forget_finished_transactions(shard, now_ms.saturating_sub(self.config.retention_ms));
             drop(shards);
             // Freeing a retired generation takes a while; do it after the shard is unlocked.
             drop(retired_keys);
@@ -337,6 +341,21 @@ impl<S: JournalSink> Engine<S> {
             .copied()
     }
 
+    /// A transaction the engine remembers (unfinished, or finished within the retention window).
+    pub fn transaction(&self, user_id: Uuid, transaction_id: Uuid) -> Option<Transaction> {
+        self.shards[self.map.of_user(user_id) as usize]
+            .lock()
+            .users
+            .get(&user_id)
+            .and_then(|user| user.transactions.get(&transaction_id))
+            .cloned()
+    }
+
+    /// The compliance record the gate reads for `user_id`.
+    pub fn compliance(&self, user_id: Uuid) -> Option<ComplianceRecord> {
+        self.shards[self.map.of_user(user_id) as usize].lock().users.get(&user_id).and_then(|user| user.compliance)
+    }
+
     /// The shard holding `user_id`'s accounts (for operators and benchmarks that place load).
     pub fn shard_of(&self, user_id: Uuid) -> u32 {
         self.map.of_user(user_id)
@@ -359,6 +378,12 @@ impl<S: JournalSink> Engine<S> {
                 state.accounts.extend(user_views(*user_id, user).map(|view| (view.account, view)));
                 for reservation in user.reservations.values() {
                     state.reservations.insert((*user_id, reservation.id), *reservation);
+                }
+                for transaction in user.transactions.values() {
+                    state.transactions.insert((*user_id, transaction.spec.id), transaction.clone());
+                }
+                if let Some(record) = user.compliance {
+                    state.compliance.insert(*user_id, record);
                 }
             }
             for kind in SystemKind::all() {
@@ -386,6 +411,7 @@ impl<S: JournalSink> Engine<S> {
             .values()
             .map(|record| record.recorded_at_ms)
             .chain(state.reservations.values().flat_map(|r| [Some(r.created_at_ms), r.closed_at_ms]).flatten())
+            .chain(state.transactions.values().map(|transaction| transaction.updated_at_ms))
             .max()
             .unwrap_or(i64::MIN);
         shards.advance_clock(latest_ms);
@@ -418,6 +444,22 @@ impl<S: JournalSink> Engine<S> {
             let user_id = reservation.account.user_id;
             let closed_at_ms = reservation.closed_at_ms.unwrap_or_default();
             shards.get(engine.map.of_user(user_id)).closed.push_back((closed_at_ms, user_id, reservation.id));
+        }
+        let mut finished: Vec<&Transaction> = Vec::new();
+        for ((user_id, transaction_id), transaction) in &state.transactions {
+            let shard = shards.get(engine.map.of_user(*user_id));
+            shard.users.entry(*user_id).or_default().transactions.insert(*transaction_id, transaction.clone());
+            if transaction.status.is_finished() {
+                finished.push(transaction);
+            }
+        }
+        finished.sort_by_key(|transaction| transaction.updated_at_ms);
+        for transaction in finished {
+            let (user_id, at_ms) = (transaction.spec.user_id, transaction.updated_at_ms);
+            shards.get(engine.map.of_user(user_id)).finished.push_back((at_ms, user_id, transaction.spec.id));
+        }
+        for (user_id, record) in &state.compliance {
+            shards.get(engine.map.of_user(*user_id)).users.entry(*user_id).or_default().compliance = Some(*record);
         }
         for (account, amount_minor) in &state.system_minor {
             shards.get(0).system_minor[account.kind.index()][account.asset.index()] = *amount_minor;
@@ -456,6 +498,24 @@ fn forget_closed_reservations(shard: &mut Shard, cutoff_ms: i64) {
         shard.closed.pop_front();
         if let Some(user) = shard.users.get_mut(&user_id) {
             user.reservations.remove(&reservation_id);
+        }
+    }
+}
+
+/// Drops transactions that finished at or before `cutoff_ms` and are still finished.
+fn forget_finished_transactions(shard: &mut Shard, cutoff_ms: i64) {
+    while let Some(&(finished_at_ms, user_id, transaction_id)) = shard.finished.front() {
+        if finished_at_ms > cutoff_ms {
+            break;
+        }
+        shard.finished.pop_front();
+        if let Some(user) = shard.users.get_mut(&user_id)
+            && user
+                .transactions
+                .get(&transaction_id)
+                .is_some_and(|transaction| transaction.status.is_finished() && transaction.updated_at_ms <= cutoff_ms)
+        {
+            user.transactions.remove(&transaction_id);
         }
     }
 }
@@ -518,6 +578,32 @@ fn replay_check(
                 return Err("reservation opened twice within the retention window");
             }
         }
+        Effect::TransactionCreated { transaction } => {
+            let user_id = transaction.spec.user_id;
+            let still_remembered = shards
+                .get(map.of_user(user_id))
+                .users
+                .get(&user_id)
+                .and_then(|user| user.transactions.get(&transaction.spec.id))
+                .is_some_and(|earlier| !earlier.status.is_finished() || earlier.updated_at_ms > forgotten_before_ms);
+            if still_remembered {
+                return Err("transaction created twice within the retention window");
+            }
+        }
+        Effect::TransactionStatusChanged { change } => {
+            let matches = shards
+                .get(map.of_user(change.user_id))
+                .users
+                .get(&change.user_id)
+                .and_then(|user| user.transactions.get(&change.transaction_id))
+                .is_some_and(|transaction| {
+                    transaction.status == change.from && lifecycle::is_legal(change.from, change.to)
+                });
+            if !matches {
+                return Err("status change of a missing transaction, from another status, or illegal");
+            }
+        }
+        Effect::ComplianceSet { .. } => {}
         Effect::ReservationClosed { user_id, reservation_id, status, .. } => {
             let active = shards
                 .get(map.of_user(*user_id))

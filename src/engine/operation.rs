@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::account::{AccountConfig, AccountRef, Provider, UserAccount};
 use super::idempotency::IdempotencyKey;
 use super::money::Amount;
+use super::transaction::{ComplianceRecord, Fill, NewTransaction, ProviderRef, TxStatus};
 
 /// The most operations a linked batch may hold.
 pub const MAX_BATCH_OPERATIONS: usize = 8_192;
@@ -58,6 +59,22 @@ pub enum Operation {
     /// Sells `amount` of `from`'s asset for `to`'s asset at `price` (units of `to`'s asset per unit
     /// of `from`'s), through exchange liquidity; `commission_bps` of the proceeds go to platform fees.
     Convert { from: UserAccount, to: UserAccount, amount: Amount, price: Decimal, commission_bps: u32 },
+    /// Records a new business transaction in status Initiated (see `lifecycle`).
+    InitiateTransaction { transaction: Box<NewTransaction> },
+    /// Moves a transaction to `to` if the lifecycle table allows it, with the money movement that
+    /// status implies. `payee_user_id` names the other user a completion pays (so the engine can
+    /// lock that user's shard); it must match the transaction's payee.
+    TransitionTransaction {
+        user_id: Uuid,
+        transaction_id: Uuid,
+        to: TxStatus,
+        reason: String,
+        provider_event: Option<ProviderRef>,
+        fill: Option<Fill>,
+        payee_user_id: Option<Uuid>,
+    },
+    /// Sets the KYC status and risk level the compliance gate reads for a user.
+    SetCompliance { user_id: Uuid, record: ComplianceRecord },
     /// Applies every operation in order, each seeing the effects of the ones before, or none.
     LinkedBatch { operations: Vec<Operation> },
 }
@@ -67,9 +84,26 @@ pub enum Operation {
 #[serde(tag = "receipt", content = "data", rename_all = "snake_case")]
 pub enum Receipt {
     Done,
-    Reserved { expires_at_ms: i64 },
-    Committed { committed_minor: i128, released_minor: i128 },
-    Released { released_minor: i128 },
-    Converted { sold_minor: i128, bought_minor: i128, commission_minor: i128 },
-    Batch { receipts: Vec<Receipt> },
+    Reserved {
+        expires_at_ms: i64,
+    },
+    Committed {
+        committed_minor: i128,
+        released_minor: i128,
+    },
+    Released {
+        released_minor: i128,
+    },
+    Converted {
+        sold_minor: i128,
+        bought_minor: i128,
+        commission_minor: i128,
+    },
+    Batch {
+        receipts: Vec<Receipt>,
+    },
+    /// A transaction's status after the operation (a failed compliance gate ends in Failed).
+    Transaction {
+        status: TxStatus,
+    },
 }

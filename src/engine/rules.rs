@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::account::{AccountConfig, AccountRef, FeeTier, SystemAccount, SystemKind, UserAccount};
 use super::effect::{self, Effect, Slot};
 use super::error::EngineError;
+use super::lifecycle;
 use super::money::{Amount, MAX_AMOUNT_MINOR};
 use super::operation::{
     DEFAULT_RESERVATION_TTL_MS, MAX_BATCH_OPERATIONS, MAX_COMMISSION_BPS, MAX_RESERVATION_TTL_MS, Operation, Receipt,
@@ -34,7 +35,19 @@ pub(crate) fn lock_plan(operation: &Operation, map: ShardMap, out: &mut SmallVec
                 out.push(map.of_user(destination.user_id));
             }
         }
-        Operation::Release { user_id, .. } => out.push(map.of_user(*user_id)),
+        Operation::Release { user_id, .. } | Operation::SetCompliance { user_id, .. } => {
+            out.push(map.of_user(*user_id))
+        }
+        Operation::InitiateTransaction { transaction } => {
+            out.push(map.of_user(transaction.user_id));
+            if let AccountRef::User(payee) = transaction.payee {
+                out.push(map.of_user(payee.user_id));
+            }
+        }
+        Operation::TransitionTransaction { user_id, payee_user_id, .. } => {
+            out.push(map.of_user(*user_id));
+            out.extend(payee_user_id.map(|payee| map.of_user(payee)));
+        }
         Operation::Transfer { from, to, .. } => {
             out.push(system_shard(map, *from, *to));
             for side in [from, to] {
@@ -69,9 +82,9 @@ fn system_shard(map: ShardMap, from: AccountRef, to: AccountRef) -> u32 {
 
 /// One operation in progress: the locked shards and the effects applied so far.
 pub(crate) struct Tx<'l, 'a> {
-    shards: &'l mut LockedShards<'a>,
-    map: ShardMap,
-    now_ms: i64,
+    pub(super) shards: &'l mut LockedShards<'a>,
+    pub(super) map: ShardMap,
+    pub(super) now_ms: i64,
     effects: Vec<Effect>,
 }
 
@@ -91,12 +104,12 @@ impl<'l, 'a> Tx<'l, 'a> {
         self.effects
     }
 
-    fn emit(&mut self, effect: Effect) {
+    pub(super) fn emit(&mut self, effect: Effect) {
         effect::apply(self.shards, self.map, &effect);
         self.effects.push(effect);
     }
 
-    fn account(&mut self, account: &UserAccount) -> Result<&AccountState, EngineError> {
+    pub(super) fn account(&mut self, account: &UserAccount) -> Result<&AccountState, EngineError> {
         self.shards
             .get(self.map.of_user(account.user_id))
             .users
@@ -105,7 +118,7 @@ impl<'l, 'a> Tx<'l, 'a> {
             .ok_or(EngineError::UnknownAccount { account: AccountRef::User(*account) })
     }
 
-    fn reservation(&mut self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
+    pub(super) fn reservation(&mut self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
         self.shards
             .get(self.map.of_user(user_id))
             .users
@@ -118,14 +131,14 @@ impl<'l, 'a> Tx<'l, 'a> {
         self.shards.get(shard).system_minor[account.kind.index()][account.asset.index()]
     }
 
-    fn slot(&self, account: AccountRef, system_shard: u32) -> Slot {
+    pub(super) fn slot(&self, account: AccountRef, system_shard: u32) -> Slot {
         match account {
             AccountRef::User(account) => Slot::User(account),
             AccountRef::System(account) => Slot::System { account, shard: system_shard },
         }
     }
 
-    fn system_slot(&self, kind: SystemKind, account: &UserAccount) -> Slot {
+    pub(super) fn system_slot(&self, kind: SystemKind, account: &UserAccount) -> Slot {
         Slot::System { account: SystemAccount { kind, asset: account.asset }, shard: self.map.of_user(account.user_id) }
     }
 
@@ -165,7 +178,7 @@ impl<'l, 'a> Tx<'l, 'a> {
     }
 
     /// Gives `amount_minor`, counted as outflow at `counted_at_ms`, back to the account's limits.
-    fn refund_outflow(
+    pub(super) fn refund_outflow(
         &mut self,
         account: &UserAccount,
         counted_at_ms: i64,
@@ -182,7 +195,7 @@ impl<'l, 'a> Tx<'l, 'a> {
 
     /// Checks that `slot` can receive `amount_minor` without passing the maximum balance. A user
     /// account is bounded on its total, so a later release (reserved -> available) stays in range.
-    fn check_credit(&mut self, slot: Slot, amount_minor: i128) -> Result<(), EngineError> {
+    pub(super) fn check_credit(&mut self, slot: Slot, amount_minor: i128) -> Result<(), EngineError> {
         let (balance_minor, account) = match slot {
             Slot::User(account) => (self.account(&account)?.balance.total_minor(), AccountRef::User(account)),
             Slot::System { account, shard } => (self.system_minor(account, shard), AccountRef::System(account)),
@@ -195,7 +208,7 @@ impl<'l, 'a> Tx<'l, 'a> {
 
     /// Moves `amount_minor` from `from` to `to`. A user source must have the funds and pass its
     /// limits; a system source only has to stay within the maximum magnitude.
-    fn post(&mut self, from: Slot, to: Slot, amount_minor: i128) -> Result<(), EngineError> {
+    pub(super) fn post(&mut self, from: Slot, to: Slot, amount_minor: i128) -> Result<(), EngineError> {
         if from == to {
             return Err(EngineError::SameAccount);
         }
@@ -235,12 +248,17 @@ pub(crate) fn run(tx: &mut Tx<'_, '_>, operation: &Operation) -> Result<Receipt,
             Ok(Receipt::Done)
         }
         Operation::Reserve { reservation_id, account, amount, ttl_ms } => {
+            lifecycle::refuse_if_transaction(tx, account.user_id, *reservation_id)?;
             reserve(tx, *reservation_id, account, *amount, *ttl_ms)
         }
         Operation::Commit { user_id, reservation_id, destination, amount } => {
+            lifecycle::refuse_if_transaction(tx, *user_id, *reservation_id)?;
             commit(tx, *user_id, *reservation_id, *destination, *amount)
         }
-        Operation::Release { user_id, reservation_id } => release(tx, *user_id, *reservation_id),
+        Operation::Release { user_id, reservation_id } => {
+            lifecycle::refuse_if_transaction(tx, *user_id, *reservation_id)?;
+            release(tx, *user_id, *reservation_id)
+        }
         Operation::Transfer { from, to, amount } => {
             if from.asset() != to.asset() {
                 return Err(EngineError::AssetMismatch { left: from.asset(), right: to.asset() });
@@ -253,6 +271,21 @@ pub(crate) fn run(tx: &mut Tx<'_, '_>, operation: &Operation) -> Result<Receipt,
         Operation::Convert { from, to, amount, price, commission_bps } => {
             convert(tx, from, to, *amount, *price, *commission_bps)
         }
+        Operation::InitiateTransaction { transaction } => lifecycle::initiate(tx, transaction),
+        Operation::TransitionTransaction {
+            user_id,
+            transaction_id,
+            to,
+            reason,
+            provider_event,
+            fill,
+            payee_user_id,
+        } => {
+            let change =
+                lifecycle::Change { to: *to, reason, provider_event: provider_event.as_ref(), fill: fill.as_ref() };
+            lifecycle::transition(tx, *user_id, *transaction_id, *payee_user_id, change)
+        }
+        Operation::SetCompliance { user_id, record } => lifecycle::set_compliance(tx, *user_id, *record),
         Operation::LinkedBatch { operations } => {
             if operations.is_empty() || operations.len() > MAX_BATCH_OPERATIONS {
                 return Err(EngineError::BatchSize { max: MAX_BATCH_OPERATIONS });
@@ -297,7 +330,7 @@ fn open_account(tx: &mut Tx<'_, '_>, account: &UserAccount, config: &AccountConf
     Ok(Receipt::Done)
 }
 
-fn reserve(
+pub(super) fn reserve(
     tx: &mut Tx<'_, '_>,
     reservation_id: Uuid,
     account: &UserAccount,
@@ -332,7 +365,11 @@ fn reserve(
 }
 
 /// The reservation `reservation_id` of `user_id`, if it is Active.
-fn active_reservation(tx: &mut Tx<'_, '_>, user_id: Uuid, reservation_id: Uuid) -> Result<Reservation, EngineError> {
+pub(super) fn active_reservation(
+    tx: &mut Tx<'_, '_>,
+    user_id: Uuid,
+    reservation_id: Uuid,
+) -> Result<Reservation, EngineError> {
     let reservation =
         tx.reservation(user_id, reservation_id).ok_or(EngineError::ReservationNotFound { user_id, reservation_id })?;
     if reservation.status != ReservationStatus::Active {

@@ -17,6 +17,7 @@ use super::asset::Asset;
 use super::idempotency::{IdempotencyKey, IdempotencyStore};
 use super::limits::OutflowUsage;
 use super::reservation::Reservation;
+use super::transaction::{ComplianceRecord, Transaction};
 
 /// The most shards an engine may have.
 pub const MAX_SHARDS: usize = 4_096;
@@ -37,11 +38,22 @@ pub(crate) struct AccountState {
 pub(crate) struct UserState {
     pub accounts: Vec<AccountState>,
     pub reservations: HashMap<Uuid, Reservation, foldhash::fast::RandomState>,
+    /// Unfinished transactions, and finished ones still within the retention window.
+    pub transactions: HashMap<Uuid, Transaction, foldhash::fast::RandomState>,
+    pub compliance: Option<ComplianceRecord>,
 }
 
 impl UserState {
     pub fn account(&self, domain: Domain, asset: Asset) -> Option<&AccountState> {
         self.accounts.iter().find(|state| state.domain == domain && state.asset == asset)
+    }
+
+    /// Nothing left to remember about this user.
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty()
+            && self.reservations.is_empty()
+            && self.transactions.is_empty()
+            && self.compliance.is_none()
     }
 
     pub fn account_mut(&mut self, domain: Domain, asset: Asset) -> Option<&mut AccountState> {
@@ -58,6 +70,10 @@ pub(crate) struct Shard {
     pub expiry: BTreeSet<(i64, Uuid, Uuid)>,
     /// Closed reservations by close time, so they can be forgotten after the retention window.
     pub closed: VecDeque<(i64, Uuid, Uuid)>,
+    /// Transactions by the time they finished (user_id, transaction_id), so they can be forgotten
+    /// after the retention window. An entry whose transaction moved on (Completed ->
+    /// Compensating) is skipped when it comes due.
+    pub finished: VecDeque<(i64, Uuid, Uuid)>,
     pub idempotency: IdempotencyStore,
     /// The latest time any change in this shard was made at. Callers' clocks disagree a little;
     /// a change is dated no earlier than this, so time never goes back within a shard (limit
@@ -72,6 +88,7 @@ impl Default for Shard {
             system_minor: [[0; Asset::COUNT]; SystemKind::COUNT],
             expiry: BTreeSet::new(),
             closed: VecDeque::new(),
+            finished: VecDeque::new(),
             idempotency: IdempotencyStore::default(),
             clock_ms: i64::MIN,
         }

@@ -17,6 +17,7 @@ use super::idempotency::{IdempotencyKey, IdempotencyRecord};
 use super::limits::OutflowUsage;
 use super::money::MAX_AMOUNT_MINOR;
 use super::reservation::{Reservation, ReservationStatus};
+use super::transaction::{ComplianceRecord, Transaction, TxStatus};
 
 /// One user account as the outside world sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +38,11 @@ pub struct EngineState {
     /// Active reservations, and closed ones still within the retention window.
     pub reservations: BTreeMap<(Uuid, Uuid), Reservation>,
     pub idempotency: BTreeMap<IdempotencyKey, IdempotencyRecord>,
+    /// Unfinished transactions, and finished ones still within the retention window, by (user, id).
+    #[serde(default)]
+    pub transactions: BTreeMap<(Uuid, Uuid), Transaction>,
+    #[serde(default)]
+    pub compliance: BTreeMap<Uuid, ComplianceRecord>,
 }
 
 /// A broken invariant: always an engine bug (or a corrupted journal), never a caller's mistake.
@@ -52,6 +58,8 @@ pub enum InvariantViolation {
     OutOfRange { account: UserAccount },
     #[error("reservation {reservation_id} belongs to an account that does not exist")]
     OrphanReservation { reservation_id: Uuid },
+    #[error("transaction {transaction_id}'s reservation does not match its status or amount")]
+    TransactionReservationMismatch { transaction_id: Uuid },
 }
 
 impl EngineState {
@@ -92,10 +100,40 @@ impl EngineState {
                 return Err(InvariantViolation::OutOfRange { account: view.account });
             }
         }
+        self.check_transactions()?;
         for asset in Asset::all() {
             let sum_minor = sum_by_asset[asset.index()];
             if sum_minor != 0 {
                 return Err(InvariantViolation::AssetDoesNotSumToZero { asset, sum_minor });
+            }
+        }
+        Ok(())
+    }
+
+    /// A transaction holding funds has an Active reservation of principal + fees (unless it
+    /// expired); no other transaction has an Active one.
+    fn check_transactions(&self) -> Result<(), InvariantViolation> {
+        for ((user_id, transaction_id), transaction) in &self.transactions {
+            let holds_funds = matches!(
+                transaction.status,
+                TxStatus::BalanceReserved
+                    | TxStatus::SentToProvider
+                    | TxStatus::ProviderProcessing
+                    | TxStatus::ProviderConfirming
+            );
+            let active = self
+                .reservations
+                .get(&(*user_id, *transaction_id))
+                .filter(|reservation| reservation.status == ReservationStatus::Active);
+            let consistent = match (transaction.spec.paying_account(), active) {
+                (Some(_), Some(reservation)) => {
+                    holds_funds && reservation.amount_minor == transaction.spec.reserve_minor()
+                }
+                (None, Some(_)) => false,
+                (_, None) => true,
+            };
+            if !consistent {
+                return Err(InvariantViolation::TransactionReservationMismatch { transaction_id: *transaction_id });
             }
         }
         Ok(())
@@ -111,6 +149,9 @@ impl EngineState {
         state
             .reservations
             .retain(|_, reservation| reservation.closed_at_ms.is_none_or(|closed_at_ms| closed_at_ms > cutoff_ms));
+        state
+            .transactions
+            .retain(|_, transaction| !transaction.status.is_finished() || transaction.updated_at_ms > cutoff_ms);
         state
     }
 

@@ -134,6 +134,10 @@ impl Changes {
             Effect::ReservationClosed { user_id, reservation_id, status, closed_at_ms } => {
                 self.reservations_closed.push((*user_id, *reservation_id, *status, *closed_at_ms, sequence));
             }
+            // Written by super::transactions.
+            Effect::TransactionCreated { .. }
+            | Effect::TransactionStatusChanged { .. }
+            | Effect::ComplianceSet { .. } => {}
         }
     }
 
@@ -203,6 +207,7 @@ pub async fn write_batch(
     close_reservations(&mut tx, &changes).await?;
     apply_system_deltas(&mut tx, &changes).await?;
     crate::audit::ledger_requests::write(&mut tx, &batch.records).await?;
+    super::transactions::write(&mut tx, &batch.records).await?;
     if use_copy {
         copy_idempotency_keys(&mut tx, batch).await?;
     } else {

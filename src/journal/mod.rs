@@ -14,6 +14,7 @@
 //! PostgreSQL once PostgreSQL is reachable again.
 
 pub mod batch;
+mod transactions;
 
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};

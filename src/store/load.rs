@@ -58,7 +58,8 @@ pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>)
             // The latest time the state has seen, as Engine::from_state computes it.
             let (latest_ms,): (Option<i64>,) = sqlx::query_as(
                 "SELECT GREATEST((SELECT max(recorded_at_ms) FROM ledger.idempotency_keys),
-                                 (SELECT max(GREATEST(created_at_ms, closed_at_ms)) FROM ledger.reservations))",
+                                 (SELECT max(GREATEST(created_at_ms, closed_at_ms)) FROM ledger.reservations),
+                                 (SELECT max(updated_at_ms) FROM ledger.transactions))",
             )
             .fetch_one(&mut *tx)
             .await?;
@@ -165,5 +166,6 @@ pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>)
         let record = IdempotencyRecord::new(&operation, outcome, record.sequence, recorded_at_ms);
         state.idempotency.insert(parsed_key, record);
     }
+    super::transactions::read(tx, cutoff_ms, &mut state).await?;
     Ok(state)
 }

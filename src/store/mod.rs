@@ -8,6 +8,8 @@
 
 pub mod codec;
 mod load;
+pub mod transaction_queries;
+mod transactions;
 mod verify;
 
 use sqlx::migrate::MigrateDatabase;
@@ -104,6 +106,10 @@ pub fn idempotency_key_keep_days(retention_ms: i64) -> i32 {
 /// `migrate` passes `None`, since only the running ledger knows its retention.
 pub async fn ensure_partitions(conn: &mut PgConnection, keep_days: Option<i32>) -> Result<(), StoreError> {
     sqlx::query("SELECT ledger.ensure_journal_partitions(now(), $1)")
+        .bind(JOURNAL_PARTITION_MONTHS_AHEAD)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SELECT ledger.ensure_transaction_partitions(now(), $1)")
         .bind(JOURNAL_PARTITION_MONTHS_AHEAD)
         .execute(&mut *conn)
         .await?;

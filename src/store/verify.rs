@@ -110,6 +110,8 @@ pub async fn verify(conn: &mut PgConnection) -> Result<VerifyReport, StoreError>
     compare("system balance", &replayed.system_minor, &projected.system_minor, &mut differ);
     compare("reservation", &replayed.reservations, &projected.reservations, &mut differ);
     compare("idempotency key", &replayed.idempotency, &projected.idempotency, &mut differ);
+    compare("transaction", &replayed.transactions, &projected.transactions, &mut differ);
+    compare("user compliance", &replayed.compliance, &projected.compliance, &mut differ);
     if let Err(violation) = EngineState::check_invariants(&projected) {
         differ("invariants of the projections".to_owned(), &"hold", &violation);
     }

@@ -1,0 +1,479 @@
+//! The transaction lifecycle in the engine: every legal and illegal status change for a
+//! transaction of each domain, the money each status moves (reserve, commit with fees, release,
+//! compensate), the compliance gate, conservation after every step, replay from the journal,
+//! forgetting finished transactions, and a property test over random lifecycles.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use diboas_ledger::engine::account::{
+    AccountRef, Balance, Domain, FeeTier, Protocol, Provider, SystemAccount, SystemKind,
+};
+use diboas_ledger::engine::asset::Asset;
+use diboas_ledger::engine::error::EngineError;
+use diboas_ledger::engine::lifecycle::is_legal;
+use diboas_ledger::engine::operation::{Operation, Receipt};
+use diboas_ledger::engine::record::MemoryJournal;
+use diboas_ledger::engine::transaction::{
+    AmlStatus, ComplianceRecord, FeeLine, FeeMethod, Fill, KycStatus, NewTransaction, ProviderRef, RiskLevel, TxStatus,
+    TxType,
+};
+use diboas_ledger::engine::{Engine, EngineConfig};
+use proptest::prelude::*;
+use rust_decimal::Decimal;
+use support::*;
+use uuid::Uuid;
+
+const ALICE: u128 = 1;
+const BOB: u128 = 2;
+/// What each test account starts with: enough for every scenario of a test.
+const START_MINOR: i128 = 1_000_000_000_000;
+
+fn fee(tier: FeeTier, amount_minor: i128) -> FeeLine {
+    FeeLine {
+        tier,
+        category: format!("{tier:?}").to_lowercase(),
+        method: FeeMethod::Flat,
+        amount_minor,
+        provider: None,
+        schedule_version: 7,
+    }
+}
+
+fn system(kind: SystemKind, asset: Asset) -> SystemAccount {
+    SystemAccount { kind, asset }
+}
+
+/// A representative transaction of each domain (plus Add Money, money from outside).
+fn spec(kind: TxType, id: u128) -> NewTransaction {
+    let user_id = Uuid::from_u128(ALICE);
+    let (domain, payer, payee, receive, fees) = match kind {
+        TxType::SendMoney => (
+            Domain::Banking,
+            AccountRef::User(usd(ALICE)),
+            AccountRef::User(usd(BOB)),
+            None,
+            vec![fee(FeeTier::Platform, 150), fee(FeeTier::Provider, 30)],
+        ),
+        TxType::AddMoney => (
+            Domain::Banking,
+            AccountRef::System(clearing(Provider::Stripe, Asset::USD)),
+            AccountRef::User(usd(ALICE)),
+            None,
+            vec![fee(FeeTier::Provider, 290)],
+        ),
+        TxType::BuyCrypto => (
+            Domain::Investing,
+            AccountRef::User(user_account(ALICE, Domain::Investing, Asset::USD)),
+            AccountRef::System(system(SystemKind::ExchangeLiquidity, Asset::USD)),
+            Some((
+                system(SystemKind::ExchangeLiquidity, Asset::BTC),
+                user_account(ALICE, Domain::Investing, Asset::BTC),
+            )),
+            vec![fee(FeeTier::Platform, 100), fee(FeeTier::Network, 20)],
+        ),
+        TxType::StartStrategy => (
+            Domain::Defi,
+            AccountRef::User(user_account(ALICE, Domain::Defi, Asset::USDC_ETHEREUM)),
+            AccountRef::System(system(SystemKind::ProtocolPosition(Protocol::Aave), Asset::USDC_ETHEREUM)),
+            None,
+            vec![fee(FeeTier::Network, 2_000_000)],
+        ),
+        other => panic!("no representative for {other:?}"),
+    };
+    let principal_minor = if kind == TxType::StartStrategy { 100_000_000 } else { 10_000 };
+    NewTransaction {
+        id: Uuid::from_u128(id),
+        user_id,
+        domain,
+        kind,
+        payer,
+        payee,
+        principal_minor,
+        fees,
+        receive,
+        provider: Some("stripe".into()),
+        details: BTreeMap::from([("order_type".to_owned(), "market".to_owned())]),
+    }
+}
+
+fn harness() -> Harness {
+    let mut h = Harness::new();
+    for account in [
+        usd(ALICE),
+        usd(BOB),
+        user_account(ALICE, Domain::Investing, Asset::USD),
+        user_account(ALICE, Domain::Investing, Asset::BTC),
+        user_account(ALICE, Domain::Defi, Asset::USDC_ETHEREUM),
+    ] {
+        h.open_funded(account, START_MINOR);
+    }
+    h.ok(Operation::SetCompliance {
+        user_id: Uuid::from_u128(ALICE),
+        record: ComplianceRecord { kyc: KycStatus::Verified, risk: RiskLevel::Low, max_transaction_minor: None },
+    });
+    h
+}
+
+fn to(user: u128, id: u128, status: TxStatus, payee_user: Option<u128>) -> Operation {
+    Operation::TransitionTransaction {
+        user_id: Uuid::from_u128(user),
+        transaction_id: Uuid::from_u128(id),
+        to: status,
+        reason: format!("to {}", status.name()),
+        provider_event: None,
+        fill: Some(Fill { price: Decimal::new(6_000_000, 2), quantity_minor: 16_000 }),
+        payee_user_id: payee_user.map(Uuid::from_u128),
+    }
+}
+
+fn payee_user(kind: TxType) -> Option<u128> {
+    (kind == TxType::SendMoney).then_some(BOB)
+}
+
+/// The statuses a transaction passes through to reach `target` from Initiated.
+fn path(target: TxStatus) -> Vec<TxStatus> {
+    use TxStatus::*;
+    let forward = [Validating, BalanceReserved, SentToProvider, ProviderProcessing, ProviderConfirming, Completed];
+    match target {
+        Initiated => vec![],
+        Failed => vec![Failed],
+        Compensating => [&forward[..], &[Compensating]].concat(),
+        Compensated => [&forward[..], &[Compensating, Compensated]].concat(),
+        other => forward.iter().copied().take_while(|status| *status != other).chain([other]).collect(),
+    }
+}
+
+fn drive(h: &mut Harness, kind: TxType, id: u128, target: TxStatus) {
+    assert_eq!(
+        h.ok(Operation::InitiateTransaction { transaction: Box::new(spec(kind, id)) }),
+        receipt(TxStatus::Initiated)
+    );
+    for status in path(target) {
+        assert_eq!(h.ok(to(ALICE, id, status, payee_user(kind))), receipt(status));
+    }
+}
+
+fn receipt(status: TxStatus) -> Receipt {
+    Receipt::Transaction { status }
+}
+
+fn status_of(h: &Harness, id: u128) -> TxStatus {
+    h.engine.transaction(Uuid::from_u128(ALICE), Uuid::from_u128(id)).expect("transaction is remembered").status
+}
+
+#[test]
+fn every_legal_transition_applies_and_every_illegal_one_changes_nothing_in_each_domain() {
+    for kind in [TxType::SendMoney, TxType::AddMoney, TxType::BuyCrypto, TxType::StartStrategy] {
+        let mut h = harness();
+        let mut id = 1_000;
+        for from in TxStatus::ALL {
+            for target in TxStatus::ALL {
+                id += 1;
+                drive(&mut h, kind, id, from);
+                if is_legal(from, target) {
+                    assert_eq!(h.ok(to(ALICE, id, target, payee_user(kind))), receipt(target), "{kind:?} {from:?}");
+                    assert_eq!(status_of(&h, id), target);
+                } else {
+                    let before = h.engine.state();
+                    assert_eq!(
+                        h.refused(to(ALICE, id, target, payee_user(kind))),
+                        EngineError::IllegalTransition { transaction_id: Uuid::from_u128(id), from, to: target },
+                        "{kind:?} {from:?} -> {target:?}"
+                    );
+                    let after = h.engine.state();
+                    assert_eq!(after.transactions, before.transactions);
+                    assert_eq!(status_of(&h, id), from);
+                }
+            }
+        }
+        h.engine.state().check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn send_money_reserves_principal_and_fees_then_posts_each_fee_to_its_revenue_account() {
+    let mut h = harness();
+    let (alice, bob) = (usd(ALICE), usd(BOB));
+    let start = START_MINOR;
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::BalanceReserved);
+    assert_eq!(h.balance(alice), Balance { available_minor: start - 10_180, reserved_minor: 10_180 });
+    drive_on(&mut h, 1, &[TxStatus::SentToProvider, TxStatus::Completed], Some(BOB));
+    assert_eq!(h.balance(alice), Balance { available_minor: start - 10_180, reserved_minor: 0 });
+    assert_eq!(h.balance(bob), Balance { available_minor: start + 10_000, reserved_minor: 0 });
+    assert_eq!(h.system_balance(system(SystemKind::FeeRevenue(FeeTier::Platform), Asset::USD)), 150);
+    assert_eq!(h.system_balance(system(SystemKind::FeeRevenue(FeeTier::Provider), Asset::USD)), 30);
+    // Compensation posts the reverse: history is never edited.
+    drive_on(&mut h, 1, &[TxStatus::Compensating, TxStatus::Compensated], Some(BOB));
+    assert_eq!(h.balance(alice).total_minor(), start);
+    assert_eq!(h.balance(bob).total_minor(), start);
+    assert_eq!(h.system_balance(system(SystemKind::FeeRevenue(FeeTier::Platform), Asset::USD)), 0);
+    h.engine.state().check_invariants().unwrap();
+}
+
+fn drive_on(h: &mut Harness, id: u128, statuses: &[TxStatus], payee: Option<u128>) {
+    for status in statuses {
+        assert_eq!(h.ok(to(ALICE, id, *status, payee)), receipt(*status));
+    }
+}
+
+#[test]
+fn add_money_credits_the_amount_less_fees_at_completion_only() {
+    let mut h = harness();
+    let start = h.balance(usd(ALICE));
+    drive(&mut h, TxType::AddMoney, 1, TxStatus::ProviderConfirming);
+    assert_eq!(h.balance(usd(ALICE)), start, "nothing moves before the provider confirms");
+    drive_on(&mut h, 1, &[TxStatus::Completed], None);
+    assert_eq!(h.balance(usd(ALICE)).available_minor, start.available_minor + 10_000 - 290);
+    assert_eq!(h.system_balance(system(SystemKind::FeeRevenue(FeeTier::Provider), Asset::USD)), 290);
+}
+
+#[test]
+fn buy_crypto_needs_its_fill_and_credits_the_bought_asset() {
+    let mut h = harness();
+    let btc = user_account(ALICE, Domain::Investing, Asset::BTC);
+    let before_btc = h.balance(btc).available_minor;
+    drive(&mut h, TxType::BuyCrypto, 1, TxStatus::SentToProvider);
+    let without_fill = Operation::TransitionTransaction {
+        user_id: Uuid::from_u128(ALICE),
+        transaction_id: Uuid::from_u128(1),
+        to: TxStatus::Completed,
+        reason: "filled".into(),
+        provider_event: None,
+        fill: None,
+        payee_user_id: None,
+    };
+    assert_eq!(h.refused(without_fill), EngineError::FillRequired);
+    drive_on(&mut h, 1, &[TxStatus::Completed], None);
+    assert_eq!(h.balance(btc).available_minor, before_btc + 16_000);
+    let transaction = h.engine.transaction(Uuid::from_u128(ALICE), Uuid::from_u128(1)).unwrap();
+    assert_eq!(transaction.fill.map(|fill| fill.quantity_minor), Some(16_000));
+}
+
+#[test]
+fn failing_after_the_reservation_releases_principal_and_fees() {
+    let mut h = harness();
+    let start = h.balance(usd(ALICE));
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::ProviderProcessing);
+    assert_eq!(h.balance(usd(ALICE)).reserved_minor, 10_180);
+    drive_on(&mut h, 1, &[TxStatus::Failed], Some(BOB));
+    assert_eq!(h.balance(usd(ALICE)), start);
+}
+
+#[test]
+fn the_compliance_gate_fails_the_transaction_with_its_verdict_recorded() {
+    let mut h = harness();
+    let set = |kyc, risk, max_transaction_minor| Operation::SetCompliance {
+        user_id: Uuid::from_u128(ALICE),
+        record: ComplianceRecord { kyc, risk, max_transaction_minor },
+    };
+    // Pending KYC: money may arrive, nothing may leave.
+    h.ok(set(KycStatus::Pending, RiskLevel::Low, None));
+    drive(&mut h, TxType::AddMoney, 1, TxStatus::BalanceReserved);
+    drive(&mut h, TxType::SendMoney, 2, TxStatus::Validating);
+    assert_eq!(h.ok(to(ALICE, 2, TxStatus::BalanceReserved, Some(BOB))), receipt(TxStatus::Failed));
+    let failed = h.engine.transaction(Uuid::from_u128(ALICE), Uuid::from_u128(2)).unwrap();
+    assert_eq!(failed.aml.map(|aml| aml.status), Some(AmlStatus::Rejected));
+    assert_eq!(h.balance(usd(ALICE)).reserved_minor, 0);
+    // Over the user's per-transaction cap.
+    h.ok(set(KycStatus::Verified, RiskLevel::Low, Some(9_999)));
+    drive(&mut h, TxType::SendMoney, 3, TxStatus::Validating);
+    assert_eq!(h.ok(to(ALICE, 3, TxStatus::BalanceReserved, Some(BOB))), receipt(TxStatus::Failed));
+    // High risk passes, held for review and flagged.
+    h.ok(set(KycStatus::Verified, RiskLevel::High, None));
+    drive(&mut h, TxType::SendMoney, 4, TxStatus::BalanceReserved);
+    let review = h.engine.transaction(Uuid::from_u128(ALICE), Uuid::from_u128(4)).unwrap().aml.unwrap();
+    assert_eq!(review.status, AmlStatus::Review);
+    assert_eq!(review.flags, vec!["high_risk_user".to_owned()]);
+}
+
+#[test]
+fn insufficient_funds_refuses_the_reservation_and_the_transaction_stays_validating() {
+    let mut h = harness();
+    let mut big = spec(TxType::SendMoney, 1);
+    big.principal_minor = START_MINOR * 2;
+    h.ok(Operation::InitiateTransaction { transaction: Box::new(big) });
+    h.ok(to(ALICE, 1, TxStatus::Validating, Some(BOB)));
+    assert!(matches!(
+        h.refused(to(ALICE, 1, TxStatus::BalanceReserved, Some(BOB))),
+        EngineError::InsufficientFunds { .. }
+    ));
+    assert_eq!(status_of(&h, 1), TxStatus::Validating);
+}
+
+#[test]
+fn bad_transactions_are_refused_at_initiation() {
+    let mut h = harness();
+    let mut wrong_domain = spec(TxType::SendMoney, 1);
+    wrong_domain.domain = Domain::Defi;
+    assert!(matches!(
+        h.refused(Operation::InitiateTransaction { transaction: Box::new(wrong_domain) }),
+        EngineError::InvalidTransaction { .. }
+    ));
+    let mut someone_elses = spec(TxType::SendMoney, 2);
+    someone_elses.payer = AccountRef::User(usd(BOB));
+    someone_elses.payee = AccountRef::User(usd(ALICE));
+    assert!(matches!(
+        h.refused(Operation::InitiateTransaction { transaction: Box::new(someone_elses) }),
+        EngineError::InvalidTransaction { .. }
+    ));
+    let mut fees_eat_deposit = spec(TxType::AddMoney, 3);
+    fees_eat_deposit.fees = vec![fee(FeeTier::Provider, 10_000)];
+    assert!(matches!(
+        h.refused(Operation::InitiateTransaction { transaction: Box::new(fees_eat_deposit) }),
+        EngineError::InvalidTransaction { .. }
+    ));
+    h.ok(Operation::InitiateTransaction { transaction: Box::new(spec(TxType::SendMoney, 4)) });
+    assert_eq!(
+        h.refused(Operation::InitiateTransaction { transaction: Box::new(spec(TxType::SendMoney, 4)) }),
+        EngineError::TransactionAlreadyExists { transaction_id: Uuid::from_u128(4) }
+    );
+    // Completing Send Money must name the payee's user so the engine can lock it.
+    drive_on(&mut h, 4, &[TxStatus::Validating, TxStatus::BalanceReserved, TxStatus::SentToProvider], Some(BOB));
+    assert_eq!(h.refused(to(ALICE, 4, TxStatus::Completed, None)), EngineError::PayeeMismatch);
+    assert_eq!(
+        h.refused(to(ALICE, 99, TxStatus::Validating, None)),
+        EngineError::TransactionNotFound { user_id: Uuid::from_u128(ALICE), transaction_id: Uuid::from_u128(99) }
+    );
+}
+
+#[test]
+fn a_provider_event_is_recorded_on_the_change_it_caused() {
+    let mut h = harness();
+    drive(&mut h, TxType::AddMoney, 1, TxStatus::SentToProvider);
+    let event = ProviderRef { source: "stripe".into(), event_id: "evt_1".into() };
+    h.ok(Operation::TransitionTransaction {
+        user_id: Uuid::from_u128(ALICE),
+        transaction_id: Uuid::from_u128(1),
+        to: TxStatus::Completed,
+        reason: "payment_intent.succeeded".into(),
+        provider_event: Some(event.clone()),
+        fill: None,
+        payee_user_id: None,
+    });
+    let records = h.engine.sink().drain();
+    let last = records.last().unwrap();
+    let change = last
+        .effects
+        .iter()
+        .find_map(|effect| match effect {
+            diboas_ledger::engine::effect::Effect::TransactionStatusChanged { change } => Some(change.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(change.provider_event, Some(event));
+    assert_eq!(change.fees_posted.len(), 1);
+}
+
+fn replayed(records: &[diboas_ledger::engine::record::JournalRecord]) -> Engine<MemoryJournal> {
+    let engine = Engine::new(EngineConfig { shard_count: 8, ..EngineConfig::default() }, MemoryJournal::default());
+    for record in records {
+        engine.apply_record(record).unwrap();
+    }
+    engine
+}
+
+#[test]
+fn the_journal_replays_to_the_same_transactions_and_the_engine_forgets_finished_ones() {
+    let mut h = harness();
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::Completed);
+    drive(&mut h, TxType::BuyCrypto, 2, TxStatus::Compensated);
+    drive(&mut h, TxType::StartStrategy, 3, TxStatus::ProviderProcessing);
+    drive(&mut h, TxType::AddMoney, 4, TxStatus::Failed);
+    let records = h.engine.sink().drain();
+    let replay = replayed(&records);
+    assert_eq!(replay.state(), h.engine.state());
+
+    // A recovered engine (from the state) keeps them too, and forgets finished ones after retention.
+    let recovered = Engine::from_state(*h.engine.config(), MemoryJournal::default(), &h.engine.state());
+    assert_eq!(recovered.state(), h.engine.state());
+    let later_ms = h.now_ms + h.engine.config().retention_ms + 1;
+    recovered.sweep(later_ms).unwrap();
+    let alice = Uuid::from_u128(ALICE);
+    assert!(recovered.transaction(alice, Uuid::from_u128(1)).is_none());
+    assert!(recovered.transaction(alice, Uuid::from_u128(2)).is_none());
+    assert_eq!(recovered.transaction(alice, Uuid::from_u128(3)).map(|t| t.status), Some(TxStatus::ProviderProcessing));
+    assert!(recovered.transaction(alice, Uuid::from_u128(4)).is_none());
+    recovered.state().check_invariants().unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Random status changes on a few transactions of every domain: the engine accepts exactly
+    /// the legal ones, money is conserved (including fee revenue) after every step, and the
+    /// journal replays to the same state.
+    #[test]
+    fn random_lifecycles_conserve_money_and_replay(
+        steps in prop::collection::vec((0_usize..4, 0_usize..TxStatus::ALL.len()), 1..60)
+    ) {
+        let mut h = harness();
+        let kinds = [TxType::SendMoney, TxType::AddMoney, TxType::BuyCrypto, TxType::StartStrategy];
+        for (index, kind) in kinds.iter().enumerate() {
+            h.ok(Operation::InitiateTransaction { transaction: Box::new(spec(*kind, index as u128 + 1)) });
+        }
+        for (index, target) in steps {
+            let target = TxStatus::ALL[target];
+            let id = index as u128 + 1;
+            let from = status_of(&h, id);
+            let outcome = h.run(to(ALICE, id, target, payee_user(kinds[index])));
+            if is_legal(from, target) {
+                prop_assert!(outcome.result.is_ok(), "{from:?} -> {target:?}: {:?}", outcome.result);
+            } else {
+                prop_assert_eq!(outcome.result, Err(EngineError::IllegalTransition {
+                    transaction_id: Uuid::from_u128(id), from, to: target
+                }));
+            }
+            h.engine.state().check_invariants().map_err(|violation| TestCaseError::fail(violation.to_string()))?;
+        }
+        let records = h.engine.sink().drain();
+        prop_assert_eq!(replayed(&records).state(), h.engine.state());
+    }
+}
+
+#[test]
+fn a_transactions_reservation_moves_only_with_the_transaction() {
+    let mut h = harness();
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::BalanceReserved);
+    let (alice, id) = (Uuid::from_u128(ALICE), Uuid::from_u128(1));
+    let held = EngineError::ReservationHeldByTransaction { reservation_id: id };
+    assert_eq!(h.refused(Operation::Release { user_id: alice, reservation_id: id }), held);
+    assert_eq!(
+        h.refused(Operation::Commit {
+            user_id: alice,
+            reservation_id: id,
+            destination: AccountRef::User(usd(BOB)),
+            amount: None
+        }),
+        held
+    );
+    assert_eq!(
+        h.refused(Operation::Reserve { reservation_id: id, account: usd(ALICE), amount: amount(1), ttl_ms: None }),
+        held
+    );
+    // And a transaction cannot take the id of a plain reservation.
+    h.ok(Operation::Reserve {
+        reservation_id: Uuid::from_u128(2),
+        account: usd(ALICE),
+        amount: amount(1),
+        ttl_ms: None,
+    });
+    assert_eq!(
+        h.refused(Operation::InitiateTransaction { transaction: Box::new(spec(TxType::SendMoney, 2)) }),
+        EngineError::ReservationAlreadyExists { user_id: alice, reservation_id: Uuid::from_u128(2) }
+    );
+}
+
+#[test]
+fn a_frozen_payer_cannot_complete_and_can_still_fail() {
+    let mut h = harness();
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::SentToProvider);
+    h.ok(Operation::SetFrozen { account: usd(ALICE), frozen: true });
+    assert_eq!(
+        h.refused(to(ALICE, 1, TxStatus::Completed, Some(BOB))),
+        EngineError::AccountFrozen { account: usd(ALICE) }
+    );
+    drive_on(&mut h, 1, &[TxStatus::Failed], Some(BOB));
+    assert_eq!(h.balance(usd(ALICE)).reserved_minor, 0);
+}
