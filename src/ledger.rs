@@ -235,6 +235,17 @@ impl Ledger {
         self.current().durability.borrow().committed_sequence
     }
 
+    /// The current journal writer's durability, to wake on commits (the outbox relay and the
+    /// event stream). It closes when a storage failure replaces the writer: ask again then.
+    pub fn durability(&self) -> watch::Receiver<Durability> {
+        self.current().durability.clone()
+    }
+
+    /// The PostgreSQL the ledger journals to (the outbox relay and the event stream read it).
+    pub fn connect_options(&self) -> &PgConnectOptions {
+        &self.shared.config.connect
+    }
+
     /// Stops taking requests, lets the writer commit everything queued, and waits for it.
     pub async fn shutdown(self) -> Result<(), LedgerError> {
         self.supervisor.abort();

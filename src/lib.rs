@@ -9,10 +9,13 @@
 //! - [`store`]: PostgreSQL itself: migrations, recovery at start-up, `verify`.
 //! - [`ledger`]: the durable handle callers use: execute, then wait until the change is durable;
 //!   fail-stop and reload when PostgreSQL fails.
+//! - [`outbox`]: the events other services hear about, written with each journal batch, relayed
+//!   to NATS JetStream and streamed over gRPC.
 //! - [`api`]: the gRPC service and server over the ledger: validation, error mapping, lifecycle.
 
 pub mod api;
 pub mod engine;
 pub mod journal;
 pub mod ledger;
+pub mod outbox;
 pub mod store;

@@ -4,6 +4,7 @@
 //!   and serves the gRPC API until SIGTERM or SIGINT, then shuts down gracefully (exit 0).
 //! - `migrate`: creates the database if it is missing, applies the embedded migrations, seeds
 //!   the asset registry and creates the journal partitions ahead.
+//! - `outbox requeue`: puts every Failed outbox event back to Pending (see docs/OUTBOX.md).
 //! - `verify`: replays the whole journal into a fresh engine and compares it with the
 //!   projections; exits non-zero and lists the differences if they disagree.
 
@@ -12,8 +13,11 @@ use std::process::ExitCode;
 use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand};
+use diboas_ledger::api::events::EventsConfig;
 use diboas_ledger::api::server::{ServeConfig, ServeError, serve};
 use diboas_ledger::ledger::{Ledger, LedgerConfig, LedgerError};
+use diboas_ledger::outbox::relay::RelayConfig;
+use diboas_ledger::outbox::{OutboxError, admin};
 use diboas_ledger::store;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -43,6 +47,15 @@ enum Command {
     Migrate,
     /// Replay the journal and compare it with the projections.
     Verify,
+    /// Operate the outbox of events.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Put every Failed event back to Pending (attempts reset) for the relay to publish.
+    Requeue,
 }
 
 #[derive(Args)]
@@ -62,6 +75,30 @@ struct ServeArgs {
     /// How often reservations past their expiry are released, in milliseconds.
     #[arg(long, env = "DIBOAS_SWEEP_INTERVAL_MS", default_value_t = ServeConfig::default().sweep_interval_ms)]
     sweep_interval_ms: u64,
+    /// Do not run the outbox relay (events still go to the outbox and the Events stream).
+    #[arg(long, env = "DIBOAS_NO_OUTBOX_RELAY")]
+    no_outbox_relay: bool,
+    /// The NATS server the outbox relay publishes to.
+    #[arg(long, env = "DIBOAS_NATS_URL", default_value_t = RelayConfig::default().nats_url)]
+    nats_url: String,
+    /// The JetStream stream the relay creates or updates.
+    #[arg(long, env = "DIBOAS_NATS_STREAM", default_value_t = RelayConfig::default().stream_name)]
+    nats_stream: String,
+    /// Events are published to <prefix>.<aggregate>.<type>.
+    #[arg(long, env = "DIBOAS_NATS_SUBJECT_PREFIX", default_value_t = RelayConfig::default().subject_prefix)]
+    nats_subject_prefix: String,
+    /// The most events one relay round publishes.
+    #[arg(long, env = "DIBOAS_OUTBOX_BATCH_EVENTS", default_value_t = RelayConfig::default().batch_max_events)]
+    outbox_batch_events: i64,
+    /// How long published events are kept before pruning, in milliseconds.
+    #[arg(long, env = "DIBOAS_OUTBOX_RETENTION_MS", default_value_t = RelayConfig::default().retention_ms)]
+    outbox_retention_ms: u64,
+    /// Events an event stream buffers for a slow consumer before cutting it.
+    #[arg(long, env = "DIBOAS_EVENTS_BUFFER", default_value_t = EventsConfig::default().buffer_events)]
+    events_buffer: usize,
+    /// Event streams open at once.
+    #[arg(long, env = "DIBOAS_EVENTS_MAX_STREAMS", default_value_t = EventsConfig::default().max_streams)]
+    events_max_streams: usize,
 }
 
 /// Everything a command can fail with.
@@ -77,6 +114,8 @@ enum CommandError {
     Signals(std::io::Error),
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
 }
 
 fn main() -> ExitCode {
@@ -109,6 +148,20 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
                 max_batch_operations: args.max_batch_operations,
                 request_timeout_ms: args.request_timeout_ms,
                 sweep_interval_ms: args.sweep_interval_ms,
+                events: EventsConfig {
+                    buffer_events: args.events_buffer,
+                    max_streams: args.events_max_streams,
+                    ..EventsConfig::default()
+                },
+                relay: (!args.no_outbox_relay).then(|| RelayConfig {
+                    nats_url: args.nats_url,
+                    stream_name: args.nats_stream,
+                    subject_prefix: args.nats_subject_prefix,
+                    batch_max_events: args.outbox_batch_events,
+                    retention_ms: args.outbox_retention_ms,
+                    ..RelayConfig::default()
+                }),
+                ..ServeConfig::default()
             };
             let shutdown = shutdown_signal().map_err(CommandError::Signals)?;
             let listener = tokio::net::TcpListener::bind(args.listen)
@@ -125,6 +178,13 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
             store::create_database_if_missing(&cli.database_url).await?;
             store::prepare(&options).await?;
             println!("database ready");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Outbox(OutboxCommand::Requeue) => {
+            let mut conn = PgConnection::connect_with(&options).await.map_err(store::StoreError::from)?;
+            let requeued = admin::requeue_failed(&mut conn).await?;
+            conn.close().await.map_err(store::StoreError::from)?;
+            println!("re-queued {requeued} failed events");
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify => {

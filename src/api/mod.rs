@@ -5,10 +5,13 @@
 //! - [`status`]: the one mapping from refusals to gRPC statuses with machine-readable details.
 //! - [`correlation`]: the `x-correlation-id` of each request, in its log lines and its response.
 //! - [`service`]: the RPC handlers: validate, stamp the server's clock, submit, answer.
+//! - [`events`]: the `diboas.ledger.v1.Events` stream of outbox events ([`event_convert`]: its wire form).
 //! - [`server`]: the server itself: health, reflection, limits, the expiry sweep, graceful shutdown.
 
 pub mod convert;
 pub mod correlation;
+pub mod event_convert;
+pub mod events;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -14,12 +14,15 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use super::events::{EventsConfig, EventsService};
 use super::pb;
+use super::pb::events_server::EventsServer;
 use super::pb::ledger_server::LedgerServer;
 use super::service::{LedgerService, now_ms};
 use crate::ledger::{Ledger, LedgerError};
+use crate::outbox::relay::{RelayConfig, run_forever};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeConfig {
     /// The largest request message accepted; larger ones are refused by tonic (OUT_OF_RANGE).
     pub max_message_bytes: usize,
@@ -29,6 +32,12 @@ pub struct ServeConfig {
     pub request_timeout_ms: u64,
     /// How often the expiry sweep runs.
     pub sweep_interval_ms: u64,
+    /// The Events stream's limits.
+    pub events: EventsConfig,
+    /// The outbox relay to NATS JetStream; `None` runs none (the default here: the binary turns it on).
+    pub relay: Option<RelayConfig>,
+    /// PostgreSQL connections shared by the event streams and the relay.
+    pub outbox_pool_connections: u32,
 }
 
 impl Default for ServeConfig {
@@ -38,6 +47,9 @@ impl Default for ServeConfig {
             max_batch_operations: 4_096,
             request_timeout_ms: 30_000,
             sweep_interval_ms: 1_000,
+            events: EventsConfig::default(),
+            relay: None,
+            outbox_pool_connections: 8,
         }
     }
 }
@@ -69,12 +81,18 @@ pub async fn serve(
     let ledger_service = LedgerServer::new(LedgerService::new(Arc::clone(&ledger), config.max_batch_operations))
         .max_decoding_message_size(config.max_message_bytes);
     let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ledger), Duration::from_millis(config.sweep_interval_ms)));
+    let outbox_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.outbox_pool_connections.max(1))
+        .connect_lazy_with(ledger.connect_options().clone());
+    let events_service = EventsServer::new(EventsService::new(Arc::clone(&ledger), outbox_pool.clone(), config.events));
+    let relay = config.relay.clone().map(|relay| tokio::spawn(run_forever(relay, outbox_pool, Arc::clone(&ledger))));
 
     let served = tonic::transport::Server::builder()
         .timeout(Duration::from_millis(config.request_timeout_ms))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ledger_service)
+        .add_service(events_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             shutdown.await;
             // Health checkers see the server leave before its connections do.
@@ -85,6 +103,11 @@ pub async fn serve(
     sweeper.abort();
     // An aborted task ends with a cancellation error: that is the expected outcome here.
     let _ = sweeper.await;
+    if let Some(relay) = relay {
+        // Safe at any point: unrecorded publishes are published again (deduplicated by id).
+        relay.abort();
+        let _ = relay.await;
+    }
     // The server and its connections are gone, so this is the last handle on the ledger.
     let ledger = Arc::try_unwrap(ledger).map_err(|_| LedgerError::Busy)?;
     ledger.shutdown().await?;

@@ -9,7 +9,9 @@
 //! - NOT_FOUND: an unknown account or reservation
 //! - ALREADY_EXISTS: the account or reservation exists; an idempotency key reused for another body
 //! - FAILED_PRECONDITION: right request, wrong moment (funds, frozen, limits, reservation state)
-//! - RESOURCE_EXHAUSTED: the idempotency store is full; retry later
+//! - RESOURCE_EXHAUSTED: the idempotency store is full; retry later. For an event stream: the
+//!   consumer is too slow, or too many streams are open (resume / retry later)
+//! - OUT_OF_RANGE: an event stream asked for positions that were pruned
 //! - UNAVAILABLE: PostgreSQL cannot be written; the outcome is unknown, retry with the same key
 //! - INTERNAL: a failure of the server itself
 
@@ -23,6 +25,7 @@ use super::convert::InvalidField;
 use crate::engine::account::AccountRef;
 use crate::engine::error::EngineError;
 use crate::ledger::LedgerError;
+use crate::outbox::OutboxError;
 
 /// The ErrorInfo domain of every refusal this service gives.
 pub const ERROR_DOMAIN: &str = "ledger.diboas";
@@ -40,6 +43,13 @@ pub enum ApiError {
     Refused(#[from] EngineError),
     #[error(transparent)]
     Ledger(LedgerError),
+    /// An event stream's consumer fell a whole buffer behind (see `api::events`).
+    #[error("the consumer fell more than {buffer_events} events behind; resume after position {resume_after_position}")]
+    ConsumerTooSlow { resume_after_position: i64, buffer_events: usize },
+    #[error("too many event streams are open (at most {max})")]
+    TooManyStreams { max: usize },
+    #[error("reading events: {source}; resume after position {resume_after_position}")]
+    Events { source: OutboxError, resume_after_position: i64 },
 }
 
 impl From<LedgerError> for ApiError {
@@ -185,6 +195,52 @@ impl From<ApiError> for Status {
             }
             ApiError::Ledger(LedgerError::Unavailable) => {
                 with_info(Code::Unavailable, message, "JOURNAL_UNAVAILABLE", vec![], ErrorDetails::new())
+            }
+            ApiError::ConsumerTooSlow { resume_after_position, buffer_events } => with_info(
+                Code::ResourceExhausted,
+                message,
+                "CONSUMER_TOO_SLOW",
+                vec![
+                    ("resume_after_position", resume_after_position.to_string()),
+                    ("buffer_events", buffer_events.to_string()),
+                ],
+                ErrorDetails::new(),
+            ),
+            ApiError::TooManyStreams { max } => with_info(
+                Code::ResourceExhausted,
+                message,
+                "TOO_MANY_STREAMS",
+                vec![("max_streams", max.to_string())],
+                ErrorDetails::new(),
+            ),
+            ApiError::Events { source: OutboxError::Pruned { pruned_through, .. }, resume_after_position } => {
+                with_info(
+                    Code::OutOfRange,
+                    message,
+                    "EVENTS_PRUNED",
+                    vec![
+                        ("pruned_through", pruned_through.to_string()),
+                        ("resume_after_position", resume_after_position.to_string()),
+                    ],
+                    ErrorDetails::new(),
+                )
+            }
+            ApiError::Events { source, resume_after_position } if source.is_unavailable() => with_info(
+                Code::Unavailable,
+                message,
+                "EVENTS_UNAVAILABLE",
+                vec![("resume_after_position", resume_after_position.to_string())],
+                ErrorDetails::new(),
+            ),
+            ApiError::Events { source, resume_after_position } => {
+                tracing::error!(error = %source, resume_after_position, "reading events failed");
+                with_info(
+                    Code::Internal,
+                    message,
+                    "INTERNAL",
+                    vec![("resume_after_position", resume_after_position.to_string())],
+                    ErrorDetails::new(),
+                )
             }
             ApiError::Ledger(other) => {
                 tracing::error!(error = %other, "internal ledger failure");
