@@ -18,7 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".google.rpc.Status", "::tonic_types::pb::Status")
         .compile_with_config(
             config,
-            &[PathBuf::from("proto/diboas/ledger/v1/ledger.proto"), PathBuf::from("proto/diboas/ledger/v1/events.proto")],
+            &[
+                PathBuf::from("proto/diboas/ledger/v1/ledger.proto"),
+                PathBuf::from("proto/diboas/ledger/v1/events.proto"),
+            ],
             &[PathBuf::from("proto"), well_known_types],
         )?;
     Ok(())

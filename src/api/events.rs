@@ -79,10 +79,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>
 impl pb::events_server::Events for EventsService {
     type StreamEventsStream = EventStream;
 
-    async fn stream_events(
-        &self,
-        request: Request<pb::StreamEventsRequest>,
-    ) -> Result<Response<EventStream>, Status> {
+    async fn stream_events(&self, request: Request<pb::StreamEventsRequest>) -> Result<Response<EventStream>, Status> {
         let correlation_id = correlation::of_request(request.metadata());
         let with_id = |error: ApiError| {
             tracing::info!(operation = OPERATION, correlation_id = %correlation_id, %error, "refused");
@@ -90,7 +87,8 @@ impl pb::events_server::Events for EventsService {
             correlation::echo(status.metadata_mut(), &correlation_id);
             status
         };
-        let (start, filter) = event_convert::stream_request(request.get_ref()).map_err(|error| with_id(error.into()))?;
+        let (start, filter) =
+            event_convert::stream_request(request.get_ref()).map_err(|error| with_id(error.into()))?;
         let permit = Arc::clone(&self.streams)
             .try_acquire_owned()
             .map_err(|_| with_id(ApiError::TooManyStreams { max: self.config.max_streams }))?;
@@ -199,7 +197,10 @@ impl Follower {
         }
     }
 
-    async fn read(&self, page_events: i64) -> Result<Vec<crate::outbox::read::StoredEvent>, crate::outbox::OutboxError> {
+    async fn read(
+        &self,
+        page_events: i64,
+    ) -> Result<Vec<crate::outbox::read::StoredEvent>, crate::outbox::OutboxError> {
         let mut conn = self.pool.acquire().await?;
         events_after(&mut conn, self.last_position, &self.filter, page_events).await
     }

@@ -67,7 +67,18 @@ pub async fn events_after(
     Ok(rows
         .into_iter()
         .map(
-            |(position, event_id, sequence, aggregate_type, aggregate_id, event_type, version, payload, metadata, created_at)| {
+            |(
+                position,
+                event_id,
+                sequence,
+                aggregate_type,
+                aggregate_id,
+                event_type,
+                version,
+                payload,
+                metadata,
+                created_at,
+            )| {
                 StoredEvent {
                     position,
                     event_id,
