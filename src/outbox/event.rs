@@ -229,3 +229,113 @@ fn reservation_payload(reservation: &Reservation) -> Value {
         "expires_at_ms": reservation.expires_at_ms,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::engine::account::{Domain, Provider, SystemAccount, SystemKind};
+    use crate::engine::asset::Asset;
+    use crate::engine::error::EngineError;
+    use crate::engine::idempotency::IdempotencyKey;
+    use crate::engine::money::Amount;
+    use crate::engine::record::RequestContext;
+
+    fn account() -> UserAccount {
+        UserAccount { user_id: Uuid::from_u128(7), domain: Domain::Banking, asset: Asset::USD }
+    }
+
+    fn deposit_record(outcome_ok: bool, effects: Vec<Effect>) -> JournalRecord {
+        let amount = Amount::from_minor(250).expect("an amount");
+        JournalRecord {
+            sequence: 42,
+            at_ms: 1_000,
+            origin: Origin::Request {
+                key: IdempotencyKey::new("dep-1").expect("a key"),
+                operation: Operation::Deposit { account: account(), amount, provider: Provider::Stripe },
+                outcome: if outcome_ok {
+                    Ok(crate::engine::operation::Receipt::Done)
+                } else {
+                    Err(EngineError::AccountFrozen { account: account() })
+                },
+                context: Some(Box::new(RequestContext {
+                    correlation_id: "corr-1".to_owned(),
+                    caller: Some("payments".to_owned()),
+                    peer: Some("10.0.0.1:5000".to_owned()),
+                    user_agent: None,
+                })),
+            },
+            effects,
+        }
+    }
+
+    #[test]
+    fn a_posting_tells_the_user_side_only_with_the_request_as_cause() {
+        let clearing =
+            Slot::System { account: SystemAccount { kind: SystemKind::ProviderClearing(Provider::Stripe), asset: Asset::USD }, shard: 3 };
+        let record = deposit_record(true, vec![Effect::Posting { from: clearing, to: Slot::User(account()), amount_minor: 250 }]);
+        let events = events_of(&record);
+        assert_eq!(events.len(), 1);
+        let event = &events[0];
+        assert_eq!((event.aggregate, event.event_type), (Aggregate::Account, "balance_changed"));
+        assert_eq!(event.aggregate_id, account_id(&account()));
+        assert_eq!(event.payload["delta_minor"], "250");
+        assert_eq!(event.payload["delta"], "2.50");
+        assert_eq!(event.metadata["idempotency_key"], "dep-1");
+        assert_eq!(event.metadata["correlation_id"], "corr-1");
+        assert_eq!(event.metadata["caller"], "payments");
+        assert!(event.metadata.get("peer").is_none(), "the peer address stays in the journal");
+        assert_eq!(event.event_id, event_id(42, 0));
+    }
+
+    #[test]
+    fn a_recorded_refusal_has_no_events() {
+        assert!(events_of(&deposit_record(false, Vec::new())).is_empty());
+    }
+
+    #[test]
+    fn the_sweep_expires_reservations_with_the_sweep_as_cause() {
+        let record = JournalRecord {
+            sequence: 9,
+            at_ms: 5_000,
+            origin: Origin::ExpirySweep,
+            effects: vec![Effect::ReservationClosed {
+                user_id: Uuid::from_u128(7),
+                reservation_id: Uuid::from_u128(8),
+                status: ReservationStatus::Expired,
+                closed_at_ms: 5_000,
+            }],
+        };
+        let events = events_of(&record);
+        assert_eq!(events.len(), 1);
+        assert_eq!((events[0].aggregate, events[0].event_type), (Aggregate::Reservation, "expired"));
+        assert_eq!(events[0].metadata["cause"], "expiry_sweep");
+    }
+
+    proptest! {
+        #[test]
+        fn event_ids_are_stable_and_distinct(a in (1_u64.., any::<u32>()), b in (1_u64.., any::<u32>())) {
+            prop_assert_eq!(event_id(a.0, a.1), event_id(a.0, a.1));
+            prop_assert_eq!(event_id(a.0, a.1) == event_id(b.0, b.1), a == b);
+        }
+
+        #[test]
+        fn events_of_a_record_are_numbered_in_order(amounts in proptest::collection::vec(1_i128..1_000_000, 0..20)) {
+            let effects = amounts
+                .iter()
+                .map(|amount_minor| Effect::Posting {
+                    from: Slot::User(account()),
+                    to: Slot::User(UserAccount { user_id: Uuid::from_u128(9), ..account() }),
+                    amount_minor: *amount_minor,
+                })
+                .collect();
+            let events = events_of(&deposit_record(true, effects));
+            prop_assert_eq!(events.len(), amounts.len() * 2);
+            for (index, event) in events.iter().enumerate() {
+                prop_assert_eq!(event.ordinal as usize, index);
+                prop_assert_eq!(event.event_id, event_id(42, index as u32));
+            }
+        }
+    }
+}

@@ -154,8 +154,12 @@ impl Relay {
             .connection_timeout(Duration::from_millis(config.ack_timeout_ms))
             .connect(config.nats_url.as_str())
             .await?;
-        let mut jetstream = async_nats::jetstream::new(client.clone());
-        jetstream.set_timeout(Duration::from_millis(config.ack_timeout_ms));
+        // A round sends every event before awaiting the acknowledgements, so the client must
+        // allow a whole round in flight (its default of 5 000 would block the round forever).
+        let jetstream = async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_millis(config.ack_timeout_ms))
+            .max_ack_inflight(MAX_BATCH_EVENTS as usize)
+            .build(client.clone());
         jetstream
             .create_or_update_stream(stream::Config {
                 name: config.stream_name.clone(),
