@@ -109,7 +109,11 @@ fn key(text: &str) -> IdempotencyKey {
 }
 
 /// Submits `operations` from `callers` concurrent tasks; returns how many per second were durable.
-async fn submit_all(ledger: &Arc<Ledger>, callers: usize, operations: Vec<(String, Operation)>) -> Result<f64, BenchError> {
+async fn submit_all(
+    ledger: &Arc<Ledger>,
+    callers: usize,
+    operations: Vec<(String, Operation)>,
+) -> Result<f64, BenchError> {
     let count = operations.len();
     let operations = Arc::new(operations);
     let next = Arc::new(AtomicUsize::new(0));
@@ -136,13 +140,18 @@ async fn submit_all(ledger: &Arc<Ledger>, callers: usize, operations: Vec<(Strin
 async fn ledger_run(options: &PgConnectOptions) -> Result<f64, BenchError> {
     let ledger = Arc::new(Ledger::open(LedgerConfig::new(options.clone())).await?);
     let opens = (0..ACCOUNTS)
-        .map(|n| (format!("open-{n}"), Operation::OpenAccount { account: user_account(n), config: AccountConfig::default() }))
+        .map(|n| {
+            (format!("open-{n}"), Operation::OpenAccount { account: user_account(n), config: AccountConfig::default() })
+        })
         .collect();
     submit_all(&ledger, 256, opens).await?;
     let funds = (0..ACCOUNTS)
         .map(|n| {
-            let operation =
-                Operation::Deposit { account: user_account(n), amount: amount(1_000_000_000), provider: Provider::Stripe };
+            let operation = Operation::Deposit {
+                account: user_account(n),
+                amount: amount(1_000_000_000),
+                provider: Provider::Stripe,
+            };
             (format!("fund-{n}"), operation)
         })
         .collect();

@@ -272,9 +272,14 @@ mod tests {
 
     #[test]
     fn a_posting_tells_the_user_side_only_with_the_request_as_cause() {
-        let clearing =
-            Slot::System { account: SystemAccount { kind: SystemKind::ProviderClearing(Provider::Stripe), asset: Asset::USD }, shard: 3 };
-        let record = deposit_record(true, vec![Effect::Posting { from: clearing, to: Slot::User(account()), amount_minor: 250 }]);
+        let clearing = Slot::System {
+            account: SystemAccount { kind: SystemKind::ProviderClearing(Provider::Stripe), asset: Asset::USD },
+            shard: 3,
+        };
+        let record = deposit_record(
+            true,
+            vec![Effect::Posting { from: clearing, to: Slot::User(account()), amount_minor: 250 }],
+        );
         let events = events_of(&record);
         assert_eq!(events.len(), 1);
         let event = &events[0];
