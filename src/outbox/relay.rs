@@ -68,7 +68,7 @@ impl Default for RelayConfig {
             stream_name: "DIBOAS_LEDGER".to_owned(),
             subject_prefix: "diboas.ledger".to_owned(),
             duplicate_window_ms: 10 * 60 * 1_000,
-            batch_max_events: 1_000,
+            batch_max_events: 5_000,
             max_attempts: 3,
             retry_backoff_ms: 1_000,
             ack_timeout_ms: 5_000,
