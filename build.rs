@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 PathBuf::from("proto/diboas/ledger/v1/ledger.proto"),
                 PathBuf::from("proto/diboas/ledger/v1/directory.proto"),
                 PathBuf::from("proto/diboas/ledger/v1/transactions.proto"),
+                PathBuf::from("proto/diboas/ledger/v1/events.proto"),
             ],
             &[PathBuf::from("proto"), well_known_types],
         )?;

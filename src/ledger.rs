@@ -246,14 +246,20 @@ impl Ledger {
         self.current().engine.transaction(user_id, transaction_id).map(|transaction| transaction.spec.domain)
     }
 
-    /// Where the ledger's PostgreSQL is, for services that read its projections.
-    pub fn connect_options(&self) -> &sqlx::postgres::PgConnectOptions {
-        &self.shared.config.connect
-    }
-
     /// The last sequence committed in PostgreSQL.
     pub fn committed_sequence(&self) -> u64 {
         self.current().durability.borrow().committed_sequence
+    }
+
+    /// The current journal writer's durability, to wake on commits (the outbox relay and the
+    /// event stream). It closes when a storage failure replaces the writer: ask again then.
+    pub fn durability(&self) -> watch::Receiver<Durability> {
+        self.current().durability.clone()
+    }
+
+    /// The PostgreSQL the ledger journals to (the outbox relay and the event stream read it).
+    pub fn connect_options(&self) -> &PgConnectOptions {
+        &self.shared.config.connect
     }
 
     /// Stops taking requests, lets the writer commit everything queued, and waits for it.

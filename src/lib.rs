@@ -15,6 +15,9 @@
 //! - [`load`]: the load generator (`diboas-ledger load`) that drives a running server.
 //! - [`directory`], [`audit`], [`readside`]: users and compliance data (encrypted personal data),
 //!   the audit and data-access logs, summary views, retention and database statistics.
+//! - [`fees`]: pure fee math for business transactions (five tiers, one rounding rule).
+//! - [`outbox`]: the events other services hear about, written with each journal batch, relayed
+//!   to NATS JetStream and streamed over gRPC.
 
 pub mod api;
 pub mod audit;
@@ -25,5 +28,6 @@ pub mod journal;
 pub mod ledger;
 pub mod load;
 pub mod metrics;
+pub mod outbox;
 pub mod readside;
 pub mod store;

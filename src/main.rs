@@ -4,6 +4,7 @@
 //!   and serves the gRPC API until SIGTERM or SIGINT, then shuts down gracefully (exit 0).
 //! - `migrate`: creates the database if it is missing, applies the embedded migrations, seeds
 //!   the asset registry and creates the journal partitions ahead.
+//! - `outbox requeue`: puts every Failed outbox event back to Pending (see docs/OUTBOX.md).
 //! - `verify`: replays the whole journal into a fresh engine and compares it with the
 //!   projections; exits non-zero and lists the differences if they disagree.
 //! - `load`: the load generator: drives a running server over gRPC and reports durable ops/s,
@@ -23,12 +24,15 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use diboas_ledger::api::auth::{self, AuthConfigError, Authenticator, CallersFile};
 use diboas_ledger::api::directory::ReadSide;
+use diboas_ledger::api::events::EventsConfig;
 use diboas_ledger::api::server::{ServeConfig, ServeError, ServeOptions, serve};
 use diboas_ledger::directory::encryption::{Keyring, KeyringError};
 use diboas_ledger::directory::{DirectoryError, rotation};
 use diboas_ledger::ledger::{Ledger, LedgerConfig, LedgerError};
 use diboas_ledger::load::{self, LoadConfig, Pacing};
 use diboas_ledger::metrics::Metrics;
+use diboas_ledger::outbox::relay::RelayConfig;
+use diboas_ledger::outbox::{OutboxError, admin};
 use diboas_ledger::readside;
 use diboas_ledger::store;
 use sqlx::postgres::PgConnectOptions;
@@ -80,6 +84,9 @@ enum Command {
     RotateKeys(RotateArgs),
     /// Refresh the summary views and apply the audit retention once.
     Retention,
+    /// Operate the outbox of events.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
 }
 
 #[derive(Args)]
@@ -181,6 +188,12 @@ struct RotateArgs {
     batch_size: i64,
 }
 
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Put every Failed event back to Pending (attempts reset) for the relay to publish.
+    Requeue,
+}
+
 #[derive(Args)]
 struct ServeArgs {
     /// Address to listen on.
@@ -221,6 +234,30 @@ struct ServeArgs {
     /// Most connections of the read side's pool (the Directory service and the view refresh).
     #[arg(long, env = "DIBOAS_READ_POOL_CONNECTIONS", default_value_t = 8)]
     read_pool_connections: u32,
+    /// Do not run the outbox relay (events still go to the outbox and the Events stream).
+    #[arg(long, env = "DIBOAS_NO_OUTBOX_RELAY")]
+    no_outbox_relay: bool,
+    /// The NATS server the outbox relay publishes to.
+    #[arg(long, env = "DIBOAS_NATS_URL", default_value_t = RelayConfig::default().nats_url)]
+    nats_url: String,
+    /// The JetStream stream the relay creates or updates.
+    #[arg(long, env = "DIBOAS_NATS_STREAM", default_value_t = RelayConfig::default().stream_name)]
+    nats_stream: String,
+    /// Events are published to <prefix>.<aggregate>.<type>.
+    #[arg(long, env = "DIBOAS_NATS_SUBJECT_PREFIX", default_value_t = RelayConfig::default().subject_prefix)]
+    nats_subject_prefix: String,
+    /// The most events one relay round publishes.
+    #[arg(long, env = "DIBOAS_OUTBOX_BATCH_EVENTS", default_value_t = RelayConfig::default().batch_max_events)]
+    outbox_batch_events: i64,
+    /// How long published events are kept before pruning, in milliseconds.
+    #[arg(long, env = "DIBOAS_OUTBOX_RETENTION_MS", default_value_t = RelayConfig::default().retention_ms)]
+    outbox_retention_ms: u64,
+    /// Events an event stream buffers for a slow consumer before cutting it.
+    #[arg(long, env = "DIBOAS_EVENTS_BUFFER", default_value_t = EventsConfig::default().buffer_events)]
+    events_buffer: usize,
+    /// Event streams open at once.
+    #[arg(long, env = "DIBOAS_EVENTS_MAX_STREAMS", default_value_t = EventsConfig::default().max_streams)]
+    events_max_streams: usize,
 }
 
 /// Everything a command can fail with.
@@ -250,6 +287,8 @@ enum CommandError {
     PartialKeys,
     #[error(transparent)]
     Directory(#[from] DirectoryError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
 }
 
 fn main() -> ExitCode {
@@ -291,6 +330,20 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
                 request_timeout_ms: args.request_timeout_ms,
                 sweep_interval_ms: args.sweep_interval_ms,
                 max_in_flight: args.max_in_flight,
+                events: EventsConfig {
+                    buffer_events: args.events_buffer,
+                    max_streams: args.events_max_streams,
+                    ..EventsConfig::default()
+                },
+                relay: (!args.no_outbox_relay).then(|| RelayConfig {
+                    nats_url: args.nats_url,
+                    stream_name: args.nats_stream,
+                    subject_prefix: args.nats_subject_prefix,
+                    batch_max_events: args.outbox_batch_events,
+                    retention_ms: args.outbox_retention_ms,
+                    ..RelayConfig::default()
+                }),
+                ..ServeConfig::default()
             };
             let shutdown = shutdown_signal().map_err(CommandError::Signals)?;
             let listener = bind(args.listen).await?;
@@ -372,6 +425,13 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
             let pool = readside::pool::connect(&options, 1, u64::MAX);
             let report = readside::maintenance::run_once(&pool).await.map_err(store::StoreError::from)?;
             println!("views refreshed; {} partitions archived, {} dropped", report.archived, report.dropped);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Outbox(OutboxCommand::Requeue) => {
+            let mut conn = PgConnection::connect_with(&options).await.map_err(store::StoreError::from)?;
+            let requeued = admin::requeue_failed(&mut conn).await?;
+            conn.close().await.map_err(store::StoreError::from)?;
+            println!("re-queued {requeued} failed events");
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify => {

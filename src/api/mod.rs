@@ -14,12 +14,15 @@
 //!   data, database statistics) and its request checks.
 //! - [`transactions`], [`transactions_convert`], [`provider_events`]: the Transactions service
 //!   (business transactions, fees, history, compliance records, the provider inbox).
+//! - [`events`]: the `diboas.ledger.v1.Events` stream of outbox events ([`event_convert`]: its wire form).
 
 pub mod auth;
 pub mod convert;
 pub mod correlation;
 pub mod directory;
 pub mod directory_convert;
+pub mod event_convert;
+pub mod events;
 pub mod gate;
 pub mod provider_events;
 pub mod server;

@@ -17,15 +17,18 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use super::auth::Authenticator;
 use super::directory::{DirectoryService, ReadSide};
+use super::events::{EventsConfig, EventsService};
 use super::gate::Gate;
 use super::pb;
 use super::pb::directory_server::DirectoryServer;
+use super::pb::events_server::EventsServer;
 use super::pb::ledger_server::LedgerServer;
 use super::service::{LedgerService, now_ms};
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{Metrics, endpoint};
+use crate::outbox::relay::{RelayConfig, run_forever};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeConfig {
     /// The largest request message accepted; larger ones are refused by tonic (OUT_OF_RANGE).
     pub max_message_bytes: usize,
@@ -37,6 +40,12 @@ pub struct ServeConfig {
     pub sweep_interval_ms: u64,
     /// The most requests handled at once; past it requests are shed with RESOURCE_EXHAUSTED.
     pub max_in_flight: usize,
+    /// The Events stream's limits.
+    pub events: EventsConfig,
+    /// The outbox relay to NATS JetStream; `None` runs none (the default here: the binary turns it on).
+    pub relay: Option<RelayConfig>,
+    /// PostgreSQL connections shared by the event streams and the relay.
+    pub outbox_pool_connections: u32,
 }
 
 impl Default for ServeConfig {
@@ -47,6 +56,9 @@ impl Default for ServeConfig {
             request_timeout_ms: 30_000,
             sweep_interval_ms: 1_000,
             max_in_flight: 4_096,
+            events: EventsConfig::default(),
+            relay: None,
+            outbox_pool_connections: 8,
         }
     }
 }
@@ -134,6 +146,16 @@ pub async fn serve(
     )
     .max_decoding_message_size(config.max_message_bytes);
     let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ledger), Duration::from_millis(config.sweep_interval_ms)));
+    let outbox_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.outbox_pool_connections.max(1))
+        .connect_lazy_with(ledger.connect_options().clone());
+    let events_service = EventsServer::new(EventsService::new(
+        Arc::clone(&ledger),
+        Arc::clone(&gate),
+        outbox_pool.clone(),
+        config.events,
+    ));
+    let relay = config.relay.clone().map(|relay| tokio::spawn(run_forever(relay, outbox_pool, Arc::clone(&ledger))));
 
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -141,6 +163,7 @@ pub async fn serve(
         .add_service(ledger_service)
         .add_optional_service(directory)
         .add_service(transactions_service)
+        .add_service(events_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             shutdown.await;
             // Health checkers see the server leave before its connections do.
@@ -161,6 +184,11 @@ pub async fn serve(
     if let Some(maintenance) = maintenance {
         maintenance.abort();
         let _ = maintenance.await;
+    }
+    if let Some(relay) = relay {
+        // Safe at any point: unrecorded publishes are published again (deduplicated by id).
+        relay.abort();
+        let _ = relay.await;
     }
     // The server and its connections are gone, so this is the last handle on the ledger.
     let ledger = Arc::try_unwrap(ledger).map_err(|_| LedgerError::Busy)?;

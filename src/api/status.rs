@@ -11,6 +11,9 @@
 //! - FAILED_PRECONDITION: right request, wrong moment (funds, frozen, limits, reservation state)
 //! - RESOURCE_EXHAUSTED: the idempotency store is full, or the server is at its concurrency
 //!   limit (OVERLOADED: nothing was done; retry later with backoff)
+//! - RESOURCE_EXHAUSTED: the idempotency store is full; retry later. For an event stream: the
+//!   consumer is too slow, or too many streams are open (resume / retry later)
+//! - OUT_OF_RANGE: an event stream asked for positions that were pruned
 //! - UNAVAILABLE: PostgreSQL cannot be written; the outcome is unknown, retry with the same key
 //! - DEADLINE_EXCEEDED: the request's deadline passed; a change may still become durable, so
 //!   retry with the same idempotency key
@@ -32,6 +35,7 @@ use crate::engine::account::AccountRef;
 use crate::engine::error::EngineError;
 use crate::fees::FeeError;
 use crate::ledger::LedgerError;
+use crate::outbox::OutboxError;
 use crate::store::StoreError;
 
 /// The ErrorInfo domain of every refusal this service gives.
@@ -78,6 +82,13 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// An event stream's consumer fell a whole buffer behind (see `api::events`).
+    #[error("the consumer fell more than {buffer_events} events behind; resume after position {resume_after_position}")]
+    ConsumerTooSlow { resume_after_position: i64, buffer_events: usize },
+    #[error("too many event streams are open (at most {max})")]
+    TooManyStreams { max: usize },
+    #[error("reading events: {source}; resume after position {resume_after_position}")]
+    Events { source: OutboxError, resume_after_position: i64 },
 }
 
 impl From<LedgerError> for ApiError {
@@ -273,6 +284,52 @@ impl From<ApiError> for Status {
             }
             ApiError::Ledger(LedgerError::Unavailable) => {
                 with_info(Code::Unavailable, message, "JOURNAL_UNAVAILABLE", vec![], ErrorDetails::new())
+            }
+            ApiError::ConsumerTooSlow { resume_after_position, buffer_events } => with_info(
+                Code::ResourceExhausted,
+                message,
+                "CONSUMER_TOO_SLOW",
+                vec![
+                    ("resume_after_position", resume_after_position.to_string()),
+                    ("buffer_events", buffer_events.to_string()),
+                ],
+                ErrorDetails::new(),
+            ),
+            ApiError::TooManyStreams { max } => with_info(
+                Code::ResourceExhausted,
+                message,
+                "TOO_MANY_STREAMS",
+                vec![("max_streams", max.to_string())],
+                ErrorDetails::new(),
+            ),
+            ApiError::Events { source: OutboxError::Pruned { pruned_through, .. }, resume_after_position } => {
+                with_info(
+                    Code::OutOfRange,
+                    message,
+                    "EVENTS_PRUNED",
+                    vec![
+                        ("pruned_through", pruned_through.to_string()),
+                        ("resume_after_position", resume_after_position.to_string()),
+                    ],
+                    ErrorDetails::new(),
+                )
+            }
+            ApiError::Events { source, resume_after_position } if source.is_unavailable() => with_info(
+                Code::Unavailable,
+                message,
+                "EVENTS_UNAVAILABLE",
+                vec![("resume_after_position", resume_after_position.to_string())],
+                ErrorDetails::new(),
+            ),
+            ApiError::Events { source, resume_after_position } => {
+                tracing::error!(error = %source, resume_after_position, "reading events failed");
+                with_info(
+                    Code::Internal,
+                    message,
+                    "INTERNAL",
+                    vec![("resume_after_position", resume_after_position.to_string())],
+                    ErrorDetails::new(),
+                )
             }
             ApiError::Ledger(other) => {
                 tracing::error!(error = %other, "internal ledger failure");

@@ -213,6 +213,7 @@ pub async fn write_batch(
     } else {
         insert_idempotency_keys(&mut tx, batch).await?;
     }
+    crate::outbox::write::append_events(&mut tx, &batch.records).await?;
     let moved = sqlx::query(
         "UPDATE ledger.checkpoint SET committed_sequence = $2, committed_at = now() WHERE committed_sequence = $1",
     )
