@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use rust_decimal::Decimal;
+use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -75,7 +76,11 @@ impl Refusal {
 /// Creates the database if missing, creates and empties the tables, and funds every user.
 pub async fn set_up(config: &LoadConfig) -> Result<PgPool, LoadError> {
     crate::store::create_database_if_missing(&config.baseline_database_url).await?;
-    let options = PgConnectOptions::from_str(&config.baseline_database_url).map_err(crate::store::StoreError::from)?;
+    // Lock waits are what the baseline measures; sqlx's slow-statement warnings would only drown
+    // the report.
+    let options = PgConnectOptions::from_str(&config.baseline_database_url)
+        .map_err(crate::store::StoreError::from)?
+        .log_slow_statements(log::LevelFilter::Off, Duration::from_secs(0));
     let connections = config.in_flight.clamp(1, MAX_BASELINE_CONNECTIONS);
     let pool = PgPoolOptions::new()
         .max_connections(u32::try_from(connections).unwrap_or(1))
