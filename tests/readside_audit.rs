@@ -185,7 +185,7 @@ async fn every_money_rpc_writes_an_audit_row_with_who_asked(pool: PgPool) {
     // Every request record of the journal has exactly one audit row.
     let (requests, audited): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM ledger.journal WHERE kind = 'request'),
-                (SELECT count(DISTINCT journal_sequence) FROM audit.audit_log WHERE journal_sequence IS NOT NULL)",
+                (SELECT count(DISTINCT journal_sequence) FROM audit.trail WHERE journal_sequence IS NOT NULL)",
     )
     .fetch_one(&pool)
     .await

@@ -65,9 +65,9 @@ async fn every_request_has_one_audit_row_matching_its_journal_record(pool: PgPoo
 
         let (requests, audited, mismatched): (i64, i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM ledger.journal WHERE kind = 'request'),
-                    (SELECT count(*) FROM audit.audit_log WHERE journal_sequence IS NOT NULL),
+                    (SELECT count(*) FROM audit.trail WHERE journal_sequence IS NOT NULL),
                     (SELECT count(*) FROM ledger.journal j WHERE j.kind = 'request' AND NOT EXISTS (
-                         SELECT 1 FROM audit.audit_log a
+                         SELECT 1 FROM audit.trail a
                          WHERE a.journal_sequence = j.sequence
                            AND a.after_state -> 'effects' = (j.record -> 'effects')::jsonb
                            AND a.after_state -> 'outcome' = (j.record -> 'origin' -> 'data' -> 'outcome')::jsonb
@@ -79,10 +79,9 @@ async fn every_request_has_one_audit_row_matching_its_journal_record(pool: PgPoo
         assert_eq!(audited, requests, "round {round}: one audit row per request");
         assert_eq!(mismatched, 0, "round {round}: every audit row carries its record's outcome and effects");
     }
-    let refused: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM audit.audit_log WHERE after_state -> 'outcome' ? 'Err'")
-            .fetch_one(&pool)
-            .await
-            .expect("refusals");
+    let refused: i64 = sqlx::query_scalar("SELECT count(*) FROM audit.trail WHERE after_state -> 'outcome' ? 'Err'")
+        .fetch_one(&pool)
+        .await
+        .expect("refusals");
     assert!(refused > 0, "the workloads include refusals");
 }

@@ -2,15 +2,17 @@
 //! asked) and the data-access log (every read of personal data: who, whose, which fields, why),
 //! both in PostgreSQL's `audit` schema, partitioned by UTC month.
 //!
-//! Directory changes write their audit row in the same transaction as the change ([`record`]);
-//! the ledger's money requests get theirs from the journal writer's batch transaction
-//! ([`ledger_requests`]). States written here never hold personal data in plaintext: directory
-//! states are the non-personal columns plus the names of the encrypted fields that changed.
+//! Directory changes write their audit row in the same transaction as the change ([`record`]).
+//! The ledger's money requests are audited by the journal itself: each request's journal record
+//! holds its operation, outcome, effects and request context, and the view `audit.ledger_requests`
+//! presents it in the audit log's shape (a second copy per batch cost several times the journal
+//! rows; see migrations/20261124000008_ledger_audit_view.sql). `audit.trail` unions both.
+//! States written here never hold personal data in plaintext: directory states are the
+//! non-personal columns plus the names of the encrypted fields that changed.
 //!
 //! - [`partitions`]: monthly partitions created ahead, next to the journal's.
 //! - [`retention`]: old partitions moved to the `archive` schema, and dropped after 7 years.
 
-pub mod ledger_requests;
 pub mod partitions;
 pub mod retention;
 

@@ -206,7 +206,6 @@ pub async fn write_batch(
     apply_balance_deltas(&mut tx, &changes).await?;
     close_reservations(&mut tx, &changes).await?;
     apply_system_deltas(&mut tx, &changes).await?;
-    crate::audit::ledger_requests::write(&mut tx, &batch.records).await?;
     super::transactions::write(&mut tx, &batch.records).await?;
     if use_copy {
         copy_idempotency_keys(&mut tx, batch).await?;

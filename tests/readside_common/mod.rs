@@ -127,7 +127,7 @@ pub async fn audit_rows(pool: &PgPool, correlation_id: &str) -> Vec<AuditRow> {
     sqlx::query_as(
         "SELECT event_type, entity_type, entity_id, before_state, after_state, caller, ip_address, user_agent,
              correlation_id, journal_sequence
-         FROM audit.audit_log WHERE correlation_id = $1 ORDER BY created_at, journal_sequence",
+         FROM audit.trail WHERE correlation_id = $1 ORDER BY created_at, journal_sequence",
     )
     .bind(correlation_id)
     .fetch_all(pool)
