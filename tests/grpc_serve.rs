@@ -14,7 +14,6 @@ use diboas_ledger::engine::asset::Asset;
 use diboas_ledger::ledger::{Ledger, LedgerConfig};
 use grpc_common::*;
 use sqlx::PgPool;
-use sqlx::postgres::PgConnectOptions;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
@@ -24,16 +23,6 @@ const CONNECT_ATTEMPTS: usize = 200;
 fn free_address() -> String {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     probe.local_addr().unwrap().to_string()
-}
-
-fn url_of(options: &PgConnectOptions) -> String {
-    format!(
-        "postgres://{}@{}:{}/{}",
-        options.get_username(),
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or("postgres")
-    )
 }
 
 /// Kills the server if the test fails before it stops the server itself.

@@ -30,16 +30,6 @@ fn config(address: std::net::SocketAddr, database_url: String) -> LoadConfig {
     }
 }
 
-fn url_of(options: &sqlx::postgres::PgConnectOptions) -> String {
-    format!(
-        "postgres://{}@{}:{}/{}",
-        options.get_username(),
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or("postgres")
-    )
-}
-
 #[sqlx::test]
 async fn every_mode_runs_clean_and_the_ledger_still_verifies(pool: PgPool) {
     let options = prepared(&pool).await;

@@ -23,6 +23,17 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 use uuid::Uuid;
 
+/// The URL of a test database, for the binary's `--database-url`.
+pub fn url_of(options: &PgConnectOptions) -> String {
+    format!(
+        "postgres://{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("postgres")
+    )
+}
+
 /// Migrates (already done by `#[sqlx::test]`, harmless again), seeds assets, creates partitions.
 pub async fn prepared(pool: &PgPool) -> PgConnectOptions {
     let options = (*pool.connect_options()).clone();
