@@ -498,7 +498,7 @@ async fn health_is_serving_and_reflection_lists_the_service(pool: PgPool) {
 
     let server = TestServer::start(prepared(&pool).await).await;
     let mut health = HealthClient::new(server.channel.clone());
-    for service in ["", "diboas.ledger.v1.Ledger"] {
+    for service in ["", "diboas.ledger.v1.Ledger", "diboas.ledger.v1.Transactions", "diboas.ledger.v1.Events"] {
         let response = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
         assert_eq!(response.status, ServingStatus::Serving as i32, "{service:?}");
     }

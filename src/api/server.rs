@@ -23,7 +23,9 @@ use super::pb;
 use super::pb::directory_server::DirectoryServer;
 use super::pb::events_server::EventsServer;
 use super::pb::ledger_server::LedgerServer;
+use super::pb::transactions_server::TransactionsServer;
 use super::service::{LedgerService, now_ms};
+use super::transactions::TransactionsService;
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{Metrics, endpoint};
 use crate::outbox::relay::{RelayConfig, run_forever};
@@ -124,6 +126,8 @@ pub async fn serve(
     });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<LedgerServer<LedgerService>>().await;
+    health_reporter.set_serving::<TransactionsServer<TransactionsService>>().await;
+    health_reporter.set_serving::<EventsServer<EventsService>>().await;
     if read_side.is_some() {
         health_reporter.set_serving::<DirectoryServer<DirectoryService>>().await;
     }
@@ -141,10 +145,9 @@ pub async fn serve(
     let transactions_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(super::transactions::MAX_POOL_CONNECTIONS)
         .connect_lazy_with(ledger.connect_options().clone());
-    let transactions_service = pb::transactions_server::TransactionsServer::new(
-        super::transactions::TransactionsService::new(Arc::clone(&ledger), Arc::clone(&gate), transactions_pool),
-    )
-    .max_decoding_message_size(config.max_message_bytes);
+    let transactions_service =
+        TransactionsServer::new(TransactionsService::new(Arc::clone(&ledger), Arc::clone(&gate), transactions_pool))
+            .max_decoding_message_size(config.max_message_bytes);
     let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ledger), Duration::from_millis(config.sweep_interval_ms)));
     let outbox_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.outbox_pool_connections.max(1))
@@ -168,6 +171,8 @@ pub async fn serve(
             shutdown.await;
             // Health checkers see the server leave before its connections do.
             health_reporter.set_not_serving::<LedgerServer<LedgerService>>().await;
+            health_reporter.set_not_serving::<TransactionsServer<TransactionsService>>().await;
+            health_reporter.set_not_serving::<EventsServer<EventsService>>().await;
         })
         .await;
 
