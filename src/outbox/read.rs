@@ -19,7 +19,7 @@ pub struct EventFilter {
 }
 
 /// One stored event as a reader sees it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StoredEvent {
     pub position: i64,
     pub event_id: Uuid,
@@ -32,8 +32,6 @@ pub struct StoredEvent {
     pub metadata: String,
     pub created_at: DateTime<Utc>,
 }
-
-type Row = (i64, Uuid, i64, String, String, String, i16, String, String, DateTime<Utc>);
 
 /// Up to `limit` (at most [`MAX_PAGE_EVENTS`]) events after `after_position` matching `filter`,
 /// in position order. Refuses with [`OutboxError::Pruned`] when events after `after_position`
@@ -49,7 +47,7 @@ pub async fn events_after(
     if after_position < pruned_through {
         return Err(OutboxError::Pruned { after_position, pruned_through });
     }
-    let rows: Vec<Row> = sqlx::query_as(
+    let events: Vec<StoredEvent> = sqlx::query_as(
         "SELECT position, event_id, sequence, aggregate_type, aggregate_id, event_type, version, payload::text,
              metadata::text, created_at
          FROM ledger.outbox
@@ -64,36 +62,7 @@ pub async fn events_after(
     .bind(limit.clamp(1, MAX_PAGE_EVENTS))
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                position,
-                event_id,
-                sequence,
-                aggregate_type,
-                aggregate_id,
-                event_type,
-                version,
-                payload,
-                metadata,
-                created_at,
-            )| {
-                StoredEvent {
-                    position,
-                    event_id,
-                    sequence,
-                    aggregate_type,
-                    aggregate_id,
-                    event_type,
-                    version,
-                    payload,
-                    metadata,
-                    created_at,
-                }
-            },
-        )
-        .collect())
+    Ok(events)
 }
 
 /// The latest position committed so far (0 when the outbox is empty), for a stream that starts

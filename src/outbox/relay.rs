@@ -80,7 +80,7 @@ impl Default for RelayConfig {
 }
 
 /// A due event, as the relay publishes it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 struct DueEvent {
     position: i64,
     event_id: Uuid,
@@ -94,8 +94,6 @@ struct DueEvent {
     created_at: DateTime<Utc>,
     attempts: i32,
 }
-
-type DueRow = (i64, Uuid, i64, String, String, String, i16, String, String, DateTime<Utc>, i32);
 
 /// The message body on NATS: the event with its envelope.
 #[derive(Serialize)]
@@ -243,7 +241,7 @@ impl Relay {
     /// The next due events in position order: Pending, due now, and with no earlier event of
     /// their aggregate Failed or waiting for a retry (order per aggregate).
     async fn due_events(&self) -> Result<Vec<DueEvent>, OutboxError> {
-        let rows: Vec<DueRow> = sqlx::query_as(
+        let events: Vec<DueEvent> = sqlx::query_as(
             "SELECT o.position, o.event_id, o.sequence, o.aggregate_type, o.aggregate_id, o.event_type, o.version,
                  o.payload::text, o.metadata::text, o.created_at, o.attempts
              FROM ledger.outbox o
@@ -258,36 +256,7 @@ impl Relay {
         .bind(self.config.batch_max_events.clamp(1, MAX_BATCH_EVENTS))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(
-                    position,
-                    event_id,
-                    sequence,
-                    aggregate_type,
-                    aggregate_id,
-                    event_type,
-                    version,
-                    payload,
-                    metadata,
-                    created_at,
-                    attempts,
-                )| DueEvent {
-                    position,
-                    event_id,
-                    sequence,
-                    aggregate_type,
-                    aggregate_id,
-                    event_type,
-                    version,
-                    payload,
-                    metadata,
-                    created_at,
-                    attempts,
-                },
-            )
-            .collect())
+        Ok(events)
     }
 
     /// Records what a round's attempt achieved, in one transaction: acknowledged events become
