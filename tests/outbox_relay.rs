@@ -9,8 +9,10 @@ mod outbox_common;
 
 use diboas_ledger::api::server::ServeConfig;
 use diboas_ledger::ledger::LedgerConfig;
-use diboas_ledger::outbox::admin::requeue_failed;
-use diboas_ledger::outbox::relay::Relay;
+use diboas_ledger::outbox::OutboxError;
+use diboas_ledger::outbox::admin::{prune_published, requeue_failed};
+use diboas_ledger::outbox::read::{EventFilter, events_after};
+use diboas_ledger::outbox::relay::{Relay, RelayConfig};
 use grpc_common::*;
 use outbox_common::*;
 use sqlx::PgPool;
@@ -117,6 +119,69 @@ async fn nats_unreachable_for_a_while_loses_nothing(pool: PgPool) {
     assert_eq!(rows.len(), 4 * 4);
     assert!(rows.iter().all(|row| row.6 <= config.max_attempts), "{rows:?}");
     assert_published_exactly_once(&pool, &config).await;
+    delete_stream(&config).await;
+    server.stop().await;
+}
+
+#[sqlx::test]
+async fn pruning_removes_a_published_prefix_and_keeps_the_cursor(pool: PgPool) {
+    let mut server = TestServer::start(prepared(&pool).await).await;
+    make_events(&mut server, 0..2, 2).await;
+    let config = relay_config(NATS_URL);
+    let relay = Relay::connect(config.clone(), pool.clone()).await.expect("connect the relay");
+    let mut conn = pool.acquire().await.expect("a connection");
+    assert_eq!(prune_published(&mut conn, 0, 100).await.expect("prune"), 0, "nothing published, nothing pruned");
+    publish_all(&relay).await;
+    let last = outbox_rows(&pool).await.last().expect("events").0;
+
+    // Retention is counted from the round that published them: a day is not over yet.
+    assert_eq!(prune_published(&mut conn, 86_400_000, 100).await.expect("prune"), 0);
+    assert_eq!(prune_published(&mut conn, 0, 4).await.expect("prune"), 4, "bounded per call");
+    assert_eq!(prune_published(&mut conn, 0, 100).await.expect("prune"), 2);
+    assert!(outbox_rows(&pool).await.is_empty());
+    let (pruned_through,): (i64,) =
+        sqlx::query_as("SELECT pruned_through FROM ledger.outbox_pruned").fetch_one(&pool).await.expect("read");
+    assert_eq!(pruned_through, last);
+    match events_after(&mut conn, 0, &EventFilter::default(), 10).await {
+        Err(OutboxError::Pruned { after_position: 0, pruned_through: through }) => assert_eq!(through, last),
+        other => panic!("a read from before the pruned prefix must be refused, got {other:?}"),
+    }
+
+    // The cursor survived: a later event is published, and only it.
+    server.client.deposit(deposit("after-prune", &usd(0), "1.00")).await.expect("deposit");
+    let round = relay.run_once().await.expect("a relay round");
+    assert_eq!((round.len(), round.acknowledged()), (1, 1));
+    assert!(relay.run_once().await.expect("a relay round").is_empty());
+    assert_eq!(stream_messages(&config).await.len(), 2 * 3 + 1);
+    delete_stream(&config).await;
+    server.stop().await;
+}
+
+#[sqlx::test]
+async fn an_event_after_a_waiting_retry_is_held_until_the_retry_is_published(pool: PgPool) {
+    let mut server = TestServer::start(prepared(&pool).await).await;
+    make_events(&mut server, 0..1, 1).await;
+    let config = RelayConfig { retry_backoff_ms: 60_000, ..relay_config(NATS_URL) };
+    let relay = Relay::connect(config.clone(), pool.clone()).await.expect("connect the relay");
+    delete_stream(&config).await;
+    assert_eq!(relay.run_once().await.expect("a refused round").acknowledged(), 0);
+    let recreated = Relay::connect(config.clone(), pool.clone()).await.expect("recreate the stream");
+
+    // Both refused events wait a minute for their retry; a new event of the account waits too.
+    server.client.deposit(deposit("later", &usd(0), "1.00")).await.expect("deposit");
+    let round = recreated.run_once().await.expect("a relay round");
+    assert_eq!((round.len(), round.held()), (0, 1));
+    let rows = outbox_rows(&pool).await;
+    assert_eq!(
+        rows.iter().map(|row| (row.5.as_str(), row.6)).collect::<Vec<_>>(),
+        [("pending", 1), ("pending", 1), ("pending", 0)]
+    );
+
+    sqlx::query("UPDATE ledger.outbox_retries SET next_attempt_at = now()").execute(&pool).await.expect("make due");
+    publish_all(&recreated).await;
+    assert_published_exactly_once(&pool, &config).await;
+    let attempts: Vec<i32> = outbox_rows(&pool).await.iter().map(|row| row.6).collect();
+    assert_eq!(attempts, [2, 2, 1]);
     delete_stream(&config).await;
     server.stop().await;
 }

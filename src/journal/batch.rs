@@ -17,6 +17,7 @@ use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 use super::JournalError;
+use super::copy_rows::CopyRows;
 use crate::engine::account::{AccountConfig, SystemAccount, UserAccount};
 use crate::engine::asset::Asset;
 use crate::engine::effect::{Effect, Slot};
@@ -212,7 +213,7 @@ pub async fn write_batch(
     } else {
         insert_idempotency_keys(&mut tx, batch).await?;
     }
-    crate::outbox::write::append_events(&mut tx, &batch.records).await?;
+    crate::outbox::write::append_events(&mut tx, &batch.records, use_copy).await?;
     let moved = sqlx::query(
         "UPDATE ledger.checkpoint SET committed_sequence = $2, committed_at = now() WHERE committed_sequence = $1",
     )
@@ -227,55 +228,6 @@ pub async fn write_batch(
     }
     tx.commit().await?;
     Ok(())
-}
-
-/// Rows in PostgreSQL's binary COPY format: for plain appends (the journal, idempotency keys)
-/// COPY is cheaper per row than INSERT ... SELECT FROM UNNEST, which builds and unpacks arrays.
-struct CopyRows {
-    buffer: Vec<u8>,
-}
-
-impl CopyRows {
-    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
-
-    fn new(capacity_bytes: usize) -> CopyRows {
-        let mut buffer = Vec::with_capacity(capacity_bytes + 32);
-        buffer.extend_from_slice(Self::SIGNATURE);
-        buffer.extend_from_slice(&0_i32.to_be_bytes()); // flags
-        buffer.extend_from_slice(&0_i32.to_be_bytes()); // header extension length
-        CopyRows { buffer }
-    }
-
-    fn row(&mut self, columns: i16) {
-        self.buffer.extend_from_slice(&columns.to_be_bytes());
-    }
-
-    fn int8(&mut self, value: i64) {
-        self.buffer.extend_from_slice(&8_i32.to_be_bytes());
-        self.buffer.extend_from_slice(&value.to_be_bytes());
-    }
-
-    /// text and json share their binary format: the UTF-8 bytes.
-    fn text(&mut self, value: &str) -> Result<(), JournalError> {
-        let length = i32::try_from(value.len()).map_err(|_| {
-            JournalError::Inconsistent(format!("a {} byte value is too large for PostgreSQL", value.len()))
-        })?;
-        self.buffer.extend_from_slice(&length.to_be_bytes());
-        self.buffer.extend_from_slice(value.as_bytes());
-        Ok(())
-    }
-
-    fn null(&mut self) {
-        self.buffer.extend_from_slice(&(-1_i32).to_be_bytes());
-    }
-
-    async fn copy_into(mut self, tx: &mut PgConnection, statement: &str) -> Result<u64, JournalError> {
-        self.buffer.extend_from_slice(&(-1_i16).to_be_bytes());
-        let mut copy = tx.copy_in_raw(statement).await?;
-        // On an error the transaction is abandoned and the writer stops with its connection.
-        copy.send(self.buffer).await?;
-        Ok(copy.finish().await?)
-    }
 }
 
 async fn copy_journal(tx: &mut PgConnection, batch: &Batch) -> Result<(), JournalError> {

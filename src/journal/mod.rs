@@ -14,6 +14,7 @@
 //! PostgreSQL once PostgreSQL is reachable again.
 
 pub mod batch;
+pub(crate) mod copy_rows;
 mod transactions;
 
 use std::thread::JoinHandle;

@@ -12,29 +12,36 @@ pub const MAX_PRUNE_ROWS: i64 = 10_000;
 /// last error for the record. Returns how many were re-queued.
 pub async fn requeue_failed(conn: &mut PgConnection) -> Result<u64, OutboxError> {
     let requeued = sqlx::query(
-        "UPDATE ledger.outbox SET status = 'pending', attempts = 0, next_attempt_at = now() WHERE status = 'failed'",
+        "UPDATE ledger.outbox_retries SET status = 'pending', attempts = 0, next_attempt_at = now()
+         WHERE status = 'failed'",
     )
     .execute(&mut *conn)
     .await?;
     Ok(requeued.rows_affected())
 }
 
-/// Deletes up to `max_rows` published events older than `retention_ms` that come before every
-/// unpublished event, so the pruned positions are always a prefix (recorded in
-/// `ledger.outbox_pruned`, which the event stream checks). Returns how many were deleted.
+/// Deletes up to `max_rows` published events whose relay round is older than `retention_ms`
+/// and that come before every unpublished event, so the pruned positions are always a prefix
+/// (recorded in `ledger.outbox_pruned`, which the event stream checks). Their retry rows go
+/// with them, and so do relay rounds wholly below the pruned prefix (except the latest, which
+/// is the cursor). Returns how many events were deleted.
 pub async fn prune_published(conn: &mut PgConnection, retention_ms: u64, max_rows: i64) -> Result<u64, OutboxError> {
     let retention_ms = i64::try_from(retention_ms).unwrap_or(i64::MAX);
     let (deleted, through): (i64, Option<i64>) = sqlx::query_as(
         "WITH horizon AS (
-             SELECT COALESCE(min(position), 9223372036854775807) AS first_unpublished
-             FROM ledger.outbox WHERE status <> 'published'
+             SELECT LEAST(
+                 (SELECT COALESCE(min(position), 9223372036854775807) FROM ledger.outbox_retries
+                  WHERE status <> 'published'),
+                 (SELECT COALESCE(max(through_position), 0) + 1 FROM ledger.outbox_deliveries)
+             ) AS first_unpublished,
+             (SELECT COALESCE(max(through_position), 0) FROM ledger.outbox_deliveries
+              WHERE published_at < now() - make_interval(secs => $1::float8 / 1000)) AS old_through
          ), doomed AS (
-             SELECT position FROM ledger.outbox, horizon
-             WHERE status = 'published' AND published_at < now() - make_interval(secs => $1::float8 / 1000)
-                 AND position < horizon.first_unpublished
+             SELECT position FROM ledger.outbox_events, horizon
+             WHERE position < horizon.first_unpublished AND position <= horizon.old_through
              ORDER BY position LIMIT $2
          ), deleted AS (
-             DELETE FROM ledger.outbox o USING doomed d WHERE o.position = d.position RETURNING o.position
+             DELETE FROM ledger.outbox_events o USING doomed d WHERE o.position = d.position RETURNING o.position
          ), moved AS (
              UPDATE ledger.outbox_pruned SET pruned_through = GREATEST(pruned_through, (SELECT max(position) FROM deleted))
              WHERE EXISTS (SELECT 1 FROM deleted)
@@ -46,7 +53,15 @@ pub async fn prune_published(conn: &mut PgConnection, retention_ms: u64, max_row
     .bind(max_rows)
     .fetch_one(&mut *conn)
     .await?;
-    if deleted > 0 {
+    if let Some(through) = through {
+        sqlx::query(
+            "DELETE FROM ledger.outbox_deliveries
+             WHERE through_position <= $1
+                 AND through_position < (SELECT max(through_position) FROM ledger.outbox_deliveries)",
+        )
+        .bind(through)
+        .execute(&mut *conn)
+        .await?;
         tracing::info!(deleted, pruned_through = through, "pruned published outbox events");
     }
     Ok(deleted.max(0) as u64)

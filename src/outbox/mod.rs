@@ -32,6 +32,9 @@ pub enum OutboxError {
     /// A stream asked to resume from a position whose events were pruned.
     #[error("events up to position {pruned_through} were pruned; cannot resume from position {after_position}")]
     Pruned { after_position: i64, pruned_through: i64 },
+    /// Another relay moved the delivery cursor while this one published (one relay per database).
+    #[error("the outbox delivery cursor moved from {from} while this relay published; another relay is running")]
+    CursorMoved { from: i64 },
 }
 
 impl OutboxError {

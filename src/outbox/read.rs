@@ -50,7 +50,7 @@ pub async fn events_after(
     let events: Vec<StoredEvent> = sqlx::query_as(
         "SELECT position, event_id, sequence, aggregate_type, aggregate_id, event_type, version, payload::text,
              metadata::text, created_at
-         FROM ledger.outbox
+         FROM ledger.outbox_events
          WHERE position > $1
              AND (cardinality($2::text[]) = 0 OR aggregate_type = ANY($2))
              AND (cardinality($3::text[]) = 0 OR event_type = ANY($3))
@@ -69,7 +69,7 @@ pub async fn events_after(
 /// "from now".
 pub async fn last_position(conn: &mut PgConnection) -> Result<i64, OutboxError> {
     let (last,): (Option<i64>,) =
-        sqlx::query_as("SELECT max(position) FROM ledger.outbox").fetch_one(&mut *conn).await?;
+        sqlx::query_as("SELECT max(position) FROM ledger.outbox_events").fetch_one(&mut *conn).await?;
     let (pruned_through,): (i64,) =
         sqlx::query_as("SELECT pruned_through FROM ledger.outbox_pruned").fetch_one(&mut *conn).await?;
     Ok(last.unwrap_or(0).max(pruned_through))

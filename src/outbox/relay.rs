@@ -1,18 +1,24 @@
-//! The relay: publishes pending outbox events, in position order, to NATS JetStream, then marks
-//! them Published. Runs as a task inside `serve`.
+//! The relay: publishes outbox events, in position order, to NATS JetStream, then records what
+//! it published. Runs as a task inside `serve`.
 //!
-//! Each round takes up to `batch_max_events` due events, sends them all (pipelined, in position
-//! order, each with its event id as `Nats-Msg-Id`), awaits every publish acknowledgement, and
-//! records the outcome of each in one PostgreSQL transaction. A crash between the publish and the
-//! record leaves the events Pending: the next relay publishes them again with the same ids and
-//! JetStream drops the copies within its duplicate window (at-least-once, deduplicated by id).
+//! Events are never updated: the relay's progress is a cursor (`ledger.outbox_deliveries`, one
+//! row per round, the largest `through_position` wins) and the few events that need more than
+//! one try live in `ledger.outbox_retries` (docs/OUTBOX.md). Each round takes the due retries,
+//! then the events after the cursor, up to `batch_max_events` in all; sends them (pipelined, in
+//! position order, each with its event id as `Nats-Msg-Id`), awaits every publish
+//! acknowledgement, and records the round in one PostgreSQL transaction that also moves the
+//! cursor. A crash between the publish and the record leaves the cursor where it was: the next
+//! relay publishes the same events again with the same ids and JetStream drops the copies within
+//! its duplicate window (at-least-once, deduplicated by id).
 //!
 //! A refused or unacknowledged publish counts an attempt and is retried after an exponential
-//! backoff; after `max_attempts` the event is Failed with the reason, and later events of the
-//! same aggregate are held (not published) until it is re-queued and published, because order
-//! per aggregate is the promise. While the relay has no connection to NATS it tries nothing, so an
-//! outage alone does not use up attempts. Published events are pruned after `retention_ms`.
+//! backoff; after `max_attempts` the event is Failed with the reason. A later event of an
+//! aggregate with an unpublished retry is held (stored as a retry with no attempt yet) and goes
+//! out only after it, because order per aggregate is the promise. While the relay has no
+//! connection to NATS it tries nothing, so an outage alone does not use up attempts. Published
+//! events are pruned after `retention_ms`.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +28,7 @@ use async_nats::jetstream::stream;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::value::RawValue;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::OutboxError;
@@ -93,6 +99,8 @@ struct DueEvent {
     metadata: String,
     created_at: DateTime<Utc>,
     attempts: i32,
+    /// Whether it comes from `ledger.outbox_retries` (else it is after the cursor).
+    retried: bool,
 }
 
 /// The message body on NATS: the event with its envelope.
@@ -110,30 +118,50 @@ struct Envelope<'a> {
     metadata: &'a RawValue,
 }
 
-/// What one round tried: each event's position and its outcome (the error reason if it failed).
+/// One event a round tried: its position, attempts before this one, whether it was a retry, and
+/// the outcome (whether JetStream already had it, or why it failed).
+#[derive(Debug)]
+struct Tried {
+    position: i64,
+    attempts: i32,
+    retried: bool,
+    outcome: Result<bool, String>,
+}
+
+/// What one round did: the events it tried, the events after the cursor it held back, and how
+/// far it moves the cursor.
 #[derive(Debug, Default)]
 pub struct Attempt {
-    outcomes: Vec<(i64, i32, Result<bool, String>)>,
+    /// The cursor the round started from, and the last position after it that the round covers.
+    cursor: i64,
+    through: Option<i64>,
+    tried: Vec<Tried>,
+    held: Vec<i64>,
 }
 
 impl Attempt {
     /// How many events were tried.
     pub fn len(&self) -> usize {
-        self.outcomes.len()
+        self.tried.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.outcomes.is_empty()
+        self.tried.is_empty()
     }
 
     /// How many JetStream acknowledged.
     pub fn acknowledged(&self) -> usize {
-        self.outcomes.iter().filter(|(_, _, outcome)| outcome.is_ok()).count()
+        self.tried.iter().filter(|tried| tried.outcome.is_ok()).count()
     }
 
     /// How many JetStream acknowledged as duplicates (it had them already).
     pub fn duplicates(&self) -> usize {
-        self.outcomes.iter().filter(|(_, _, outcome)| matches!(outcome, Ok(true))).count()
+        self.tried.iter().filter(|tried| matches!(tried.outcome, Ok(true))).count()
+    }
+
+    /// How many events after the cursor were held behind an unpublished event of their aggregate.
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 }
 
@@ -186,12 +214,35 @@ impl Relay {
     /// Publishes the next due events and awaits their acknowledgements, WITHOUT recording the
     /// outcome: [`Relay::record`] does that. Split so a test can stop in between, as a crash would.
     pub async fn publish_due(&self) -> Result<Attempt, OutboxError> {
-        let due = self.due_events().await?;
-        let mut pending: Vec<(i64, i32, Result<PublishAckFuture, String>)> = Vec::with_capacity(due.len());
+        let mut conn = self.pool.acquire().await?;
+        let (cursor,): (i64,) =
+            sqlx::query_as("SELECT COALESCE(max(through_position), 0) FROM ledger.outbox_deliveries")
+                .fetch_one(&mut *conn)
+                .await?;
+        let limit = self.config.batch_max_events.clamp(1, MAX_BATCH_EVENTS);
+        let mut due = due_retries(&mut conn, limit).await?;
+        let mut attempt = Attempt { cursor, ..Attempt::default() };
+        let room = limit - i64::try_from(due.len()).unwrap_or(limit);
+        if room > 0 {
+            let fresh = events_after_cursor(&mut conn, cursor, room).await?;
+            attempt.through = fresh.last().map(|event| event.position);
+            let waiting = aggregates_with_unpublished_retries(&mut conn).await?;
+            for event in fresh {
+                if !waiting.is_empty() && waiting.contains(&(event.aggregate_type.clone(), event.aggregate_id.clone()))
+                {
+                    attempt.held.push(event.position);
+                } else {
+                    due.push(event);
+                }
+            }
+        }
+        drop(conn);
+        let mut pending: Vec<(&DueEvent, Result<PublishAckFuture, String>)> = Vec::with_capacity(due.len());
         let mut connection_lost = false;
         for event in &due {
             if connection_lost {
-                // Sent nothing for the rest: they stay due, untouched, for the next round.
+                // Sent nothing for the rest: retries stay due, and the cursor stops before the
+                // first event after it that was not sent.
                 break;
             }
             let sent = match self.message(event) {
@@ -203,15 +254,24 @@ impl Relay {
                 Err(error) => Err(error),
             };
             connection_lost = sent.is_err() && !self.is_connected();
-            pending.push((event.position, event.attempts, sent));
+            pending.push((event, sent));
         }
-        let mut attempt = Attempt { outcomes: Vec::with_capacity(pending.len()) };
-        for (position, attempts, sent) in pending {
+        if let Some(unsent) = due[pending.len()..].iter().find(|event| !event.retried) {
+            let through = unsent.position - 1;
+            attempt.through = (through > cursor).then_some(through);
+            attempt.held.retain(|position| *position <= through);
+        }
+        for (event, sent) in pending {
             let outcome = match sent {
                 Ok(ack) => ack.await.map(|ack| ack.duplicate).map_err(|error| error.to_string()),
                 Err(error) => Err(error),
             };
-            attempt.outcomes.push((position, attempts, outcome));
+            attempt.tried.push(Tried {
+                position: event.position,
+                attempts: event.attempts,
+                retried: event.retried,
+                outcome,
+            });
         }
         Ok(attempt)
     }
@@ -238,73 +298,76 @@ impl Relay {
             .header("Diboas-Position", event.position.to_string().as_str()))
     }
 
-    /// The next due events in position order: Pending, due now, and with no earlier event of
-    /// their aggregate Failed or waiting for a retry (order per aggregate).
-    async fn due_events(&self) -> Result<Vec<DueEvent>, OutboxError> {
-        let events: Vec<DueEvent> = sqlx::query_as(
-            "SELECT o.position, o.event_id, o.sequence, o.aggregate_type, o.aggregate_id, o.event_type, o.version,
-                 o.payload::text, o.metadata::text, o.created_at, o.attempts
-             FROM ledger.outbox o
-             WHERE o.status = 'pending' AND o.next_attempt_at <= now()
-                 AND NOT EXISTS (
-                     SELECT 1 FROM ledger.outbox e
-                     WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id = o.aggregate_id
-                         AND e.status <> 'published' AND e.position < o.position
-                         AND (e.status = 'failed' OR e.next_attempt_at > now()))
-             ORDER BY o.position LIMIT $1",
-        )
-        .bind(self.config.batch_max_events.clamp(1, MAX_BATCH_EVENTS))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(events)
-    }
-
-    /// Records what a round's attempt achieved, in one transaction: acknowledged events become
-    /// Published; failed ones count an attempt and wait for their retry, or become Failed.
+    /// Records what a round achieved, in one transaction: acknowledged retries become Published;
+    /// failed events count an attempt and wait for their retry, or become Failed; held events
+    /// become retries with no attempt yet; and the cursor moves past the round. Fails with
+    /// [`OutboxError::CursorMoved`], recording nothing, if another relay moved the cursor
+    /// meanwhile (the events both sent are deduplicated by id).
     pub async fn record(&self, attempt: &Attempt) -> Result<(), OutboxError> {
-        if attempt.is_empty() {
-            return Ok(());
-        }
-        let mut published = Vec::new();
-        let (mut failed, mut reasons, mut statuses, mut delays_ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (position, attempts, outcome) in &attempt.outcomes {
-            match outcome {
-                Ok(_) => published.push(*position),
+        let mut published_retries = Vec::new();
+        let mut retries = RetryRows::default();
+        for tried in &attempt.tried {
+            match &tried.outcome {
+                Ok(_) if tried.retried => published_retries.push(tried.position),
+                Ok(_) => {}
                 Err(reason) => {
-                    let tried = attempts.saturating_add(1);
-                    failed.push(*position);
-                    reasons.push(truncated(reason));
-                    statuses.push(if tried >= self.config.max_attempts { "failed" } else { "pending" });
-                    let doubling = u32::try_from(tried.saturating_sub(1)).unwrap_or(0).min(20);
+                    let attempts = tried.attempts.saturating_add(1);
+                    let status = if attempts >= self.config.max_attempts { "failed" } else { "pending" };
+                    let doubling = u32::try_from(attempts.saturating_sub(1)).unwrap_or(0).min(20);
                     let delay_ms = self.config.retry_backoff_ms.saturating_mul(1_u64 << doubling);
-                    delays_ms.push(i64::try_from(delay_ms).unwrap_or(i64::MAX));
+                    retries.push(tried.position, status, attempts, delay_ms, Some(truncated(reason)));
                 }
             }
         }
+        if let Some(Some(reason)) = retries.reasons.first() {
+            tracing::warn!(failed = retries.positions.len(), first_reason = %reason, "outbox events not published");
+        }
+        for position in &attempt.held {
+            retries.push(*position, "pending", 0, 0, None);
+        }
+        if published_retries.is_empty() && retries.positions.is_empty() && attempt.through.is_none() {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
-        if !published.is_empty() {
+        if !published_retries.is_empty() {
             sqlx::query(
-                "UPDATE ledger.outbox SET status = 'published', published_at = now(), attempts = attempts + 1
+                "UPDATE ledger.outbox_retries SET status = 'published', published_at = now(), attempts = attempts + 1
                  WHERE position = ANY($1) AND status = 'pending'",
             )
-            .bind(&published)
+            .bind(&published_retries)
             .execute(&mut *tx)
             .await?;
         }
-        if !failed.is_empty() {
-            tracing::warn!(failed = failed.len(), first_reason = %reasons[0], "outbox events not published");
+        if !retries.positions.is_empty() {
+            // An event's first failure (or its hold) inserts its row; a later failure updates it.
             sqlx::query(
-                "UPDATE ledger.outbox AS o SET attempts = o.attempts + 1, last_error = t.r, status = t.st,
-                     next_attempt_at = now() + make_interval(secs => t.d::float8 / 1000)
-                 FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::int8[]) AS t(p, r, st, d)
-                 WHERE o.position = t.p AND o.status = 'pending'",
+                "INSERT INTO ledger.outbox_retries AS r (position, status, attempts, next_attempt_at, last_error)
+                 SELECT p, st, n, now() + make_interval(secs => d::float8 / 1000), e
+                 FROM UNNEST($1::int8[], $2::text[], $3::int4[], $4::int8[], $5::text[]) AS t(p, st, n, d, e)
+                 ON CONFLICT (position) DO UPDATE SET status = EXCLUDED.status, attempts = EXCLUDED.attempts,
+                     next_attempt_at = EXCLUDED.next_attempt_at, last_error = EXCLUDED.last_error
+                 WHERE r.status = 'pending'",
             )
-            .bind(&failed)
-            .bind(&reasons)
-            .bind(&statuses)
-            .bind(&delays_ms)
+            .bind(&retries.positions)
+            .bind(&retries.statuses)
+            .bind(&retries.attempts)
+            .bind(&retries.delays_ms)
+            .bind(&retries.reasons)
             .execute(&mut *tx)
             .await?;
+        }
+        if let Some(through) = attempt.through {
+            let moved = sqlx::query(
+                "INSERT INTO ledger.outbox_deliveries (through_position)
+                 SELECT $2 WHERE (SELECT COALESCE(max(through_position), 0) FROM ledger.outbox_deliveries) = $1",
+            )
+            .bind(attempt.cursor)
+            .bind(through)
+            .execute(&mut *tx)
+            .await?;
+            if moved.rows_affected() != 1 {
+                return Err(OutboxError::CursorMoved { from: attempt.cursor });
+            }
         }
         tx.commit().await?;
         Ok(())
@@ -359,7 +422,7 @@ pub async fn run_forever(config: RelayConfig, pool: PgPool, ledger: Arc<Ledger>)
         durability.borrow_and_update();
         let tried = if relay.is_connected() {
             match relay.run_once().await {
-                Ok(attempt) => attempt.len(),
+                Ok(attempt) => attempt.len() + attempt.held(),
                 Err(error) => {
                     tracing::warn!(%error, "outbox relay round failed; retrying");
                     0
@@ -376,4 +439,73 @@ pub async fn run_forever(config: RelayConfig, pool: PgPool, ledger: Arc<Ledger>)
             }
         }
     }
+}
+
+/// Rows for `ledger.outbox_retries`, as bound arrays.
+#[derive(Default)]
+struct RetryRows {
+    positions: Vec<i64>,
+    statuses: Vec<&'static str>,
+    attempts: Vec<i32>,
+    delays_ms: Vec<i64>,
+    reasons: Vec<Option<String>>,
+}
+
+impl RetryRows {
+    fn push(&mut self, position: i64, status: &'static str, attempts: i32, delay_ms: u64, reason: Option<String>) {
+        self.positions.push(position);
+        self.statuses.push(status);
+        self.attempts.push(attempts);
+        self.delays_ms.push(i64::try_from(delay_ms).unwrap_or(i64::MAX));
+        self.reasons.push(reason);
+    }
+}
+
+/// Retries due now, in position order, except those with an earlier unpublished event of their
+/// aggregate that is Failed or still waiting for its own retry (order per aggregate).
+async fn due_retries(conn: &mut PgConnection, limit: i64) -> Result<Vec<DueEvent>, OutboxError> {
+    let events = sqlx::query_as(
+        "SELECT e.position, e.event_id, e.sequence, e.aggregate_type, e.aggregate_id, e.event_type, e.version,
+             e.payload::text, e.metadata::text, e.created_at, r.attempts, true AS retried
+         FROM ledger.outbox_retries r JOIN ledger.outbox_events e ON e.position = r.position
+         WHERE r.status = 'pending' AND r.next_attempt_at <= now()
+             AND NOT EXISTS (
+                 SELECT 1 FROM ledger.outbox_retries er JOIN ledger.outbox_events ee ON ee.position = er.position
+                 WHERE er.status <> 'published' AND er.position < r.position
+                     AND ee.aggregate_type = e.aggregate_type AND ee.aggregate_id = e.aggregate_id
+                     AND (er.status = 'failed' OR er.next_attempt_at > now()))
+         ORDER BY r.position LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(events)
+}
+
+/// Up to `limit` events after the cursor, in position order.
+async fn events_after_cursor(conn: &mut PgConnection, cursor: i64, limit: i64) -> Result<Vec<DueEvent>, OutboxError> {
+    let events = sqlx::query_as(
+        "SELECT position, event_id, sequence, aggregate_type, aggregate_id, event_type, version, payload::text,
+             metadata::text, created_at, 0 AS attempts, false AS retried
+         FROM ledger.outbox_events WHERE position > $1 ORDER BY position LIMIT $2",
+    )
+    .bind(cursor)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(events)
+}
+
+/// The aggregates with an unpublished retry: their later events must wait behind it.
+async fn aggregates_with_unpublished_retries(
+    conn: &mut PgConnection,
+) -> Result<HashSet<(String, String)>, OutboxError> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT DISTINCT e.aggregate_type, e.aggregate_id
+         FROM ledger.outbox_retries r JOIN ledger.outbox_events e ON e.position = r.position
+         WHERE r.status <> 'published'",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
