@@ -61,6 +61,10 @@ pub struct RelayConfig {
     pub ack_timeout_ms: u64,
     /// The longest the relay sleeps with nothing due (it also wakes on each journal commit).
     pub idle_poll_ms: u64,
+    /// The shortest time between the starts of two rounds that were not full: under load the
+    /// journal commits hundreds of times a second, and a round per commit would spend the
+    /// writer's CPU on tiny rounds; waiting this long lets a round take many commits' events.
+    pub min_round_interval_ms: u64,
     /// How long published events are kept before pruning.
     pub retention_ms: u64,
     /// How often pruning runs.
@@ -79,6 +83,7 @@ impl Default for RelayConfig {
             retry_backoff_ms: 1_000,
             ack_timeout_ms: 5_000,
             idle_poll_ms: 1_000,
+            min_round_interval_ms: 20,
             retention_ms: 7 * 24 * 60 * 60 * 1_000,
             prune_interval_ms: 60 * 60 * 1_000,
         }
@@ -411,7 +416,10 @@ pub async fn run_forever(config: RelayConfig, pool: PgPool, ledger: Arc<Ledger>)
     };
     tracing::info!(stream = %config.stream_name, "outbox relay publishing to NATS JetStream");
     let mut next_prune = Instant::now();
+    let min_round_interval = Duration::from_millis(config.min_round_interval_ms);
+    let full_round = usize::try_from(config.batch_max_events.clamp(1, MAX_BATCH_EVENTS)).unwrap_or(usize::MAX);
     loop {
+        let round_started = Instant::now();
         if Instant::now() >= next_prune {
             if let Err(error) = relay.prune().await {
                 tracing::warn!(%error, "pruning the outbox failed; retrying later");
@@ -437,6 +445,8 @@ pub async fn run_forever(config: RelayConfig, pool: PgPool, ledger: Arc<Ledger>)
                 // The journal writer is gone (the ledger is reloading): no wake-ups until then.
                 tokio::time::sleep(idle).await;
             }
+        } else if tried < full_round {
+            tokio::time::sleep_until((round_started + min_round_interval).into()).await;
         }
     }
 }
