@@ -272,3 +272,36 @@ async fn a_slow_consumer_is_cut_with_the_position_to_resume_after(pool: PgPool) 
     drop((client, stream));
     server.stop().await;
 }
+
+#[sqlx::test]
+async fn a_graceful_shutdown_ends_open_streams_with_their_resume_position(pool: PgPool) {
+    let mut server = TestServer::start(prepared(&pool).await).await;
+    let account = usd(9);
+    server.client.open_account(open("open", &account)).await.expect("open");
+    deposits(&mut server, &account, "before", 4).await;
+    let mut client = EventsClient::new(server.channel.clone());
+    let mut stream = client.stream_events(after(0)).await.expect("stream").into_inner();
+    let mut received = Vec::new();
+    while received.len() < 5 {
+        received.push(stream.message().await.expect("an event").expect("not ended"));
+    }
+
+    // The stream is caught up and following live; a graceful shutdown waits for every open call,
+    // so the stream must end by itself rather than hold the server up.
+    let stopping = tokio::spawn(server.stop());
+    // Bounds (here and below) so a regression fails instead of hanging the suite.
+    let bound = std::time::Duration::from_secs(60);
+    let status = match tokio::time::timeout(bound, stream.message()).await.expect("the stream ended") {
+        Err(status) => status,
+        Ok(other) => panic!("the stream must end with a status, got {other:?}"),
+    };
+    assert_refused(&status, Code::Unavailable, "SHUTTING_DOWN");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    let resume_after: i64 = info.metadata["resume_after_position"].parse().expect("a position");
+    assert_eq!(resume_after, received.last().expect("events").position);
+    drop((stream, client));
+    tokio::time::timeout(bound, stopping)
+        .await
+        .expect("the server shut down with a stream open")
+        .expect("the stop task");
+}

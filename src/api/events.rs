@@ -1,6 +1,6 @@
 //! The `diboas.ledger.v1.Events` service: a resumable, server-streaming feed of outbox events.
 //!
-//! A stream reads committed events from `ledger.outbox` page by page in position order (so an
+//! A stream reads committed events from `ledger.outbox_events` page by page in position order (so an
 //! event shows only once its change is durable, and a consumer resuming after its last position
 //! gets no gap and no duplicate), then follows live: it sleeps until the journal commits again
 //! (the ledger's durability watch), with a poll interval as a fallback.
@@ -8,7 +8,9 @@
 //! Each stream has a bounded buffer of `buffer_events`. A consumer that leaves it full for
 //! `slow_consumer_grace_ms` is cut: the stream ends with RESOURCE_EXHAUSTED (CONSUMER_TOO_SLOW)
 //! carrying the position to resume after, which is the last event it was sent; the buffered
-//! events arrive before that status. At most `max_streams` streams run at once.
+//! events arrive before that status. At most `max_streams` streams run at once. When the server
+//! begins a graceful shutdown every open stream ends with UNAVAILABLE (SHUTTING_DOWN) and its
+//! resume position, since the shutdown waits for every open call.
 //!
 //! Authorisation (for the lead's scope check): operation `StreamEvents`, reads events of every
 //! domain (banking, investing, defi).
@@ -20,7 +22,7 @@ use std::time::Duration;
 use futures_util::Stream;
 use sqlx::PgPool;
 use tokio::sync::mpsc::error::SendTimeoutError;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tonic::{Request, Response, Status};
 
 use super::event_convert::{self, Start};
@@ -65,12 +67,22 @@ pub struct EventsService {
     pool: PgPool,
     config: EventsConfig,
     streams: Arc<Semaphore>,
+    closing: watch::Receiver<bool>,
 }
 
 impl EventsService {
-    pub fn new(ledger: Arc<Ledger>, gate: Arc<Gate>, pool: PgPool, config: EventsConfig) -> EventsService {
+    /// `closing` turns true when the server begins to shut down: every open stream then ends
+    /// with UNAVAILABLE `SHUTTING_DOWN` and its resume position, because a graceful shutdown
+    /// waits for every open call and a stream would otherwise never end.
+    pub fn new(
+        ledger: Arc<Ledger>,
+        gate: Arc<Gate>,
+        pool: PgPool,
+        config: EventsConfig,
+        closing: watch::Receiver<bool>,
+    ) -> EventsService {
         let streams = Arc::new(Semaphore::new(config.max_streams));
-        EventsService { ledger, gate, pool, config, streams }
+        EventsService { ledger, gate, pool, config, streams, closing }
     }
 }
 
@@ -110,6 +122,7 @@ impl EventsService {
             filter,
             last_position: after_position,
             sender,
+            closing: self.closing.clone(),
             _permit: permit,
         };
         tokio::spawn(async move {
@@ -146,6 +159,7 @@ struct Follower {
     /// The last position handed to the consumer's buffer (where it resumes if cut).
     last_position: i64,
     sender: mpsc::Sender<pb::Event>,
+    closing: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -156,6 +170,10 @@ impl Follower {
         let grace = Duration::from_millis(self.config.slow_consumer_grace_ms);
         let idle = Duration::from_millis(self.config.idle_poll_ms.max(1));
         loop {
+            let closing_now = *self.closing.borrow();
+            if closing_now {
+                return Some(self.shutting_down());
+            }
             // Taken before the read, so a commit landing during the read still wakes us.
             let mut durability = self.ledger.upgrade()?.durability();
             durability.borrow_and_update();
@@ -182,6 +200,7 @@ impl Follower {
                 }
             }
             if caught_up {
+                let mut closing = self.closing.clone();
                 tokio::select! {
                     changed = durability.changed() => {
                         if changed.is_err() {
@@ -191,9 +210,15 @@ impl Follower {
                     }
                     () = tokio::time::sleep(idle) => {}
                     () = self.sender.closed() => return None,
+                    () = async { let _ = closing.wait_for(|closing| *closing).await; } => return Some(self.shutting_down()),
                 }
             }
         }
+    }
+
+    fn shutting_down(&self) -> Status {
+        tracing::debug!(resume_after_position = self.last_position, "event stream ended: the server is shutting down");
+        Status::from(ApiError::ShuttingDown { resume_after_position: self.last_position })
     }
 
     async fn read(

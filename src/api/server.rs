@@ -152,11 +152,13 @@ pub async fn serve(
     let outbox_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.outbox_pool_connections.max(1))
         .connect_lazy_with(ledger.connect_options().clone());
+    let (closing, closing_seen) = tokio::sync::watch::channel(false);
     let events_service = EventsServer::new(EventsService::new(
         Arc::clone(&ledger),
         Arc::clone(&gate),
         outbox_pool.clone(),
         config.events,
+        closing_seen,
     ));
     let relay = config.relay.clone().map(|relay| tokio::spawn(run_forever(relay, outbox_pool, Arc::clone(&ledger))));
 
@@ -169,6 +171,9 @@ pub async fn serve(
         .add_service(events_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             shutdown.await;
+            // Open event streams end now (with their resume position): the graceful shutdown
+            // waits for every open call, and a stream never ends by itself.
+            let _ = closing.send(true);
             // Health checkers see the server leave before its connections do.
             health_reporter.set_not_serving::<LedgerServer<LedgerService>>().await;
             health_reporter.set_not_serving::<TransactionsServer<TransactionsService>>().await;

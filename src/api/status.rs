@@ -89,6 +89,9 @@ pub enum ApiError {
     TooManyStreams { max: usize },
     #[error("reading events: {source}; resume after position {resume_after_position}")]
     Events { source: OutboxError, resume_after_position: i64 },
+    /// The server began a graceful shutdown while an event stream was open.
+    #[error("the server is shutting down; resume after position {resume_after_position} on another instance or later")]
+    ShuttingDown { resume_after_position: i64 },
 }
 
 impl From<LedgerError> for ApiError {
@@ -293,6 +296,13 @@ impl From<ApiError> for Status {
                     ("resume_after_position", resume_after_position.to_string()),
                     ("buffer_events", buffer_events.to_string()),
                 ],
+                ErrorDetails::new(),
+            ),
+            ApiError::ShuttingDown { resume_after_position } => with_info(
+                Code::Unavailable,
+                message,
+                "SHUTTING_DOWN",
+                vec![("resume_after_position", resume_after_position.to_string())],
                 ErrorDetails::new(),
             ),
             ApiError::TooManyStreams { max } => with_info(
