@@ -10,7 +10,7 @@ use diboas_ledger::api::server::ServeConfig;
 use grpc_common::*;
 use sqlx::PgPool;
 use tonic::{Code, Status};
-use tonic_types::RpcStatusExt;
+use tonic_types::{RpcStatusExt, StatusExt};
 
 const GOOD_RESERVATION: &str = "0b0b0b0b-0000-4000-8000-000000000001";
 
@@ -273,10 +273,15 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing(pool: PgPool) {
         assert_eq!(violations[0].field, field);
     }
 
-    // A message past the decoding limit is refused by tonic before any handler runs.
+    // A message past the decoding limit is refused by tonic before any handler runs; the refusal
+    // still carries the ErrorInfo every other refusal has.
     let oversized_message = deposit(&"k".repeat(5 * 1024 * 1024), &alice, "1.00");
     let refused = client.deposit(oversized_message).await.unwrap_err();
     assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    let info = refused.get_details_error_info().expect("ErrorInfo on an oversized message");
+    assert_eq!(info.reason, "MESSAGE_TOO_LARGE");
+    assert_eq!(info.metadata["limit_bytes"], ServeConfig::default().max_message_bytes.to_string());
+    assert!(info.metadata["found_bytes"].parse::<usize>().expect("a size") > 5 * 1024 * 1024);
 
     let after = (
         client.list_balances(list(&alice)).await.unwrap().into_inner(),

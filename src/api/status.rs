@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 
 use thiserror::Error;
+use tonic::codegen::http::Response;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -445,4 +446,29 @@ pub fn to_rpc_status(status: &Status) -> tonic_types::pb::Status {
         message: status.message().to_string(),
         details: Vec::new(),
     })
+}
+
+/// Gives tonic's own refusal of a request past the decoding limit (OUT_OF_RANGE, raised before
+/// any handler or the gate runs) the same ErrorInfo as every other refusal: reason
+/// `MESSAGE_TOO_LARGE`, with the limit and the size found. Every other response passes through.
+/// Installed around the whole server (`api::server`) as a `tower` response map.
+pub fn explain_oversized_message<B: Default>(response: Response<B>) -> Response<B> {
+    const TONIC_PREFIX: &str = "Error, decoded message length too large: found ";
+    let Some(status) = Status::from_header_map(response.headers()) else { return response };
+    if status.code() != Code::OutOfRange {
+        return response;
+    }
+    let Some(sizes) = status.message().strip_prefix(TONIC_PREFIX) else { return response };
+    // "<found> bytes, the limit is: <limit> bytes"
+    let numbers: Vec<&str> = sizes.split(|c: char| !c.is_ascii_digit()).filter(|part| !part.is_empty()).collect();
+    let (found_bytes, limit_bytes) = match numbers.as_slice() {
+        [found, limit] => (found.to_string(), limit.to_string()),
+        _ => return response,
+    };
+    let message = format!("the request is {found_bytes} bytes, larger than this server accepts ({limit_bytes} bytes)");
+    let metadata = vec![("limit_bytes", limit_bytes), ("found_bytes", found_bytes)];
+    let explained = with_info(Code::OutOfRange, message, "MESSAGE_TOO_LARGE", metadata, ErrorDetails::new());
+    let mut rewritten = explained.into_http::<B>();
+    *rewritten.version_mut() = response.version();
+    rewritten
 }
