@@ -10,6 +10,9 @@ use diboas_ledger::api::events::EventsConfig;
 use diboas_ledger::api::pb;
 use diboas_ledger::api::pb::events_client::EventsClient;
 use diboas_ledger::api::server::ServeConfig;
+use diboas_ledger::engine::record::JournalRecord;
+use diboas_ledger::ledger::LedgerConfig;
+use diboas_ledger::outbox::event::{OutboxEvent, PAYLOAD_VERSION, events_of};
 use grpc_common::*;
 use outbox_common::*;
 use sqlx::PgPool;
@@ -304,4 +307,61 @@ async fn a_graceful_shutdown_ends_open_streams_with_their_resume_position(pool: 
         .await
         .expect("the server shut down with a stream open")
         .expect("the stop task");
+}
+
+/// The same requests through the UNNEST path (small batches) and the binary COPY path (every
+/// batch, `copy_min_bytes` = 0): the stored events must be exactly what `events_of` derives from
+/// the stored journal records, in journal order.
+async fn stored_events_match_the_journal(pool: PgPool, copy_min_bytes: usize) {
+    let mut ledger = LedgerConfig::new(prepared(&pool).await);
+    ledger.journal.copy_min_bytes = copy_min_bytes;
+    let mut server = TestServer::start_with_ledger(ledger, ServeConfig::default()).await;
+    let (alice, bob) = (usd(11), usd(12));
+    server.client.open_account(open("open-a", &alice)).await.expect("open");
+    server.client.open_account(open("open-b", &bob)).await.expect("open");
+    server.client.deposit(deposit("dep", &alice, "10.00")).await.expect("deposit");
+    server.client.transfer(transfer("tr", &alice, &bob, "1.25")).await.expect("transfer");
+    server.client.reserve(reserve("res", &alice, RESERVATION_A, "2.00", None)).await.expect("reserve");
+
+    let records: Vec<(String,)> = sqlx::query_as("SELECT record::text FROM ledger.journal ORDER BY sequence")
+        .fetch_all(&pool)
+        .await
+        .expect("journal");
+    let expected: Vec<OutboxEvent> = records
+        .iter()
+        .flat_map(|(text,)| events_of(&serde_json::from_str::<JournalRecord>(text).expect("a journal record")))
+        .collect();
+    type Stored = (i64, uuid::Uuid, i64, i32, String, String, String, i16, String, String);
+    let stored: Vec<Stored> = sqlx::query_as(
+        "SELECT position, event_id, sequence, ordinal, aggregate_type, aggregate_id, event_type, version,
+             payload::text, metadata::text
+         FROM ledger.outbox_events ORDER BY position",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("events");
+    assert_eq!(stored.len(), expected.len());
+    assert!(expected.len() >= 6, "the workload makes events: {expected:?}");
+    for (row, event) in stored.iter().zip(&expected) {
+        assert_eq!(row.1, event.event_id);
+        assert_eq!((row.2, row.3), (event.sequence as i64, event.ordinal as i32));
+        assert_eq!(
+            (row.4.as_str(), row.5.as_str(), row.6.as_str()),
+            (event.aggregate.name(), event.aggregate_id.as_str(), event.event_type)
+        );
+        assert_eq!(row.7, PAYLOAD_VERSION);
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&row.8).expect("payload json"), event.payload);
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&row.9).expect("metadata json"), event.metadata);
+    }
+    server.stop().await;
+}
+
+#[sqlx::test]
+async fn inserted_events_match_the_journal(pool: PgPool) {
+    stored_events_match_the_journal(pool, usize::MAX).await;
+}
+
+#[sqlx::test]
+async fn copied_events_match_the_journal(pool: PgPool) {
+    stored_events_match_the_journal(pool, 0).await;
 }
