@@ -197,3 +197,59 @@ async fn wait_until_published(pool: &PgPool) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// The version before the delivery state moved out of the event rows.
+const BEFORE_DELIVERY_STATE: i64 = 20261124000008;
+
+/// A database that ran the earlier layout (status per event row) keeps every event's delivery
+/// state through the migration: the cursor goes to the last event ever tried, and the events at
+/// or below it that were not published at their first try keep their exact state as retries.
+#[sqlx::test(migrations = false)]
+async fn the_delivery_state_migration_carries_over_every_events_state(pool: PgPool) {
+    diboas_ledger::store::MIGRATOR.run_to(BEFORE_DELIVERY_STATE, &pool).await.expect("migrate to the old layout");
+    // (status, attempts, last_error) per position 1..=8, as the old relay left them. The last
+    // event ever tried (7) was not published, so a cursor taken from the published ones alone
+    // would be 6 and lose 7's Failed state.
+    let old: [(&str, i32, Option<&str>); 8] = [
+        ("published", 1, None),
+        ("published", 2, Some("timed out")),
+        ("failed", 3, Some("refused by the stream")),
+        ("pending", 1, Some("no acknowledgement")),
+        ("pending", 0, None),
+        ("published", 1, None),
+        ("failed", 3, Some("refused again")),
+        ("pending", 0, None),
+    ];
+    for (index, (status, attempts, last_error)) in old.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO ledger.outbox (event_id, sequence, ordinal, aggregate_type, aggregate_id, event_type,
+                 version, payload, metadata, status, attempts, last_error, published_at)
+             VALUES (gen_random_uuid(), $1, 0, 'account', 'a', 'balance_changed', 1, '{}', '{}', $2, $3, $4,
+                 CASE WHEN $2 = 'published' THEN now() END)",
+        )
+        .bind(index as i64 + 1)
+        .bind(status)
+        .bind(attempts)
+        .bind(last_error)
+        .execute(&pool)
+        .await
+        .expect("an old-layout row");
+    }
+    diboas_ledger::store::MIGRATOR.run(&pool).await.expect("migrate to the current layout");
+
+    let rows = outbox_rows(&pool).await;
+    let carried: Vec<(&str, i32, Option<&str>)> =
+        rows.iter().map(|row| (row.5.as_str(), row.6, row.7.as_deref())).collect();
+    assert_eq!(carried, old.to_vec());
+    let cursor: i64 = sqlx::query_scalar("SELECT max(through_position) FROM ledger.outbox_deliveries")
+        .fetch_one(&pool)
+        .await
+        .expect("the cursor");
+    assert_eq!(cursor, 7, "the cursor is the last event ever tried");
+    let published_at_set: Vec<bool> =
+        sqlx::query_scalar("SELECT published_at IS NOT NULL FROM ledger.outbox ORDER BY position")
+            .fetch_all(&pool)
+            .await
+            .expect("published_at");
+    assert_eq!(published_at_set, old.iter().map(|row| row.0 == "published").collect::<Vec<_>>());
+}
