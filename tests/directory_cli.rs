@@ -38,7 +38,8 @@ async fn rotate_keys_reseals_everything_under_the_active_key(pool: PgPool) {
     let options = prepared(&pool).await;
     let url = url_of(&options);
     let (key_1, key_2, index_key) = (BASE64.encode([1u8; 32]), BASE64.encode([2u8; 32]), BASE64.encode([3u8; 32]));
-    let old = Keyring::parse(&format!("1:{key_1}"), 1, &index_key).expect("keyring");
+    let index_key_2 = BASE64.encode([4u8; 32]);
+    let old = Keyring::parse(&format!("1:{key_1}"), 1, &index_key, 1).expect("keyring");
     for n in 0..7 {
         let user = NewUser {
             user_id: user_id(n),
@@ -59,15 +60,22 @@ async fn rotate_keys_reseals_everything_under_the_active_key(pool: PgPool) {
     let env = [
         ("DIBOAS_ENCRYPTION_KEYS", format!("1:{key_1},2:{key_2}")),
         ("DIBOAS_ENCRYPTION_ACTIVE_KEY", "2".to_string()),
-        ("DIBOAS_BLIND_INDEX_KEY", index_key.clone()),
+        ("DIBOAS_BLIND_INDEX_KEY", format!("1:{index_key},2:{index_key_2}")),
+        ("DIBOAS_BLIND_INDEX_ACTIVE_KEY", "2".to_string()),
     ];
     let (ok, stdout, stderr) = run(&url, &["rotate-keys", "--batch-size", "3"], &env);
     assert!(ok, "{stdout}{stderr}");
-    assert_eq!(stdout, "re-sealed 14 values under key version 2\n");
+    assert_eq!(
+        stdout,
+        "re-sealed 14 values under key version 2; re-indexed 7 emails under blind-index key version 2\n"
+    );
     assert_eq!(count(&pool, "SELECT count(*) FROM directory.personal_data WHERE key_version = 2").await, 14);
-    let new_only = Keyring::parse(&format!("2:{key_2}"), 2, &index_key).expect("keyring");
+    assert_eq!(count(&pool, "SELECT count(*) FROM directory.users WHERE email_index_version = 2").await, 7);
+    let new_only = Keyring::parse(&format!("2:{key_2}"), 2, &format!("2:{index_key_2}"), 2).expect("keyring");
     let user = store::get_user(&pool, &new_only, user_id(4), "cli test", None).await.expect("opens under v2");
     assert!(user.personal.contains(&(PersonalField::FamilyName, "Family4".to_string())));
+    let found = store::find_user_by_email(&pool, &new_only, "cli5@example.org", "cli test", None).await;
+    assert_eq!(found.expect("lookup"), Some(user_id(5)), "found under the new blind-index key alone");
 
     let (ok, stdout, stderr) = run(&url, &["retention"], &[]);
     assert!(ok, "{stdout}{stderr}");

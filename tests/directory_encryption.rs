@@ -1,6 +1,8 @@
 //! Encryption against the real PostgreSQL: values round-trip through the store sealed, the
 //! stored rows carry algorithm, sensitivity and key version, and key rotation keeps old rows
-//! readable and then re-seals every one under the new key, so the old key can be dropped.
+//! readable and then re-seals every one under the new key, so the old key can be dropped; the
+//! email blind index rotates the same way, with every email findable and registered once
+//! throughout.
 
 mod readside_common;
 
@@ -20,7 +22,14 @@ fn key(byte: u8) -> String {
 
 fn keyring(versions: &[(i32, u8)], active: i32) -> Keyring {
     let entries: Vec<String> = versions.iter().map(|(version, byte)| format!("{version}:{}", key(*byte))).collect();
-    Keyring::parse(&entries.join(","), active, &key(0xAB)).expect("keyring")
+    Keyring::parse(&entries.join(","), active, &key(0xAB), 1).expect("keyring")
+}
+
+/// Data key version 1, blind-index keys `index_versions` (version, key byte) with `index_active`.
+fn index_keyring(index_versions: &[(i32, u8)], index_active: i32) -> Keyring {
+    let entries: Vec<String> =
+        index_versions.iter().map(|(version, byte)| format!("{version}:{}", key(*byte))).collect();
+    Keyring::parse(&format!("1:{}", key(1)), 1, &entries.join(","), index_active).expect("keyring")
 }
 
 fn new_user(n: u128) -> NewUser {
@@ -54,7 +63,7 @@ async fn rotation_keeps_old_rows_readable_then_reseals_them(pool: PgPool) {
         compliance_flags: vec![],
         document_references: Some(vec!["doc-1".into(), "doc-2".into()]),
     };
-    store::set_kyc(&pool, &old, user_id(0), &kyc, None).await.expect("kyc");
+    store::set_kyc(&pool, &old, user_id(0), &kyc, None).await.expect("kyc").commit().await.expect("commit");
     assert_eq!(versions(&pool).await, [(1, 76)]);
     let (algorithm, sensitivity, nonce_bytes): (String, String, i32) = sqlx::query_as(
         "SELECT algorithm, sensitivity, length(nonce) FROM directory.personal_data WHERE field = 'kyc_documents'",
@@ -76,7 +85,8 @@ async fn rotation_keeps_old_rows_readable_then_reseals_them(pool: PgPool) {
     assert_eq!(first, 10);
     assert_eq!(versions(&pool).await, [(1, 66), (2, 13)]);
     let rest = rotation::rotate_all(&pool, &both, 10).await.expect("the rest");
-    assert_eq!(rest, 66);
+    assert_eq!(rest.values, 66);
+    assert_eq!(rest.email_indexes, 0, "the blind-index key did not change");
     assert_eq!(versions(&pool).await, [(2, 79)]);
 
     // The old key can go: every value opens under version 2 alone, and equals what was written.
@@ -89,7 +99,7 @@ async fn rotation_keeps_old_rows_readable_then_reseals_them(pool: PgPool) {
     let documents = store::get_user(&pool, &new_only, user_id(0), "after rotation", None).await.expect("opens");
     assert!(documents.personal.contains(&(PersonalField::KycDocuments, "doc-1\ndoc-2".to_string())));
     // Nothing is left to rotate.
-    assert_eq!(rotation::rotate_all(&pool, &new_only, 10).await.expect("idempotent"), 0);
+    assert_eq!(rotation::rotate_all(&pool, &new_only, 10).await.expect("idempotent"), rotation::Rotated::default());
 }
 
 #[sqlx::test]
@@ -118,4 +128,81 @@ async fn a_missing_key_or_a_moved_ciphertext_does_not_open(pool: PgPool) {
         store::find_user_by_email(&pool, &other, "USER1@example.org", "lookup", None).await.expect("find"),
         Some(user_id(1))
     );
+}
+
+async fn index_versions(pool: &PgPool) -> Vec<(i32, i64)> {
+    sqlx::query_as("SELECT email_index_version, count(*) FROM directory.users GROUP BY 1 ORDER BY 1")
+        .fetch_all(pool)
+        .await
+        .expect("index versions")
+}
+
+async fn find(pool: &PgPool, keyring: &Keyring, email: &str) -> Option<uuid::Uuid> {
+    store::find_user_by_email(pool, keyring, email, "blind-index rotation test", None).await.expect("lookup")
+}
+
+#[sqlx::test]
+async fn blind_index_rotation_keeps_every_email_findable_and_registered_once(pool: PgPool) {
+    let old = index_keyring(&[(1, 0x11)], 1);
+    for n in 0..5 {
+        store::register_user(&pool, &old, &new_user(n), None).await.expect("register");
+    }
+    // Index key 2 becomes active; key 1 stays configured while the rotation runs.
+    let both = index_keyring(&[(1, 0x11), (2, 0x22)], 2);
+    assert_eq!(find(&pool, &both, "USER3@example.org").await, Some(user_id(3)), "found under the old key");
+    let mut taken = new_user(50);
+    taken.email = "user0@example.org".into();
+    let refused = store::register_user(&pool, &both, &taken, None).await;
+    assert!(matches!(refused, Err(DirectoryError::EmailAlreadyRegistered)), "{refused:?}");
+    store::register_user(&pool, &both, &new_user(100), None).await.expect("register under index key 2");
+    // A server still making indexes under key 1 sees the email indexed under key 2.
+    let lagging = index_keyring(&[(1, 0x11), (2, 0x22)], 1);
+    let mut taken = new_user(51);
+    taken.email = "user100@example.org".into();
+    let refused = store::register_user(&pool, &lagging, &taken, None).await;
+    assert!(matches!(refused, Err(DirectoryError::EmailAlreadyRegistered)), "{refused:?}");
+    assert_eq!(index_versions(&pool).await, [(1, 5), (2, 1)]);
+
+    let first = rotation::reindex_batch(&pool, &both, 2).await.expect("one batch");
+    assert_eq!(first, 2);
+    assert_eq!(index_versions(&pool).await, [(1, 3), (2, 3)]);
+    let rest = rotation::rotate_all(&pool, &both, 2).await.expect("the rest");
+    assert_eq!(rest, rotation::Rotated { values: 0, email_indexes: 3 });
+    assert_eq!(index_versions(&pool).await, [(2, 6)]);
+
+    // Key 1 can go: every email is found under key 2 alone, and no longer under key 1 alone.
+    let new_only = index_keyring(&[(2, 0x22)], 2);
+    for n in (0..5).chain([100]) {
+        assert_eq!(find(&pool, &new_only, &format!("user{n}@example.org")).await, Some(user_id(n)));
+    }
+    assert_eq!(find(&pool, &old, "user3@example.org").await, None);
+    let mut taken = new_user(52);
+    taken.email = "user4@example.org".into();
+    let refused = store::register_user(&pool, &new_only, &taken, None).await;
+    assert!(matches!(refused, Err(DirectoryError::EmailAlreadyRegistered)), "{refused:?}");
+    assert_eq!(rotation::rotate_all(&pool, &new_only, 2).await.expect("idempotent"), rotation::Rotated::default());
+}
+
+/// During a rotation one email has an index per key, so the unique index alone would let two
+/// servers with different active keys register it twice; the advisory locks make the second wait
+/// and see the first.
+#[sqlx::test]
+async fn concurrent_registrations_of_one_email_under_different_index_keys_admit_one(pool: PgPool) {
+    let lagging = index_keyring(&[(1, 0x11), (2, 0x22)], 1);
+    let ahead = index_keyring(&[(1, 0x11), (2, 0x22)], 2);
+    for round in 0..10_u128 {
+        let email = format!("race{round}@example.org");
+        let mut first = new_user(1_000 + 2 * round);
+        first.email = email.clone();
+        let mut second = new_user(1_001 + 2 * round);
+        second.email = email;
+        let (a, b) = tokio::join!(
+            store::register_user(&pool, &lagging, &first, None),
+            store::register_user(&pool, &ahead, &second, None)
+        );
+        let admitted = [&a, &b].iter().filter(|outcome| outcome.is_ok()).count();
+        assert_eq!(admitted, 1, "round {round}: {a:?} / {b:?}");
+        let refused = if a.is_ok() { b } else { a };
+        assert!(matches!(refused, Err(DirectoryError::EmailAlreadyRegistered)), "round {round}: {refused:?}");
+    }
 }

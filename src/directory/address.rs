@@ -1,13 +1,16 @@
 //! Wallet address and public-key validation per chain, and the refusal of anything that looks
-//! like a private key (the ledger is non-custodial: it must never hold one).
+//! like a private key (the ledger is non-custodial: it must never hold one). A valid address is
+//! returned in its one canonical form, so two spellings of one address cannot both be stored:
+//! segwit and Sui lower case, Ethereum in its EIP-55 checksum case, base58 as given.
 //!
-//! - Bitcoin: bech32/bech32m segwit (`bc1...`: lower or upper case, bech32 charset, 14 to 74
-//!   characters) or base58check legacy / P2SH (`1...`/`3...`: base58, 25 bytes decoded, the
-//!   double-SHA-256 checksum matching).
+//! - Bitcoin: bech32/bech32m segwit (`bc1...`, BIP-173/350: one case, the checksum of the
+//!   right variant for the witness version, a valid program length) or base58check legacy /
+//!   P2SH (`1...`/`3...`: base58, 25 bytes decoded, the double-SHA-256 checksum matching).
 //! - Ethereum: `0x` and 40 hex digits; mixed case must carry a valid EIP-55 checksum.
 //! - Solana: base58 of exactly 32 bytes.
 //! - Sui: `0x` and 64 hex digits.
 
+use bech32::primitives::decode::SegwitHrpstringError;
 use sha2::{Digest, Sha256};
 use sha3::Keccak256;
 use thiserror::Error;
@@ -31,8 +34,8 @@ pub enum AddressError {
     PrivateKey,
 }
 
-/// Checks `address` for `chain`.
-pub fn validate_address(chain: Chain, address: &str) -> Result<(), AddressError> {
+/// Checks `address` for `chain`; returns its canonical form.
+pub fn validate_address(chain: Chain, address: &str) -> Result<String, AddressError> {
     if address.is_empty() {
         return Err(AddressError::Empty);
     }
@@ -43,8 +46,8 @@ pub fn validate_address(chain: Chain, address: &str) -> Result<(), AddressError>
     match chain {
         Chain::Bitcoin => bitcoin(address),
         Chain::Ethereum => ethereum(address),
-        Chain::Solana => solana(address),
-        Chain::Sui => hex_prefixed(address, 64, "sui"),
+        Chain::Solana => solana(address).map(|()| address.to_owned()),
+        Chain::Sui => hex_prefixed(address, 64, "sui").map(|()| address.to_ascii_lowercase()),
     }
 }
 
@@ -76,22 +79,16 @@ fn refuse_private_key(text: &str) -> Result<(), AddressError> {
     if extended || wif || keypair { Err(AddressError::PrivateKey) } else { Ok(()) }
 }
 
-const BECH32_CHARSET: &[u8] = b"qpzry9x8gf2tvdw0s3jn54khce6mua7l";
-
-fn bitcoin(address: &str) -> Result<(), AddressError> {
+fn bitcoin(address: &str) -> Result<String, AddressError> {
     let malformed = |why| AddressError::Malformed { chain: "bitcoin", why };
-    let lower = address.to_ascii_lowercase();
-    if let Some(data) = lower.strip_prefix("bc1") {
-        if address != lower && address != address.to_ascii_uppercase() {
-            return Err(malformed("bech32 must not mix case"));
-        }
-        if !(14..=74).contains(&address.len()) {
-            return Err(malformed("bech32 address of the wrong length"));
-        }
-        return if data.bytes().all(|byte| BECH32_CHARSET.contains(&byte)) {
-            Ok(())
-        } else {
-            Err(malformed("bech32 address with a character outside its charset"))
+    if address.get(..3).is_some_and(|prefix| prefix.eq_ignore_ascii_case("bc1")) {
+        // BIP-173 / BIP-350 through the `bech32` crate: one case, the charset, the checksum
+        // (bech32 for witness version 0, bech32m for 1 to 16) and the program's length.
+        return match bech32::segwit::decode(address) {
+            Ok((hrp, _, _)) if hrp == bech32::hrp::BC => Ok(address.to_ascii_lowercase()),
+            Ok(_) => Err(malformed("a segwit address for another network")),
+            Err(error) if matches!(error.0, SegwitHrpstringError::Checksum(_)) => Err(AddressError::Checksum),
+            Err(_) => Err(malformed("not a valid bech32/bech32m segwit address")),
         };
     }
     if !matches!(address.as_bytes().first(), Some(b'1' | b'3')) {
@@ -103,24 +100,34 @@ fn bitcoin(address: &str) -> Result<(), AddressError> {
     }
     let (payload, checksum) = bytes.split_at(21);
     let digest = Sha256::digest(Sha256::digest(payload));
-    if &digest[..4] == checksum { Ok(()) } else { Err(AddressError::Checksum) }
+    if &digest[..4] == checksum { Ok(address.to_owned()) } else { Err(AddressError::Checksum) }
 }
 
-fn ethereum(address: &str) -> Result<(), AddressError> {
+/// An all-lower or all-upper case address carries no checksum; a mixed-case one must carry
+/// EIP-55's. Either way the canonical form is the EIP-55 one.
+fn ethereum(address: &str) -> Result<String, AddressError> {
     hex_prefixed(address, 40, "ethereum")?;
     let digits = &address[2..];
+    let checksummed = eip55(digits);
     let has_lower = digits.bytes().any(|byte| byte.is_ascii_lowercase());
     let has_upper = digits.bytes().any(|byte| byte.is_ascii_uppercase());
-    if !(has_lower && has_upper) {
-        return Ok(());
+    if has_lower && has_upper && checksummed[2..] != *digits {
+        return Err(AddressError::Checksum);
     }
-    // EIP-55: a letter is upper case exactly when its nibble of keccak256(lower-case hex) is >= 8.
-    let hash = Keccak256::digest(digits.to_ascii_lowercase().as_bytes());
-    let valid = digits.bytes().enumerate().all(|(index, byte)| {
+    Ok(checksummed)
+}
+
+/// EIP-55: a letter is upper case exactly when its nibble of keccak256(lower-case hex) is >= 8.
+fn eip55(digits: &str) -> String {
+    let lower = digits.to_ascii_lowercase();
+    let hash = Keccak256::digest(lower.as_bytes());
+    let mut out = String::with_capacity(2 + lower.len());
+    out.push_str("0x");
+    for (index, character) in lower.chars().enumerate() {
         let nibble = if index % 2 == 0 { hash[index / 2] >> 4 } else { hash[index / 2] & 0x0f };
-        !byte.is_ascii_alphabetic() || byte.is_ascii_uppercase() == (nibble >= 8)
-    });
-    if valid { Ok(()) } else { Err(AddressError::Checksum) }
+        out.push(if nibble >= 8 { character.to_ascii_uppercase() } else { character });
+    }
+    out
 }
 
 fn solana(address: &str) -> Result<(), AddressError> {
@@ -152,13 +159,29 @@ mod tests {
 
     #[test]
     fn known_good_addresses_pass() {
-        assert_eq!(validate_address(Chain::Bitcoin, "bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq"), Ok(()));
-        assert_eq!(validate_address(Chain::Bitcoin, "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2"), Ok(()));
-        assert_eq!(validate_address(Chain::Bitcoin, "3J98t1WpEZ73CNmQviecrnyiWrnqRhWNLy"), Ok(()));
-        assert_eq!(validate_address(Chain::Ethereum, "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"), Ok(()));
-        assert_eq!(validate_address(Chain::Ethereum, "0x5aaeb6053f3e94c9b9a09f33669435e7ef1beaed"), Ok(()));
-        assert_eq!(validate_address(Chain::Solana, "So11111111111111111111111111111111111111112"), Ok(()));
-        assert_eq!(validate_address(Chain::Sui, &format!("0x{}", "a1".repeat(32))), Ok(()));
+        let segwit = "bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq";
+        assert_eq!(validate_address(Chain::Bitcoin, segwit).as_deref(), Ok(segwit));
+        // Upper case is the same address: stored lower case.
+        assert_eq!(validate_address(Chain::Bitcoin, &segwit.to_ascii_uppercase()).as_deref(), Ok(segwit));
+        // BIP-350's taproot (v1, bech32m) example.
+        let taproot = "bc1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vqzk5jj0";
+        assert_eq!(validate_address(Chain::Bitcoin, taproot).as_deref(), Ok(taproot));
+        for base58 in ["1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2", "3J98t1WpEZ73CNmQviecrnyiWrnqRhWNLy"] {
+            assert_eq!(validate_address(Chain::Bitcoin, base58).as_deref(), Ok(base58));
+        }
+        // EIP-55's own example, given checksummed, lower case or upper case: one canonical form.
+        let checksummed = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed";
+        for spelling in [
+            checksummed.to_owned(),
+            checksummed.to_ascii_lowercase(),
+            format!("0x{}", checksummed[2..].to_ascii_uppercase()),
+        ] {
+            assert_eq!(validate_address(Chain::Ethereum, &spelling).as_deref(), Ok(checksummed), "{spelling}");
+        }
+        let solana = "So11111111111111111111111111111111111111112";
+        assert_eq!(validate_address(Chain::Solana, solana).as_deref(), Ok(solana));
+        let sui = format!("0x{}", "a1".repeat(32));
+        assert_eq!(validate_address(Chain::Sui, &sui.to_ascii_uppercase().replacen("0X", "0x", 1)), Ok(sui));
     }
 
     #[test]
@@ -169,6 +192,18 @@ mod tests {
         );
         assert_eq!(validate_address(Chain::Bitcoin, "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN3"), Err(AddressError::Checksum));
         assert!(validate_address(Chain::Bitcoin, "bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdb").is_err());
+        // The valid address above with its last character changed: right shape, wrong checksum.
+        assert_eq!(
+            validate_address(Chain::Bitcoin, "bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdg"),
+            Err(AddressError::Checksum)
+        );
+        // A v1 (taproot) program with a bech32 rather than a bech32m checksum (BIP-350's test vector).
+        assert!(
+            validate_address(Chain::Bitcoin, "bc1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vqh2y7hd").is_err()
+        );
+        // Mixed case and a testnet address.
+        assert!(validate_address(Chain::Bitcoin, "bc1qAr0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq").is_err());
+        assert!(validate_address(Chain::Bitcoin, "tb1qw508d6qejxtdg4y5r3zarvary0c5xw7kxpjzsx").is_err());
         assert!(validate_address(Chain::Solana, "0x5aaeb6053f3e94c9b9a09f33669435e7ef1beaed").is_err());
         assert!(validate_address(Chain::Sui, "0x1234").is_err());
         assert_eq!(validate_address(Chain::Sui, ""), Err(AddressError::Empty));

@@ -8,7 +8,9 @@
 //! ([`Keyring::parse`]); the database never sees them.
 //!
 //! The email's blind index is HMAC-SHA256 of the normalised address under a separate key: equal
-//! emails give equal indexes (a unique lookup) without the address being stored anywhere.
+//! emails give equal indexes (a unique lookup) without the address being stored anywhere. The
+//! index keys are versioned like the data keys: a new email index is made under the active index
+//! key, lookups try every configured version, and the rotation re-indexes the old rows.
 
 use std::collections::BTreeMap;
 
@@ -33,7 +35,7 @@ pub const NONCE_BYTES: usize = 12;
 /// The most keys a keyring holds (old versions stay until rotation has re-sealed their rows).
 const MAX_KEYS: usize = 64;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum KeyringError {
     #[error("a key entry must be `version:base64-key` with a positive version")]
     Malformed,
@@ -45,8 +47,14 @@ pub enum KeyringError {
     MissingActive(i32),
     #[error("a keyring holds at most {MAX_KEYS} keys")]
     TooMany,
-    #[error("the blind-index key must decode to exactly 32 bytes of base64")]
-    BadIndexKey,
+    #[error("the blind-index keys must be one base64 key or `version:base64-key` entries with positive versions")]
+    MalformedIndex,
+    #[error("blind-index key version {0} must decode to exactly 32 bytes of base64")]
+    BadIndexKey(i32),
+    #[error("blind-index key version {0} is listed twice")]
+    DuplicateIndex(i32),
+    #[error("the active blind-index key version {0} is not configured")]
+    MissingActiveIndex(i32),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -87,11 +95,15 @@ pub struct Sealed {
     pub ciphertext: Vec<u8>,
 }
 
-/// The data keys by version, the active version new values are sealed under, and the blind-index key.
+/// The data keys by version and the active version new values are sealed under; the blind-index
+/// keys by version and the active version new email indexes are made under.
 pub struct Keyring {
     keys: BTreeMap<i32, Aes256Gcm>,
     active: i32,
-    index_key: [u8; KEY_BYTES],
+    index_keys: BTreeMap<i32, [u8; KEY_BYTES]>,
+    index_active: i32,
+    /// The key of `index_active` (also in `index_keys`).
+    active_index_key: [u8; KEY_BYTES],
 }
 
 impl std::fmt::Debug for Keyring {
@@ -101,34 +113,30 @@ impl std::fmt::Debug for Keyring {
             .debug_struct("Keyring")
             .field("versions", &self.keys.keys().collect::<Vec<_>>())
             .field("active", &self.active)
+            .field("index_versions", &self.index_keys.keys().collect::<Vec<_>>())
+            .field("index_active", &self.index_active)
             .finish()
     }
 }
 
 impl Keyring {
-    /// Parses `version:base64key` entries separated by commas, the active version, and the
-    /// base64 blind-index key.
-    pub fn parse(entries: &str, active: i32, index_key: &str) -> Result<Keyring, KeyringError> {
-        let mut keys = BTreeMap::new();
-        for entry in entries.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
-            let (version, key) = entry.split_once(':').ok_or(KeyringError::Malformed)?;
-            let version: i32 = version.trim().parse().map_err(|_| KeyringError::Malformed)?;
-            if version <= 0 {
-                return Err(KeyringError::Malformed);
-            }
-            let bytes = decode_key(key).ok_or(KeyringError::BadKey(version))?;
-            if keys.insert(version, cipher(&bytes)).is_some() {
-                return Err(KeyringError::Duplicate(version));
-            }
-            if keys.len() > MAX_KEYS {
-                return Err(KeyringError::TooMany);
-            }
-        }
+    /// Parses the data keys (`version:base64key` entries separated by commas) and their active
+    /// version, and the blind-index keys in the same form and their active version. A blind-index
+    /// entry without a version is version 1 (a keyring configured before index keys had versions).
+    pub fn parse(entries: &str, active: i32, index_entries: &str, index_active: i32) -> Result<Keyring, KeyringError> {
+        let keys: BTreeMap<i32, Aes256Gcm> = versioned_keys(entries, &DATA_KEY_ERRORS)?
+            .into_iter()
+            .map(|(version, key)| (version, cipher(&key)))
+            .collect();
         if !keys.contains_key(&active) {
             return Err(KeyringError::MissingActive(active));
         }
-        let index_key = decode_key(index_key).ok_or(KeyringError::BadIndexKey)?;
-        Ok(Keyring { keys, active, index_key })
+        let index_keys = match decode_key(index_entries) {
+            Some(key) => BTreeMap::from([(1, key)]),
+            None => versioned_keys(index_entries, &INDEX_KEY_ERRORS)?,
+        };
+        let active_index_key = *index_keys.get(&index_active).ok_or(KeyringError::MissingActiveIndex(index_active))?;
+        Ok(Keyring { keys, active, index_keys, index_active, active_index_key })
     }
 
     /// A keyring for development and tests only: version 1 is a key derived from a public
@@ -139,7 +147,13 @@ impl Keyring {
             Sha256::digest(b"diboas-ledger development data key; never use in production").into();
         let index_key: [u8; KEY_BYTES] =
             Sha256::digest(b"diboas-ledger development index key; never use in production").into();
-        Keyring { keys: BTreeMap::from([(1, cipher(&data_key))]), active: 1, index_key }
+        Keyring {
+            keys: BTreeMap::from([(1, cipher(&data_key))]),
+            active: 1,
+            index_keys: BTreeMap::from([(1, index_key)]),
+            index_active: 1,
+            active_index_key: index_key,
+        }
     }
 
     /// The version new values are sealed under.
@@ -167,15 +181,71 @@ impl Keyring {
             .map_err(|_| CryptoError::Unsealable)
     }
 
-    /// The blind index of an email: HMAC-SHA256 of the trimmed, lower-cased address.
-    pub fn email_index(&self, email: &str) -> Vec<u8> {
-        let normalised = email.trim().to_lowercase();
-        // HMAC accepts keys of any length, so this cannot fail for a 32-byte key.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.index_key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(normalised.as_bytes());
-        mac.finalize().into_bytes().to_vec()
+    /// The version new email indexes are made under.
+    pub fn index_active_version(&self) -> i32 {
+        self.index_active
     }
+
+    /// The blind index of an email under the active index key: HMAC-SHA256 of the trimmed,
+    /// lower-cased address.
+    pub fn email_index(&self, email: &str) -> Vec<u8> {
+        index_under(&self.active_index_key, email)
+    }
+
+    /// The email's blind index under every configured index key, for lookups and the
+    /// one-user-per-email check while rows under an older key remain.
+    pub fn email_indexes(&self, email: &str) -> Vec<Vec<u8>> {
+        self.index_keys.values().map(|key| index_under(key, email)).collect()
+    }
+}
+
+fn index_under(key: &[u8; KEY_BYTES], email: &str) -> Vec<u8> {
+    let normalised = email.trim().to_lowercase();
+    // HMAC accepts keys of any length, so this cannot fail for a 32-byte key.
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(normalised.as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// The errors a list of keys reports, so each names the setting it is about.
+struct KeyListErrors {
+    malformed: KeyringError,
+    bad_key: fn(i32) -> KeyringError,
+    duplicate: fn(i32) -> KeyringError,
+}
+
+const DATA_KEY_ERRORS: KeyListErrors = KeyListErrors {
+    malformed: KeyringError::Malformed,
+    bad_key: KeyringError::BadKey,
+    duplicate: KeyringError::Duplicate,
+};
+
+const INDEX_KEY_ERRORS: KeyListErrors = KeyListErrors {
+    malformed: KeyringError::MalformedIndex,
+    bad_key: KeyringError::BadIndexKey,
+    duplicate: KeyringError::DuplicateIndex,
+};
+
+/// Parses `version:base64key` entries separated by commas: positive, distinct versions, 32-byte
+/// keys, at most [`MAX_KEYS`].
+fn versioned_keys(entries: &str, errors: &KeyListErrors) -> Result<BTreeMap<i32, [u8; KEY_BYTES]>, KeyringError> {
+    let mut keys = BTreeMap::new();
+    for entry in entries.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
+        let (version, key) = entry.split_once(':').ok_or(errors.malformed.clone())?;
+        let version: i32 = version.trim().parse().map_err(|_| errors.malformed.clone())?;
+        if version <= 0 {
+            return Err(errors.malformed.clone());
+        }
+        let bytes = decode_key(key).ok_or_else(|| (errors.bad_key)(version))?;
+        if keys.insert(version, bytes).is_some() {
+            return Err((errors.duplicate)(version));
+        }
+        if keys.len() > MAX_KEYS {
+            return Err(KeyringError::TooMany);
+        }
+    }
+    Ok(keys)
 }
 
 fn decode_key(text: &str) -> Option<[u8; KEY_BYTES]> {
@@ -204,7 +274,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_binding_to_the_row() {
-        let keyring = Keyring::parse(&format!("1:{}", key(1)), 1, &key(9)).expect("keyring");
+        let keyring = Keyring::parse(&format!("1:{}", key(1)), 1, &key(9), 1).expect("keyring");
         let owner = Uuid::from_u128(7);
         let sealed = keyring.seal(owner, "email", b"ana@example.com").expect("seal");
         assert_ne!(sealed.ciphertext, b"ana@example.com");
@@ -215,14 +285,34 @@ mod tests {
 
     #[test]
     fn bad_keyrings_are_refused() {
-        assert_eq!(Keyring::parse("1:short", 1, &key(9)).err(), Some(KeyringError::BadKey(1)));
-        assert_eq!(Keyring::parse(&format!("1:{}", key(1)), 2, &key(9)).err(), Some(KeyringError::MissingActive(2)));
+        let one = format!("1:{}", key(1));
+        assert_eq!(Keyring::parse("1:short", 1, &key(9), 1).err(), Some(KeyringError::BadKey(1)));
+        assert_eq!(Keyring::parse(&one, 2, &key(9), 1).err(), Some(KeyringError::MissingActive(2)));
         assert_eq!(
-            Keyring::parse(&format!("1:{},1:{}", key(1), key(2)), 1, &key(9)).err(),
+            Keyring::parse(&format!("1:{},1:{}", key(1), key(2)), 1, &key(9), 1).err(),
             Some(KeyringError::Duplicate(1))
         );
-        assert_eq!(Keyring::parse(&format!("0:{}", key(1)), 0, &key(9)).err(), Some(KeyringError::Malformed));
-        assert_eq!(Keyring::parse(&format!("1:{}", key(1)), 1, "x").err(), Some(KeyringError::BadIndexKey));
+        assert_eq!(Keyring::parse(&format!("0:{}", key(1)), 0, &key(9), 1).err(), Some(KeyringError::Malformed));
+        assert_eq!(Keyring::parse(&one, 1, "x", 1).err(), Some(KeyringError::MalformedIndex));
+        assert_eq!(Keyring::parse(&one, 1, "1:x", 1).err(), Some(KeyringError::BadIndexKey(1)));
+        assert_eq!(Keyring::parse(&one, 1, &key(9), 2).err(), Some(KeyringError::MissingActiveIndex(2)));
+        assert_eq!(
+            Keyring::parse(&one, 1, &format!("1:{},1:{}", key(8), key(9)), 1).err(),
+            Some(KeyringError::DuplicateIndex(1))
+        );
+    }
+
+    #[test]
+    fn email_indexes_follow_the_active_index_key_and_cover_every_version() {
+        let single = Keyring::parse(&format!("1:{}", key(1)), 1, &key(8), 1).expect("a bare index key is version 1");
+        let both = format!("1:{},2:{}", key(8), key(9));
+        let old_active = Keyring::parse(&format!("1:{}", key(1)), 1, &both, 1).expect("keyring");
+        let new_active = Keyring::parse(&format!("1:{}", key(1)), 1, &both, 2).expect("keyring");
+        let email = "ana@example.com";
+        assert_eq!(single.email_index(email), old_active.email_index(email));
+        assert_ne!(old_active.email_index(email), new_active.email_index(email));
+        assert_eq!(new_active.email_indexes(email), vec![old_active.email_index(email), new_active.email_index(email)]);
+        assert_eq!(new_active.index_active_version(), 2);
     }
 
     #[test]

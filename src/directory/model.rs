@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::engine::account::Domain;
 use crate::engine::asset::Chain;
+use crate::engine::transaction;
 
 /// Enums stored as text: the stored name of each variant.
 macro_rules! stored_names {
@@ -136,6 +137,28 @@ pub struct KycUpdate {
     pub compliance_flags: Vec<String>,
     /// Replaces the stored document references when `Some`.
     pub document_references: Option<Vec<String>>,
+}
+
+impl KycUpdate {
+    /// What the ledger's compliance gate (issue 5's engine record) makes of this update. The
+    /// directory keeps the finer statuses; the gate has fewer and errs on the side of refusing:
+    /// - an expired KYC must be done again: the gate treats it as not started (nothing passes);
+    /// - a risk level not yet assessed is not a low one: high (every transaction goes to AML review);
+    /// - a prohibited user is refused outright: KYC rejected, risk high.
+    pub fn gate_record(&self) -> (transaction::KycStatus, transaction::RiskLevel) {
+        let kyc = match self.status {
+            KycStatus::NotStarted | KycStatus::Expired => transaction::KycStatus::NotStarted,
+            KycStatus::Pending => transaction::KycStatus::Pending,
+            KycStatus::Verified => transaction::KycStatus::Verified,
+            KycStatus::Rejected => transaction::KycStatus::Rejected,
+        };
+        match self.risk_level {
+            RiskLevel::Low => (kyc, transaction::RiskLevel::Low),
+            RiskLevel::Medium => (kyc, transaction::RiskLevel::Medium),
+            RiskLevel::Unassessed | RiskLevel::High => (kyc, transaction::RiskLevel::High),
+            RiskLevel::Prohibited => (transaction::KycStatus::Rejected, transaction::RiskLevel::High),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,12 +3,17 @@
 //! SKIP LOCKED, so concurrent writes and other rotators are never blocked for long). Reads keep
 //! working throughout, since every configured version opens its own rows. Once no row uses an
 //! old version, that key can be dropped from the configuration.
+//!
+//! The email blind index rotates the same way: rows indexed under an older blind-index key get
+//! their email opened and indexed under the active one. Lookups try every configured index key
+//! meanwhile (`Keyring::email_indexes`), so no email goes unfound during the rotation.
 
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::DirectoryError;
-use super::encryption::{Keyring, Sealed};
+use super::encryption::{CryptoError, Keyring, Sealed};
+use super::model::PersonalField;
 
 /// A stored value: owner, field, key version, nonce, ciphertext.
 type SealedRow = (Uuid, String, i32, Vec<u8>, Vec<u8>);
@@ -65,15 +70,71 @@ pub async fn rotate_batch(pool: &PgPool, keyring: &Keyring, batch_size: i64) -> 
     Ok(updated.rows_affected())
 }
 
-/// Rotates batch after batch until no value is left under an older key; returns how many.
-pub async fn rotate_all(pool: &PgPool, keyring: &Keyring, batch_size: i64) -> Result<u64, DirectoryError> {
-    let mut total = 0;
+/// Re-indexes up to `batch_size` emails not under the active blind-index key; returns how many.
+pub async fn reindex_batch(pool: &PgPool, keyring: &Keyring, batch_size: i64) -> Result<u64, DirectoryError> {
+    let batch_size = batch_size.clamp(1, MAX_ROTATION_BATCH);
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(Uuid, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT u.user_id, p.key_version, p.nonce, p.ciphertext
+         FROM directory.users u JOIN directory.personal_data p ON p.user_id = u.user_id AND p.field = $3
+         WHERE u.email_index IS NOT NULL AND u.email_index_version <> $1
+         ORDER BY u.user_id LIMIT $2 FOR UPDATE OF u SKIP LOCKED",
+    )
+    .bind(keyring.index_active_version())
+    .bind(batch_size)
+    .bind(PersonalField::Email.name())
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let (mut users, mut indexes) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
+    for (user_id, key_version, nonce, ciphertext) in rows {
+        let email = keyring.open(user_id, PersonalField::Email.name(), &Sealed { key_version, nonce, ciphertext })?;
+        let email = String::from_utf8(email).map_err(|_| CryptoError::Unsealable)?;
+        users.push(user_id);
+        indexes.push(keyring.email_index(&email));
+    }
+    let updated = sqlx::query(
+        "UPDATE directory.users AS u SET email_index = t.i, email_index_version = $3
+         FROM UNNEST($1::uuid[], $2::bytea[]) AS t(u, i) WHERE u.user_id = t.u",
+    )
+    .bind(users)
+    .bind(indexes)
+    .bind(keyring.index_active_version())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(updated.rows_affected())
+}
+
+/// What a whole rotation did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rotated {
+    /// Personal values re-sealed under the active data key.
+    pub values: u64,
+    /// Emails re-indexed under the active blind-index key.
+    pub email_indexes: u64,
+}
+
+/// Rotates batch after batch until no value is left under an older data key and no email under
+/// an older blind-index key.
+pub async fn rotate_all(pool: &PgPool, keyring: &Keyring, batch_size: i64) -> Result<Rotated, DirectoryError> {
+    let mut total = Rotated::default();
     loop {
         let rotated = rotate_batch(pool, keyring, batch_size).await?;
         if rotated == 0 {
+            break;
+        }
+        total.values += rotated;
+        tracing::info!(rotated, total = total.values, "re-sealed personal data under the active key");
+    }
+    loop {
+        let reindexed = reindex_batch(pool, keyring, batch_size).await?;
+        if reindexed == 0 {
             return Ok(total);
         }
-        total += rotated;
-        tracing::info!(rotated, total, "re-sealed personal data under the active key");
+        total.email_indexes += reindexed;
+        tracing::info!(reindexed, total = total.email_indexes, "re-indexed emails under the active blind-index key");
     }
 }

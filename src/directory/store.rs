@@ -19,8 +19,9 @@ use crate::audit::{self, AuditEvent, DataAccess};
 use crate::engine::asset::Chain;
 use crate::engine::record::RequestContext;
 
-/// The user's audited state: every column but the blind index (which only identifies an email).
-const USER_STATE: &str = "to_jsonb(u) - 'email_index'";
+/// The user's audited state: every column but the blind index and its key version (which only
+/// identify an email, and change with key rotation rather than with the user).
+const USER_STATE: &str = "to_jsonb(u) - 'email_index' - 'email_index_version'";
 
 /// Most rows of each kind one GetUser returns (wallets are at most one per chain).
 const MAX_RECORDS_PER_USER: i64 = 100;
@@ -96,10 +97,11 @@ pub async fn register_user(
     context: Option<&RequestContext>,
 ) -> Result<(), DirectoryError> {
     let mut tx = pool.begin().await?;
+    claim_email(&mut tx, keyring, &user.email, user.user_id).await?;
     let inserted: Option<Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO directory.users AS u (user_id, email_index, two_factor_enabled, timezone, language, currency,
-             mascot, experience_level)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        "INSERT INTO directory.users AS u (user_id, email_index, email_index_version, two_factor_enabled, timezone,
+             language, currency, mascot, experience_level)
+         VALUES ($1, $2, $9, $3, $4, $5, $6, $7, $8)
          ON CONFLICT DO NOTHING
          RETURNING {USER_STATE}"
     )))
@@ -111,6 +113,7 @@ pub async fn register_user(
     .bind(&user.preferences.currency)
     .bind(user.mascot.name())
     .bind(user.experience_level.name())
+    .bind(keyring.index_active_version())
     .fetch_optional(&mut *tx)
     .await?;
     let Some(after) = inserted else {
@@ -139,6 +142,42 @@ pub async fn register_user(
     Ok(())
 }
 
+/// Refuses `email` if another user holds it under any configured blind-index key. While a
+/// rotation is under way one email has a different index per key, so the table's unique index
+/// alone cannot see a duplicate; the transaction-scoped advisory locks on every one of the
+/// email's indexes (taken in one order) make two registrations of one email wait for each other,
+/// whichever key each server has active.
+async fn claim_email(
+    tx: &mut PgConnection,
+    keyring: &Keyring,
+    email: &str,
+    user_id: Uuid,
+) -> Result<(), DirectoryError> {
+    let indexes = keyring.email_indexes(email);
+    let mut lock_keys: Vec<i64> = indexes
+        .iter()
+        .map(|index| {
+            let mut prefix = [0u8; 8];
+            prefix.copy_from_slice(&index[..8]);
+            i64::from_be_bytes(prefix)
+        })
+        .collect();
+    lock_keys.sort_unstable();
+    lock_keys.dedup();
+    sqlx::query("SELECT pg_advisory_xact_lock(k) FROM UNNEST($1::int8[]) AS t(k) ORDER BY k")
+        .bind(&lock_keys)
+        .execute(&mut *tx)
+        .await?;
+    let taken: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM directory.users WHERE email_index = ANY($1) AND user_id <> $2)",
+    )
+    .bind(&indexes)
+    .bind(user_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if taken { Err(DirectoryError::EmailAlreadyRegistered) } else { Ok(()) }
+}
+
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(database) if database.is_unique_violation())
 }
@@ -152,10 +191,14 @@ pub async fn update_user(
 ) -> Result<(), DirectoryError> {
     let mut tx = pool.begin().await?;
     let before = lock_user(&mut tx, user_id).await?;
+    if let Some(email) = &update.email {
+        claim_email(&mut tx, keyring, email, user_id).await?;
+    }
     let domains =
         update.enabled_domains.as_ref().map(|domains| domains.iter().map(|domain| domain.name()).collect::<Vec<_>>());
     let updated = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "UPDATE directory.users AS u SET email_index = COALESCE($2, email_index),
+             email_index_version = CASE WHEN $2 IS NULL THEN email_index_version ELSE $13 END,
              two_factor_enabled = COALESCE($3, two_factor_enabled), timezone = COALESCE($4, timezone),
              language = COALESCE($5, language), currency = COALESCE($6, currency), mascot = COALESCE($7, mascot),
              experience_level = COALESCE($8, experience_level), points = COALESCE($9, points),
@@ -176,6 +219,7 @@ pub async fn update_user(
     .bind(update.streak_days)
     .bind(domains)
     .bind(update.touch_last_active)
+    .bind(keyring.index_active_version())
     .fetch_one(&mut *tx)
     .await;
     let after: Value = match updated {
@@ -200,15 +244,30 @@ pub async fn update_user(
     Ok(())
 }
 
-/// Sets a user's KYC status, risk level, compliance flags and (sealed) document references.
-/// The one place KYC and risk change, so whatever else must follow them hooks in here.
+/// A KYC change written but not yet committed: the user's row stays locked until
+/// [`PendingKyc::commit`], and dropping it rolls the change back. What must follow a KYC change
+/// (the ledger's compliance gate) is done while it is pending, so two changes of one user reach
+/// the directory and whatever follows in the same order.
+pub struct PendingKyc {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+}
+
+impl PendingKyc {
+    pub async fn commit(self) -> Result<(), DirectoryError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Sets a user's KYC status, risk level, compliance flags and (sealed) document references,
+/// with its audit row; the caller commits.
 pub async fn set_kyc(
     pool: &PgPool,
     keyring: &Keyring,
     user_id: Uuid,
     kyc: &KycUpdate,
     context: Option<&RequestContext>,
-) -> Result<(), DirectoryError> {
+) -> Result<PendingKyc, DirectoryError> {
     let mut tx = pool.begin().await?;
     let before = lock_user(&mut tx, user_id).await?;
     let after: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -232,8 +291,7 @@ pub async fn set_kyc(
         after: Some(with_fields(after, field_names(&documents))),
     };
     audit::record(&mut tx, &event, context).await?;
-    tx.commit().await?;
-    Ok(())
+    Ok(PendingKyc { tx })
 }
 
 pub async fn record_compliance_check(
@@ -379,8 +437,9 @@ pub async fn find_user_by_email(
     context: Option<&RequestContext>,
 ) -> Result<Option<Uuid>, DirectoryError> {
     let mut tx = pool.begin().await?;
-    let found: Option<Uuid> = sqlx::query_scalar("SELECT user_id FROM directory.users WHERE email_index = $1")
-        .bind(keyring.email_index(email))
+    // Under every configured key: rows not yet re-indexed by a rotation are still found.
+    let found: Option<Uuid> = sqlx::query_scalar("SELECT user_id FROM directory.users WHERE email_index = ANY($1)")
+        .bind(keyring.email_indexes(email))
         .fetch_optional(&mut *tx)
         .await?;
     let access = DataAccess { subject_user_id: found, entity_type: "user", fields: vec!["email"], reason };
