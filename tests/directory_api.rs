@@ -1,6 +1,7 @@
 //! The Directory service end to end against the real PostgreSQL: registration and read-back,
 //! no plaintext personal data in any column, the email blind index, audit rows for every
-//! mutating RPC, data-access rows for every read, wallet validation, and erasure.
+//! mutating RPC, data-access rows for every read, wallet validation, erasure, and SetKyc feeding
+//! the ledger's compliance gate.
 
 mod readside_common;
 
@@ -313,7 +314,13 @@ async fn every_mutating_directory_rpc_writes_one_audit_row(pool: PgPool) {
         ("c-erase", "user.erased", "user"),
     ];
     for (correlation, event_type, entity_type) in expected {
-        let rows = audit_rows(&pool, correlation).await;
+        let mut rows = audit_rows(&pool, correlation).await;
+        if correlation == "c-kyc" {
+            // SetKyc also feeds the ledger's compliance gate: its journal record is audited too.
+            let ledger_row = rows.pop().expect("the ledger's row");
+            assert_eq!((ledger_row.event_type.as_str(), ledger_row.entity_type.as_str()), ("ledger.set_kyc", "user"));
+            assert_eq!(ledger_row.entity_id, user.to_string());
+        }
         assert_eq!(rows.len(), 1, "{correlation}: {rows:?}");
         let row = &rows[0];
         assert_eq!((row.event_type.as_str(), row.entity_type.as_str()), (event_type, entity_type));
@@ -498,7 +505,8 @@ async fn erasure_removes_personal_data_and_keeps_the_ledger(pool: PgPool) {
         .balance
         .expect("balance");
     assert_eq!(balance.available, "40.00");
-    assert_eq!(count(&pool, "SELECT count(*) FROM ledger.journal").await, 2);
+    // The KYC record fed to the gate, the account opened, the deposit: all kept.
+    assert_eq!(count(&pool, "SELECT count(*) FROM ledger.journal").await, 3);
     server.stop().await;
 }
 
@@ -532,5 +540,75 @@ async fn the_directory_reports_serving_health(pool: PgPool) {
         assert_eq!(response.status, ServingStatus::Serving as i32, "{service}");
     }
     drop(health);
+    server.stop().await;
+}
+
+/// The ledger's compliance record of `user`: (KYC status, risk level, per-transaction limit).
+async fn gate_record(pool: &PgPool, user: uuid::Uuid) -> (String, String, Option<rust_decimal::Decimal>) {
+    sqlx::query_as(
+        "SELECT kyc_status, risk_level, max_transaction_minor FROM ledger.user_compliance WHERE user_id = $1",
+    )
+    .bind(user)
+    .fetch_one(pool)
+    .await
+    .expect("the gate's record")
+}
+
+fn kyc(user: uuid::Uuid, status: pb::KycStatus, risk_level: pb::RiskLevel) -> pb::SetKycRequest {
+    pb::SetKycRequest {
+        user_id: user.to_string(),
+        status: status.into(),
+        risk_level: risk_level.into(),
+        ..Default::default()
+    }
+}
+
+#[sqlx::test]
+async fn set_kyc_feeds_the_ledgers_compliance_gate_and_keeps_its_limit(pool: PgPool) {
+    let mut server = ReadSideServer::start(&pool).await;
+    let user = user_id(7);
+    server.directory.register_user(registration(user, EMAIL)).await.expect("register");
+    server.directory.set_kyc(kyc(user, pb::KycStatus::Verified, pb::RiskLevel::Low)).await.expect("verified");
+    assert_eq!(gate_record(&pool, user).await, ("verified".into(), "low".into(), None));
+
+    // The Transactions API sets a per-transaction limit; later KYC updates keep it.
+    let mut transactions = pb::transactions_client::TransactionsClient::new(server.channel.clone());
+    transactions
+        .set_user_compliance(pb::SetUserComplianceRequest {
+            idempotency_key: "limit".into(),
+            user_id: user.to_string(),
+            kyc_status: "verified".into(),
+            risk_level: "low".into(),
+            max_transaction_minor: "50000".into(),
+        })
+        .await
+        .expect("set a limit");
+    let limit = Some(rust_decimal::Decimal::from(50_000));
+    // The directory's finer statuses, as the gate sees them: expired KYC is not started, an
+    // unassessed risk is high, a prohibited user is rejected.
+    let cases = [
+        (pb::KycStatus::Expired, pb::RiskLevel::Unassessed, ("not_started", "high")),
+        (pb::KycStatus::Pending, pb::RiskLevel::Medium, ("pending", "medium")),
+        (pb::KycStatus::Verified, pb::RiskLevel::Prohibited, ("rejected", "high")),
+        (pb::KycStatus::Rejected, pb::RiskLevel::Low, ("rejected", "low")),
+        (pb::KycStatus::Verified, pb::RiskLevel::High, ("verified", "high")),
+    ];
+    for (status, risk, (gate_kyc, gate_risk)) in cases {
+        server.directory.set_kyc(kyc(user, status, risk)).await.expect("set KYC");
+        assert_eq!(gate_record(&pool, user).await, (gate_kyc.into(), gate_risk.into(), limit), "{status:?} {risk:?}");
+    }
+    // The directory keeps its own, finer values.
+    let (status, risk): (String, String) =
+        sqlx::query_as("SELECT kyc_status, risk_level FROM directory.users WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&pool)
+            .await
+            .expect("the directory's record");
+    assert_eq!((status.as_str(), risk.as_str()), ("verified", "high"));
+
+    // An unknown user changes neither side.
+    let refused = server.directory.set_kyc(kyc(user_id(99), pb::KycStatus::Verified, pb::RiskLevel::Low)).await;
+    assert_eq!(refused.expect_err("unknown user").code(), Code::NotFound);
+    assert_eq!(count(&pool, "SELECT count(*) FROM ledger.user_compliance").await, 1);
     server.stop().await;
 }

@@ -60,7 +60,7 @@ fn amount(u: &mut Unstructured, asset: Asset) -> Result<Amount> {
 fn operation(u: &mut Unstructured, depth: u8) -> Result<Operation> {
     let user = user_account(u)?;
     let reservation_id = Uuid::from_u128(u.int_in_range(0..=3)?);
-    Ok(match u.int_in_range(0..=13)? {
+    Ok(match u.int_in_range(0..=14)? {
         0 => Operation::OpenAccount {
             account: user,
             config: AccountConfig {
@@ -162,6 +162,11 @@ fn operation(u: &mut Unstructured, depth: u8) -> Result<Operation> {
                 risk: *u.choose(&RiskLevel::ALL)?,
                 max_transaction_minor: u.arbitrary::<Option<u16>>()?.map(i128::from),
             },
+        },
+        14 => Operation::SetKyc {
+            user_id: user.user_id,
+            kyc: *u.choose(&KycStatus::ALL)?,
+            risk: *u.choose(&RiskLevel::ALL)?,
         },
         _ if depth == 0 => {
             let count = u.int_in_range(0..=6)?;

@@ -204,7 +204,7 @@ impl Caller {
                 .transaction_domain(*user_id, *transaction_id)
                 .map_or(Ok(()), |domain| self.require_domain(domain)),
             // A user's KYC record spans every domain: the RPC's scope is the check.
-            Operation::SetCompliance { .. } => Ok(()),
+            Operation::SetCompliance { .. } | Operation::SetKyc { .. } => Ok(()),
             Operation::LinkedBatch { operations } => {
                 operations.iter().try_for_each(|member| self.require_engine_operation(member, domains))
             }

@@ -4,22 +4,39 @@
 //! Each handler runs inside the ledger service's `handle` (correlation id, span, context,
 //! error mapping), converts its request with `directory_convert`, and calls the store with the
 //! request's context so the audit or data-access row says who asked. Each knows its operation
-//! name (the `handle` label) and touches no ledger domain, so the scope check the auth layer
+//! name (the `handle` label) and touches no ledger account, so the scope check the auth layer
 //! adds needs nothing more from here.
+//!
+//! SetKyc also feeds the ledger's compliance gate (see `set_kyc_and_feed_the_gate`): it submits
+//! `Operation::SetKyc` (the gate's record, see `KycUpdate::gate_record`) under a fresh
+//! idempotency key while the directory's change is pending. If that fails the call fails
+//! (UNAVAILABLE when PostgreSQL is away; RESOURCE_EXHAUSTED if the ledger's idempotency store is
+//! full) and the directory is unchanged; calling SetKyc again with the same values is safe. So a
+//! caller with the SetKyc scope changes the gate's KYC status and risk level too (not its
+//! per-transaction limit, which stays with SetUserCompliance).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
 use tonic::{Request as GrpcRequest, Response, Status};
+use tracing::Instrument;
+use uuid::Uuid;
 
 use super::correlation;
 use super::directory_convert as convert;
 use super::gate::Gate;
 use super::pb;
 use super::pb::directory_server::DirectoryServer;
+use super::service::now_ms;
+use super::status::ApiError;
 use crate::directory::encryption::Keyring;
+use crate::directory::model::KycUpdate;
 use crate::directory::store;
+use crate::engine::idempotency::IdempotencyKey;
+use crate::engine::operation::{Operation, Request};
+use crate::engine::record::RequestContext;
+use crate::ledger::Ledger;
 use crate::readside::{maintenance, monitoring};
 
 /// What the read side needs in `serve`: its pool (slow statements logged), the keyring, and how
@@ -31,8 +48,14 @@ pub struct ReadSide {
 }
 
 impl ReadSide {
-    pub fn service(&self, gate: Arc<Gate>) -> DirectoryServer<DirectoryService> {
-        DirectoryServer::new(DirectoryService { pool: self.pool.clone(), keyring: Arc::clone(&self.keyring), gate })
+    /// The service; `ledger` is the one whose compliance gate SetKyc feeds.
+    pub fn service(&self, gate: Arc<Gate>, ledger: Arc<Ledger>) -> DirectoryServer<DirectoryService> {
+        DirectoryServer::new(DirectoryService {
+            pool: self.pool.clone(),
+            keyring: Arc::clone(&self.keyring),
+            ledger,
+            gate,
+        })
     }
 
     /// Starts the periodic view refresh and retention; abort the handle to stop it.
@@ -44,6 +67,7 @@ impl ReadSide {
 pub struct DirectoryService {
     pool: PgPool,
     keyring: Arc<Keyring>,
+    ledger: Arc<Ledger>,
     gate: Arc<Gate>,
 }
 
@@ -56,6 +80,29 @@ fn today() -> chrono::NaiveDate {
 
 fn changed(user_id: uuid::Uuid) -> pb::UserChangeResponse {
     pb::UserChangeResponse { user_id: user_id.to_string() }
+}
+
+/// Writes the KYC change in the directory and, while its row is still locked, feeds the ledger's
+/// compliance gate (durable before this returns); then commits the directory's change. Two
+/// changes of one user thus reach both in the same order. If feeding the gate fails, the
+/// directory's change rolls back; if the directory's commit fails after the gate took the change,
+/// the caller sees the error and a retry with the same values brings both in line.
+async fn set_kyc_and_feed_the_gate(
+    pool: PgPool,
+    keyring: Arc<Keyring>,
+    ledger: Arc<Ledger>,
+    user_id: Uuid,
+    kyc: KycUpdate,
+    context: Option<Box<RequestContext>>,
+) -> Result<(), ApiError> {
+    let pending = store::set_kyc(&pool, &keyring, user_id, &kyc, context.as_deref()).await?;
+    let (kyc, risk) = kyc.gate_record();
+    let key = IdempotencyKey::new(&format!("directory-set-kyc-{}", Uuid::new_v4()))
+        .map_err(|error| ApiError::Internal(error.to_string()))?;
+    let request = Request { key, now_ms: now_ms(), operation: Operation::SetKyc { user_id, kyc, risk } };
+    ledger.submit_correlated(request, context).await?.result?;
+    pending.commit().await?;
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -94,7 +141,19 @@ impl pb::directory_server::Directory for DirectoryService {
         self.gate
             .handle("SetKyc", request, |body| async move {
                 let (user_id, kyc) = convert::set_kyc(&body)?;
-                store::set_kyc(&self.pool, &self.keyring, user_id, &kyc, correlation::current().as_deref()).await?;
+                // Its own task: a caller that disconnects, or a deadline that fires, must not
+                // stop it between the ledger's change and the directory's commit.
+                let change = set_kyc_and_feed_the_gate(
+                    self.pool.clone(),
+                    Arc::clone(&self.keyring),
+                    Arc::clone(&self.ledger),
+                    user_id,
+                    kyc,
+                    correlation::current(),
+                );
+                tokio::spawn(change.instrument(tracing::Span::current()))
+                    .await
+                    .map_err(|error| ApiError::Internal(format!("the KYC change's task failed: {error}")))??;
                 Ok(changed(user_id))
             })
             .await

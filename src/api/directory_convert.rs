@@ -288,7 +288,7 @@ fn wire_chain(chain: Chain) -> pb::WalletChain {
 pub fn register_wallet(request: &pb::RegisterWalletRequest) -> Result<(Uuid, NewWallet), ApiError> {
     let user = user_id(&request.user_id, "user_id")?;
     let chain = chain(request.chain, "chain")?;
-    address::validate_address(chain, &request.address)
+    let address = address::validate_address(chain, &request.address)
         .map_err(|error| ApiError::InvalidWallet { field: "address".to_string(), error })?;
     let public_key = if request.public_key.is_empty() {
         None
@@ -297,8 +297,8 @@ pub fn register_wallet(request: &pb::RegisterWalletRequest) -> Result<(Uuid, New
             .map_err(|error| ApiError::InvalidWallet { field: "public_key".to_string(), error })?;
         Some(request.public_key.clone())
     };
-    debug_assert!(request.address.len() <= MAX_ADDRESS_LEN);
-    Ok((user, NewWallet { chain, address: request.address.clone(), public_key }))
+    debug_assert!(address.len() <= MAX_ADDRESS_LEN);
+    Ok((user, NewWallet { chain, address, public_key }))
 }
 
 fn named<T>(value: &str, field: &str, parse: fn(&str) -> Option<T>, allowed: &str) -> Result<T, InvalidField> {

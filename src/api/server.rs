@@ -138,9 +138,9 @@ pub async fn serve(
     let ledger_service =
         LedgerServer::new(LedgerService::new(Arc::clone(&ledger), Arc::clone(&gate), config.max_batch_operations))
             .max_decoding_message_size(config.max_message_bytes);
-    let directory = read_side
-        .as_ref()
-        .map(|read_side| read_side.service(Arc::clone(&gate)).max_decoding_message_size(config.max_message_bytes));
+    let directory = read_side.as_ref().map(|read_side| {
+        read_side.service(Arc::clone(&gate), Arc::clone(&ledger)).max_decoding_message_size(config.max_message_bytes)
+    });
     let maintenance = read_side.as_ref().map(ReadSide::spawn_maintenance);
     let transactions_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(super::transactions::MAX_POOL_CONNECTIONS)

@@ -391,6 +391,17 @@ pub(crate) fn set_compliance(
     Ok(Receipt::Done)
 }
 
+/// Sets the KYC status and risk level, keeping the per-transaction limit the user's record has.
+pub(crate) fn set_kyc(
+    tx: &mut Tx<'_, '_>,
+    user_id: Uuid,
+    kyc: KycStatus,
+    risk: RiskLevel,
+) -> Result<Receipt, EngineError> {
+    let max_transaction_minor = compliance(tx, user_id).and_then(|record| record.max_transaction_minor);
+    set_compliance(tx, user_id, ComplianceRecord { kyc, risk, max_transaction_minor })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::account::{AccountConfig, AccountRef, Provider, UserAccount};
 use super::idempotency::IdempotencyKey;
 use super::money::Amount;
-use super::transaction::{ComplianceRecord, Fill, NewTransaction, ProviderRef, TxStatus};
+use super::transaction::{ComplianceRecord, Fill, KycStatus, NewTransaction, ProviderRef, RiskLevel, TxStatus};
 
 /// The most operations a linked batch may hold.
 pub const MAX_BATCH_OPERATIONS: usize = 8_192;
@@ -75,6 +75,9 @@ pub enum Operation {
     },
     /// Sets the KYC status and risk level the compliance gate reads for a user.
     SetCompliance { user_id: Uuid, record: ComplianceRecord },
+    /// Sets the KYC status and risk level and keeps the user's per-transaction limit (none for a
+    /// user without a record): what the Directory's KYC updates feed the gate.
+    SetKyc { user_id: Uuid, kyc: KycStatus, risk: RiskLevel },
     /// Applies every operation in order, each seeing the effects of the ones before, or none.
     LinkedBatch { operations: Vec<Operation> },
 }

@@ -35,9 +35,9 @@ pub(crate) fn lock_plan(operation: &Operation, map: ShardMap, out: &mut SmallVec
                 out.push(map.of_user(destination.user_id));
             }
         }
-        Operation::Release { user_id, .. } | Operation::SetCompliance { user_id, .. } => {
-            out.push(map.of_user(*user_id))
-        }
+        Operation::Release { user_id, .. }
+        | Operation::SetCompliance { user_id, .. }
+        | Operation::SetKyc { user_id, .. } => out.push(map.of_user(*user_id)),
         Operation::InitiateTransaction { transaction } => {
             out.push(map.of_user(transaction.user_id));
             if let AccountRef::User(payee) = transaction.payee {
@@ -286,6 +286,7 @@ pub(crate) fn run(tx: &mut Tx<'_, '_>, operation: &Operation) -> Result<Receipt,
             lifecycle::transition(tx, *user_id, *transaction_id, *payee_user_id, change)
         }
         Operation::SetCompliance { user_id, record } => lifecycle::set_compliance(tx, *user_id, *record),
+        Operation::SetKyc { user_id, kyc, risk } => lifecycle::set_kyc(tx, *user_id, *kyc, *risk),
         Operation::LinkedBatch { operations } => {
             if operations.is_empty() || operations.len() > MAX_BATCH_OPERATIONS {
                 return Err(EngineError::BatchSize { max: MAX_BATCH_OPERATIONS });

@@ -229,7 +229,8 @@ impl RiskLevel {
     }
 }
 
-/// What the ledger knows of a user's compliance, set by an RPC until a user service feeds it.
+/// What the ledger knows of a user's compliance: set whole by `SetCompliance`, its KYC status
+/// and risk level by the Directory's KYC updates (`SetKyc`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ComplianceRecord {
     pub kyc: KycStatus,
