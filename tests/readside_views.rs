@@ -49,7 +49,7 @@ async fn views_agree_with_the_base_tables_after_refresh(pool: PgPool) {
 
     let mut conn = pool.acquire().await.expect("connection");
     // Materialized at migration time, over an empty ledger: stale until refreshed.
-    assert_eq!(count(&pool, "SELECT count(*) FROM ledger.transaction_summary").await, 0);
+    assert_eq!(count(&pool, "SELECT count(*) FROM ledger.operation_summary").await, 0);
     assert_eq!(count(&pool, "SELECT count(*) FROM ledger.user_balance_summary").await, 0);
     views::refresh(&mut conn).await.expect("refresh");
 
@@ -77,9 +77,9 @@ async fn views_agree_with_the_base_tables_after_refresh(pool: PgPool) {
     .expect("alice's USD");
     assert_eq!((accounts, total), (2, Decimal::new(12_750, 2)), "150.50 - 20 - 10 in banking, 7 in investing");
 
-    // transaction_summary, for alice's banking USD account, by operation and outcome.
+    // operation_summary, for alice's banking USD account, by operation and outcome.
     let rows: Vec<(String, String, i64, Decimal, Decimal)> = sqlx::query_as(
-        "SELECT operation, outcome, operations, amount_minor, fees_minor FROM ledger.transaction_summary
+        "SELECT operation, outcome, operations, amount_minor, fees_minor FROM ledger.operation_summary
          WHERE user_id = $1::uuid AND domain = 'banking' AND asset = 'USD' ORDER BY operation, outcome",
     )
     .bind(&alice.user_id)
@@ -96,11 +96,11 @@ async fn views_agree_with_the_base_tables_after_refresh(pool: PgPool) {
     assert_eq!(rows, expected);
     assert!(commission_minor > Decimal::ZERO);
     // Every request in the journal is counted once.
-    let counted = count(&pool, "SELECT sum(operations)::int8 FROM ledger.transaction_summary").await;
+    let counted = count(&pool, "SELECT sum(operations)::int8 FROM ledger.operation_summary").await;
     let requests = count(&pool, "SELECT count(*) FROM ledger.journal WHERE kind = 'request'").await;
     assert_eq!(counted, requests);
 
     // Refreshing again with nothing new changes nothing.
     views::refresh(&mut conn).await.expect("refresh again");
-    assert_eq!(count(&pool, "SELECT sum(operations)::int8 FROM ledger.transaction_summary").await, requests);
+    assert_eq!(count(&pool, "SELECT sum(operations)::int8 FROM ledger.operation_summary").await, requests);
 }

@@ -2,7 +2,7 @@
 //! periodic maintenance (view refresh, audit retention) that `serve` runs, and database
 //! statistics for the admin RPC.
 //!
-//! - [`views`]: refreshing `ledger.user_balance_summary` and `ledger.transaction_summary`.
+//! - [`views`]: refreshing the summary materialized views (balances, operations, transactions).
 //! - [`maintenance`]: the background task and its configuration.
 //! - [`monitoring`]: pool, connection, table and index usage.
 //! - [`pool`]: the read side's connection pool, with slow-statement logging.
