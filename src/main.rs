@@ -158,15 +158,21 @@ struct KeyArgs {
     /// The key version new values are sealed under.
     #[arg(long, env = "DIBOAS_ENCRYPTION_ACTIVE_KEY", default_value_t = 1)]
     encryption_active_key: i32,
-    /// The blind-index (HMAC-SHA256) key for email lookups, base64 of 32 bytes.
+    /// Blind-index (HMAC-SHA256) keys for email lookups as `version:base64-of-32-bytes`, comma
+    /// separated; a single key without a version is version 1.
     #[arg(long, env = "DIBOAS_BLIND_INDEX_KEY", hide_env_values = true)]
     blind_index_key: Option<String>,
+    /// The blind-index key version new email indexes are made under.
+    #[arg(long, env = "DIBOAS_BLIND_INDEX_ACTIVE_KEY", default_value_t = 1)]
+    blind_index_active_key: i32,
 }
 
 impl KeyArgs {
     fn keyring(&self) -> Result<Keyring, CommandError> {
         match (&self.encryption_keys, &self.blind_index_key) {
-            (Some(keys), Some(index_key)) => Ok(Keyring::parse(keys, self.encryption_active_key, index_key)?),
+            (Some(keys), Some(index_keys)) => {
+                Ok(Keyring::parse(keys, self.encryption_active_key, index_keys, self.blind_index_active_key)?)
+            }
             (None, None) => {
                 tracing::warn!(
                     "NO ENCRYPTION KEYS CONFIGURED: personal data is sealed with the public DEVELOPMENT key; \
@@ -418,7 +424,13 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
             let keyring = args.keys.keyring()?;
             let pool = readside::pool::connect(&options, 1, u64::MAX);
             let rotated = rotation::rotate_all(&pool, &keyring, args.batch_size).await?;
-            println!("re-sealed {rotated} values under key version {}", keyring.active_version());
+            println!(
+                "re-sealed {} values under key version {}; re-indexed {} emails under blind-index key version {}",
+                rotated.values,
+                keyring.active_version(),
+                rotated.email_indexes,
+                keyring.index_active_version()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Retention => {

@@ -144,3 +144,59 @@ async fn partition_maintenance_gives_way_to_a_long_reader_and_succeeds_later(poo
     assert!(diboas_ledger::store::maintain_partitions(&mut writer, 3).await.unwrap());
     assert!(!exists(pool.clone()).await, "the old day was dropped");
 }
+
+/// The writer updates balances by primary-key probes, not by reading the whole table: a batch's
+/// cost must grow with the batch, not with the number of accounts. Three thousand accounts get a
+/// deposit each, in batches of many records; afterwards PostgreSQL's own counters must show
+/// about the start-up load's full reads of `ledger.balances`, not one per batch.
+#[sqlx::test]
+async fn the_writer_updates_balances_by_index_not_by_reading_the_whole_table(pool: PgPool) {
+    use diboas_ledger::engine::account::Domain;
+    use diboas_ledger::engine::asset::Asset;
+    use futures_util::future::join_all;
+
+    const ACCOUNTS: u128 = 3_000;
+    let options = prepared(&pool).await;
+    let mut config = config(options);
+    // Batches of a size where PostgreSQL's cost model prefers a full scan plus a hash join.
+    config.journal.max_batch_records = 100;
+    let ledger = diboas_ledger::ledger::Ledger::open(config).await.unwrap();
+    let now = now_ms();
+    let opens = (0..ACCOUNTS)
+        .map(|n| ledger.submit(request(&format!("open-{n}"), now, open(account(n, Domain::Banking, Asset::USD)))));
+    for outcome in join_all(opens).await {
+        outcome.unwrap().result.unwrap();
+    }
+    let deposits = (0..ACCOUNTS).map(|n| {
+        ledger.submit(request(&format!("deposit-{n}"), now, deposit(account(n, Domain::Banking, Asset::USD), 100)))
+    });
+    for outcome in join_all(deposits).await {
+        outcome.unwrap().result.unwrap();
+    }
+    let batches: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT created_at) FROM ledger.journal").fetch_one(&pool).await.unwrap();
+    ledger.shutdown().await.unwrap();
+
+    // A backend reports its table counters when it exits; wait for the writer's to arrive.
+    let mut counters = (0_i64, 0_i64);
+    for _ in 0..100 {
+        sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&pool).await.unwrap();
+        counters = sqlx::query_as(
+            "SELECT n_tup_upd, seq_tup_read FROM pg_stat_user_tables WHERE relid = 'ledger.balances'::regclass",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if counters.0 >= ACCOUNTS as i64 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (updated, read_by_scans) = counters;
+    assert!(updated >= ACCOUNTS as i64, "the deposits' updates never showed in the counters: {counters:?}");
+    assert!(batches > 3, "the deposits shared too few batches ({batches}) to tell scans apart");
+    assert!(
+        read_by_scans < 3 * ACCOUNTS as i64,
+        "{read_by_scans} balance rows read by full scans for {batches} batches: the writer scans the table"
+    );
+}

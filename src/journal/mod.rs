@@ -118,6 +118,17 @@ impl JournalError {
     }
 }
 
+/// The writer's session settings. Every statement of a batch joins a few bound arrays to a table
+/// by its primary key. With hash or merge joins allowed, PostgreSQL's cost model prefers reading
+/// the whole table (then hashing or sorting it) once the arrays hold a few dozen rows and the
+/// table a few thousand (measured: every batch scanned all of `ledger.balances`), so a batch's
+/// cost grew with the number of accounts rather than with its own size. Without them each row is
+/// one index probe.
+/// docs/BENCHMARKS.md, "Index probes instead of table scans", has the figures.
+fn writer_session(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([("enable_hashjoin", "off"), ("enable_mergejoin", "off")])
+}
+
 /// The running writer thread.
 pub struct Writer {
     thread: JoinHandle<()>,
@@ -145,6 +156,7 @@ impl Writer {
                 }
             };
             runtime.block_on(async move {
+                let options = writer_session(options);
                 let connect = PgConnection::connect_with(&options);
                 let conn = match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect).await {
                     Ok(Ok(conn)) => conn,
