@@ -81,7 +81,7 @@ async fn rotation_keeps_old_rows_readable_then_reseals_them(pool: PgPool) {
     store::register_user(&pool, &both, &new_user(100), None).await.expect("register under v2");
     assert_eq!(versions(&pool).await, [(1, 76), (2, 3)]);
 
-    let first = rotation::rotate_batch(&pool, &both, 10).await.expect("one batch");
+    let first = rotation::rotate_batch(&pool, &both, &mut rotation::ValueCursor::start(), 10).await.expect("one batch");
     assert_eq!(first, 10);
     assert_eq!(versions(&pool).await, [(1, 66), (2, 13)]);
     let rest = rotation::rotate_all(&pool, &both, 10).await.expect("the rest");
@@ -100,6 +100,52 @@ async fn rotation_keeps_old_rows_readable_then_reseals_them(pool: PgPool) {
     assert!(documents.personal.contains(&(PersonalField::KycDocuments, "doc-1\ndoc-2".to_string())));
     // Nothing is left to rotate.
     assert_eq!(rotation::rotate_all(&pool, &new_only, 10).await.expect("idempotent"), rotation::Rotated::default());
+}
+
+/// A pass reads the table once, after its cursor: a batch never re-reads what an earlier batch
+/// of the pass passed over. A row another transaction held locked is skipped by its pass and
+/// taken by a later pass of `rotate_all`.
+#[sqlx::test]
+async fn a_rotation_pass_moves_forward_and_a_later_pass_takes_rows_that_were_locked(pool: PgPool) {
+    let old = keyring(&[(1, 1)], 1);
+    for n in 0..6 {
+        store::register_user(&pool, &old, &new_user(n), None).await.expect("register");
+    }
+    let [(1, values)] = versions(&pool).await[..] else { panic!("all under version 1") };
+    let locked: i64 = sqlx::query_scalar("SELECT count(*) FROM directory.personal_data WHERE user_id = $1")
+        .bind(user_id(1))
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    let both = keyring(&[(1, 1), (2, 2)], 2);
+
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM directory.personal_data WHERE user_id = $1 FOR UPDATE")
+        .bind(user_id(1))
+        .execute(&mut *holder)
+        .await
+        .expect("hold user 1's rows");
+    let mut cursor = rotation::ValueCursor::start();
+    let mut pass = 0;
+    loop {
+        let rotated = rotation::rotate_batch(&pool, &both, &mut cursor, 4).await.expect("a batch");
+        if rotated == 0 {
+            break;
+        }
+        assert!(rotated <= 4);
+        pass += rotated as i64;
+    }
+    assert_eq!(pass, values - locked, "the pass skipped exactly the locked rows");
+    assert_eq!(versions(&pool).await, [(1, locked), (2, values - locked)]);
+    holder.rollback().await.expect("release user 1");
+    // The pass is over: its cursor is past user 1, so it does not go back for the freed rows.
+    assert_eq!(rotation::rotate_batch(&pool, &both, &mut cursor, 4).await.expect("a batch"), 0);
+    assert_eq!(versions(&pool).await, [(1, locked), (2, values - locked)]);
+
+    // A whole rotation starts a new pass and takes them.
+    let rest = rotation::rotate_all(&pool, &both, 4).await.expect("the rest");
+    assert_eq!(rest.values, locked as u64);
+    assert_eq!(versions(&pool).await, [(2, values)]);
 }
 
 #[sqlx::test]
@@ -163,7 +209,7 @@ async fn blind_index_rotation_keeps_every_email_findable_and_registered_once(poo
     assert!(matches!(refused, Err(DirectoryError::EmailAlreadyRegistered)), "{refused:?}");
     assert_eq!(index_versions(&pool).await, [(1, 5), (2, 1)]);
 
-    let first = rotation::reindex_batch(&pool, &both, 2).await.expect("one batch");
+    let first = rotation::reindex_batch(&pool, &both, &mut rotation::UserCursor::nil(), 2).await.expect("one batch");
     assert_eq!(first, 2);
     assert_eq!(index_versions(&pool).await, [(1, 3), (2, 3)]);
     let rest = rotation::rotate_all(&pool, &both, 2).await.expect("the rest");

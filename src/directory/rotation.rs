@@ -7,6 +7,13 @@
 //! The email blind index rotates the same way: rows indexed under an older blind-index key get
 //! their email opened and indexed under the active one. Lookups try every configured index key
 //! meanwhile (`Keyring::email_indexes`), so no email goes unfound during the rotation.
+//!
+//! A rotation walks each table in key order, one pass at a time: every batch starts after the
+//! last row of the one before (a keyset cursor), so a pass reads each row once however large the
+//! table. Restarting each batch from the table's start would re-read every row already done,
+//! quadratic in the table's size. Rows another transaction held locked are skipped by a pass;
+//! the next pass, from the start again, takes them, and the rotation ends after a pass that
+//! found nothing to do.
 
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -21,22 +28,49 @@ type SealedRow = (Uuid, String, i32, Vec<u8>, Vec<u8>);
 /// The most values one rotation batch re-seals.
 pub const MAX_ROTATION_BATCH: i64 = 10_000;
 
-/// Re-seals up to `batch_size` values not under the active key; returns how many.
-pub async fn rotate_batch(pool: &PgPool, keyring: &Keyring, batch_size: i64) -> Result<u64, DirectoryError> {
+/// How far a pass over `directory.personal_data` has got: the last (user, field) it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueCursor {
+    user_id: Uuid,
+    field: String,
+}
+
+impl ValueCursor {
+    /// Before every row: the nil user with an empty field name sorts first (no field is empty).
+    pub fn start() -> ValueCursor {
+        ValueCursor { user_id: Uuid::nil(), field: String::new() }
+    }
+}
+
+/// How far a pass over `directory.users` has got: the last user it took (nil before the first).
+pub type UserCursor = Uuid;
+
+/// Re-seals up to `batch_size` values after `cursor` not under the active key, moves the cursor
+/// to the last one, and returns how many. 0 ends the pass.
+pub async fn rotate_batch(
+    pool: &PgPool,
+    keyring: &Keyring,
+    cursor: &mut ValueCursor,
+    batch_size: i64,
+) -> Result<u64, DirectoryError> {
     let batch_size = batch_size.clamp(1, MAX_ROTATION_BATCH);
     let active = keyring.active_version();
     let mut tx = pool.begin().await?;
     let rows: Vec<SealedRow> = sqlx::query_as(
         "SELECT user_id, field, key_version, nonce, ciphertext FROM directory.personal_data
-         WHERE key_version <> $1 ORDER BY user_id, field LIMIT $2 FOR UPDATE SKIP LOCKED",
+         WHERE (user_id, field) > ($3, $4) AND key_version <> $1
+         ORDER BY user_id, field LIMIT $2 FOR UPDATE SKIP LOCKED",
     )
     .bind(active)
     .bind(batch_size)
+    .bind(cursor.user_id)
+    .bind(&cursor.field)
     .fetch_all(&mut *tx)
     .await?;
-    if rows.is_empty() {
+    let Some((last_user, last_field, ..)) = rows.last() else {
         return Ok(0);
-    }
+    };
+    *cursor = ValueCursor { user_id: *last_user, field: last_field.clone() };
     let count = rows.len();
     let (mut users, mut fields, mut versions, mut nonces, mut ciphertexts) = (
         Vec::with_capacity(count),
@@ -70,24 +104,32 @@ pub async fn rotate_batch(pool: &PgPool, keyring: &Keyring, batch_size: i64) -> 
     Ok(updated.rows_affected())
 }
 
-/// Re-indexes up to `batch_size` emails not under the active blind-index key; returns how many.
-pub async fn reindex_batch(pool: &PgPool, keyring: &Keyring, batch_size: i64) -> Result<u64, DirectoryError> {
+/// Re-indexes up to `batch_size` emails of users after `cursor` not under the active blind-index
+/// key, moves the cursor to the last one, and returns how many. 0 ends the pass.
+pub async fn reindex_batch(
+    pool: &PgPool,
+    keyring: &Keyring,
+    cursor: &mut UserCursor,
+    batch_size: i64,
+) -> Result<u64, DirectoryError> {
     let batch_size = batch_size.clamp(1, MAX_ROTATION_BATCH);
     let mut tx = pool.begin().await?;
     let rows: Vec<(Uuid, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
         "SELECT u.user_id, p.key_version, p.nonce, p.ciphertext
          FROM directory.users u JOIN directory.personal_data p ON p.user_id = u.user_id AND p.field = $3
-         WHERE u.email_index IS NOT NULL AND u.email_index_version <> $1
+         WHERE u.user_id > $4 AND u.email_index IS NOT NULL AND u.email_index_version <> $1
          ORDER BY u.user_id LIMIT $2 FOR UPDATE OF u SKIP LOCKED",
     )
     .bind(keyring.index_active_version())
     .bind(batch_size)
     .bind(PersonalField::Email.name())
+    .bind(*cursor)
     .fetch_all(&mut *tx)
     .await?;
-    if rows.is_empty() {
+    let Some((last_user, ..)) = rows.last() else {
         return Ok(0);
-    }
+    };
+    *cursor = *last_user;
     let (mut users, mut indexes) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
     for (user_id, key_version, nonce, ciphertext) in rows {
         let email = keyring.open(user_id, PersonalField::Email.name(), &Sealed { key_version, nonce, ciphertext })?;
@@ -117,24 +159,45 @@ pub struct Rotated {
     pub email_indexes: u64,
 }
 
-/// Rotates batch after batch until no value is left under an older data key and no email under
-/// an older blind-index key.
+/// Rotates pass after pass until a pass finds no value left under an older data key, then the
+/// same for emails under an older blind-index key. Rows that stay locked by other transactions
+/// through a whole pass are left for the next run (the command reports what it did).
 pub async fn rotate_all(pool: &PgPool, keyring: &Keyring, batch_size: i64) -> Result<Rotated, DirectoryError> {
     let mut total = Rotated::default();
     loop {
-        let rotated = rotate_batch(pool, keyring, batch_size).await?;
-        if rotated == 0 {
+        let mut cursor = ValueCursor::start();
+        let mut pass = 0;
+        loop {
+            let rotated = rotate_batch(pool, keyring, &mut cursor, batch_size).await?;
+            if rotated == 0 {
+                break;
+            }
+            pass += rotated;
+            total.values += rotated;
+            tracing::info!(rotated, total = total.values, "re-sealed personal data under the active key");
+        }
+        if pass == 0 {
             break;
         }
-        total.values += rotated;
-        tracing::info!(rotated, total = total.values, "re-sealed personal data under the active key");
     }
     loop {
-        let reindexed = reindex_batch(pool, keyring, batch_size).await?;
-        if reindexed == 0 {
+        let mut cursor = UserCursor::nil();
+        let mut pass = 0;
+        loop {
+            let reindexed = reindex_batch(pool, keyring, &mut cursor, batch_size).await?;
+            if reindexed == 0 {
+                break;
+            }
+            pass += reindexed;
+            total.email_indexes += reindexed;
+            tracing::info!(
+                reindexed,
+                total = total.email_indexes,
+                "re-indexed emails under the active blind-index key"
+            );
+        }
+        if pass == 0 {
             return Ok(total);
         }
-        total.email_indexes += reindexed;
-        tracing::info!(reindexed, total = total.email_indexes, "re-indexed emails under the active blind-index key");
     }
 }
