@@ -319,6 +319,16 @@ async fn send_money_with_fees_reserves_then_posts_fees_and_pays_the_recipient(po
     assert_eq!(second_page.transactions.len(), 1);
     assert_ne!(second_page.transactions[0].transaction_id, first.transactions[0].transaction_id);
     assert!(second_page.next_page_token.is_empty());
+    // A time window: both were created after 1 ms past the epoch, neither before it.
+    let window =
+        |from_ms: i64, to_ms: i64| pb::ListTransactionsRequest { from_ms, to_ms, ..list("", 0, String::new()) };
+    let after_epoch = client.list_transactions(window(1, 0)).await.unwrap().into_inner();
+    assert_eq!(after_epoch.transactions.len(), 2);
+    let before_epoch = client.list_transactions(window(0, 1)).await.unwrap().into_inner();
+    assert!(before_epoch.transactions.is_empty());
+    let failed_only = client.list_transactions(pb::ListTransactionsRequest { status: "failed".into(), ..window(1, 0) });
+    let failed_only = failed_only.await.unwrap().into_inner();
+    assert_eq!(failed_only.transactions.iter().map(|t| t.transaction_id.clone()).collect::<Vec<_>>(), [tx_id(2)]);
     server.stop().await;
     assert_conserved_and_verified(&options, &pool).await;
 }
