@@ -10,9 +10,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use diboas_ledger::directory::encryption::{CryptoError, Keyring};
 use diboas_ledger::directory::model::{
-    ExperienceLevel, KycStatus, KycUpdate, Mascot, NewUser, PersonalField, Preferences, RiskLevel,
+    ExperienceLevel, KycStatus, KycUpdate, Mascot, NewUser, NewWallet, PersonalField, Preferences, RiskLevel,
 };
 use diboas_ledger::directory::{DirectoryError, rotation, store};
+use diboas_ledger::engine::asset::Chain;
 use readside_common::*;
 use sqlx::PgPool;
 
@@ -148,6 +149,68 @@ async fn a_rotation_pass_moves_forward_and_a_later_pass_takes_rows_that_were_loc
     assert_eq!(versions(&pool).await, [(2, values)]);
 }
 
+/// Addresses stored before canonical forms existed: the migration lower-cases segwit and Sui,
+/// and an Ethereum address stored in lower case blocks its EIP-55 spelling for anyone else.
+#[sqlx::test(migrations = false)]
+async fn wallet_addresses_stored_before_canonical_forms_stay_unique(pool: PgPool) {
+    const BEFORE_CASE_MIGRATION: i64 = 20261125000013;
+    diboas_ledger::store::MIGRATOR.run_to(BEFORE_CASE_MIGRATION, &pool).await.expect("migrate to the old layout");
+    let old = keyring(&[(1, 1)], 1);
+    for n in 0..3 {
+        store::register_user(&pool, &old, &new_user(n), None).await.expect("register");
+    }
+    let legacy = [
+        (0, "bitcoin", "BC1QW508D6QEJXTDG4Y5R3ZARVARY0C5XW7KV8F3T4"),
+        (0, "sui", "0xABCDEF0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789"),
+        (0, "ethereum", "0x5aaeb6053f3e94c9b9a09f33669435e7ef1beaed"),
+        (1, "bitcoin", "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2"),
+    ];
+    for (n, chain, address) in legacy {
+        sqlx::query("INSERT INTO directory.wallets (user_id, chain, address) VALUES ($1, $2, $3)")
+            .bind(user_id(n))
+            .bind(chain)
+            .bind(address)
+            .execute(&pool)
+            .await
+            .expect("a wallet as stored before canonical forms");
+    }
+    diboas_ledger::store::MIGRATOR.run(&pool).await.expect("migrate to the current layout");
+
+    let stored: Vec<(String, String)> =
+        sqlx::query_as("SELECT chain, address FROM directory.wallets WHERE user_id = $1 ORDER BY chain")
+            .bind(user_id(0))
+            .fetch_all(&pool)
+            .await
+            .expect("wallets");
+    assert_eq!(
+        stored,
+        [
+            ("bitcoin".to_owned(), "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4".to_owned()),
+            ("ethereum".to_owned(), "0x5aaeb6053f3e94c9b9a09f33669435e7ef1beaed".to_owned()),
+            ("sui".to_owned(), "0xabcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789".to_owned()),
+        ]
+    );
+    let base58: String = sqlx::query_scalar("SELECT address FROM directory.wallets WHERE user_id = $1")
+        .bind(user_id(1))
+        .fetch_one(&pool)
+        .await
+        .expect("the base58 wallet");
+    assert_eq!(base58, "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2", "base58 is case-sensitive and kept as stored");
+
+    // The canonical spellings of the same addresses, for another user, are refused.
+    for (chain, address) in [
+        (Chain::Ethereum, "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"),
+        (Chain::Bitcoin, "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4"),
+    ] {
+        let wallet = NewWallet { chain, address: address.to_owned(), public_key: None };
+        let refused = store::register_wallet(&pool, user_id(2), &wallet, None).await;
+        assert!(matches!(refused, Err(DirectoryError::WalletAlreadyRegistered { .. })), "{chain:?}: {refused:?}");
+    }
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM directory.wallets").fetch_one(&pool).await.expect("count");
+    assert_eq!(count, 4);
+}
+
 #[sqlx::test]
 async fn a_missing_key_or_a_moved_ciphertext_does_not_open(pool: PgPool) {
     let first = keyring(&[(1, 1)], 1);
@@ -193,6 +256,9 @@ async fn blind_index_rotation_keeps_every_email_findable_and_registered_once(poo
     for n in 0..5 {
         store::register_user(&pool, &old, &new_user(n), None).await.expect("register");
     }
+    // The nil UUID is a valid user id, and sorts before every other: a cursor must not skip it.
+    let nil_user = NewUser { user_id: uuid::Uuid::nil(), email: "nil@example.org".into(), ..new_user(60) };
+    store::register_user(&pool, &old, &nil_user, None).await.expect("register the nil user");
     // Index key 2 becomes active; key 1 stays configured while the rotation runs.
     let both = index_keyring(&[(1, 0x11), (2, 0x22)], 2);
     assert_eq!(find(&pool, &both, "USER3@example.org").await, Some(user_id(3)), "found under the old key");
@@ -207,20 +273,21 @@ async fn blind_index_rotation_keeps_every_email_findable_and_registered_once(poo
     taken.email = "user100@example.org".into();
     let refused = store::register_user(&pool, &lagging, &taken, None).await;
     assert!(matches!(refused, Err(DirectoryError::EmailAlreadyRegistered)), "{refused:?}");
-    assert_eq!(index_versions(&pool).await, [(1, 5), (2, 1)]);
+    assert_eq!(index_versions(&pool).await, [(1, 6), (2, 1)]);
 
-    let first = rotation::reindex_batch(&pool, &both, &mut rotation::UserCursor::nil(), 2).await.expect("one batch");
+    let first = rotation::reindex_batch(&pool, &both, &mut None, 2).await.expect("one batch");
     assert_eq!(first, 2);
-    assert_eq!(index_versions(&pool).await, [(1, 3), (2, 3)]);
+    assert_eq!(index_versions(&pool).await, [(1, 4), (2, 3)]);
     let rest = rotation::rotate_all(&pool, &both, 2).await.expect("the rest");
-    assert_eq!(rest, rotation::Rotated { values: 0, email_indexes: 3 });
-    assert_eq!(index_versions(&pool).await, [(2, 6)]);
+    assert_eq!(rest, rotation::Rotated { values: 0, email_indexes: 4 });
+    assert_eq!(index_versions(&pool).await, [(2, 7)]);
 
     // Key 1 can go: every email is found under key 2 alone, and no longer under key 1 alone.
     let new_only = index_keyring(&[(2, 0x22)], 2);
     for n in (0..5).chain([100]) {
         assert_eq!(find(&pool, &new_only, &format!("user{n}@example.org")).await, Some(user_id(n)));
     }
+    assert_eq!(find(&pool, &new_only, "nil@example.org").await, Some(uuid::Uuid::nil()));
     assert_eq!(find(&pool, &old, "user3@example.org").await, None);
     let mut taken = new_user(52);
     taken.email = "user4@example.org".into();

@@ -42,8 +42,9 @@ impl ValueCursor {
     }
 }
 
-/// How far a pass over `directory.users` has got: the last user it took (nil before the first).
-pub type UserCursor = Uuid;
+/// How far a pass over `directory.users` has got: the last user it took, `None` before the
+/// first. (Not the nil UUID: it is a valid user id, and `> nil` would skip that user.)
+pub type UserCursor = Option<Uuid>;
 
 /// Re-seals up to `batch_size` values after `cursor` not under the active key, moves the cursor
 /// to the last one, and returns how many. 0 ends the pass.
@@ -117,7 +118,7 @@ pub async fn reindex_batch(
     let rows: Vec<(Uuid, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
         "SELECT u.user_id, p.key_version, p.nonce, p.ciphertext
          FROM directory.users u JOIN directory.personal_data p ON p.user_id = u.user_id AND p.field = $3
-         WHERE u.user_id > $4 AND u.email_index IS NOT NULL AND u.email_index_version <> $1
+         WHERE ($4::uuid IS NULL OR u.user_id > $4) AND u.email_index IS NOT NULL AND u.email_index_version <> $1
          ORDER BY u.user_id LIMIT $2 FOR UPDATE OF u SKIP LOCKED",
     )
     .bind(keyring.index_active_version())
@@ -129,7 +130,7 @@ pub async fn reindex_batch(
     let Some((last_user, ..)) = rows.last() else {
         return Ok(0);
     };
-    *cursor = *last_user;
+    *cursor = Some(*last_user);
     let (mut users, mut indexes) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
     for (user_id, key_version, nonce, ciphertext) in rows {
         let email = keyring.open(user_id, PersonalField::Email.name(), &Sealed { key_version, nonce, ciphertext })?;
@@ -181,7 +182,7 @@ pub async fn rotate_all(pool: &PgPool, keyring: &Keyring, batch_size: i64) -> Re
         }
     }
     loop {
-        let mut cursor = UserCursor::nil();
+        let mut cursor: UserCursor = None;
         let mut pass = 0;
         loop {
             let reindexed = reindex_batch(pool, keyring, &mut cursor, batch_size).await?;
