@@ -164,38 +164,36 @@ pub struct Rotated {
 /// same for emails under an older blind-index key. Rows that stay locked by other transactions
 /// through a whole pass are left for the next run (the command reports what it did).
 pub async fn rotate_all(pool: &PgPool, keyring: &Keyring, batch_size: i64) -> Result<Rotated, DirectoryError> {
-    let mut total = Rotated::default();
+    let values = in_passes(ValueCursor::start(), "re-sealed personal data under the active key", async |cursor| {
+        rotate_batch(pool, keyring, cursor, batch_size).await
+    })
+    .await?;
+    let email_indexes = in_passes(None, "re-indexed emails under the active blind-index key", async |cursor| {
+        reindex_batch(pool, keyring, cursor, batch_size).await
+    })
+    .await?;
+    Ok(Rotated { values, email_indexes })
+}
+
+/// Runs `batch` from `start` until it returns 0 (one pass), and passes again until a pass did
+/// nothing; returns the rows done in all.
+async fn in_passes<C: Clone>(
+    start: C,
+    what: &'static str,
+    mut batch: impl AsyncFnMut(&mut C) -> Result<u64, DirectoryError>,
+) -> Result<u64, DirectoryError> {
+    let mut total = 0;
     loop {
-        let mut cursor = ValueCursor::start();
+        let mut cursor = start.clone();
         let mut pass = 0;
         loop {
-            let rotated = rotate_batch(pool, keyring, &mut cursor, batch_size).await?;
-            if rotated == 0 {
+            let done = batch(&mut cursor).await?;
+            if done == 0 {
                 break;
             }
-            pass += rotated;
-            total.values += rotated;
-            tracing::info!(rotated, total = total.values, "re-sealed personal data under the active key");
-        }
-        if pass == 0 {
-            break;
-        }
-    }
-    loop {
-        let mut cursor: UserCursor = None;
-        let mut pass = 0;
-        loop {
-            let reindexed = reindex_batch(pool, keyring, &mut cursor, batch_size).await?;
-            if reindexed == 0 {
-                break;
-            }
-            pass += reindexed;
-            total.email_indexes += reindexed;
-            tracing::info!(
-                reindexed,
-                total = total.email_indexes,
-                "re-indexed emails under the active blind-index key"
-            );
+            pass += done;
+            total += done;
+            tracing::info!(done, total, "{what}");
         }
         if pass == 0 {
             return Ok(total);
