@@ -115,16 +115,19 @@ pub async fn reindex_batch(
 ) -> Result<u64, DirectoryError> {
     let batch_size = batch_size.clamp(1, MAX_ROTATION_BATCH);
     let mut tx = pool.begin().await?;
-    let rows: Vec<(Uuid, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+    // Two statements rather than `($4 IS NULL OR u.user_id > $4)`: a generic plan of that could
+    // not start its index scan at the cursor, and every batch would re-read the pass so far.
+    let after = if cursor.is_some() { "u.user_id > $4" } else { "u.user_id >= $4" };
+    let rows: Vec<(Uuid, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT u.user_id, p.key_version, p.nonce, p.ciphertext
          FROM directory.users u JOIN directory.personal_data p ON p.user_id = u.user_id AND p.field = $3
-         WHERE ($4::uuid IS NULL OR u.user_id > $4) AND u.email_index IS NOT NULL AND u.email_index_version <> $1
-         ORDER BY u.user_id LIMIT $2 FOR UPDATE OF u SKIP LOCKED",
-    )
+         WHERE {after} AND u.email_index IS NOT NULL AND u.email_index_version <> $1
+         ORDER BY u.user_id LIMIT $2 FOR UPDATE OF u SKIP LOCKED"
+    )))
     .bind(keyring.index_active_version())
     .bind(batch_size)
     .bind(PersonalField::Email.name())
-    .bind(*cursor)
+    .bind(cursor.unwrap_or(Uuid::nil()))
     .fetch_all(&mut *tx)
     .await?;
     let Some((last_user, ..)) = rows.last() else {
