@@ -38,6 +38,11 @@ use diboas_ledger::store;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use thiserror::Error;
+
+/// mimalloc instead of glibc's malloc: under load the server spent about a fifth of its CPU in
+/// glibc's allocator (free-list consolidation across threads); see docs/BENCHMARKS.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
