@@ -312,3 +312,57 @@ async fn a_key_reused_after_retention(pool: PgPool, copy_min_bytes: usize) {
     assert_eq!(ledger.balance(&AccountRef::User(alice)).await.unwrap().available_minor, 12);
     ledger.shutdown().await.unwrap();
 }
+
+/// A second writer on the same database moved the checkpoint: the next batch of this writer is
+/// refused as an inconsistency (not an outage) and leaves no row behind, whether it is written
+/// as the single `ledger.write_batch` call or COPY first in an explicit transaction.
+#[sqlx::test]
+async fn a_batch_that_does_not_follow_the_checkpoint_is_refused_whole(pool: PgPool) {
+    use diboas_ledger::engine::{Engine, EngineConfig};
+    use diboas_ledger::journal::JournalError;
+    use diboas_ledger::journal::batch::{Batch, write_batch};
+
+    prepared(&pool).await;
+    let (sender, receiver) = crossbeam_channel::unbounded();
+    let engine = Engine::new(EngineConfig::default(), sender);
+    let at_ms = now_ms();
+    let alice = account(1, Domain::Banking, Asset::USD);
+    for (index, operation) in [open(alice), deposit(alice, 100), deposit(alice, 200)].into_iter().enumerate() {
+        assert!(engine.execute(request(&format!("op-{index}"), at_ms, operation)).result.is_ok());
+    }
+    let records: Vec<_> = receiver.try_iter().collect();
+    let batch_of = |range: std::ops::Range<usize>| {
+        let mut batch = Batch::default();
+        for record in &records[range] {
+            batch.push(record.clone()).unwrap();
+        }
+        batch
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    write_batch(&mut conn, &batch_of(0..1), 0, usize::MAX).await.unwrap();
+    // The other writer: it appended sequence 2 elsewhere and moved the checkpoint past it.
+    sqlx::query("UPDATE ledger.checkpoint SET committed_sequence = 2").execute(&mut *conn).await.unwrap();
+
+    for copy_min_bytes in [usize::MAX, 0] {
+        let refused = write_batch(&mut conn, &batch_of(1..3), 1, copy_min_bytes).await;
+        match refused {
+            Err(JournalError::Inconsistent(reason)) => assert!(reason.contains("checkpoint"), "{reason}"),
+            other => panic!("copy_min_bytes {copy_min_bytes}: expected an inconsistency, got {other:?}"),
+        }
+        let (journal_rows, keys, events, available): (i64, i64, i64, rust_decimal::Decimal) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM ledger.journal), (SELECT count(*) FROM ledger.idempotency_keys),
+                    (SELECT count(*) FROM ledger.outbox_events),
+                    (SELECT available FROM ledger.balances WHERE user_id = $1)",
+        )
+        .bind(alice.user_id)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!((journal_rows, keys, available), (1, 1, rust_decimal::Decimal::ZERO));
+        let (events_of_first,): (i64,) = sqlx::query_as("SELECT count(*) FROM ledger.outbox_events WHERE sequence = 1")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(events, events_of_first, "events of the refused batch were left behind");
+    }
+}

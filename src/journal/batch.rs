@@ -1,14 +1,15 @@
-//! One journal batch: the records the writer drained, and the single PostgreSQL transaction that
-//! makes them durable together with the projection changes they imply.
+//! One journal batch: the records the writer drained, and how they become durable together with
+//! the projection changes they imply, in one PostgreSQL transaction.
 //!
 //! Projections are written as deltas coalesced per account (an account touched by a thousand
-//! postings in a batch gets one UPDATE row), using UNNEST over bound arrays: a handful of
-//! statements per batch whatever its size. In large batches the plain appends (journal rows,
-//! idempotency keys) use binary COPY instead, which costs PostgreSQL less per row. Reservation
-//! closes are applied in SQL, since only the reservation row knows the amount that goes back to
-//! available. Every UPDATE checks it touched exactly the rows it expected, and the checkpoint
-//! moves only from the sequence this writer expects, so a projection or writer mismatch aborts
-//! the batch instead of committing it.
+//! postings in a batch gets one UPDATE row) and passed as arrays to one call of the SQL function
+//! `ledger.write_batch` (migration 15), which writes everything with UNNEST: one statement and
+//! one round trip per batch whatever its size. In large batches the plain appends (journal rows,
+//! idempotency keys, outbox events) go first with binary COPY instead, which costs PostgreSQL
+//! less per row. Reservation closes are applied in SQL, since only the reservation row knows the
+//! amount that goes back to available. Every UPDATE checks it touched exactly the rows it
+//! expected, and the checkpoint moves only from the sequence this writer expects, so a
+//! projection or writer mismatch aborts the batch instead of committing it.
 
 use std::collections::BTreeMap;
 
@@ -24,6 +25,7 @@ use crate::engine::effect::{Effect, Slot};
 use crate::engine::limits::OutflowUsage;
 use crate::engine::record::{JournalRecord, Origin};
 use crate::engine::reservation::{Reservation, ReservationStatus};
+use crate::outbox::write::EventRows;
 use crate::store::codec;
 
 /// Records drained from the channel, each already encoded as the JSON the journal stores.
@@ -174,9 +176,36 @@ fn expect_rows(what: &str, affected: u64, expected: usize) -> Result<(), Journal
     }
 }
 
-/// Commits `batch` in one transaction: the journal rows, the projections, and the checkpoint
-/// moving from `committed_sequence` to the batch's last sequence. A batch of at
-/// least `copy_min_bytes` appends its journal rows and keys with binary COPY.
+/// The call of `ledger.write_batch` (migration 15) with its arguments bound so far.
+pub(crate) type WriteBatchCall<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// The one statement of a batch. The arguments are bound in this order by [`write_batch`].
+const WRITE_BATCH: &str = "SELECT ledger.write_batch(
+    from_sequence => $1, to_sequence => $2,
+    j_sequence => $3, j_at_ms => $4, j_kind => $5, j_key => $6, j_record => $7,
+    ao_user => $8, ao_domain => $9, ao_asset => $10, ao_overdraft => $11, ao_limit_per_transaction => $12,
+    ao_limit_daily => $13, ao_limit_monthly => $14, ao_frozen => $15, ao_zero => $16, ao_sequence => $17,
+    au_user => $18, au_domain => $19, au_asset => $20, au_frozen => $21, au_usage_day => $22,
+    au_usage_day_used => $23, au_usage_month => $24, au_usage_month_used => $25, au_sequence => $26,
+    ro_user => $27, ro_id => $28, ro_domain => $29, ro_asset => $30, ro_amount => $31, ro_created_at_ms => $32,
+    ro_expires_at_ms => $33, ro_sequence => $34,
+    bd_user => $35, bd_domain => $36, bd_asset => $37, bd_available => $38, bd_reserved => $39, bd_sequence => $40,
+    rc_user => $41, rc_id => $42, rc_status => $43, rc_closed_at_ms => $44, rc_sequence => $45,
+    sd_kind => $46, sd_asset => $47, sd_delta => $48, sd_sequence => $49,
+    k_key => $50, k_sequence => $51, k_recorded_at_ms => $52,
+    e_id => $53, e_sequence => $54, e_ordinal => $55, e_aggregate_type => $56, e_aggregate_id => $57,
+    e_event_type => $58, e_version => $59, e_payload => $60, e_metadata => $61)";
+
+/// The SQLSTATE `ledger.write_batch` raises when the batch does not fit the database.
+const INCONSISTENT_SQLSTATE: &str = "DL001";
+
+/// Commits `batch` together with the projections and the checkpoint moving from
+/// `committed_sequence` to the batch's last sequence.
+///
+/// Usually that is one `ledger.write_batch` call on its own, which is one round trip and its own
+/// transaction. A batch of at least `copy_min_bytes` first appends its journal rows, keys and
+/// events with binary COPY, and a batch that touches transactions first writes their
+/// projections (`super::transactions`); both then run in an explicit transaction with the call.
 pub async fn write_batch(
     conn: &mut PgConnection,
     batch: &Batch,
@@ -191,43 +220,42 @@ pub async fn write_batch(
         )));
     }
     let changes = Changes::of(&batch.records);
-    let mut tx = conn.begin().await?;
+    let transaction_changes = super::transactions::Changes::of(&batch.records)?;
+    let events = EventRows::of(&batch.records)?;
     // Binary COPY needs two writes in a row (data, then end of data); sqlx 0.9.0 does not set
     // TCP_NODELAY, so for a small batch the second write waits out the server's delayed ACK
-    // (about 40 ms). Small batches therefore use UNNEST, which is one write per statement.
+    // (about 40 ms). Small batches therefore pass their appends as arrays to the one call.
     let use_copy = batch.bytes() >= copy_min_bytes;
+    let call = sqlx::query(WRITE_BATCH).bind(seq(committed_sequence)?).bind(seq(last)?);
+    let call = if use_copy { bind_journal(call, &Batch::default())? } else { bind_journal(call, batch)? };
+    let call = changes.bind(call)?;
+    let call =
+        if use_copy { bind_idempotency_keys(call, &Batch::default())? } else { bind_idempotency_keys(call, batch)? };
+    if !use_copy && transaction_changes.is_empty() {
+        let call = events.bind(call);
+        return call.execute(&mut *conn).await.map(drop).map_err(inconsistent_or_database);
+    }
+    let mut tx = conn.begin().await?;
     if use_copy {
         copy_journal(&mut tx, batch).await?;
-    } else {
-        insert_journal(&mut tx, batch).await?;
-    }
-    insert_accounts(&mut tx, &changes).await?;
-    update_accounts(&mut tx, &changes).await?;
-    insert_reservations(&mut tx, &changes).await?;
-    apply_balance_deltas(&mut tx, &changes).await?;
-    close_reservations(&mut tx, &changes).await?;
-    apply_system_deltas(&mut tx, &changes).await?;
-    super::transactions::write(&mut tx, &batch.records).await?;
-    if use_copy {
         copy_idempotency_keys(&mut tx, batch).await?;
-    } else {
-        insert_idempotency_keys(&mut tx, batch).await?;
+        events.copy(&mut tx).await?;
     }
-    crate::outbox::write::append_events(&mut tx, &batch.records, use_copy).await?;
-    let moved = sqlx::query(
-        "UPDATE ledger.checkpoint SET committed_sequence = $2, committed_at = now() WHERE committed_sequence = $1",
-    )
-    .bind(seq(committed_sequence)?)
-    .bind(seq(last)?)
-    .execute(&mut *tx)
-    .await?;
-    if moved.rows_affected() != 1 {
-        return Err(JournalError::Inconsistent(format!(
-            "the checkpoint is no longer at {committed_sequence}: another writer appended to this database"
-        )));
-    }
+    super::transactions::write(&mut tx, &transaction_changes).await?;
+    let events = if use_copy { EventRows::default() } else { events };
+    events.bind(call).execute(&mut *tx).await.map_err(inconsistent_or_database)?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Reports `ledger.write_batch`'s own consistency checks as [`JournalError::Inconsistent`].
+fn inconsistent_or_database(error: sqlx::Error) -> JournalError {
+    match &error {
+        sqlx::Error::Database(database) if database.code().as_deref() == Some(INCONSISTENT_SQLSTATE) => {
+            JournalError::Inconsistent(database.message().to_owned())
+        }
+        _ => JournalError::Database(error),
+    }
 }
 
 async fn copy_journal(tx: &mut PgConnection, batch: &Batch) -> Result<(), JournalError> {
@@ -257,7 +285,7 @@ async fn copy_journal(tx: &mut PgConnection, batch: &Batch) -> Result<(), Journa
     expect_rows("journal rows", copied, batch.len())
 }
 
-async fn insert_journal(tx: &mut PgConnection, batch: &Batch) -> Result<(), JournalError> {
+fn bind_journal<'q>(call: WriteBatchCall<'q>, batch: &Batch) -> Result<WriteBatchCall<'q>, JournalError> {
     let mut sequences = Vec::with_capacity(batch.len());
     let mut at_ms = Vec::with_capacity(batch.len());
     let mut kinds = Vec::with_capacity(batch.len());
@@ -276,285 +304,185 @@ async fn insert_journal(tx: &mut PgConnection, batch: &Batch) -> Result<(), Jour
             }
         }
     }
-    sqlx::query(
-        "INSERT INTO ledger.journal (sequence, at_ms, kind, idempotency_key, record)
-         SELECT s, a, k, i, r::json FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[])
-             AS t(s, a, k, i, r)",
-    )
-    .bind(sequences)
-    .bind(at_ms)
-    .bind(kinds)
-    .bind(keys)
-    .bind(&batch.encoded)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+    Ok(call.bind(sequences).bind(at_ms).bind(kinds).bind(keys).bind(&batch.encoded))
 }
 
-async fn insert_accounts(tx: &mut PgConnection, changes: &Changes) -> Result<(), JournalError> {
-    if changes.opened.is_empty() {
-        return Ok(());
+impl Changes {
+    /// Binds the projection arguments of `ledger.write_batch` (`ao_*` to `sd_*`), in its
+    /// parameter order. A group with nothing to write is bound as empty arrays.
+    fn bind<'q>(&self, call: WriteBatchCall<'q>) -> Result<WriteBatchCall<'q>, JournalError> {
+        let call = self.bind_opened(call)?;
+        let call = self.bind_account_updates(call)?;
+        let call = self.bind_reservations_opened(call)?;
+        let call = self.bind_balance_deltas(call)?;
+        let call = self.bind_reservations_closed(call)?;
+        self.bind_system_deltas(call)
     }
-    let count = changes.opened.len();
-    let (mut users, mut domains, mut assets, mut zeros, mut overdrafts) = (
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-    );
-    let (mut per_transaction, mut daily, mut monthly, mut frozen, mut sequences) = (
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-    );
-    for (account, config, sequence) in &changes.opened {
-        let asset = account.asset;
-        let optional = |limit: Option<i128>| limit.map(|minor| decimal(minor, asset)).transpose();
-        users.push(account.user_id);
-        domains.push(account.domain.name());
-        assets.push(asset.symbol());
-        zeros.push(decimal(0, asset)?);
-        overdrafts.push(decimal(config.overdraft_minor, asset)?);
-        per_transaction.push(optional(config.limits.per_transaction_minor)?);
-        daily.push(optional(config.limits.daily_minor)?);
-        monthly.push(optional(config.limits.monthly_minor)?);
-        frozen.push(config.frozen);
-        sequences.push(seq(*sequence)?);
-    }
-    sqlx::query(
-        "INSERT INTO ledger.accounts (user_id, domain, asset, overdraft, limit_per_transaction, limit_daily,
-             limit_monthly, frozen, usage_day, usage_day_used, usage_month, usage_month_used, opened_sequence,
-             updated_sequence)
-         SELECT u, d, a, o, lp, ld, lm, f, 0, z, 0, z, s, s
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::numeric[], $5::numeric[], $6::numeric[],
-             $7::numeric[], $8::bool[], $9::numeric[], $10::int8[]) AS t(u, d, a, o, lp, ld, lm, f, z, s)",
-    )
-    .bind(&users)
-    .bind(&domains)
-    .bind(&assets)
-    .bind(overdrafts)
-    .bind(per_transaction)
-    .bind(daily)
-    .bind(monthly)
-    .bind(frozen)
-    .bind(&zeros)
-    .bind(&sequences)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO ledger.balances (user_id, domain, asset, available, reserved, last_sequence)
-         SELECT u, d, a, z, z, s FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::numeric[], $5::int8[])
-             AS t(u, d, a, z, s)",
-    )
-    .bind(&users)
-    .bind(&domains)
-    .bind(&assets)
-    .bind(&zeros)
-    .bind(&sequences)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
 
-async fn update_accounts(tx: &mut PgConnection, changes: &Changes) -> Result<(), JournalError> {
-    if changes.account_updates.is_empty() {
-        return Ok(());
+    fn bind_opened<'q>(&self, call: WriteBatchCall<'q>) -> Result<WriteBatchCall<'q>, JournalError> {
+        let count = self.opened.len();
+        let (mut users, mut domains, mut assets, mut overdrafts, mut per_transaction) = (
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+        );
+        let (mut daily, mut monthly, mut frozen, mut zeros, mut sequences) = (
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+        );
+        for (account, config, sequence) in &self.opened {
+            let asset = account.asset;
+            let optional = |limit: Option<i128>| limit.map(|minor| decimal(minor, asset)).transpose();
+            users.push(account.user_id);
+            domains.push(account.domain.name());
+            assets.push(asset.symbol());
+            overdrafts.push(decimal(config.overdraft_minor, asset)?);
+            per_transaction.push(optional(config.limits.per_transaction_minor)?);
+            daily.push(optional(config.limits.daily_minor)?);
+            monthly.push(optional(config.limits.monthly_minor)?);
+            frozen.push(config.frozen);
+            zeros.push(decimal(0, asset)?);
+            sequences.push(seq(*sequence)?);
+        }
+        Ok(call
+            .bind(users)
+            .bind(domains)
+            .bind(assets)
+            .bind(overdrafts)
+            .bind(per_transaction)
+            .bind(daily)
+            .bind(monthly)
+            .bind(frozen)
+            .bind(zeros)
+            .bind(sequences))
     }
-    let count = changes.account_updates.len();
-    let (mut users, mut domains, mut assets, mut frozen, mut sequences) = (
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-    );
-    let (mut days, mut day_used, mut months, mut month_used) =
-        (Vec::with_capacity(count), Vec::with_capacity(count), Vec::with_capacity(count), Vec::with_capacity(count));
-    for (account, update) in &changes.account_updates {
-        users.push(account.user_id);
-        domains.push(account.domain.name());
-        assets.push(account.asset.symbol());
-        frozen.push(update.frozen);
-        days.push(update.usage.map(|usage| usage.day));
-        day_used.push(update.usage.map(|usage| decimal(usage.day_used_minor, account.asset)).transpose()?);
-        months.push(update.usage.map(|usage| usage.month));
-        month_used.push(update.usage.map(|usage| decimal(usage.month_used_minor, account.asset)).transpose()?);
-        sequences.push(seq(update.sequence)?);
-    }
-    let updated = sqlx::query(
-        "UPDATE ledger.accounts AS acc SET frozen = COALESCE(t.f, acc.frozen),
-             usage_day = COALESCE(t.ud, acc.usage_day), usage_day_used = COALESCE(t.udu, acc.usage_day_used),
-             usage_month = COALESCE(t.um, acc.usage_month), usage_month_used = COALESCE(t.umu, acc.usage_month_used),
-             updated_sequence = t.s
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::int8[], $6::numeric[], $7::int8[],
-             $8::numeric[], $9::int8[]) AS t(u, d, a, f, ud, udu, um, umu, s)
-         WHERE acc.user_id = t.u AND acc.domain = t.d AND acc.asset = t.a",
-    )
-    .bind(users)
-    .bind(domains)
-    .bind(assets)
-    .bind(frozen)
-    .bind(days)
-    .bind(day_used)
-    .bind(months)
-    .bind(month_used)
-    .bind(sequences)
-    .execute(&mut *tx)
-    .await?;
-    expect_rows("account settings", updated.rows_affected(), count)
-}
 
-async fn insert_reservations(tx: &mut PgConnection, changes: &Changes) -> Result<(), JournalError> {
-    if changes.reservations_opened.is_empty() {
-        return Ok(());
+    fn bind_account_updates<'q>(&self, call: WriteBatchCall<'q>) -> Result<WriteBatchCall<'q>, JournalError> {
+        let count = self.account_updates.len();
+        let (mut users, mut domains, mut assets, mut frozen, mut sequences) = (
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+        );
+        let (mut days, mut day_used, mut months, mut month_used) = (
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+        );
+        for (account, update) in &self.account_updates {
+            users.push(account.user_id);
+            domains.push(account.domain.name());
+            assets.push(account.asset.symbol());
+            frozen.push(update.frozen);
+            days.push(update.usage.map(|usage| usage.day));
+            day_used.push(update.usage.map(|usage| decimal(usage.day_used_minor, account.asset)).transpose()?);
+            months.push(update.usage.map(|usage| usage.month));
+            month_used.push(update.usage.map(|usage| decimal(usage.month_used_minor, account.asset)).transpose()?);
+            sequences.push(seq(update.sequence)?);
+        }
+        Ok(call
+            .bind(users)
+            .bind(domains)
+            .bind(assets)
+            .bind(frozen)
+            .bind(days)
+            .bind(day_used)
+            .bind(months)
+            .bind(month_used)
+            .bind(sequences))
     }
-    let count = changes.reservations_opened.len();
-    let (mut users, mut ids, mut domains, mut assets, mut amounts) = (
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-        Vec::with_capacity(count),
-    );
-    let (mut created, mut expires, mut sequences) =
-        (Vec::with_capacity(count), Vec::with_capacity(count), Vec::with_capacity(count));
-    for (reservation, sequence) in &changes.reservations_opened {
-        users.push(reservation.account.user_id);
-        ids.push(reservation.id);
-        domains.push(reservation.account.domain.name());
-        assets.push(reservation.account.asset.symbol());
-        amounts.push(decimal(reservation.amount_minor, reservation.account.asset)?);
-        created.push(reservation.created_at_ms);
-        expires.push(reservation.expires_at_ms);
-        sequences.push(seq(*sequence)?);
-    }
-    sqlx::query(
-        "INSERT INTO ledger.reservations (user_id, reservation_id, domain, asset, amount, created_at_ms,
-             expires_at_ms, status, opened_sequence)
-         SELECT u, r, d, a, m, c, e, 'active', s FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[],
-             $5::numeric[], $6::int8[], $7::int8[], $8::int8[]) AS t(u, r, d, a, m, c, e, s)",
-    )
-    .bind(users)
-    .bind(ids)
-    .bind(domains)
-    .bind(assets)
-    .bind(amounts)
-    .bind(created)
-    .bind(expires)
-    .bind(sequences)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
 
-async fn apply_balance_deltas(tx: &mut PgConnection, changes: &Changes) -> Result<(), JournalError> {
-    if changes.balance_deltas.is_empty() {
-        return Ok(());
+    fn bind_reservations_opened<'q>(&self, call: WriteBatchCall<'q>) -> Result<WriteBatchCall<'q>, JournalError> {
+        let count = self.reservations_opened.len();
+        let (mut users, mut ids, mut domains, mut assets) = (
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+        );
+        let (mut amounts, mut created, mut expires, mut sequences) = (
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+        );
+        for (reservation, sequence) in &self.reservations_opened {
+            users.push(reservation.account.user_id);
+            ids.push(reservation.id);
+            domains.push(reservation.account.domain.name());
+            assets.push(reservation.account.asset.symbol());
+            amounts.push(decimal(reservation.amount_minor, reservation.account.asset)?);
+            created.push(reservation.created_at_ms);
+            expires.push(reservation.expires_at_ms);
+            sequences.push(seq(*sequence)?);
+        }
+        Ok(call
+            .bind(users)
+            .bind(ids)
+            .bind(domains)
+            .bind(assets)
+            .bind(amounts)
+            .bind(created)
+            .bind(expires)
+            .bind(sequences))
     }
-    let count = changes.balance_deltas.len();
-    let (mut users, mut domains, mut assets) =
-        (Vec::with_capacity(count), Vec::with_capacity(count), Vec::with_capacity(count));
-    let (mut available, mut reserved, mut sequences) =
-        (Vec::with_capacity(count), Vec::with_capacity(count), Vec::with_capacity(count));
-    for (account, delta) in &changes.balance_deltas {
-        users.push(account.user_id);
-        domains.push(account.domain.name());
-        assets.push(account.asset.symbol());
-        available.push(decimal(delta.available_minor, account.asset)?);
-        reserved.push(decimal(delta.reserved_minor, account.asset)?);
-        sequences.push(seq(delta.sequence)?);
-    }
-    let updated = sqlx::query(
-        "UPDATE ledger.balances AS b SET available = b.available + t.da, reserved = b.reserved + t.dr, last_sequence = t.s
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::numeric[], $5::numeric[], $6::int8[])
-             AS t(u, d, a, da, dr, s)
-         WHERE b.user_id = t.u AND b.domain = t.d AND b.asset = t.a",
-    )
-    .bind(users)
-    .bind(domains)
-    .bind(assets)
-    .bind(available)
-    .bind(reserved)
-    .bind(sequences)
-    .execute(&mut *tx)
-    .await?;
-    expect_rows("balances", updated.rows_affected(), count)
-}
 
-/// Closes reservations and moves their amounts from reserved back to available, per account.
-/// Runs after the deltas so a reservation opened and closed in the same batch never makes
-/// `reserved` negative, even for a moment.
-async fn close_reservations(tx: &mut PgConnection, changes: &Changes) -> Result<(), JournalError> {
-    if changes.reservations_closed.is_empty() {
-        return Ok(());
+    fn bind_balance_deltas<'q>(&self, call: WriteBatchCall<'q>) -> Result<WriteBatchCall<'q>, JournalError> {
+        let count = self.balance_deltas.len();
+        let (mut users, mut domains, mut assets) =
+            (Vec::with_capacity(count), Vec::with_capacity(count), Vec::with_capacity(count));
+        let (mut available, mut reserved, mut sequences) =
+            (Vec::with_capacity(count), Vec::with_capacity(count), Vec::with_capacity(count));
+        for (account, delta) in &self.balance_deltas {
+            users.push(account.user_id);
+            domains.push(account.domain.name());
+            assets.push(account.asset.symbol());
+            available.push(decimal(delta.available_minor, account.asset)?);
+            reserved.push(decimal(delta.reserved_minor, account.asset)?);
+            sequences.push(seq(delta.sequence)?);
+        }
+        Ok(call.bind(users).bind(domains).bind(assets).bind(available).bind(reserved).bind(sequences))
     }
-    let count = changes.reservations_closed.len();
-    let (mut users, mut ids, mut statuses) =
-        (Vec::with_capacity(count), Vec::with_capacity(count), Vec::with_capacity(count));
-    let (mut closed_at, mut sequences) = (Vec::with_capacity(count), Vec::with_capacity(count));
-    for (user_id, reservation_id, status, closed_at_ms, sequence) in &changes.reservations_closed {
-        users.push(*user_id);
-        ids.push(*reservation_id);
-        statuses.push(codec::status_name(*status));
-        closed_at.push(*closed_at_ms);
-        sequences.push(seq(*sequence)?);
-    }
-    let (shifted,): (i64,) = sqlx::query_as(
-        "WITH closed AS (
-             UPDATE ledger.reservations AS res SET status = t.st, closed_at_ms = t.c, closed_sequence = t.s
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::int8[]) AS t(u, r, st, c, s)
-             WHERE res.user_id = t.u AND res.reservation_id = t.r AND res.status = 'active'
-             RETURNING res.user_id, res.domain, res.asset, res.amount, t.s
-         ), per_account AS (
-             SELECT user_id, domain, asset, sum(amount) AS amount, max(s) AS s, count(*) AS n
-             FROM closed GROUP BY user_id, domain, asset
-         ), shifted AS (
-             UPDATE ledger.balances AS b SET available = b.available + p.amount, reserved = b.reserved - p.amount,
-                 last_sequence = GREATEST(b.last_sequence, p.s)
-             FROM per_account p WHERE b.user_id = p.user_id AND b.domain = p.domain AND b.asset = p.asset
-             RETURNING p.n
-         )
-         SELECT COALESCE(sum(n), 0)::int8 FROM shifted",
-    )
-    .bind(users)
-    .bind(ids)
-    .bind(statuses)
-    .bind(closed_at)
-    .bind(sequences)
-    .fetch_one(&mut *tx)
-    .await?;
-    expect_rows("reservation closes", shifted.max(0) as u64, count)
-}
 
-async fn apply_system_deltas(tx: &mut PgConnection, changes: &Changes) -> Result<(), JournalError> {
-    if changes.system_deltas.is_empty() {
-        return Ok(());
+    fn bind_reservations_closed<'q>(&self, call: WriteBatchCall<'q>) -> Result<WriteBatchCall<'q>, JournalError> {
+        let count = self.reservations_closed.len();
+        let (mut users, mut ids, mut statuses) =
+            (Vec::with_capacity(count), Vec::with_capacity(count), Vec::with_capacity(count));
+        let (mut closed_at, mut sequences) = (Vec::with_capacity(count), Vec::with_capacity(count));
+        for (user_id, reservation_id, status, closed_at_ms, sequence) in &self.reservations_closed {
+            users.push(*user_id);
+            ids.push(*reservation_id);
+            statuses.push(codec::status_name(*status));
+            closed_at.push(*closed_at_ms);
+            sequences.push(seq(*sequence)?);
+        }
+        Ok(call.bind(users).bind(ids).bind(statuses).bind(closed_at).bind(sequences))
     }
-    let count = changes.system_deltas.len();
-    let (mut kinds, mut assets, mut deltas, mut sequences) =
-        (Vec::with_capacity(count), Vec::with_capacity(count), Vec::with_capacity(count), Vec::with_capacity(count));
-    for (account, (delta_minor, sequence)) in &changes.system_deltas {
-        kinds.push(codec::system_kind_name(account.kind));
-        assets.push(account.asset.symbol());
-        deltas.push(decimal(*delta_minor, account.asset)?);
-        sequences.push(seq(*sequence)?);
+
+    fn bind_system_deltas<'q>(&self, call: WriteBatchCall<'q>) -> Result<WriteBatchCall<'q>, JournalError> {
+        let count = self.system_deltas.len();
+        let (mut kinds, mut assets, mut deltas, mut sequences) = (
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+        );
+        for (account, (delta_minor, sequence)) in &self.system_deltas {
+            kinds.push(codec::system_kind_name(account.kind));
+            assets.push(account.asset.symbol());
+            deltas.push(decimal(*delta_minor, account.asset)?);
+            sequences.push(seq(*sequence)?);
+        }
+        Ok(call.bind(kinds).bind(assets).bind(deltas).bind(sequences))
     }
-    sqlx::query(
-        "INSERT INTO ledger.system_balances (kind, asset, balance, last_sequence)
-         SELECT k, a, d, s FROM UNNEST($1::text[], $2::text[], $3::numeric[], $4::int8[]) AS t(k, a, d, s)
-         ON CONFLICT (kind, asset) DO UPDATE
-             SET balance = ledger.system_balances.balance + EXCLUDED.balance, last_sequence = EXCLUDED.last_sequence",
-    )
-    .bind(kinds)
-    .bind(assets)
-    .bind(deltas)
-    .bind(sequences)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
 }
 
 async fn copy_idempotency_keys(tx: &mut PgConnection, batch: &Batch) -> Result<(), JournalError> {
@@ -578,7 +506,7 @@ async fn copy_idempotency_keys(tx: &mut PgConnection, batch: &Batch) -> Result<(
     expect_rows("idempotency keys", copied, count)
 }
 
-async fn insert_idempotency_keys(tx: &mut PgConnection, batch: &Batch) -> Result<(), JournalError> {
+fn bind_idempotency_keys<'q>(call: WriteBatchCall<'q>, batch: &Batch) -> Result<WriteBatchCall<'q>, JournalError> {
     let (mut keys, mut sequences, mut recorded) = (Vec::new(), Vec::new(), Vec::new());
     for record in &batch.records {
         if let Origin::Request { key, .. } = &record.origin {
@@ -587,17 +515,5 @@ async fn insert_idempotency_keys(tx: &mut PgConnection, batch: &Batch) -> Result
             recorded.push(record.at_ms);
         }
     }
-    if keys.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO ledger.idempotency_keys (key, sequence, recorded_at_ms)
-         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[])",
-    )
-    .bind(keys)
-    .bind(sequences)
-    .bind(recorded)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+    Ok(call.bind(keys).bind(sequences).bind(recorded))
 }

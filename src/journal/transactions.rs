@@ -29,8 +29,9 @@ struct StatusUpdate<'r> {
     sequence: i64,
 }
 
+/// The transaction projection changes of a batch.
 #[derive(Default)]
-struct Changes<'r> {
+pub(super) struct Changes<'r> {
     created: Vec<(&'r Transaction, i64)>,
     updates: BTreeMap<Uuid, StatusUpdate<'r>>,
     history: Vec<(&'r StatusChange, i64)>,
@@ -38,7 +39,7 @@ struct Changes<'r> {
 }
 
 impl<'r> Changes<'r> {
-    fn of(records: &'r [JournalRecord]) -> Result<Changes<'r>, JournalError> {
+    pub(super) fn of(records: &'r [JournalRecord]) -> Result<Changes<'r>, JournalError> {
         let mut changes = Changes::default();
         for record in records {
             let sequence = codec::to_bigint(record.sequence)?;
@@ -68,6 +69,11 @@ impl<'r> Changes<'r> {
             }
         }
         Ok(changes)
+    }
+
+    /// Whether the batch touches no transaction (most ledger operations do not).
+    pub(super) fn is_empty(&self) -> bool {
+        self.created.is_empty() && self.updates.is_empty() && self.history.is_empty() && self.compliance.is_empty()
     }
 }
 
@@ -99,13 +105,12 @@ fn mismatch(what: &str, affected: u64, expected: usize) -> Result<(), JournalErr
     }
 }
 
-/// Writes the transaction projections of `records` (one batch) inside `tx`.
-pub async fn write(tx: &mut PgConnection, records: &[JournalRecord]) -> Result<(), JournalError> {
-    let changes = Changes::of(records)?;
-    insert_created(tx, &changes).await?;
-    update_statuses(tx, &changes).await?;
-    insert_history(tx, &changes).await?;
-    upsert_compliance(tx, &changes).await?;
+/// Writes the transaction projections of one batch inside `tx`.
+pub(super) async fn write(tx: &mut PgConnection, changes: &Changes<'_>) -> Result<(), JournalError> {
+    insert_created(tx, changes).await?;
+    update_statuses(tx, changes).await?;
+    insert_history(tx, changes).await?;
+    upsert_compliance(tx, changes).await?;
     Ok(())
 }
 

@@ -1,11 +1,11 @@
-//! Writes a journal batch's outbox events inside the batch's own transaction (called once from
+//! The outbox events of a journal batch, written inside the batch's own transaction (by
 //! `journal::batch::write_batch`), so the events commit, or roll back, with their changes.
 //!
 //! Events are derived with the pure [`events_of`]; rows go to `ledger.outbox_events` in journal
 //! order (sequence, then ordinal), so the identity `position` follows it: with binary COPY when
-//! the batch is large (the journal's own threshold), else with one INSERT ... SELECT FROM UNNEST
-//! over bound arrays, ordered by the array index. The rows are never updated afterwards: the
-//! relay keeps its progress elsewhere (see `relay`).
+//! the batch is large (the journal's own threshold), else as arrays bound to the batch's one
+//! `ledger.write_batch` call, which inserts them ordered by array index. The rows are never
+//! updated afterwards: the relay keeps its progress elsewhere (see `relay`).
 
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -13,12 +13,13 @@ use uuid::Uuid;
 use super::event::{PAYLOAD_VERSION, events_of};
 use crate::engine::record::JournalRecord;
 use crate::journal::JournalError;
+use crate::journal::batch::WriteBatchCall;
 use crate::journal::copy_rows::CopyRows;
 use crate::store::codec;
 
 /// The events of a batch, as columns.
 #[derive(Default)]
-struct EventRows {
+pub(crate) struct EventRows {
     event_ids: Vec<Uuid>,
     sequences: Vec<i64>,
     ordinals: Vec<i32>,
@@ -32,7 +33,7 @@ struct EventRows {
 }
 
 impl EventRows {
-    fn of(records: &[JournalRecord]) -> Result<EventRows, JournalError> {
+    pub(crate) fn of(records: &[JournalRecord]) -> Result<EventRows, JournalError> {
         let mut rows = EventRows::default();
         for record in records {
             let events = events_of(record);
@@ -59,25 +60,39 @@ impl EventRows {
     fn len(&self) -> usize {
         self.event_ids.len()
     }
-}
 
-/// Appends the events of `records` (in order) to `ledger.outbox_events` on `tx`, with COPY when
-/// `use_copy`, returning how many.
-pub async fn append_events(
-    tx: &mut PgConnection,
-    records: &[JournalRecord],
-    use_copy: bool,
-) -> Result<usize, JournalError> {
-    let rows = EventRows::of(records)?;
-    let count = rows.len();
-    if count == 0 {
-        return Ok(0);
+    fn is_empty(&self) -> bool {
+        self.event_ids.is_empty()
     }
-    let written = if use_copy { copy_events(tx, &rows).await? } else { insert_events(tx, rows).await? };
-    if written as usize != count {
-        return Err(JournalError::Inconsistent(format!("outbox: {written} rows written where {count} were expected")));
+
+    /// Binds the rows as the `e_*` arguments of `ledger.write_batch`, in its parameter order.
+    pub(crate) fn bind(self, call: WriteBatchCall<'_>) -> WriteBatchCall<'_> {
+        let metadata: Vec<&str> = self.metadata_of.iter().map(|index| self.metadata[*index].as_str()).collect();
+        call.bind(self.event_ids)
+            .bind(self.sequences)
+            .bind(self.ordinals)
+            .bind(self.aggregate_types)
+            .bind(self.aggregate_ids)
+            .bind(self.event_types)
+            .bind(PAYLOAD_VERSION)
+            .bind(self.payloads)
+            .bind(metadata)
     }
-    Ok(count)
+
+    /// Appends the rows to `ledger.outbox_events` with binary COPY on `tx`.
+    pub(crate) async fn copy(&self, tx: &mut PgConnection) -> Result<(), JournalError> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let written = copy_events(tx, self).await?;
+        if written as usize != self.len() {
+            return Err(JournalError::Inconsistent(format!(
+                "outbox: {written} rows written where {} were expected",
+                self.len()
+            )));
+        }
+        Ok(())
+    }
 }
 
 async fn copy_events(tx: &mut PgConnection, rows: &EventRows) -> Result<u64, JournalError> {
@@ -101,28 +116,4 @@ async fn copy_events(tx: &mut PgConnection, rows: &EventRows) -> Result<u64, Jou
              payload, metadata) FROM STDIN WITH (FORMAT binary)",
     )
     .await
-}
-
-async fn insert_events(tx: &mut PgConnection, rows: EventRows) -> Result<u64, JournalError> {
-    let metadata: Vec<&str> = rows.metadata_of.iter().map(|index| rows.metadata[*index].as_str()).collect();
-    let inserted = sqlx::query(
-        "INSERT INTO ledger.outbox_events (event_id, sequence, ordinal, aggregate_type, aggregate_id, event_type,
-             version, payload, metadata)
-         SELECT e, s, o, at, ai, et, $9, p::json, m::json
-         FROM UNNEST($1::uuid[], $2::int8[], $3::int4[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])
-             WITH ORDINALITY AS t(e, s, o, at, ai, et, p, m, n)
-         ORDER BY n",
-    )
-    .bind(&rows.event_ids)
-    .bind(&rows.sequences)
-    .bind(&rows.ordinals)
-    .bind(&rows.aggregate_types)
-    .bind(&rows.aggregate_ids)
-    .bind(&rows.event_types)
-    .bind(&rows.payloads)
-    .bind(metadata)
-    .bind(PAYLOAD_VERSION)
-    .execute(&mut *tx)
-    .await?;
-    Ok(inserted.rows_affected())
 }
