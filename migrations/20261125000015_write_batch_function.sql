@@ -4,7 +4,8 @@
 -- projections, keys, outbox events, checkpoint, COMMIT), each a round trip between the writer
 -- and its backend. Under unary load most batches hold a few records, and on a busy 2-core
 -- machine each round trip also waits for both processes to be scheduled, so half of a batch's
--- time went to round trips (docs/BENCHMARKS.md, "One round trip per journal batch"). Called as
+-- time went to round trips (docs/BENCHMARKS.md, "mimalloc, and one round trip per journal
+-- batch"). Called as
 -- one statement outside an explicit transaction, this function is one round trip and its own
 -- transaction: an exception anywhere, including the checks below, leaves nothing behind.
 --

@@ -39,11 +39,13 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use thiserror::Error;
 
-/// mimalloc instead of glibc's malloc: under load the server spent about a fifth of its CPU in
-/// glibc's allocator (free-list consolidation across threads); see docs/BENCHMARKS.md.
+use tokio::signal::unix::{SignalKind, signal};
+
+/// mimalloc instead of glibc's malloc, for the server and the load generator alike: under unary
+/// load glibc's allocator (with `memmove`) was about a third of the server's CPU samples, and
+/// mimalloc made the server and the load generator each cheaper; see docs/BENCHMARKS.md.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(name = "diboas-ledger", version, about = "diBoaS Ledger: balances and the durable journal")]

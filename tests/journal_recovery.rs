@@ -313,11 +313,12 @@ async fn a_key_reused_after_retention(pool: PgPool, copy_min_bytes: usize) {
     ledger.shutdown().await.unwrap();
 }
 
-/// A second writer on the same database moved the checkpoint: the next batch of this writer is
-/// refused as an inconsistency (not an outage) and leaves no row behind, whether it is written
-/// as the single `ledger.write_batch` call or COPY first in an explicit transaction.
+/// A second writer on the same database moved the checkpoint, or a projection row is missing:
+/// the next batch of this writer is refused as an inconsistency (not an outage) and leaves no
+/// row behind, whether it is written as the single `ledger.write_batch` call or COPY first in an
+/// explicit transaction.
 #[sqlx::test]
-async fn a_batch_that_does_not_follow_the_checkpoint_is_refused_whole(pool: PgPool) {
+async fn a_batch_that_does_not_fit_the_database_is_refused_whole(pool: PgPool) {
     use diboas_ledger::engine::{Engine, EngineConfig};
     use diboas_ledger::journal::JournalError;
     use diboas_ledger::journal::batch::{Batch, write_batch};
@@ -364,5 +365,27 @@ async fn a_batch_that_does_not_follow_the_checkpoint_is_refused_whole(pool: PgPo
             .await
             .unwrap();
         assert_eq!(events, events_of_first, "events of the refused batch were left behind");
+    }
+
+    // The function's own projection checks: with the checkpoint back where this writer expects
+    // it but alice's balance row gone, the deposits' balance update changes no row.
+    sqlx::query("UPDATE ledger.checkpoint SET committed_sequence = 1").execute(&mut *conn).await.unwrap();
+    sqlx::query("DELETE FROM ledger.balances WHERE user_id = $1")
+        .bind(alice.user_id)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    for copy_min_bytes in [usize::MAX, 0] {
+        match write_batch(&mut conn, &batch_of(1..3), 1, copy_min_bytes).await {
+            Err(JournalError::Inconsistent(reason)) => assert!(reason.starts_with("balances"), "{reason}"),
+            other => panic!("copy_min_bytes {copy_min_bytes}: expected an inconsistency, got {other:?}"),
+        }
+        let (journal_rows, checkpoint): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM ledger.journal), (SELECT committed_sequence FROM ledger.checkpoint)",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!((journal_rows, checkpoint), (1, 1));
     }
 }
