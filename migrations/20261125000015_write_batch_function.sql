@@ -16,6 +16,17 @@
 --
 -- Errors with SQLSTATE DL001 mean the batch does not fit what the database holds (a bug, or a
 -- second writer); the writer reports them as an inconsistency, not as an outage.
+-- Raises DL001 unless a statement changed the rows it meant to.
+CREATE FUNCTION ledger.expect_rows(what text, changed bigint, expected bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF changed <> expected THEN
+        RAISE EXCEPTION USING ERRCODE = 'DL001',
+            MESSAGE = format('%s: %s rows changed where %s were expected', what, changed, expected);
+    END IF;
+END
+$$;
+
 CREATE FUNCTION ledger.write_batch(
     from_sequence bigint,
     to_sequence bigint,
@@ -72,10 +83,7 @@ BEGIN
             au_usage_month_used, au_sequence) AS t(u, d, a, f, ud, udu, um, umu, s)
         WHERE acc.user_id = t.u AND acc.domain = t.d AND acc.asset = t.a;
         GET DIAGNOSTICS changed = ROW_COUNT;
-        IF changed <> cardinality(au_user) THEN
-            RAISE EXCEPTION USING ERRCODE = 'DL001',
-                MESSAGE = format('account settings: %s rows changed where %s were expected', changed, cardinality(au_user));
-        END IF;
+        PERFORM ledger.expect_rows('account settings', changed, cardinality(au_user));
     END IF;
 
     IF cardinality(ro_id) > 0 THEN
@@ -92,10 +100,7 @@ BEGIN
         FROM UNNEST(bd_user, bd_domain, bd_asset, bd_available, bd_reserved, bd_sequence) AS t(u, d, a, da, dr, s)
         WHERE b.user_id = t.u AND b.domain = t.d AND b.asset = t.a;
         GET DIAGNOSTICS changed = ROW_COUNT;
-        IF changed <> cardinality(bd_user) THEN
-            RAISE EXCEPTION USING ERRCODE = 'DL001',
-                MESSAGE = format('balances: %s rows changed where %s were expected', changed, cardinality(bd_user));
-        END IF;
+        PERFORM ledger.expect_rows('balances', changed, cardinality(bd_user));
     END IF;
 
     -- After the deltas, so a reservation opened and closed in one batch never makes `reserved`
@@ -116,10 +121,7 @@ BEGIN
             RETURNING p.n
         )
         SELECT COALESCE(sum(n), 0) INTO changed FROM shifted;
-        IF changed <> cardinality(rc_id) THEN
-            RAISE EXCEPTION USING ERRCODE = 'DL001',
-                MESSAGE = format('reservation closes: %s rows changed where %s were expected', changed, cardinality(rc_id));
-        END IF;
+        PERFORM ledger.expect_rows('reservation closes', changed, cardinality(rc_id));
     END IF;
 
     IF cardinality(sd_kind) > 0 THEN
@@ -143,10 +145,7 @@ BEGIN
             e_metadata) WITH ORDINALITY AS t(e, s, o, at, ai, et, p, m, n)
         ORDER BY n;
         GET DIAGNOSTICS changed = ROW_COUNT;
-        IF changed <> cardinality(e_id) THEN
-            RAISE EXCEPTION USING ERRCODE = 'DL001',
-                MESSAGE = format('outbox: %s rows written where %s were expected', changed, cardinality(e_id));
-        END IF;
+        PERFORM ledger.expect_rows('outbox', changed, cardinality(e_id));
     END IF;
 
     UPDATE ledger.checkpoint SET committed_sequence = to_sequence, committed_at = now()
