@@ -226,11 +226,12 @@ pub async fn write_batch(
     // TCP_NODELAY, so for a small batch the second write waits out the server's delayed ACK
     // (about 40 ms). Small batches therefore pass their appends as arrays to the one call.
     let use_copy = batch.bytes() >= copy_min_bytes;
+    // What the call appends itself: nothing of what COPY already appended.
+    let copied = Batch::default();
+    let appended = if use_copy { &copied } else { batch };
     let call = sqlx::query(WRITE_BATCH).bind(seq(committed_sequence)?).bind(seq(last)?);
-    let call = if use_copy { bind_journal(call, &Batch::default())? } else { bind_journal(call, batch)? };
-    let call = changes.bind(call)?;
-    let call =
-        if use_copy { bind_idempotency_keys(call, &Batch::default())? } else { bind_idempotency_keys(call, batch)? };
+    let call = changes.bind(bind_journal(call, appended)?)?;
+    let call = bind_idempotency_keys(call, appended)?;
     if !use_copy && transaction_changes.is_empty() {
         let call = events.bind(call);
         return call.execute(&mut *conn).await.map(drop).map_err(inconsistent_or_database);
