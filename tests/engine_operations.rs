@@ -543,6 +543,7 @@ fn a_closed_journal_makes_the_engine_refuse_and_undo() {
     assert_eq!(engine.last_sequence(), 1, "no sequence was used");
     // The key was not remembered: a retry once the journal is back is a fresh attempt.
     assert!(engine.state().idempotency.keys().all(|k| k.as_str() != "open-2"));
+    assert_eq!(engine.state().idempotency.len(), 1, "only the recorded request's key is kept");
 }
 
 #[test]

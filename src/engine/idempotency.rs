@@ -19,7 +19,9 @@
 //! stalls the shard's unlock until it lands. A generation therefore appends its (key, record)
 //! entries in order into fixed-size chunks, where consecutive writes share cache lines, and finds
 //! them through a hash table of 4-byte positions, small enough to stay in cache. Chunks never
-//! move, so a growing generation never copies its records while the shard is locked.
+//! move, so a growing generation never copies its records while the shard is locked. A new key's
+//! entry is staged as soon as its lookup misses and completed when the request is recorded, so
+//! the cold stores land while the request runs rather than at the unlock.
 
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -153,6 +155,20 @@ enum StoredOutcome {
     Other(Box<Result<Receipt, EngineError>>),
 }
 
+impl StoredOutcome {
+    fn of(outcome: Result<Receipt, EngineError>) -> StoredOutcome {
+        match outcome {
+            Ok(Receipt::Done) => StoredOutcome::Done,
+            Ok(Receipt::Reserved { expires_at_ms }) => StoredOutcome::Reserved { expires_at_ms },
+            Ok(Receipt::Committed { committed_minor, released_minor }) => {
+                StoredOutcome::Committed { committed_minor, released_minor }
+            }
+            Ok(Receipt::Released { released_minor }) => StoredOutcome::Released { released_minor },
+            other => StoredOutcome::Other(Box::new(other)),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct StoredRecord {
     pub fingerprint: OperationFingerprint,
@@ -163,20 +179,11 @@ pub(crate) struct StoredRecord {
 
 impl StoredRecord {
     fn new(record: IdempotencyRecord) -> StoredRecord {
-        let outcome = match record.outcome {
-            Ok(Receipt::Done) => StoredOutcome::Done,
-            Ok(Receipt::Reserved { expires_at_ms }) => StoredOutcome::Reserved { expires_at_ms },
-            Ok(Receipt::Committed { committed_minor, released_minor }) => {
-                StoredOutcome::Committed { committed_minor, released_minor }
-            }
-            Ok(Receipt::Released { released_minor }) => StoredOutcome::Released { released_minor },
-            other => StoredOutcome::Other(Box::new(other)),
-        };
         StoredRecord {
             fingerprint: record.fingerprint,
             sequence: record.sequence,
             recorded_at_ms: record.recorded_at_ms,
-            outcome,
+            outcome: StoredOutcome::of(record.outcome),
         }
     }
 
@@ -206,8 +213,32 @@ impl StoredRecord {
     }
 }
 
-/// Entries per chunk of a generation: 256 entries of about 160 bytes, 40 KiB, allocated whole.
+/// Entries per chunk of a generation: 256 entries of 160 bytes, 40 KiB, allocated whole.
 const CHUNK_ENTRIES: usize = 256;
+
+/// Hashes keys for the engine: one hash per request picks the key's shard (`ShardMap::of_key`)
+/// and finds the key in that shard's store. Seeded at random once per engine, so clients cannot
+/// choose keys that collide in every process; a replay within the engine places keys the same way.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct KeyHasher(foldhash::fast::RandomState);
+
+impl KeyHasher {
+    pub fn hash(&self, key: &IdempotencyKey) -> KeyHash {
+        KeyHash(self.0.hash_one(key))
+    }
+}
+
+/// A key's hash by the engine's [`KeyHasher`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyHash(pub u64);
+
+/// A new key's entry, staged before its request runs (see [`IdempotencyStore::stage`]).
+#[derive(Debug)]
+#[must_use = "a staged entry must be completed or abandoned before the shard is unlocked"]
+pub(crate) struct Staged {
+    position: u32,
+    hash: KeyHash,
+}
 
 /// The keys one generation took, with their records. See the module comment for the layout.
 #[derive(Debug, Default)]
@@ -217,13 +248,11 @@ pub(crate) struct Generation {
     /// The entries in the order they were recorded. An entry whose key was moved to a newer
     /// generation (journal replay) stays here, unindexed, until this generation is retired.
     chunks: Vec<Vec<(IdempotencyKey, StoredRecord)>>,
-    /// Seeded per generation, so clients cannot choose keys that collide in every process.
-    hasher: foldhash::fast::RandomState,
 }
 
 impl Generation {
     fn with_capacity(keys: usize) -> Generation {
-        Generation { index: HashTable::with_capacity(keys), ..Generation::default() }
+        Generation { index: HashTable::with_capacity(keys), chunks: Vec::new() }
     }
 
     fn len(&self) -> usize {
@@ -235,15 +264,14 @@ impl Generation {
         &chunks[position / CHUNK_ENTRIES][position % CHUNK_ENTRIES]
     }
 
-    fn get(&self, key: &IdempotencyKey) -> Option<&StoredRecord> {
-        let hash = self.hasher.hash_one(key);
+    fn get(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<&StoredRecord> {
         self.index
-            .find(hash, |&position| Generation::entry(&self.chunks, position).0 == *key)
+            .find(hash.0, |&position| Generation::entry(&self.chunks, position).0 == *key)
             .map(|&position| &Generation::entry(&self.chunks, position).1)
     }
 
-    /// Records `key`, which this generation does not hold.
-    fn insert(&mut self, key: IdempotencyKey, record: StoredRecord) {
+    /// Records `key`, which this generation does not hold; returns its position.
+    fn insert(&mut self, key: IdempotencyKey, hash: KeyHash, record: StoredRecord, hasher: &KeyHasher) -> u32 {
         let full = self.chunks.last().is_none_or(|chunk| chunk.len() == CHUNK_ENTRIES);
         if full {
             self.chunks.push(Vec::with_capacity(CHUNK_ENTRIES));
@@ -252,20 +280,24 @@ impl Generation {
         // A generation holds at most the shard's configured key capacity (checked before every
         // request), far below 2^32 entries of 160 bytes.
         assert!(appended < u32::MAX as usize, "an idempotency generation outgrew 32-bit positions");
-        let hash = self.hasher.hash_one(key);
-        let Generation { index, chunks, hasher } = self;
+        let Generation { index, chunks } = self;
         if let Some(chunk) = chunks.last_mut() {
             chunk.push((key, record));
         }
-        index.insert_unique(hash, appended as u32, |&position| hasher.hash_one(Generation::entry(chunks, position).0));
+        index.insert_unique(hash.0, appended as u32, |&position| hasher.hash(&Generation::entry(chunks, position).0).0);
+        appended as u32
     }
 
-    fn remove(&mut self, key: &IdempotencyKey) {
-        let hash = self.hasher.hash_one(key);
-        let Generation { index, chunks, .. } = self;
-        if let Ok(found) = index.find_entry(hash, |&position| Generation::entry(chunks, position).0 == *key) {
+    fn remove(&mut self, key: &IdempotencyKey, hash: KeyHash) {
+        let Generation { index, chunks } = self;
+        if let Ok(found) = index.find_entry(hash.0, |&position| Generation::entry(chunks, position).0 == *key) {
             found.remove();
         }
+    }
+
+    fn record_mut(&mut self, position: u32) -> &mut StoredRecord {
+        let position = position as usize;
+        &mut self.chunks[position / CHUNK_ENTRIES][position % CHUNK_ENTRIES].1
     }
 
     fn iter(&self) -> impl Iterator<Item = &(IdempotencyKey, StoredRecord)> {
@@ -274,33 +306,85 @@ impl Generation {
 }
 
 /// One shard's keys in two generations (see the module comment).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct IdempotencyStore {
     current: Generation,
     previous: Generation,
     /// When the current generation started taking keys.
     current_since_ms: i64,
+    /// The engine's hasher, to re-place entries when an index grows.
+    hasher: KeyHasher,
 }
 
 impl IdempotencyStore {
-    pub(crate) fn get(&self, key: &IdempotencyKey) -> Option<&StoredRecord> {
-        self.current.get(key).or_else(|| self.previous.get(key))
+    pub(crate) fn new(hasher: KeyHasher) -> IdempotencyStore {
+        IdempotencyStore {
+            current: Generation::default(),
+            previous: Generation::default(),
+            current_since_ms: 0,
+            hasher,
+        }
+    }
+
+    pub(crate) fn get(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<&StoredRecord> {
+        self.current.get(key, hash).or_else(|| self.previous.get(key, hash))
     }
 
     pub(crate) fn len(&self) -> usize {
         self.current.len() + self.previous.len()
     }
 
-    pub(crate) fn insert(&mut self, key: IdempotencyKey, record: IdempotencyRecord) {
-        debug_assert!(self.get(&key).is_none(), "an idempotency key is recorded once");
-        self.current.insert(key, StoredRecord::new(record));
+    pub(crate) fn insert(&mut self, key: IdempotencyKey, hash: KeyHash, record: IdempotencyRecord) {
+        debug_assert!(self.get(&key, hash).is_none(), "an idempotency key is recorded once");
+        self.current.insert(key, hash, StoredRecord::new(record), &self.hasher);
+    }
+
+    /// Records a new key before its request runs, with a placeholder outcome that
+    /// [`IdempotencyStore::complete`] fills in, or [`IdempotencyStore::abandon`] takes back,
+    /// before the shard is unlocked. Why early: the entry's memory is usually cold, and the
+    /// shard's unlock (a locked instruction) waits for every pending store to land. Written
+    /// first, the store lands while the request runs instead of stalling the unlock.
+    pub(crate) fn stage(
+        &mut self,
+        key: IdempotencyKey,
+        hash: KeyHash,
+        fingerprint: OperationFingerprint,
+        recorded_at_ms: i64,
+    ) -> Staged {
+        debug_assert!(self.get(&key, hash).is_none(), "an idempotency key is recorded once");
+        let placeholder = StoredRecord { fingerprint, sequence: 0, recorded_at_ms, outcome: StoredOutcome::Done };
+        let position = self.current.insert(key, hash, placeholder, &self.hasher);
+        Staged { position, hash }
+    }
+
+    /// Fills in a staged entry: the request's outcome and its journal sequence.
+    pub(crate) fn complete(&mut self, staged: Staged, outcome: Result<Receipt, EngineError>, sequence: u64) {
+        let record = self.current.record_mut(staged.position);
+        debug_assert_eq!(record.sequence, 0, "a staged entry is completed once");
+        record.sequence = sequence;
+        record.outcome = StoredOutcome::of(outcome);
+    }
+
+    /// Takes back a staged entry whose request was not recorded after all. It must be the
+    /// latest entry of the store.
+    pub(crate) fn abandon(&mut self, staged: Staged) {
+        let Generation { index, chunks } = &mut self.current;
+        if let Ok(found) = index.find_entry(staged.hash.0, |&position| position == staged.position) {
+            found.remove();
+        }
+        let last = chunks.last_mut().and_then(Vec::pop);
+        debug_assert!(
+            last.is_some()
+                && (chunks.len() - 1) * CHUNK_ENTRIES + chunks.last().map_or(0, Vec::len) == staged.position as usize,
+            "only the latest staged entry is abandoned"
+        );
     }
 
     /// Records `key`, replacing a forgotten-in-the-live-engine earlier record (journal replay).
-    pub(crate) fn replace(&mut self, key: IdempotencyKey, record: IdempotencyRecord) {
-        self.previous.remove(&key);
-        self.current.remove(&key);
-        self.current.insert(key, StoredRecord::new(record));
+    pub(crate) fn replace(&mut self, key: IdempotencyKey, hash: KeyHash, record: IdempotencyRecord) {
+        self.previous.remove(&key, hash);
+        self.current.remove(&key, hash);
+        self.current.insert(key, hash, StoredRecord::new(record), &self.hasher);
     }
 
     /// Starts a new generation if the current one is at least `retention_ms` old at `now_ms`.
@@ -356,24 +440,26 @@ mod tests {
     #[test]
     fn the_store_finds_every_live_key_across_chunks_generations_and_replacements() {
         let keys = 3 * CHUNK_ENTRIES as u64 + 17;
-        let mut store = IdempotencyStore::default();
+        let hasher = KeyHasher::default();
+        let hash = |n: u64| hasher.hash(&key(n));
+        let mut store = IdempotencyStore::new(hasher.clone());
         for n in 0..keys {
-            store.insert(key(n), record(n));
+            store.insert(key(n), hash(n), record(n));
         }
         assert!(store.rotate(1_000, 1_000).is_some_and(|retired| retired.len() == 0));
         for n in keys..2 * keys {
-            store.insert(key(n), record(n));
+            store.insert(key(n), hash(n), record(n));
         }
         // Replayed records of old keys move to the current generation, with their new outcome.
         for n in (0..2 * keys).step_by(5) {
-            store.replace(key(n), record(n + 1_000_000));
+            store.replace(key(n), hash(n), record(n + 1_000_000));
         }
         assert_eq!(store.len() as u64, 2 * keys);
         let expected = |n: u64| if n.is_multiple_of(5) { record(n + 1_000_000) } else { record(n) };
         for n in 0..2 * keys {
-            assert_eq!(store.get(&key(n)).map(StoredRecord::to_record), Some(expected(n)), "key {n}");
+            assert_eq!(store.get(&key(n), hash(n)).map(StoredRecord::to_record), Some(expected(n)), "key {n}");
         }
-        assert!(store.get(&key(2 * keys)).is_none());
+        assert!(store.get(&key(2 * keys), hash(2 * keys)).is_none());
         let listed: std::collections::BTreeMap<String, IdempotencyRecord> =
             store.iter().map(|(key, record)| (key.as_str().to_owned(), record)).collect();
         assert_eq!(listed.len() as u64, 2 * keys, "each live key listed once");
@@ -382,10 +468,58 @@ mod tests {
         // The next rotation retires the generation of keys..2*keys, keeping its replaced keys'
         // newer records, which live in the current generation.
         let retired = store.rotate(2_000, 1_000).expect("a generation is due");
-        let survivors: Vec<u64> = (0..2 * keys).filter(|n| store.get(&key(*n)).is_some()).collect();
+        let survivors: Vec<u64> = (0..2 * keys).filter(|n| store.get(&key(*n), hash(*n)).is_some()).collect();
         let replaced_or_new: Vec<u64> = (0..2 * keys).filter(|n| n.is_multiple_of(5) || *n >= keys).collect();
         assert_eq!(survivors, replaced_or_new);
         assert_eq!(retired.len() as u64, keys - keys.div_ceil(5));
+    }
+}
+
+#[cfg(test)]
+mod staging_tests {
+    use super::*;
+
+    fn key(n: usize) -> IdempotencyKey {
+        IdempotencyKey::new(&format!("staged-{n}")).unwrap()
+    }
+
+    /// A staged entry is found while staged, holds its outcome once completed, and leaves no
+    /// trace once abandoned, also when it was the first entry of a new chunk.
+    #[test]
+    fn staged_entries_are_completed_or_abandoned_without_a_trace() {
+        let hasher = KeyHasher::default();
+        let mut store = IdempotencyStore::new(hasher.clone());
+        let fingerprint = OperationFingerprint(7);
+        for n in 0..=CHUNK_ENTRIES {
+            let hash = hasher.hash(&key(n));
+            let staged = store.stage(key(n), hash, fingerprint, 5);
+            assert!(store.get(&key(n), hash).is_some(), "a staged key is taken");
+            if n % 2 == 0 || n == CHUNK_ENTRIES {
+                store.abandon(staged);
+                assert!(store.get(&key(n), hash).is_none(), "key {n}");
+            } else {
+                store.complete(staged, Ok(Receipt::Released { released_minor: n as i128 }), n as u64);
+            }
+        }
+        assert_eq!(store.len(), CHUNK_ENTRIES / 2);
+        for n in (1..CHUNK_ENTRIES).step_by(2) {
+            let record = store.get(&key(n), hasher.hash(&key(n))).map(StoredRecord::to_record);
+            let expected = IdempotencyRecord {
+                fingerprint,
+                outcome: Ok(Receipt::Released { released_minor: n as i128 }),
+                sequence: n as u64,
+                recorded_at_ms: 5,
+            };
+            assert_eq!(record, Some(expected));
+        }
+        // Positions stay dense after the abandons: the next entry goes where the last one was taken back.
+        let hash = hasher.hash(&key(1_000));
+        store.insert(
+            key(1_000),
+            hash,
+            IdempotencyRecord::new(&Operation::LinkedBatch { operations: vec![] }, Ok(Receipt::Done), 9, 5),
+        );
+        assert_eq!(store.get(&key(1_000), hash).map(|record| record.sequence), Some(9));
     }
 }
 

@@ -39,7 +39,7 @@ use self::account::{AccountRef, Balance, SystemAccount, SystemKind, UserAccount}
 use self::asset::Asset;
 use self::effect::Effect;
 use self::error::EngineError;
-use self::idempotency::{IdempotencyRecord, OperationFingerprint};
+use self::idempotency::{IdempotencyRecord, KeyHasher, OperationFingerprint};
 use self::operation::{Receipt, Request};
 use self::record::{JournalRecord, JournalSink, Origin, RequestContext};
 use self::reservation::{Reservation, ReservationStatus};
@@ -102,6 +102,7 @@ pub enum ReplayError {
 pub struct Engine<S> {
     shards: Box<[Mutex<Shard>]>,
     map: ShardMap,
+    key_hasher: KeyHasher,
     /// The next sequence number. Taken after the shard locks, released before them.
     sequencer: Mutex<u64>,
     sink: S,
@@ -112,8 +113,9 @@ impl<S: JournalSink> Engine<S> {
     /// An empty engine whose first change will be sequence 1.
     pub fn new(config: EngineConfig, sink: S) -> Engine<S> {
         let map = ShardMap::new(config.shard_count);
-        let shards = (0..map.count()).map(|_| Mutex::new(Shard::default())).collect();
-        Engine { shards, map, sequencer: Mutex::new(1), sink, config }
+        let key_hasher = KeyHasher::default();
+        let shards = (0..map.count()).map(|_| Mutex::new(Shard::new(key_hasher.clone()))).collect();
+        Engine { shards, map, key_hasher, sequencer: Mutex::new(1), sink, config }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -134,7 +136,8 @@ impl<S: JournalSink> Engine<S> {
     /// [`Engine::execute`], recording who asked (see [`RequestContext`]) in the journal record.
     pub fn execute_with(&self, request: Request, context: Option<Box<RequestContext>>) -> Outcome {
         let Request { key, now_ms: requested_ms, operation } = request;
-        let key_shard = self.map.of_key(&key);
+        let key_hash = self.key_hasher.hash(&key);
+        let key_shard = self.map.of_key(key_hash);
         let mut plan = SmallVec::new();
         rules::lock_plan(&operation, self.map, &mut plan);
         plan.push(key_shard);
@@ -142,8 +145,8 @@ impl<S: JournalSink> Engine<S> {
         let now_ms = shards.advance_clock(requested_ms);
 
         let fingerprint = OperationFingerprint::of(&operation);
-        let store = &shards.get(key_shard).idempotency;
-        if let Some(first) = store.get(&key) {
+        let store = &mut shards.get(key_shard).idempotency;
+        if let Some(first) = store.get(&key, key_hash) {
             return if first.fingerprint == fingerprint {
                 Outcome { sequence: Some(first.sequence), result: first.outcome(), replayed: true }
             } else {
@@ -153,6 +156,7 @@ impl<S: JournalSink> Engine<S> {
         if store.len() >= self.config.idempotency_capacity_per_shard {
             return refused(EngineError::IdempotencyCapacityExhausted);
         }
+        let staged = store.stage(key, key_hash, fingerprint, now_ms);
 
         let mut tx = rules::Tx::new(&mut shards, self.map, now_ms);
         let result = rules::run(&mut tx, &operation);
@@ -168,12 +172,10 @@ impl<S: JournalSink> Engine<S> {
             effects,
         };
         let Some(sequence) = self.append(&mut shards, record) else {
+            shards.get(key_shard).idempotency.abandon(staged);
             return refused(EngineError::JournalUnavailable);
         };
-        shards
-            .get(key_shard)
-            .idempotency
-            .insert(key, IdempotencyRecord { fingerprint, outcome: stored_outcome, sequence, recorded_at_ms: now_ms });
+        shards.get(key_shard).idempotency.complete(staged, stored_outcome, sequence);
         Outcome { sequence: Some(sequence), result, replayed: false }
     }
 
@@ -257,9 +259,11 @@ impl<S: JournalSink> Engine<S> {
         for effect in &record.effects {
             plan.extend(effect.shards(self.map).into_iter().flatten());
         }
-        if let Origin::Request { key, .. } = &record.origin {
-            plan.push(self.map.of_key(key));
-        }
+        let key_hash = match &record.origin {
+            Origin::Request { key, .. } => Some(self.key_hasher.hash(key)),
+            Origin::ExpirySweep => None,
+        };
+        plan.extend(key_hash.map(|hash| self.map.of_key(hash)));
         let mut shards = LockedShards::lock(&self.shards, plan);
         shards.advance_clock(record.at_ms);
         let mut next_sequence = self.sequencer.lock();
@@ -270,11 +274,11 @@ impl<S: JournalSink> Engine<S> {
         // A key (or a reservation id) seen again is legitimate only if the live engine could have
         // forgotten the first one, i.e. the first is older than the retention window.
         let forgotten_before_ms = record.at_ms.saturating_sub(self.config.retention_ms);
-        if let Origin::Request { key, .. } = &record.origin
+        if let (Origin::Request { key, .. }, Some(key_hash)) = (&record.origin, key_hash)
             && shards
-                .get(self.map.of_key(key))
+                .get(self.map.of_key(key_hash))
                 .idempotency
-                .get(key)
+                .get(key, key_hash)
                 .is_some_and(|first| first.recorded_at_ms() > forgotten_before_ms)
         {
             return Err(inconsistent("idempotency key recorded twice within the retention window"));
@@ -289,11 +293,15 @@ impl<S: JournalSink> Engine<S> {
             effect::apply(&mut shards, self.map, effect);
         }
         let mut retired_keys = None;
-        if let Origin::Request { key, operation, outcome, .. } = &record.origin {
-            let store = &mut shards.get(self.map.of_key(key)).idempotency;
+        if let (Origin::Request { key, operation, outcome, .. }, Some(key_hash)) = (&record.origin, key_hash) {
+            let store = &mut shards.get(self.map.of_key(key_hash)).idempotency;
             // Rotate as the live engine's sweeps would have, so a long replay stays within capacity.
             retired_keys = store.rotate(record.at_ms, self.config.retention_ms);
-            store.replace(*key, IdempotencyRecord::new(operation, outcome.clone(), record.sequence, record.at_ms));
+            store.replace(
+                *key,
+                key_hash,
+                IdempotencyRecord::new(operation, outcome.clone(), record.sequence, record.at_ms),
+            );
         }
         *next_sequence += 1;
         drop(next_sequence);
@@ -468,7 +476,8 @@ impl<S: JournalSink> Engine<S> {
             state.idempotency.iter().filter(|(_, record)| record.recorded_at_ms > forgotten_before_ms).collect();
         keys.sort_by_key(|(_, record)| record.recorded_at_ms);
         for (key, record) in keys {
-            shards.get(engine.map.of_key(key)).idempotency.insert(*key, record.clone());
+            let key_hash = engine.key_hasher.hash(key);
+            shards.get(engine.map.of_key(key_hash)).idempotency.insert(*key, key_hash, record.clone());
         }
         drop(shards);
         engine

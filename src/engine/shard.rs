@@ -6,7 +6,6 @@
 //! index order, so two operations can never wait on each other in a cycle.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::BuildHasher;
 
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
@@ -14,7 +13,7 @@ use uuid::Uuid;
 
 use super::account::{AccountConfig, Balance, Domain, SystemKind};
 use super::asset::Asset;
-use super::idempotency::{IdempotencyKey, IdempotencyStore};
+use super::idempotency::{IdempotencyStore, KeyHash, KeyHasher};
 use super::limits::OutflowUsage;
 use super::reservation::Reservation;
 use super::transaction::{ComplianceRecord, Transaction};
@@ -81,21 +80,23 @@ pub(crate) struct Shard {
     pub clock_ms: i64,
 }
 
-impl Default for Shard {
-    fn default() -> Self {
+impl Shard {
+    pub fn new(key_hasher: KeyHasher) -> Shard {
         Shard {
             users: HashMap::default(),
             system_minor: [[0; Asset::COUNT]; SystemKind::COUNT],
             expiry: BTreeSet::new(),
             closed: VecDeque::new(),
             finished: VecDeque::new(),
-            idempotency: IdempotencyStore::default(),
+            idempotency: IdempotencyStore::new(key_hasher),
             clock_ms: i64::MIN,
         }
     }
 }
 
-/// Maps users and idempotency keys to shards. Fixed functions, so a replay places state the same way.
+/// Maps users and idempotency keys to shards. Users map by a fixed function, since journal
+/// records name the shard of system sub-accounts; keys by their hash from the engine's
+/// `KeyHasher`, the same for the engine's whole life, replays included.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ShardMap {
     shard_count: u32,
@@ -119,9 +120,10 @@ impl ShardMap {
         ((mixed >> 32) % u64::from(self.shard_count)) as u32
     }
 
-    pub fn of_key(self, key: &IdempotencyKey) -> u32 {
-        let hash = foldhash::fast::FixedState::with_seed(0x6469_626f_6153).hash_one(key);
-        ((hash >> 32) % u64::from(self.shard_count)) as u32
+    /// The shard of a key, from its hash. The store inside the shard uses the low bits of the
+    /// same hash (and its top 7 as tags), so those stay spread within a shard.
+    pub fn of_key(self, hash: KeyHash) -> u32 {
+        ((hash.0 >> 32) % u64::from(self.shard_count)) as u32
     }
 }
 
@@ -163,6 +165,7 @@ impl<'a> LockedShards<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::idempotency::IdempotencyKey;
 
     #[test]
     fn users_spread_over_all_shards() {
@@ -178,6 +181,6 @@ mod tests {
     fn single_shard_maps_everything_to_zero() {
         let map = ShardMap::new(1);
         assert_eq!(map.of_user(Uuid::new_v4()), 0);
-        assert_eq!(map.of_key(&IdempotencyKey::new("k").unwrap()), 0);
+        assert_eq!(map.of_key(KeyHasher::default().hash(&IdempotencyKey::new("k").unwrap())), 0);
     }
 }
