@@ -149,10 +149,20 @@ impl IdempotencyRecord {
 #[derive(Debug)]
 enum StoredOutcome {
     Done,
-    Reserved { expires_at_ms: i64 },
-    Committed { committed_minor: i128, released_minor: i128 },
-    Released { released_minor: i128 },
+    Reserved {
+        expires_at_ms: i64,
+    },
+    Committed {
+        committed_minor: i128,
+        released_minor: i128,
+    },
+    Released {
+        released_minor: i128,
+    },
     Other(Box<Result<Receipt, EngineError>>),
+    /// Staged and not completed yet (see [`IdempotencyStore::stage`]). Every lookup skips it, so
+    /// if the request panicked before completing it, its key counts as never recorded.
+    Pending,
 }
 
 impl StoredOutcome {
@@ -196,7 +206,14 @@ impl StoredRecord {
             }
             StoredOutcome::Released { released_minor } => Ok(Receipt::Released { released_minor: *released_minor }),
             StoredOutcome::Other(outcome) => outcome.as_ref().clone(),
+            // Lookups never hand out a pending entry; if one were read, its request was not
+            // journaled, which is what this error says.
+            StoredOutcome::Pending => Err(EngineError::JournalUnavailable),
         }
+    }
+
+    fn is_pending(&self) -> bool {
+        matches!(self.outcome, StoredOutcome::Pending)
     }
 
     pub fn recorded_at_ms(&self) -> i64 {
@@ -264,9 +281,15 @@ impl Generation {
         &chunks[position / CHUNK_ENTRIES][position % CHUNK_ENTRIES]
     }
 
+    /// Whether the entry at `position` is `key`'s recorded (not pending) entry.
+    fn holds(chunks: &[Vec<(IdempotencyKey, StoredRecord)>], position: u32, key: &IdempotencyKey) -> bool {
+        let (entry_key, record) = Generation::entry(chunks, position);
+        entry_key == key && !record.is_pending()
+    }
+
     fn get(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<&StoredRecord> {
         self.index
-            .find(hash.0, |&position| Generation::entry(&self.chunks, position).0 == *key)
+            .find(hash.0, |&position| Generation::holds(&self.chunks, position, key))
             .map(|&position| &Generation::entry(&self.chunks, position).1)
     }
 
@@ -290,7 +313,7 @@ impl Generation {
 
     fn remove(&mut self, key: &IdempotencyKey, hash: KeyHash) {
         let Generation { index, chunks } = self;
-        if let Ok(found) = index.find_entry(hash.0, |&position| Generation::entry(chunks, position).0 == *key) {
+        if let Ok(found) = index.find_entry(hash.0, |&position| Generation::holds(chunks, position, key)) {
             found.remove();
         }
     }
@@ -301,7 +324,10 @@ impl Generation {
     }
 
     fn iter(&self) -> impl Iterator<Item = &(IdempotencyKey, StoredRecord)> {
-        self.index.iter().map(|&position| Generation::entry(&self.chunks, position))
+        self.index
+            .iter()
+            .map(|&position| Generation::entry(&self.chunks, position))
+            .filter(|(_, record)| !record.is_pending())
     }
 }
 
@@ -339,11 +365,13 @@ impl IdempotencyStore {
         self.current.insert(key, hash, StoredRecord::new(record), &self.hasher);
     }
 
-    /// Records a new key before its request runs, with a placeholder outcome that
+    /// Records a new key before its request runs, as a pending entry that
     /// [`IdempotencyStore::complete`] fills in, or [`IdempotencyStore::abandon`] takes back,
-    /// before the shard is unlocked. Why early: the entry's memory is usually cold, and the
-    /// shard's unlock (a locked instruction) waits for every pending store to land. Written
-    /// first, the store lands while the request runs instead of stalling the unlock.
+    /// before the shard is unlocked. Why early: the entry's memory is usually cold, and the next
+    /// locked instruction (the sequencer's lock, then the shards' unlocks) waits for every
+    /// earlier store to land. Written first, the store lands while the rules run. A pending entry
+    /// is invisible to lookups, so a request that panics before completing it leaves its key
+    /// unrecorded, as it was before staging existed; its slot stays until the generation retires.
     pub(crate) fn stage(
         &mut self,
         key: IdempotencyKey,
@@ -352,7 +380,7 @@ impl IdempotencyStore {
         recorded_at_ms: i64,
     ) -> Staged {
         debug_assert!(self.get(&key, hash).is_none(), "an idempotency key is recorded once");
-        let placeholder = StoredRecord { fingerprint, sequence: 0, recorded_at_ms, outcome: StoredOutcome::Done };
+        let placeholder = StoredRecord { fingerprint, sequence: 0, recorded_at_ms, outcome: StoredOutcome::Pending };
         let position = self.current.insert(key, hash, placeholder, &self.hasher);
         Staged { position, hash }
     }
@@ -360,21 +388,21 @@ impl IdempotencyStore {
     /// Fills in a staged entry: the request's outcome and its journal sequence.
     pub(crate) fn complete(&mut self, staged: Staged, outcome: Result<Receipt, EngineError>, sequence: u64) {
         let record = self.current.record_mut(staged.position);
-        debug_assert_eq!(record.sequence, 0, "a staged entry is completed once");
+        debug_assert!(record.is_pending(), "a staged entry is completed once");
         record.sequence = sequence;
         record.outcome = StoredOutcome::of(outcome);
     }
 
     /// Takes back a staged entry whose request was not recorded after all. It must be the
-    /// latest entry of the store.
+    /// latest entry of the current generation (nothing else is staged while its shard is locked).
     pub(crate) fn abandon(&mut self, staged: Staged) {
         let Generation { index, chunks } = &mut self.current;
         if let Ok(found) = index.find_entry(staged.hash.0, |&position| position == staged.position) {
             found.remove();
         }
-        let last = chunks.last_mut().and_then(Vec::pop);
+        let taken_back = chunks.last_mut().and_then(Vec::pop);
         debug_assert!(
-            last.is_some()
+            taken_back.is_some_and(|(_, record)| record.is_pending())
                 && (chunks.len() - 1) * CHUNK_ENTRIES + chunks.last().map_or(0, Vec::len) == staged.position as usize,
             "only the latest staged entry is abandoned"
         );
@@ -483,43 +511,70 @@ mod staging_tests {
         IdempotencyKey::new(&format!("staged-{n}")).unwrap()
     }
 
-    /// A staged entry is found while staged, holds its outcome once completed, and leaves no
-    /// trace once abandoned, also when it was the first entry of a new chunk.
+    fn completed(n: usize) -> Result<Receipt, EngineError> {
+        Ok(Receipt::Released { released_minor: n as i128 })
+    }
+
+    /// Completed entries hold their outcome and sequence; an abandoned one leaves no trace, also
+    /// when it had opened a new chunk, and the next entry takes its position.
     #[test]
     fn staged_entries_are_completed_or_abandoned_without_a_trace() {
         let hasher = KeyHasher::default();
         let mut store = IdempotencyStore::new(hasher.clone());
         let fingerprint = OperationFingerprint(7);
-        for n in 0..=CHUNK_ENTRIES {
-            let hash = hasher.hash(&key(n));
-            let staged = store.stage(key(n), hash, fingerprint, 5);
-            assert!(store.get(&key(n), hash).is_some(), "a staged key is taken");
-            if n % 2 == 0 || n == CHUNK_ENTRIES {
-                store.abandon(staged);
-                assert!(store.get(&key(n), hash).is_none(), "key {n}");
-            } else {
-                store.complete(staged, Ok(Receipt::Released { released_minor: n as i128 }), n as u64);
-            }
+        for n in 0..CHUNK_ENTRIES {
+            let staged = store.stage(key(n), hasher.hash(&key(n)), fingerprint, 5);
+            assert_eq!(staged.position as usize, n);
+            store.complete(staged, completed(n), n as u64 + 1);
         }
-        assert_eq!(store.len(), CHUNK_ENTRIES / 2);
-        for n in (1..CHUNK_ENTRIES).step_by(2) {
+        // Chunk 0 is full: this entry opens chunk 1, and is taken back.
+        let opener = CHUNK_ENTRIES;
+        let staged = store.stage(key(opener), hasher.hash(&key(opener)), fingerprint, 5);
+        assert_eq!(staged.position as usize, CHUNK_ENTRIES);
+        store.abandon(staged);
+        assert!(store.get(&key(opener), hasher.hash(&key(opener))).is_none());
+        assert_eq!(store.len(), CHUNK_ENTRIES);
+
+        let next = CHUNK_ENTRIES + 1;
+        let staged = store.stage(key(next), hasher.hash(&key(next)), fingerprint, 5);
+        assert_eq!(staged.position as usize, CHUNK_ENTRIES, "the abandoned position is reused");
+        store.complete(staged, completed(next), 999);
+
+        for n in (0..CHUNK_ENTRIES).chain([next]) {
             let record = store.get(&key(n), hasher.hash(&key(n))).map(StoredRecord::to_record);
-            let expected = IdempotencyRecord {
-                fingerprint,
-                outcome: Ok(Receipt::Released { released_minor: n as i128 }),
-                sequence: n as u64,
-                recorded_at_ms: 5,
-            };
-            assert_eq!(record, Some(expected));
+            let sequence = if n == next { 999 } else { n as u64 + 1 };
+            let expected = IdempotencyRecord { fingerprint, outcome: completed(n), sequence, recorded_at_ms: 5 };
+            assert_eq!(record, Some(expected), "key {n}");
         }
-        // Positions stay dense after the abandons: the next entry goes where the last one was taken back.
-        let hash = hasher.hash(&key(1_000));
-        store.insert(
-            key(1_000),
-            hash,
-            IdempotencyRecord::new(&Operation::LinkedBatch { operations: vec![] }, Ok(Receipt::Done), 9, 5),
+        assert_eq!(store.iter().count(), CHUNK_ENTRIES + 1);
+    }
+
+    /// A request that panicked between `stage` and `complete` leaves a pending entry: no lookup
+    /// or listing sees it, and the key can be recorded again.
+    #[test]
+    fn a_pending_entry_is_invisible_and_its_key_can_be_recorded_again() {
+        let hasher = KeyHasher::default();
+        let mut store = IdempotencyStore::new(hasher.clone());
+        let hash = hasher.hash(&key(1));
+        let orphan = store.stage(key(1), hash, OperationFingerprint(7), 5);
+        drop(orphan);
+        assert!(store.get(&key(1), hash).is_none(), "a pending entry is not a recorded outcome");
+        assert_eq!(store.iter().count(), 0);
+
+        let staged = store.stage(key(1), hash, OperationFingerprint(8), 6);
+        store.complete(staged, completed(1), 42);
+        assert_eq!(
+            store.get(&key(1), hash).map(|record| (record.sequence, record.fingerprint)),
+            Some((42, OperationFingerprint(8)))
         );
-        assert_eq!(store.get(&key(1_000), hash).map(|record| record.sequence), Some(9));
+        assert_eq!(store.iter().count(), 1);
+        store.replace(
+            key(1),
+            hash,
+            IdempotencyRecord::new(&Operation::LinkedBatch { operations: vec![] }, Ok(Receipt::Done), 43, 7),
+        );
+        assert_eq!(store.get(&key(1), hash).map(|record| record.sequence), Some(43));
+        assert_eq!(store.iter().count(), 1, "replace removed the recorded entry, not the pending one");
     }
 }
 

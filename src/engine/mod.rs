@@ -102,6 +102,7 @@ pub enum ReplayError {
 pub struct Engine<S> {
     shards: Box<[Mutex<Shard>]>,
     map: ShardMap,
+    /// Hashes each request's key once; seeded per engine (see `KeyHasher`).
     key_hasher: KeyHasher,
     /// The next sequence number. Taken after the shard locks, released before them.
     sequencer: Mutex<u64>,

@@ -178,6 +178,17 @@ mod tests {
     }
 
     #[test]
+    fn keys_spread_over_all_shards() {
+        let map = ShardMap::new(16);
+        let hasher = KeyHasher::default();
+        let mut seen = [0usize; 16];
+        for n in 0..16_000 {
+            seen[map.of_key(hasher.hash(&IdempotencyKey::new(&format!("order-{n}")).unwrap())) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&count| count > 500), "{seen:?}");
+    }
+
+    #[test]
     fn single_shard_maps_everything_to_zero() {
         let map = ShardMap::new(1);
         assert_eq!(map.of_user(Uuid::new_v4()), 0);
