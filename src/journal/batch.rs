@@ -28,17 +28,26 @@ use crate::engine::reservation::{Reservation, ReservationStatus};
 use crate::outbox::write::EventRows;
 use crate::store::codec;
 
-/// Records drained from the channel, each already encoded as the JSON the journal stores.
+/// Records drained from the channel, each already encoded as the JSON the journal stores, with
+/// the projection changes and outbox rows they add up to. All of it is built as records are
+/// pushed, so the writer's batcher does this work while the previous batch commits (see
+/// `super`), and the commit itself only binds and sends.
 #[derive(Debug, Default)]
 pub struct Batch {
     records: Vec<JournalRecord>,
     encoded: Vec<String>,
     bytes: usize,
+    changes: Changes,
+    events: EventRows,
 }
 
 impl Batch {
     pub fn push(&mut self, record: JournalRecord) -> Result<(), JournalError> {
         let encoded = serde_json::to_string(&record)?;
+        self.events.add(&record)?;
+        for effect in &record.effects {
+            self.changes.add(effect, record.sequence);
+        }
         self.bytes += encoded.len();
         self.records.push(record);
         self.encoded.push(encoded);
@@ -65,22 +74,16 @@ impl Batch {
     pub fn last_sequence(&self) -> Option<u64> {
         self.records.last().map(|record| record.sequence)
     }
-
-    pub fn clear(&mut self) {
-        self.records.clear();
-        self.encoded.clear();
-        self.bytes = 0;
-    }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct AccountUpdate {
     frozen: Option<bool>,
     usage: Option<OutflowUsage>,
     sequence: u64,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct BalanceDelta {
     available_minor: i128,
     reserved_minor: i128,
@@ -88,7 +91,7 @@ struct BalanceDelta {
 }
 
 /// The projection changes of a batch, coalesced per account.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Changes {
     opened: Vec<(UserAccount, AccountConfig, u64)>,
     account_updates: BTreeMap<UserAccount, AccountUpdate>,
@@ -99,17 +102,6 @@ struct Changes {
 }
 
 impl Changes {
-    fn of(records: &[JournalRecord]) -> Changes {
-        let mut changes = Changes::default();
-        for record in records {
-            let sequence = record.sequence;
-            for effect in &record.effects {
-                changes.add(effect, sequence);
-            }
-        }
-        changes
-    }
-
     fn add(&mut self, effect: &Effect, sequence: u64) {
         match effect {
             Effect::AccountOpened { account, config } => self.opened.push((*account, *config, sequence)),
@@ -219,9 +211,7 @@ pub async fn write_batch(
             batch.len()
         )));
     }
-    let changes = Changes::of(&batch.records);
     let transaction_changes = super::transactions::Changes::of(&batch.records)?;
-    let events = EventRows::of(&batch.records)?;
     // Binary COPY needs two writes in a row (data, then end of data); sqlx 0.9.0 does not set
     // TCP_NODELAY, so for a small batch the second write waits out the server's delayed ACK
     // (about 40 ms). Small batches therefore pass their appends as arrays to the one call.
@@ -230,21 +220,20 @@ pub async fn write_batch(
     let copied = Batch::default();
     let appended = if use_copy { &copied } else { batch };
     let call = sqlx::query(WRITE_BATCH).bind(seq(committed_sequence)?).bind(seq(last)?);
-    let call = changes.bind(bind_journal(call, appended)?)?;
+    let call = batch.changes.bind(bind_journal(call, appended)?)?;
     let call = bind_idempotency_keys(call, appended)?;
     if !use_copy && transaction_changes.is_empty() {
-        let call = events.bind(call);
+        let call = appended.events.bind(call);
         return call.execute(&mut *conn).await.map(drop).map_err(inconsistent_or_database);
     }
     let mut tx = conn.begin().await?;
     if use_copy {
         copy_journal(&mut tx, batch).await?;
         copy_idempotency_keys(&mut tx, batch).await?;
-        events.copy(&mut tx).await?;
+        batch.events.copy(&mut tx).await?;
     }
     super::transactions::write(&mut tx, &transaction_changes).await?;
-    let events = if use_copy { EventRows::default() } else { events };
-    events.bind(call).execute(&mut *tx).await.map_err(inconsistent_or_database)?;
+    appended.events.bind(call).execute(&mut *tx).await.map_err(inconsistent_or_database)?;
     tx.commit().await?;
     Ok(())
 }

@@ -1,17 +1,22 @@
-//! The write-ahead journal: a dedicated writer thread that makes the engine's records durable.
+//! The write-ahead journal: two dedicated threads that make the engine's records durable.
 //!
 //! The engine hands every [`JournalRecord`] to a bounded crossbeam channel (its sink) while it
-//! holds the shard locks, so the channel carries a valid serial order. The writer blocks for the
-//! first record, then takes whatever else is already queued, up to
-//! [`JournalConfig::max_batch_records`] and [`JournalConfig::max_batch_bytes`] (no timer: while
-//! one batch commits, the next one fills), and commits the batch in ONE PostgreSQL transaction
-//! ([`batch::write_batch`]). Only after the commit does it publish the new committed sequence on
-//! a `tokio::sync::watch` channel, which is what callers await before reporting anything done.
+//! holds the shard locks, so the channel carries a valid serial order. The batcher thread drains
+//! that channel into the next [`Batch`], encoding each record and adding up its projection
+//! changes and outbox rows as it arrives. The committer thread asks the batcher for a batch
+//! whenever it is free, and commits it in ONE PostgreSQL transaction ([`batch::write_batch`]).
+//! The batcher hands over what it holds at that moment (waiting for a first record if it holds
+//! none), up to [`JournalConfig::max_batch_records`] and [`JournalConfig::max_batch_bytes`]: no
+//! timer. While one batch commits, the next one fills and is encoded, so the encoding no longer
+//! adds to the time between commits (docs/JOURNAL.md, "The batcher and the committer"). Only
+//! after a commit does the committer publish the new committed sequence on a
+//! `tokio::sync::watch` channel, which is what callers await before reporting anything done.
 //!
-//! Fail-stop: the first failure ends the writer. It publishes `failed`, then drops the channel's
-//! receiver, so the engine refuses every later change (`JournalUnavailable`) instead of keeping
-//! state PostgreSQL lacks. Whoever owns the engine (`crate::ledger`) then rebuilds it from
-//! PostgreSQL once PostgreSQL is reachable again.
+//! Fail-stop: the first failure ends the committer (a batcher failure reaches it as the batch it
+//! asked for). It publishes `failed`, then drops its ends of the hand-over channels; the batcher
+//! then drops the engine channel's receiver, so the engine refuses every later change
+//! (`JournalUnavailable`) instead of keeping state PostgreSQL lacks. Whoever owns the engine
+//! (`crate::ledger`) then rebuilds it from PostgreSQL once PostgreSQL is reachable again.
 
 pub mod batch;
 pub(crate) mod copy_rows;
@@ -20,7 +25,7 @@ mod transactions;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use thiserror::Error;
@@ -129,9 +134,10 @@ fn writer_session(options: PgConnectOptions) -> PgConnectOptions {
     options.options([("enable_hashjoin", "off"), ("enable_mergejoin", "off")])
 }
 
-/// The running writer thread.
+/// The running writer: the committer and the batcher threads.
 pub struct Writer {
-    thread: JoinHandle<()>,
+    committer: JoinHandle<()>,
+    batcher: JoinHandle<()>,
 }
 
 impl Writer {
@@ -145,7 +151,11 @@ impl Writer {
         durability: watch::Sender<Durability>,
     ) -> Result<Writer, JournalError> {
         let (ready_sender, ready) = std::sync::mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new().name("journal-writer".to_owned()).spawn(move || {
+        // The committer asks for a batch (`wants`) when it is free; the batcher answers on `batches`.
+        let (wants_sender, wants) = crossbeam_channel::bounded(1);
+        let (batches_sender, batches) = crossbeam_channel::bounded(1);
+        let limits = BatchLimits { max_records: config.max_batch_records, max_bytes: config.max_batch_bytes };
+        let committer = std::thread::Builder::new().name("journal-writer".to_owned()).spawn(move || {
             // The connection lives on this thread's own runtime, so the writer never competes
             // with request handling for an async worker.
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -170,7 +180,14 @@ impl Writer {
                     }
                 };
                 let _ = ready_sender.send(Ok(()));
-                let mut state = WriterLoop { conn, receiver, committed_sequence, config, durability: &durability };
+                let mut state = WriterLoop {
+                    conn,
+                    wants: wants_sender,
+                    batches,
+                    committed_sequence,
+                    config,
+                    durability: &durability,
+                };
                 if let Err(error) = state.run().await {
                     let committed_sequence = state.committed_sequence;
                     // An outage is expected to heal; anything else is a bug or corruption.
@@ -180,34 +197,130 @@ impl Writer {
                         tracing::error!(%error, committed_sequence, "journal writer stopped");
                     }
                     durability.send_modify(|durability| durability.failed = true);
-                    // Dropping the receiver (with `state`) closes the journal: the engine refuses
+                    // Dropping the hand-over channels (with `state`) stops the batcher, which drops
+                    // the engine channel's receiver: the journal is closed, the engine refuses
                     // every later change, and whatever was queued is never reported done.
                     drop(state);
                 }
             });
         })?;
         match ready.recv() {
-            Ok(Ok(())) => Ok(Writer { thread }),
+            Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                let _ = thread.join();
-                Err(error)
+                let _ = committer.join();
+                return Err(error);
             }
-            Err(_) => Err(JournalError::WriterGone),
+            Err(_) => return Err(JournalError::WriterGone),
         }
+        let batcher = std::thread::Builder::new()
+            .name("journal-batcher".to_owned())
+            .spawn(move || fill_batches(&receiver, &wants, &batches_sender, limits))?;
+        Ok(Writer { committer, batcher })
     }
 
     /// Waits for the thread to end: it ends once every sender is gone and the queue is written,
     /// or on its first failure.
     pub fn join(self) {
-        if self.thread.join().is_err() {
+        if self.batcher.join().is_err() {
+            tracing::error!("the journal batcher thread panicked");
+        }
+        if self.committer.join().is_err() {
             tracing::error!("the journal writer thread panicked");
         }
     }
 }
 
+/// How large the batcher lets a batch grow.
+#[derive(Debug, Clone, Copy)]
+struct BatchLimits {
+    max_records: usize,
+    max_bytes: usize,
+}
+
+impl BatchLimits {
+    fn is_full(self, batch: &Batch) -> bool {
+        batch.len() >= self.max_records || batch.bytes() >= self.max_bytes
+    }
+}
+
+/// The batcher thread: fills the next batch from the engine's channel, and hands it over each
+/// time the committer asks. Ends when the engine's senders are all gone (after handing over
+/// what it holds) or when the committer stops asking (it failed, or is gone); either way it
+/// drops `records`, which closes the journal to the engine.
+fn fill_batches(
+    records: &Receiver<JournalRecord>,
+    wants: &Receiver<()>,
+    batches: &Sender<Result<Batch, JournalError>>,
+    limits: BatchLimits,
+) {
+    let mut next = Batch::default();
+    // Where records come from while the batch has room; a full batch waits for the committer.
+    let no_records = crossbeam_channel::never();
+    loop {
+        let source = if limits.is_full(&next) { &no_records } else { records };
+        crossbeam_channel::select! {
+            recv(wants) -> asked => {
+                if asked.is_err() {
+                    return;
+                }
+                let filled = fill_for_handover(records, &mut next, limits);
+                let last = !matches!(filled, Ok(true));
+                if batches.send(filled.map(|_| std::mem::take(&mut next))).is_err() || last {
+                    return;
+                }
+            }
+            recv(source) -> record => {
+                let pushed = match record {
+                    Ok(record) => next.push(record),
+                    // The engine is gone: hand over what is left when asked, then stop.
+                    Err(_) => {
+                        if !next.is_empty() && wants.recv().is_ok() {
+                            let _ = batches.send(Ok(std::mem::take(&mut next)));
+                        }
+                        return;
+                    }
+                };
+                if let Err(error) = pushed {
+                    // Reported to the committer, which fails the journal; nothing more is taken.
+                    if wants.recv().is_ok() {
+                        let _ = batches.send(Err(error));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Readies `next` for the committer: waits for a first record if it is empty, then takes what is
+/// already queued, within `limits`. `Ok(false)`: the engine is gone, so `next` is the last batch
+/// (possibly empty).
+fn fill_for_handover(
+    records: &Receiver<JournalRecord>,
+    next: &mut Batch,
+    limits: BatchLimits,
+) -> Result<bool, JournalError> {
+    if next.is_empty() {
+        match records.recv() {
+            Ok(record) => next.push(record)?,
+            Err(_) => return Ok(false),
+        }
+    }
+    while !limits.is_full(next) {
+        match records.try_recv() {
+            Ok(record) => next.push(record)?,
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Disconnected) => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
 struct WriterLoop<'a> {
     conn: PgConnection,
-    receiver: Receiver<JournalRecord>,
+    /// Asks the batcher for the next batch.
+    wants: Sender<()>,
+    batches: Receiver<Result<Batch, JournalError>>,
     committed_sequence: u64,
     config: JournalConfig,
     durability: &'a watch::Sender<Durability>,
@@ -215,16 +328,14 @@ struct WriterLoop<'a> {
 
 impl WriterLoop<'_> {
     async fn run(&mut self) -> Result<(), JournalError> {
-        let mut batch = Batch::default();
         let mut next_partition_check = Instant::now() + Duration::from_millis(PARTITION_CHECK_INTERVAL_MS);
-        // Blocking on the channel is fine: this thread's runtime serves only this loop.
-        while let Ok(first) = self.receiver.recv() {
-            batch.push(first)?;
-            while batch.len() < self.config.max_batch_records && batch.bytes() < self.config.max_batch_bytes {
-                match self.receiver.try_recv() {
-                    Ok(record) => batch.push(record)?,
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
+        // Blocking on the channels is fine: this thread's runtime serves only this loop. Either
+        // channel disconnected means the batcher ended: the engine is gone and all is handed over.
+        while self.wants.send(()).is_ok() {
+            let Ok(batch) = self.batches.recv() else { break };
+            let batch = batch?;
+            if batch.is_empty() {
+                continue;
             }
             if Instant::now() >= next_partition_check {
                 let maintain = crate::store::maintain_partitions(&mut self.conn, self.config.key_keep_days);
@@ -250,8 +361,101 @@ impl WriterLoop<'_> {
                 self.committed_sequence = last;
                 self.durability.send_modify(|durability| durability.committed_sequence = last);
             }
-            batch.clear();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::record::Origin;
+
+    use super::*;
+
+    fn record(sequence: u64) -> JournalRecord {
+        JournalRecord { sequence, at_ms: 0, origin: Origin::ExpirySweep, effects: Vec::new() }
+    }
+
+    /// The batch's sequences (the batcher keeps the channel's order, so they are consecutive).
+    fn sequences(batch: &Batch) -> Vec<u64> {
+        let sequences: Vec<u64> = match (batch.first_sequence(), batch.last_sequence()) {
+            (Some(first), Some(last)) => (first..=last).collect(),
+            _ => Vec::new(),
+        };
+        assert_eq!(sequences.len(), batch.len());
+        sequences
+    }
+
+    /// Plays the committer: asks for batches until the batcher ends; returns them.
+    fn take_batches(wants: &Sender<()>, batches: &Receiver<Result<Batch, JournalError>>) -> Vec<Vec<u64>> {
+        let mut taken = Vec::new();
+        while wants.send(()).is_ok() {
+            let Ok(batch) = batches.recv() else { break };
+            let batch = batch.unwrap();
+            taken.push(sequences(&batch));
+        }
+        taken
+    }
+
+    /// Every record is handed over once, in order, in batches within the limit; once the engine
+    /// is gone, what was left is handed over and the batcher ends.
+    #[test]
+    fn the_batcher_hands_over_every_record_in_order_within_its_limits() {
+        let (records_sender, records) = crossbeam_channel::bounded(64);
+        let (wants_sender, wants) = crossbeam_channel::bounded(1);
+        let (batches_sender, batches) = crossbeam_channel::bounded(1);
+        let limits = BatchLimits { max_records: 3, max_bytes: usize::MAX };
+        let batcher = std::thread::spawn(move || fill_batches(&records, &wants, &batches_sender, limits));
+        for sequence in 1..=10 {
+            records_sender.send(record(sequence)).unwrap();
+        }
+        drop(records_sender);
+        let taken = take_batches(&wants_sender, &batches);
+        batcher.join().unwrap();
+        assert!(taken.iter().all(|batch| batch.len() <= 3), "{taken:?}");
+        assert_eq!(taken.concat(), (1..=10).collect::<Vec<u64>>());
+    }
+
+    /// Records arriving while the committer is busy wait in the next batch, and are handed over
+    /// together when it asks again.
+    #[test]
+    fn records_arriving_during_a_commit_fill_the_next_batch() {
+        let (records_sender, records) = crossbeam_channel::bounded(64);
+        let (wants_sender, wants) = crossbeam_channel::bounded(1);
+        let (batches_sender, batches) = crossbeam_channel::bounded(1);
+        let limits = BatchLimits { max_records: 100, max_bytes: usize::MAX };
+        let batcher = std::thread::spawn(move || fill_batches(&records, &wants, &batches_sender, limits));
+        records_sender.send(record(1)).unwrap();
+        wants_sender.send(()).unwrap();
+        let first = batches.recv().unwrap().unwrap();
+        assert_eq!(first.len(), 1);
+        // "Committing" the first batch: these arrive meanwhile.
+        for sequence in 2..=6 {
+            records_sender.send(record(sequence)).unwrap();
+        }
+        while !records_sender.is_empty() {
+            std::thread::yield_now();
+        }
+        wants_sender.send(()).unwrap();
+        let second = batches.recv().unwrap().unwrap();
+        assert_eq!(sequences(&second), vec![2, 3, 4, 5, 6]);
+        drop(records_sender);
+        assert!(take_batches(&wants_sender, &batches).iter().all(Vec::is_empty));
+        batcher.join().unwrap();
+    }
+
+    /// A committer that stops asking (it failed) stops the batcher, which closes the journal to
+    /// the engine.
+    #[test]
+    fn a_stopped_committer_closes_the_journal() {
+        let (records_sender, records) = crossbeam_channel::bounded(64);
+        let (wants_sender, wants) = crossbeam_channel::bounded::<()>(1);
+        let (batches_sender, batches) = crossbeam_channel::bounded(1);
+        let limits = BatchLimits { max_records: 100, max_bytes: usize::MAX };
+        let batcher = std::thread::spawn(move || fill_batches(&records, &wants, &batches_sender, limits));
+        records_sender.send(record(1)).unwrap();
+        drop((wants_sender, batches));
+        batcher.join().unwrap();
+        assert!(records_sender.send(record(2)).is_err(), "the engine's sink is closed");
     }
 }

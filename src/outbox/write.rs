@@ -18,7 +18,7 @@ use crate::journal::copy_rows::CopyRows;
 use crate::store::codec;
 
 /// The events of a batch, as columns.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(crate) struct EventRows {
     event_ids: Vec<Uuid>,
     sequences: Vec<i64>,
@@ -33,28 +33,26 @@ pub(crate) struct EventRows {
 }
 
 impl EventRows {
-    pub(crate) fn of(records: &[JournalRecord]) -> Result<EventRows, JournalError> {
-        let mut rows = EventRows::default();
-        for record in records {
-            let events = events_of(record);
-            let Some(first) = events.first() else { continue };
-            rows.metadata.push(serde_json::to_string(&first.metadata)?);
-            let metadata_index = rows.metadata.len() - 1;
-            for event in events {
-                debug_assert_eq!(event.sequence, record.sequence);
-                rows.event_ids.push(event.event_id);
-                rows.sequences.push(codec::to_bigint(event.sequence)?);
-                rows.ordinals.push(i32::try_from(event.ordinal).map_err(|_| {
-                    JournalError::Inconsistent(format!("record {} has more events than fit an integer", event.sequence))
-                })?);
-                rows.aggregate_types.push(event.aggregate.name());
-                rows.aggregate_ids.push(event.aggregate_id);
-                rows.event_types.push(event.event_type);
-                rows.payloads.push(serde_json::to_string(&event.payload)?);
-                rows.metadata_of.push(metadata_index);
-            }
+    /// Adds the events of `record`, the batch's next record.
+    pub(crate) fn add(&mut self, record: &JournalRecord) -> Result<(), JournalError> {
+        let events = events_of(record);
+        let Some(first) = events.first() else { return Ok(()) };
+        self.metadata.push(serde_json::to_string(&first.metadata)?);
+        let metadata_index = self.metadata.len() - 1;
+        for event in events {
+            debug_assert_eq!(event.sequence, record.sequence);
+            self.event_ids.push(event.event_id);
+            self.sequences.push(codec::to_bigint(event.sequence)?);
+            self.ordinals.push(i32::try_from(event.ordinal).map_err(|_| {
+                JournalError::Inconsistent(format!("record {} has more events than fit an integer", event.sequence))
+            })?);
+            self.aggregate_types.push(event.aggregate.name());
+            self.aggregate_ids.push(event.aggregate_id);
+            self.event_types.push(event.event_type);
+            self.payloads.push(serde_json::to_string(&event.payload)?);
+            self.metadata_of.push(metadata_index);
         }
-        Ok(rows)
+        Ok(())
     }
 
     fn len(&self) -> usize {
@@ -66,16 +64,16 @@ impl EventRows {
     }
 
     /// Binds the rows as the `e_*` arguments of `ledger.write_batch`, in its parameter order.
-    pub(crate) fn bind(self, call: WriteBatchCall<'_>) -> WriteBatchCall<'_> {
+    pub(crate) fn bind<'q>(&'q self, call: WriteBatchCall<'q>) -> WriteBatchCall<'q> {
         let metadata: Vec<&str> = self.metadata_of.iter().map(|index| self.metadata[*index].as_str()).collect();
-        call.bind(self.event_ids)
-            .bind(self.sequences)
-            .bind(self.ordinals)
-            .bind(self.aggregate_types)
-            .bind(self.aggregate_ids)
-            .bind(self.event_types)
+        call.bind(&self.event_ids)
+            .bind(&self.sequences)
+            .bind(&self.ordinals)
+            .bind(&self.aggregate_types)
+            .bind(&self.aggregate_ids)
+            .bind(&self.event_types)
             .bind(PAYLOAD_VERSION)
-            .bind(self.payloads)
+            .bind(&self.payloads)
             .bind(metadata)
     }
 
