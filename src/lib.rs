@@ -4,8 +4,8 @@
 //!
 //! - [`engine`]: the in-memory, sharded, synchronous balance engine (no I/O). It applies
 //!   operations atomically and hands every change, in sequence order, to a journal sink.
-//! - [`journal`]: the writer thread that commits those changes to PostgreSQL in batches and
-//!   publishes the committed sequence.
+//! - [`journal`]: the writer threads that commit those changes to PostgreSQL in batches and
+//!   publish the committed sequence.
 //! - [`store`]: PostgreSQL itself: migrations, recovery at start-up, `verify`.
 //! - [`ledger`]: the durable handle callers use: execute, then wait until the change is durable;
 //!   fail-stop and reload when PostgreSQL fails.

@@ -31,7 +31,7 @@ use crate::store::codec;
 /// Records drained from the channel, each already encoded as the JSON the journal stores, with
 /// the projection changes and outbox rows they add up to. All of it is built as records are
 /// pushed, so the writer's batcher does this work while the previous batch commits (see
-/// `super`), and the commit itself only binds and sends.
+/// `super`); the commit binds what is ready (or COPYs it) and sends it.
 #[derive(Debug, Default)]
 pub struct Batch {
     records: Vec<JournalRecord>,
@@ -73,6 +73,12 @@ impl Batch {
 
     pub fn last_sequence(&self) -> Option<u64> {
         self.records.last().map(|record| record.sequence)
+    }
+
+    /// The records' sequences, in batch order.
+    #[cfg(test)]
+    pub(super) fn sequences(&self) -> Vec<u64> {
+        self.records.iter().map(|record| record.sequence).collect()
     }
 }
 

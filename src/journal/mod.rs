@@ -12,9 +12,10 @@
 //! after a commit does the committer publish the new committed sequence on a
 //! `tokio::sync::watch` channel, which is what callers await before reporting anything done.
 //!
-//! Fail-stop: the first failure ends the committer (a batcher failure reaches it as the batch it
-//! asked for). It publishes `failed`, then drops its ends of the hand-over channels; the batcher
-//! then drops the engine channel's receiver, so the engine refuses every later change
+//! Fail-stop: the first failure ends the committer (an encoding failure reaches it as the answer
+//! to its ask, a vanished batcher as a hand-over channel closed without the last batch). It
+//! publishes `failed`, then drops its ends of the hand-over channels; only then does the batcher
+//! drop the engine channel's receiver, so the engine refuses every later change
 //! (`JournalUnavailable`) instead of keeping state PostgreSQL lacks. Whoever owns the engine
 //! (`crate::ledger`) then rebuilds it from PostgreSQL once PostgreSQL is reachable again.
 
@@ -48,11 +49,12 @@ pub const PARTITION_RETRY_INTERVAL_MS: u64 = 60 * 1_000;
 
 #[derive(Debug, Clone)]
 pub struct JournalConfig {
-    /// Records the engine may hand over before it waits for the writer (back-pressure).
+    /// Records the engine may hand over before it waits for the writer (back-pressure). Not
+    /// counting the batch the batcher is filling and the one being committed.
     pub channel_capacity: usize,
     /// The most records one PostgreSQL transaction carries.
     pub max_batch_records: usize,
-    /// The most encoded bytes (journal JSON plus idempotency JSON) one transaction carries; a
+    /// The most encoded bytes (the journal rows' JSON) one transaction carries; a
     /// batch stops growing once it reaches this.
     pub max_batch_bytes: usize,
     /// Batches of at least this many encoded bytes append with binary COPY rather than UNNEST
@@ -104,7 +106,7 @@ pub enum JournalError {
     Inconsistent(String),
     #[error("starting the journal writer thread: {0}")]
     Thread(#[from] std::io::Error),
-    #[error("the journal writer thread ended before it was ready")]
+    #[error("a journal writer thread ended without finishing its work")]
     WriterGone,
     #[error("connecting to PostgreSQL took longer than {CONNECT_TIMEOUT_MS} ms")]
     ConnectTimeout,
@@ -141,7 +143,7 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Connects, then starts the writer thread draining `receiver`. `committed_sequence` is the
+    /// Connects, then starts the committer and the batcher, which drains `receiver`. `committed_sequence` is the
     /// checkpoint the engine was loaded at; progress and failure are published on `durability`.
     pub fn start(
         options: PgConnectOptions,
@@ -152,7 +154,7 @@ impl Writer {
     ) -> Result<Writer, JournalError> {
         let (ready_sender, ready) = std::sync::mpsc::sync_channel(1);
         // The committer asks for a batch (`wants`) when it is free; the batcher answers on `batches`.
-        let (wants_sender, wants) = crossbeam_channel::bounded(1);
+        let (wants_sender, wants) = crossbeam_channel::bounded::<()>(1);
         let (batches_sender, batches) = crossbeam_channel::bounded(1);
         let limits = BatchLimits { max_records: config.max_batch_records, max_bytes: config.max_batch_bytes };
         let committer = std::thread::Builder::new().name("journal-writer".to_owned()).spawn(move || {
@@ -218,14 +220,14 @@ impl Writer {
         Ok(Writer { committer, batcher })
     }
 
-    /// Waits for the thread to end: it ends once every sender is gone and the queue is written,
+    /// Waits for both threads to end: they end once every sender is gone and the queue is written,
     /// or on its first failure.
     pub fn join(self) {
         if self.batcher.join().is_err() {
             tracing::error!("the journal batcher thread panicked");
         }
         if self.committer.join().is_err() {
-            tracing::error!("the journal writer thread panicked");
+            tracing::error!("the journal committer thread panicked");
         }
     }
 }
@@ -243,14 +245,26 @@ impl BatchLimits {
     }
 }
 
+/// What the batcher answers when the committer asks for a batch.
+#[derive(Debug)]
+enum Handover {
+    /// The next batch (never empty).
+    Batch(Batch),
+    /// The engine is gone: this is the last batch (possibly empty), and the batcher has ended.
+    Last(Batch),
+    /// Encoding a record failed; the journal must stop.
+    Failed(JournalError),
+}
+
 /// The batcher thread: fills the next batch from the engine's channel, and hands it over each
-/// time the committer asks. Ends when the engine's senders are all gone (after handing over
-/// what it holds) or when the committer stops asking (it failed, or is gone); either way it
-/// drops `records`, which closes the journal to the engine.
+/// time the committer asks. Ends after handing over the last batch once the engine's senders are
+/// all gone, or when the committer stops asking (it failed, or is gone); either way it drops
+/// `records`, which closes the journal to the engine. A batcher that ends any other way (a
+/// panic) is noticed by the committer as a hand-over channel closed without `Last`.
 fn fill_batches(
     records: &Receiver<JournalRecord>,
     wants: &Receiver<()>,
-    batches: &Sender<Result<Batch, JournalError>>,
+    batches: &Sender<Handover>,
     limits: BatchLimits,
 ) {
     let mut next = Batch::default();
@@ -263,32 +277,40 @@ fn fill_batches(
                 if asked.is_err() {
                     return;
                 }
-                let filled = fill_for_handover(records, &mut next, limits);
-                let last = !matches!(filled, Ok(true));
-                if batches.send(filled.map(|_| std::mem::take(&mut next))).is_err() || last {
-                    return;
+                let handover = match fill_for_handover(records, &mut next, limits) {
+                    Ok(true) => Handover::Batch(std::mem::take(&mut next)),
+                    Ok(false) => Handover::Last(std::mem::take(&mut next)),
+                    Err(error) => Handover::Failed(error),
+                };
+                let ends = !matches!(handover, Handover::Batch(_));
+                let failed = matches!(handover, Handover::Failed(_));
+                if batches.send(handover).is_err() || ends {
+                    return finish(wants, failed);
                 }
             }
             recv(source) -> record => {
-                let pushed = match record {
-                    Ok(record) => next.push(record),
-                    // The engine is gone: hand over what is left when asked, then stop.
-                    Err(_) => {
-                        if !next.is_empty() && wants.recv().is_ok() {
-                            let _ = batches.send(Ok(std::mem::take(&mut next)));
-                        }
-                        return;
-                    }
+                let handover = match record.map(|record| next.push(record)) {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(error)) => Handover::Failed(error),
+                    Err(_) => Handover::Last(std::mem::take(&mut next)),
                 };
-                if let Err(error) = pushed {
-                    // Reported to the committer, which fails the journal; nothing more is taken.
-                    if wants.recv().is_ok() {
-                        let _ = batches.send(Err(error));
-                    }
-                    return;
+                // The engine is gone, or a record could not be encoded: answer the next ask, then stop.
+                let failed = matches!(handover, Handover::Failed(_));
+                if wants.recv().is_ok() && batches.send(handover).is_ok() {
+                    finish(wants, failed);
                 }
+                return;
             }
         }
+    }
+}
+
+/// After its last answer: a batcher that reported a failure waits until the committer is gone
+/// (it drops its end of `wants` only after publishing `failed`), so the engine's sink closes
+/// after `failed` is published, never before.
+fn finish(wants: &Receiver<()>, reported_failure: bool) {
+    if reported_failure {
+        while wants.recv().is_ok() {}
     }
 }
 
@@ -316,11 +338,37 @@ fn fill_for_handover(
     Ok(true)
 }
 
+/// The committer's side of the hand-over: asks for the next batch and waits for it. `Ok(None)`:
+/// the batcher handed over everything and ended. A batcher that vanished without saying so (it
+/// panicked) is an error, so the journal stops as it would on any other failure.
+fn next_batch(
+    wants: &Sender<()>,
+    batches: &Receiver<Handover>,
+    closed: &mut bool,
+) -> Result<Option<Batch>, JournalError> {
+    if *closed {
+        return Ok(None);
+    }
+    let answer = match wants.send(()) {
+        Ok(()) => batches.recv().ok(),
+        Err(_) => None,
+    };
+    match answer {
+        Some(Handover::Batch(batch)) => Ok(Some(batch)),
+        Some(Handover::Last(batch)) => {
+            *closed = true;
+            Ok(Some(batch))
+        }
+        Some(Handover::Failed(error)) => Err(error),
+        None => Err(JournalError::WriterGone),
+    }
+}
+
 struct WriterLoop<'a> {
     conn: PgConnection,
     /// Asks the batcher for the next batch.
     wants: Sender<()>,
-    batches: Receiver<Result<Batch, JournalError>>,
+    batches: Receiver<Handover>,
     committed_sequence: u64,
     config: JournalConfig,
     durability: &'a watch::Sender<Durability>,
@@ -329,11 +377,9 @@ struct WriterLoop<'a> {
 impl WriterLoop<'_> {
     async fn run(&mut self) -> Result<(), JournalError> {
         let mut next_partition_check = Instant::now() + Duration::from_millis(PARTITION_CHECK_INTERVAL_MS);
-        // Blocking on the channels is fine: this thread's runtime serves only this loop. Either
-        // channel disconnected means the batcher ended: the engine is gone and all is handed over.
-        while self.wants.send(()).is_ok() {
-            let Ok(batch) = self.batches.recv() else { break };
-            let batch = batch?;
+        let mut closed = false;
+        // Blocking on the channels is fine: this thread's runtime serves only this loop.
+        while let Some(batch) = next_batch(&self.wants, &self.batches, &mut closed)? {
             if batch.is_empty() {
                 continue;
             }
@@ -376,25 +422,21 @@ mod tests {
         JournalRecord { sequence, at_ms: 0, origin: Origin::ExpirySweep, effects: Vec::new() }
     }
 
-    /// The batch's sequences (the batcher keeps the channel's order, so they are consecutive).
-    fn sequences(batch: &Batch) -> Vec<u64> {
-        let sequences: Vec<u64> = match (batch.first_sequence(), batch.last_sequence()) {
-            (Some(first), Some(last)) => (first..=last).collect(),
-            _ => Vec::new(),
-        };
-        assert_eq!(sequences.len(), batch.len());
-        sequences
-    }
-
-    /// Plays the committer: asks for batches until the batcher ends; returns them.
-    fn take_batches(wants: &Sender<()>, batches: &Receiver<Result<Batch, JournalError>>) -> Vec<Vec<u64>> {
+    /// Plays the committer: asks for batches until the batcher has handed over its last one.
+    fn take_batches(wants: &Sender<()>, batches: &Receiver<Handover>) -> Vec<Vec<u64>> {
         let mut taken = Vec::new();
-        while wants.send(()).is_ok() {
-            let Ok(batch) = batches.recv() else { break };
-            let batch = batch.unwrap();
-            taken.push(sequences(&batch));
+        let mut closed = false;
+        while let Some(batch) = next_batch(wants, batches, &mut closed).unwrap() {
+            taken.push(batch.sequences());
         }
         taken
+    }
+
+    fn batch_of(handover: Handover) -> Batch {
+        match handover {
+            Handover::Batch(batch) => batch,
+            other => panic!("expected a batch, got {other:?}"),
+        }
     }
 
     /// Every record is handed over once, in order, in batches within the limit; once the engine
@@ -427,18 +469,20 @@ mod tests {
         let batcher = std::thread::spawn(move || fill_batches(&records, &wants, &batches_sender, limits));
         records_sender.send(record(1)).unwrap();
         wants_sender.send(()).unwrap();
-        let first = batches.recv().unwrap().unwrap();
+        let first = batch_of(batches.recv().unwrap());
         assert_eq!(first.len(), 1);
         // "Committing" the first batch: these arrive meanwhile.
         for sequence in 2..=6 {
             records_sender.send(record(sequence)).unwrap();
         }
+        let deadline = Instant::now() + Duration::from_secs(10);
         while !records_sender.is_empty() {
+            assert!(Instant::now() < deadline, "the batcher stopped draining the engine's channel");
             std::thread::yield_now();
         }
         wants_sender.send(()).unwrap();
-        let second = batches.recv().unwrap().unwrap();
-        assert_eq!(sequences(&second), vec![2, 3, 4, 5, 6]);
+        let second = batch_of(batches.recv().unwrap());
+        assert_eq!(second.sequences(), vec![2, 3, 4, 5, 6]);
         drop(records_sender);
         assert!(take_batches(&wants_sender, &batches).iter().all(Vec::is_empty));
         batcher.join().unwrap();
@@ -457,5 +501,21 @@ mod tests {
         drop((wants_sender, batches));
         batcher.join().unwrap();
         assert!(records_sender.send(record(2)).is_err(), "the engine's sink is closed");
+    }
+
+    /// A batcher that ends without handing over its last batch (it panicked) stops the journal:
+    /// the committer gets an error, not a clean end.
+    #[test]
+    fn a_batcher_that_vanishes_is_a_failure_not_an_end() {
+        let (wants_sender, wants) = crossbeam_channel::bounded::<()>(1);
+        let (batches_sender, batches) = crossbeam_channel::bounded::<Handover>(1);
+        let vanishing = std::thread::spawn(move || {
+            let _asked = wants.recv();
+            drop(batches_sender);
+        });
+        let mut closed = false;
+        let taken = next_batch(&wants_sender, &batches, &mut closed);
+        vanishing.join().unwrap();
+        assert!(matches!(taken, Err(JournalError::WriterGone)), "{taken:?}");
     }
 }
