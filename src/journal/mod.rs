@@ -432,6 +432,19 @@ mod tests {
         taken
     }
 
+    /// A batcher thread on fresh channels, batches of at most `max_records`; returns the engine's
+    /// end, the committer's two ends and the thread.
+    fn start_batcher(
+        max_records: usize,
+    ) -> (Sender<JournalRecord>, Sender<()>, Receiver<Handover>, std::thread::JoinHandle<()>) {
+        let (records_sender, records) = crossbeam_channel::bounded(64);
+        let (wants_sender, wants) = crossbeam_channel::bounded(1);
+        let (batches_sender, batches) = crossbeam_channel::bounded(1);
+        let limits = BatchLimits { max_records, max_bytes: usize::MAX };
+        let batcher = std::thread::spawn(move || fill_batches(&records, &wants, &batches_sender, limits));
+        (records_sender, wants_sender, batches, batcher)
+    }
+
     fn batch_of(handover: Handover) -> Batch {
         match handover {
             Handover::Batch(batch) => batch,
@@ -443,11 +456,7 @@ mod tests {
     /// is gone, what was left is handed over and the batcher ends.
     #[test]
     fn the_batcher_hands_over_every_record_in_order_within_its_limits() {
-        let (records_sender, records) = crossbeam_channel::bounded(64);
-        let (wants_sender, wants) = crossbeam_channel::bounded(1);
-        let (batches_sender, batches) = crossbeam_channel::bounded(1);
-        let limits = BatchLimits { max_records: 3, max_bytes: usize::MAX };
-        let batcher = std::thread::spawn(move || fill_batches(&records, &wants, &batches_sender, limits));
+        let (records_sender, wants_sender, batches, batcher) = start_batcher(3);
         for sequence in 1..=10 {
             records_sender.send(record(sequence)).unwrap();
         }
@@ -462,11 +471,7 @@ mod tests {
     /// together when it asks again.
     #[test]
     fn records_arriving_during_a_commit_fill_the_next_batch() {
-        let (records_sender, records) = crossbeam_channel::bounded(64);
-        let (wants_sender, wants) = crossbeam_channel::bounded(1);
-        let (batches_sender, batches) = crossbeam_channel::bounded(1);
-        let limits = BatchLimits { max_records: 100, max_bytes: usize::MAX };
-        let batcher = std::thread::spawn(move || fill_batches(&records, &wants, &batches_sender, limits));
+        let (records_sender, wants_sender, batches, batcher) = start_batcher(100);
         records_sender.send(record(1)).unwrap();
         wants_sender.send(()).unwrap();
         let first = batch_of(batches.recv().unwrap());
@@ -492,11 +497,7 @@ mod tests {
     /// the engine.
     #[test]
     fn a_stopped_committer_closes_the_journal() {
-        let (records_sender, records) = crossbeam_channel::bounded(64);
-        let (wants_sender, wants) = crossbeam_channel::bounded::<()>(1);
-        let (batches_sender, batches) = crossbeam_channel::bounded(1);
-        let limits = BatchLimits { max_records: 100, max_bytes: usize::MAX };
-        let batcher = std::thread::spawn(move || fill_batches(&records, &wants, &batches_sender, limits));
+        let (records_sender, wants_sender, batches, batcher) = start_batcher(100);
         records_sender.send(record(1)).unwrap();
         drop((wants_sender, batches));
         batcher.join().unwrap();
