@@ -1,6 +1,7 @@
 //! Rows in PostgreSQL's binary COPY format, for the plain appends of a large journal batch
 //! (journal rows, idempotency keys, outbox events): COPY costs PostgreSQL less per row than
-//! INSERT ... SELECT FROM UNNEST, which builds and unpacks arrays.
+//! INSERT ... SELECT FROM UNNEST, which builds and unpacks arrays. Public so that
+//! `benches/journal.rs` can time PostgreSQL's own ceiling with the writer's own encoding.
 
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -8,14 +9,14 @@ use uuid::Uuid;
 use super::JournalError;
 
 /// A COPY payload being built: the header, then rows, then the trailer `copy_into` adds.
-pub(crate) struct CopyRows {
+pub struct CopyRows {
     buffer: Vec<u8>,
 }
 
 impl CopyRows {
     const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
-    pub(crate) fn new(capacity_bytes: usize) -> CopyRows {
+    pub fn new(capacity_bytes: usize) -> CopyRows {
         let mut buffer = Vec::with_capacity(capacity_bytes + 32);
         buffer.extend_from_slice(Self::SIGNATURE);
         buffer.extend_from_slice(&0_i32.to_be_bytes()); // flags
@@ -23,17 +24,17 @@ impl CopyRows {
         CopyRows { buffer }
     }
 
-    pub(crate) fn row(&mut self, columns: i16) {
+    pub fn row(&mut self, columns: i16) {
         self.buffer.extend_from_slice(&columns.to_be_bytes());
     }
 
-    pub(crate) fn int8(&mut self, value: i64) {
+    pub fn int8(&mut self, value: i64) {
         self.buffer.extend_from_slice(&8_i32.to_be_bytes());
         self.buffer.extend_from_slice(&value.to_be_bytes());
     }
 
     /// text and json share their binary format: the UTF-8 bytes.
-    pub(crate) fn text(&mut self, value: &str) -> Result<(), JournalError> {
+    pub fn text(&mut self, value: &str) -> Result<(), JournalError> {
         let length = i32::try_from(value.len()).map_err(|_| {
             JournalError::Inconsistent(format!("a {} byte value is too large for PostgreSQL", value.len()))
         })?;
@@ -42,26 +43,26 @@ impl CopyRows {
         Ok(())
     }
 
-    pub(crate) fn int4(&mut self, value: i32) {
+    pub fn int4(&mut self, value: i32) {
         self.buffer.extend_from_slice(&4_i32.to_be_bytes());
         self.buffer.extend_from_slice(&value.to_be_bytes());
     }
 
-    pub(crate) fn int2(&mut self, value: i16) {
+    pub fn int2(&mut self, value: i16) {
         self.buffer.extend_from_slice(&2_i32.to_be_bytes());
         self.buffer.extend_from_slice(&value.to_be_bytes());
     }
 
-    pub(crate) fn uuid(&mut self, value: Uuid) {
+    pub fn uuid(&mut self, value: Uuid) {
         self.buffer.extend_from_slice(&16_i32.to_be_bytes());
         self.buffer.extend_from_slice(value.as_bytes());
     }
 
-    pub(crate) fn null(&mut self) {
+    pub fn null(&mut self) {
         self.buffer.extend_from_slice(&(-1_i32).to_be_bytes());
     }
 
-    pub(crate) async fn copy_into(mut self, tx: &mut PgConnection, statement: &str) -> Result<u64, JournalError> {
+    pub async fn copy_into(mut self, tx: &mut PgConnection, statement: &str) -> Result<u64, JournalError> {
         self.buffer.extend_from_slice(&(-1_i16).to_be_bytes());
         let mut copy = tx.copy_in_raw(statement).await?;
         // On an error the transaction is abandoned and the writer stops with its connection.

@@ -20,7 +20,7 @@
 //! (`crate::ledger`) then rebuilds it from PostgreSQL once PostgreSQL is reachable again.
 
 pub mod batch;
-pub(crate) mod copy_rows;
+pub mod copy_rows;
 mod transactions;
 
 use std::thread::JoinHandle;
