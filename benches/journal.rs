@@ -9,17 +9,19 @@
 //! to `Ledger::submit`, each answered only once its batch committed (engine, channel, writer thread
 //! and PostgreSQL, with batches forming by themselves).
 //!
-//! PostgreSQL's own ceiling: the same appends (journal rows, idempotency keys, outbox events), shaped
-//! like the rows the journal alone just wrote, sent with COPY from payloads built before the clock
-//! starts, in transactions of 4 096 operations, on one and on two backends. The client does
-//! nothing but send bytes, so this is about as fast as PostgreSQL appends these rows here.
-//!
 //! Baseline: what a service without the engine would do: each transfer its own transaction
 //! (SELECT ... FOR UPDATE both balances, UPDATE both, INSERT a history row, COMMIT), with 1 and
 //! with 16 concurrent connections, and with 16 on the 100 hot accounts.
 //!
-//! Run: `cargo bench --bench journal` (DATABASE_URL names a role that can create databases;
-//! default postgres://postgres@127.0.0.1:5432/postgres). It creates and drops its own databases.
+//! PostgreSQL's own ceiling: the same appends (journal rows, idempotency keys, outbox events), shaped
+//! like the rows the journal alone wrote, sent with binary COPY from payloads built before the
+//! clock starts, in transactions of 4 096 operations, on one and on two backends. The client only
+//! sends bytes, so this is about as fast as PostgreSQL, with its settings and over the same kind
+//! of connection as the writer, appends these rows here.
+//!
+//! Run: `cargo bench --bench journal` (DATABASE_URL names a role that can create databases and
+//! run CHECKPOINT, i.e. a superuser or a member of pg_checkpoint; default
+//! postgres://postgres@127.0.0.1:5432/postgres). It creates and drops its own databases.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -62,11 +64,11 @@ const LEDGER_RUNS: [(usize, usize); 2] = [(64, 50_000), (4_096, 400_000)];
 /// (concurrent connections, transfers, accounts) for the per-operation baseline.
 const BASELINE_RUNS: [(usize, usize, u64); 3] =
     [(1, 2_000, ACCOUNTS), (16, 8_000, ACCOUNTS), (16, 8_000, HOT_ACCOUNTS)];
-/// Operations per transaction in the ceiling passes: the writer's large batches.
+/// Operations per transaction in the ceiling's rounds: the writer's large batches.
 const CEILING_OPERATIONS_PER_TRANSACTION: i64 = 4_096;
-/// Operations each backend appends in one ceiling pass: a few seconds' worth.
-const CEILING_OPERATIONS_PER_PASS: i64 = 25 * CEILING_OPERATIONS_PER_TRANSACTION;
-/// How many times each ceiling pass runs, so its spread shows.
+/// Operations each backend appends in one ceiling round: about a second's worth or more.
+const CEILING_OPERATIONS_PER_ROUND: i64 = 25 * CEILING_OPERATIONS_PER_TRANSACTION;
+/// Rounds of each ceiling configuration, so its spread shows.
 const CEILING_ROUNDS: usize = 3;
 const JOURNAL_DATABASE: &str = "diboas_bench_journal";
 const LEDGER_DATABASE: &str = "diboas_bench_ledger";
@@ -83,22 +85,29 @@ fn main() -> Result<(), BenchError> {
     runtime.block_on(async {
         let journal_options = fresh_database(&base, JOURNAL_DATABASE).await?;
         let journal = journal_alone(&journal_options).await?;
-        let ceiling = postgres_ceiling(&journal_options).await?;
         let baseline = baseline(&journal_options).await?;
+        // After the baseline: the ceiling writes gigabytes that PostgreSQL flushes for a while.
+        let ceiling = postgres_ceiling(&journal_options).await?;
         drop_database(&journal_options).await?;
         let ledger_options = fresh_database(&base, LEDGER_DATABASE).await?;
         let ledger = through_ledger(&ledger_options).await?;
         drop_database(&ledger_options).await?;
         println!("best journal alone / best baseline: {:.1}x", journal / baseline);
-        println!("best journal alone / PostgreSQL's ceiling for the same appends: {:.0} %", 100.0 * journal / ceiling);
+        println!(
+            "best journal alone / PostgreSQL's ceiling for the same appends on one backend: {:.0} %",
+            100.0 * journal / ceiling
+        );
         println!("through the ledger / best baseline: {:.1}x", ledger / baseline);
         Ok(())
     })
 }
 
+/// The URL of `options`; a Unix socket directory as host is percent-encoded, so the bench also
+/// runs over a socket (`DATABASE_URL=postgres://postgres@%2Fvar%2Frun%2Fpostgresql/postgres`).
 fn url_of(options: &PgConnectOptions) -> String {
     let database = options.get_database().unwrap_or("postgres");
-    format!("postgres://{}@{}:{}/{database}", options.get_username(), options.get_host(), options.get_port())
+    let host = options.get_host().replace('/', "%2F");
+    format!("postgres://{}@{host}:{}/{database}", options.get_username(), options.get_port())
 }
 
 async fn fresh_database(base: &PgConnectOptions, name: &str) -> Result<PgConnectOptions, BenchError> {
@@ -207,14 +216,22 @@ async fn journal_alone(options: &PgConnectOptions) -> Result<f64, BenchError> {
     Ok(best)
 }
 
-/// The last transfer the journal alone wrote: its record's JSON and its outbox events, each event
-/// as (aggregate type, aggregate id, event type, payload JSON, metadata JSON).
-struct CeilingSample {
-    record: String,
-    events: Vec<(String, String, String, String, String)>,
+/// One outbox event of the sampled transfer, as the writer stores it.
+struct SampleEvent {
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    payload: String,
+    metadata: String,
 }
 
-/// What one ceiling pass appends per operation.
+/// The last transfer the journal alone wrote: its record's JSON and its outbox events.
+struct CeilingSample {
+    record: String,
+    events: Vec<SampleEvent>,
+}
+
+/// What a ceiling configuration appends per operation.
 #[derive(Clone, Copy)]
 enum CeilingRows {
     /// The journal row only.
@@ -223,31 +240,40 @@ enum CeilingRows {
     Full,
 }
 
-/// The COPY payloads of one transaction, built before the clock starts; keys and events only
-/// in a full pass.
+/// The COPY payloads of one transaction, built before the clock starts.
 struct CeilingTransaction {
+    operations: u64,
     journal: CopyRows,
-    keys_and_events: Option<(CopyRows, CopyRows)>,
+    /// In a `CeilingRows::Full` configuration only.
+    keys_and_events: Option<KeysAndEvents>,
 }
 
-/// PostgreSQL appending, with nothing else to do, the rows the writer appends; returns the best
+/// The idempotency keys (one per operation) and outbox events of one transaction.
+struct KeysAndEvents {
+    keys: CopyRows,
+    events: CopyRows,
+    event_rows: u64,
+}
+
+/// PostgreSQL appending, with nothing else to do, the rows the writer appends. Returns the best
 /// operations per second of the full set (journal row, idempotency key and the transfer's outbox
-/// events).
+/// events) on one backend, as the writer has one connection.
 ///
-/// Every payload is built before its pass starts, with the writer's own binary COPY encoding
-/// (`CopyRows`), so during the pass the client only sends bytes: COPY and COMMIT,
-/// `CEILING_OPERATIONS_PER_TRANSACTION` operations per transaction, as the writer's large
-/// batches do. The rows copy the last
-/// transfer the journal alone wrote, so they are as large as real ones. Balance updates are left
-/// out, so the figure is generous. Each pass starts after an untimed CHECKPOINT, so no pass pays
-/// for an earlier pass's dirty pages, and each runs `CEILING_ROUNDS` times.
+/// Every payload is built before its round starts, with the writer's own binary COPY encoder
+/// (`CopyRows`), so during a round the client only sends bytes: BEGIN, the COPYs, COMMIT, with
+/// `CEILING_OPERATIONS_PER_TRANSACTION` operations per transaction as in the writer's large
+/// batches, over the same connection kind as the writer (sqlx, `DATABASE_URL`). The rows copy the
+/// last transfer the journal alone wrote, so they are as large as real ones. Balance updates are
+/// left out, so the figure is generous. Every round starts after an untimed CHECKPOINT, so no
+/// round pays for an earlier one's dirty pages.
 async fn postgres_ceiling(options: &PgConnectOptions) -> Result<f64, BenchError> {
     let mut conn = PgConnection::connect_with(options).await?;
-    let (last_sequence, record): (i64, String) = sqlx::query_as(
-        "SELECT sequence, record::text FROM ledger.journal WHERE kind = 'request' ORDER BY sequence DESC LIMIT 1",
-    )
-    .fetch_one(&mut conn)
-    .await?;
+    let (last_sequence,): (i64,) =
+        sqlx::query_as("SELECT max(sequence) FROM ledger.journal").fetch_one(&mut conn).await?;
+    let (record,): (String,) = sqlx::query_as("SELECT record::text FROM ledger.journal WHERE sequence = $1")
+        .bind(last_sequence)
+        .fetch_one(&mut conn)
+        .await?;
     let events: Vec<(String, String, String, String, String)> = sqlx::query_as(
         "SELECT aggregate_type, aggregate_id, event_type, payload::text, metadata::text
          FROM ledger.outbox_events WHERE sequence = $1 ORDER BY ordinal",
@@ -258,135 +284,170 @@ async fn postgres_ceiling(options: &PgConnectOptions) -> Result<f64, BenchError>
     if events.is_empty() {
         return Err("the last transfer has no outbox events to copy".into());
     }
+    let events = events
+        .into_iter()
+        .map(|(aggregate_type, aggregate_id, event_type, payload, metadata)| SampleEvent {
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            payload,
+            metadata,
+        })
+        .collect();
     let sample = CeilingSample { record, events };
-    let event_bytes: usize = sample.events.iter().map(|event| event.3.len() + event.4.len()).sum();
+    let event_json_bytes: usize = sample.events.iter().map(|event| event.payload.len() + event.metadata.len()).sum();
     println!(
         "PostgreSQL's own ceiling (binary COPY of payloads built beforehand, then COMMIT; {CEILING_OPERATIONS_PER_TRANSACTION} operations per transaction; durable ops/s per round):"
     );
     let mut second = PgConnection::connect_with(options).await?;
     let mut next_sequence = last_sequence + 1;
-    let mut best_full_per_second: f64 = 0.0;
-    let passes = [
+    let mut best_one_backend_full_per_second: f64 = 0.0;
+    let configurations = [
         (CeilingRows::Journal, 1, format!("journal rows only ({} bytes of JSON each)", sample.record.len())),
         (
             CeilingRows::Full,
             1,
             format!(
-                "journal row + idempotency key + {} outbox events ({event_bytes} bytes of JSON)",
+                "journal row + idempotency key + {} outbox events ({event_json_bytes} bytes of JSON)",
                 sample.events.len()
             ),
         ),
         (CeilingRows::Journal, 2, "journal rows only, two backends side by side".to_owned()),
         (CeilingRows::Full, 2, "journal row + key + events, two backends side by side".to_owned()),
     ];
-    for (rows, backends, what) in passes {
+    for (rows, backends, what) in configurations {
         let mut rounds_per_second = Vec::new();
         for _ in 0..CEILING_ROUNDS {
             let first = ceiling_payloads(&sample, rows, next_sequence)?;
-            next_sequence += CEILING_OPERATIONS_PER_PASS;
+            next_sequence += CEILING_OPERATIONS_PER_ROUND;
             let other = if backends == 2 {
                 let payloads = ceiling_payloads(&sample, rows, next_sequence)?;
-                next_sequence += CEILING_OPERATIONS_PER_PASS;
+                next_sequence += CEILING_OPERATIONS_PER_ROUND;
                 payloads
             } else {
                 Vec::new()
             };
             sqlx::raw_sql("CHECKPOINT").execute(&mut conn).await?;
             let started = Instant::now();
-            let (first_copied, other_copied) =
-                tokio::join!(ceiling_pass(&mut conn, first), ceiling_pass(&mut second, other));
-            let operations = first_copied? + other_copied?;
-            rounds_per_second.push(operations as f64 / started.elapsed().as_secs_f64());
+            let (first_operations, other_operations) =
+                tokio::try_join!(ceiling_round(&mut conn, first), ceiling_round(&mut second, other))?;
+            rounds_per_second.push((first_operations + other_operations) as f64 / started.elapsed().as_secs_f64());
         }
-        if matches!(rows, CeilingRows::Full) {
-            best_full_per_second = rounds_per_second.iter().copied().fold(best_full_per_second, f64::max);
+        if matches!(rows, CeilingRows::Full) && backends == 1 {
+            best_one_backend_full_per_second =
+                rounds_per_second.iter().copied().fold(best_one_backend_full_per_second, f64::max);
         }
         let rounds: Vec<String> = rounds_per_second.iter().map(|per_second| format!("{per_second:.0}")).collect();
         println!("  {what}: {}", rounds.join(" / "));
     }
     second.close().await?;
     conn.close().await?;
-    Ok(best_full_per_second)
+    Ok(best_one_backend_full_per_second)
 }
 
-/// The COPY payloads of `CEILING_OPERATIONS_PER_PASS` operations from `first_sequence` on, one
+/// The COPY payloads of `CEILING_OPERATIONS_PER_ROUND` operations from `first_sequence` on, one
 /// entry per transaction.
 fn ceiling_payloads(
     sample: &CeilingSample,
     rows: CeilingRows,
     first_sequence: i64,
 ) -> Result<Vec<CeilingTransaction>, BenchError> {
-    let transactions = CEILING_OPERATIONS_PER_PASS / CEILING_OPERATIONS_PER_TRANSACTION;
+    let transactions = CEILING_OPERATIONS_PER_ROUND / CEILING_OPERATIONS_PER_TRANSACTION;
     let operations = CEILING_OPERATIONS_PER_TRANSACTION as usize;
     let mut payloads = Vec::new();
     for transaction in 0..transactions {
         let first = first_sequence + transaction * CEILING_OPERATIONS_PER_TRANSACTION;
+        let sequences = first..first + CEILING_OPERATIONS_PER_TRANSACTION;
         let mut journal = CopyRows::new(operations * (sample.record.len() + 64));
-        let mut keys = CopyRows::new(operations * 64);
-        let mut events = CopyRows::new(operations * sample.events.len() * 512);
-        for sequence in first..first + CEILING_OPERATIONS_PER_TRANSACTION {
-            let key = format!("ceiling-{sequence}");
+        for sequence in sequences.clone() {
             journal.row(5);
             journal.int8(sequence);
             journal.int8(AT_MS);
             journal.text("request")?;
-            journal.text(&key)?;
+            journal.text(&format!("ceiling-{sequence}"))?;
             journal.text(&sample.record)?;
-            if matches!(rows, CeilingRows::Journal) {
-                continue;
-            }
-            keys.row(3);
-            keys.text(&key)?;
-            keys.int8(sequence);
-            keys.int8(AT_MS);
-            for (ordinal, (aggregate_type, aggregate_id, event_type, payload, metadata)) in
-                sample.events.iter().enumerate()
-            {
-                events.row(9);
-                events.uuid(Uuid::from_u64_pair(sequence as u64, ordinal as u64));
-                events.int8(sequence);
-                events.int4(i32::try_from(ordinal)?);
-                events.text(aggregate_type)?;
-                events.text(aggregate_id)?;
-                events.text(event_type)?;
-                events.int2(diboas_ledger::outbox::event::PAYLOAD_VERSION);
-                events.text(payload)?;
-                events.text(metadata)?;
-            }
         }
-        let keys_and_events = matches!(rows, CeilingRows::Full).then_some((keys, events));
-        payloads.push(CeilingTransaction { journal, keys_and_events });
+        let keys_and_events = match rows {
+            CeilingRows::Journal => None,
+            CeilingRows::Full => Some(ceiling_keys_and_events(sample, sequences)?),
+        };
+        payloads.push(CeilingTransaction { operations: operations as u64, journal, keys_and_events });
     }
     Ok(payloads)
 }
 
-/// Sends each transaction's payloads with binary COPY and commits; returns the operations committed.
-async fn ceiling_pass(conn: &mut PgConnection, transactions: Vec<CeilingTransaction>) -> Result<u64, BenchError> {
+/// The idempotency keys and outbox events of the operations numbered `sequences`.
+fn ceiling_keys_and_events(
+    sample: &CeilingSample,
+    sequences: std::ops::Range<i64>,
+) -> Result<KeysAndEvents, BenchError> {
+    let operations = sequences.clone().count();
+    let event_bytes: usize = sample.events.iter().map(|event| event.payload.len() + event.metadata.len() + 128).sum();
+    let mut keys = CopyRows::new(operations * 64);
+    let mut events = CopyRows::new(operations * event_bytes);
+    for sequence in sequences {
+        keys.row(3);
+        keys.text(&format!("ceiling-{sequence}"))?;
+        keys.int8(sequence);
+        keys.int8(AT_MS);
+        for (ordinal, event) in sample.events.iter().enumerate() {
+            events.row(9);
+            events.uuid(Uuid::from_u64_pair(sequence as u64, ordinal as u64));
+            events.int8(sequence);
+            events.int4(i32::try_from(ordinal)?);
+            events.text(&event.aggregate_type)?;
+            events.text(&event.aggregate_id)?;
+            events.text(&event.event_type)?;
+            events.int2(diboas_ledger::outbox::event::PAYLOAD_VERSION);
+            events.text(&event.payload)?;
+            events.text(&event.metadata)?;
+        }
+    }
+    Ok(KeysAndEvents { keys, events, event_rows: (operations * sample.events.len()) as u64 })
+}
+
+/// One round on one connection: each transaction's payloads with binary COPY, then COMMIT.
+/// Returns the operations committed.
+async fn ceiling_round(conn: &mut PgConnection, transactions: Vec<CeilingTransaction>) -> Result<u64, BenchError> {
     let mut operations = 0;
     for payloads in transactions {
         let mut tx = conn.begin().await?;
-        operations += payloads
+        let journal_rows = payloads
             .journal
             .copy_into(
                 &mut tx,
                 "COPY ledger.journal (sequence, at_ms, kind, idempotency_key, record) FROM STDIN WITH (FORMAT binary)",
             )
             .await?;
-        if let Some((keys, events)) = payloads.keys_and_events {
-            keys.copy_into(
-                &mut tx,
-                "COPY ledger.idempotency_keys (key, sequence, recorded_at_ms) FROM STDIN WITH (FORMAT binary)",
+        let (key_rows, event_rows, expected_event_rows) = match payloads.keys_and_events {
+            None => (payloads.operations, 0, 0),
+            Some(KeysAndEvents { keys, events, event_rows }) => {
+                let key_rows = keys
+                    .copy_into(
+                        &mut tx,
+                        "COPY ledger.idempotency_keys (key, sequence, recorded_at_ms) FROM STDIN WITH (FORMAT binary)",
+                    )
+                    .await?;
+                let copied_event_rows = events
+                    .copy_into(
+                        &mut tx,
+                        "COPY ledger.outbox_events (event_id, sequence, ordinal, aggregate_type, aggregate_id,
+                            event_type, version, payload, metadata) FROM STDIN WITH (FORMAT binary)",
+                    )
+                    .await?;
+                (key_rows, copied_event_rows, event_rows)
+            }
+        };
+        if journal_rows != payloads.operations || key_rows != payloads.operations || event_rows != expected_event_rows {
+            return Err(format!(
+                "a ceiling transaction of {} operations copied {journal_rows} journal rows, {key_rows} keys and \
+                 {event_rows} events",
+                payloads.operations
             )
-            .await?;
-            events
-                .copy_into(
-                    &mut tx,
-                    "COPY ledger.outbox_events (event_id, sequence, ordinal, aggregate_type, aggregate_id, event_type,
-                        version, payload, metadata) FROM STDIN WITH (FORMAT binary)",
-                )
-                .await?;
+            .into());
         }
         tx.commit().await?;
+        operations += journal_rows;
     }
     Ok(operations)
 }

@@ -16,6 +16,7 @@ pub struct CopyRows {
 impl CopyRows {
     const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
+    /// An empty payload with room for `capacity_bytes` of rows (the header comes on top).
     pub fn new(capacity_bytes: usize) -> CopyRows {
         let mut buffer = Vec::with_capacity(capacity_bytes + 32);
         buffer.extend_from_slice(Self::SIGNATURE);
@@ -24,6 +25,8 @@ impl CopyRows {
         CopyRows { buffer }
     }
 
+    /// Starts a row: exactly `columns` values must follow, in the order and types of the COPY
+    /// statement's column list.
     pub fn row(&mut self, columns: i16) {
         self.buffer.extend_from_slice(&columns.to_be_bytes());
     }
@@ -62,10 +65,12 @@ impl CopyRows {
         self.buffer.extend_from_slice(&(-1_i32).to_be_bytes());
     }
 
+    /// Sends the payload with `statement` (a `COPY ... FROM STDIN WITH (FORMAT binary)`) and
+    /// returns the rows PostgreSQL reports copied.
     pub async fn copy_into(mut self, tx: &mut PgConnection, statement: &str) -> Result<u64, JournalError> {
         self.buffer.extend_from_slice(&(-1_i16).to_be_bytes());
         let mut copy = tx.copy_in_raw(statement).await?;
-        // On an error the transaction is abandoned and the writer stops with its connection.
+        // On an error the caller must abandon the transaction: the connection's state is unknown.
         copy.send(self.buffer).await?;
         Ok(copy.finish().await?)
     }
