@@ -70,6 +70,26 @@ const CEILING_OPERATIONS_PER_TRANSACTION: i64 = 4_096;
 const CEILING_OPERATIONS_PER_ROUND: i64 = 25 * CEILING_OPERATIONS_PER_TRANSACTION;
 /// Rounds of each ceiling configuration, so its spread shows.
 const CEILING_ROUNDS: usize = 3;
+/// Operations per transaction in the small-transaction ceiling: about the batch a unary caller's
+/// p99 under 10 ms leaves room for.
+const CEILING_SMALL_OPERATIONS_PER_TRANSACTION: usize = 128;
+/// Transactions in one small-transaction round: about a second's worth or more.
+const CEILING_SMALL_TRANSACTIONS_PER_ROUND: usize = 200;
+/// A transfer's appends for a whole small transaction in one statement, so one round trip, as the
+/// writer's `ledger.write_batch` call does for batches below `copy_min_bytes`.
+const CEILING_SMALL_TRANSACTION: &str = "WITH journal AS (
+        INSERT INTO ledger.journal (sequence, at_ms, kind, idempotency_key, record)
+        SELECT s, $2, 'request', k, r::json FROM UNNEST($1::bigint[], $3::text[], $4::text[]) AS t(s, k, r)
+    ), keys AS (
+        INSERT INTO ledger.idempotency_keys (key, sequence, recorded_at_ms)
+        SELECT k, s, $2 FROM UNNEST($3::text[], $1::bigint[]) AS t(k, s)
+    )
+    INSERT INTO ledger.outbox_events (event_id, sequence, ordinal, aggregate_type, aggregate_id, event_type, version,
+        payload, metadata)
+    SELECT i, s, o, at, ai, et, $5, p::json, m::json
+    FROM UNNEST($6::uuid[], $7::bigint[], $8::integer[], $9::text[], $10::text[], $11::text[], $12::text[],
+        $13::text[]) WITH ORDINALITY AS t(i, s, o, at, ai, et, p, m, n)
+    ORDER BY n";
 const JOURNAL_DATABASE: &str = "diboas_bench_journal";
 const LEDGER_DATABASE: &str = "diboas_bench_ledger";
 /// A fixed request time, so every run writes the same records.
@@ -340,9 +360,95 @@ async fn postgres_ceiling(options: &PgConnectOptions) -> Result<f64, BenchError>
         let rounds: Vec<String> = rounds_per_second.iter().map(|per_second| format!("{per_second:.0}")).collect();
         println!("  {what}: {}", rounds.join(" / "));
     }
+    small_transaction_ceiling(&mut conn, &sample, &mut next_sequence).await?;
     second.close().await?;
     conn.close().await?;
     Ok(best_one_backend_full_per_second)
+}
+
+/// The arrays of one small transaction (see `CEILING_SMALL_TRANSACTION`), built before the clock
+/// starts.
+#[derive(Default)]
+struct SmallTransaction {
+    sequences: Vec<i64>,
+    keys: Vec<String>,
+    records: Vec<String>,
+    event_ids: Vec<Uuid>,
+    event_sequences: Vec<i64>,
+    event_ordinals: Vec<i32>,
+    aggregate_types: Vec<String>,
+    aggregate_ids: Vec<String>,
+    event_types: Vec<String>,
+    payloads: Vec<String>,
+    metadata: Vec<String>,
+}
+
+/// The full appends in transactions of `CEILING_SMALL_OPERATIONS_PER_TRANSACTION`, one statement
+/// each, on one backend: the bound a writer meets when unary callers want an answer within a few
+/// milliseconds. Prints each round's operations per second and mean commit time.
+async fn small_transaction_ceiling(
+    conn: &mut PgConnection,
+    sample: &CeilingSample,
+    next_sequence: &mut i64,
+) -> Result<(), BenchError> {
+    let mut rounds = Vec::new();
+    for _ in 0..CEILING_ROUNDS {
+        let mut transactions = Vec::with_capacity(CEILING_SMALL_TRANSACTIONS_PER_ROUND);
+        for _ in 0..CEILING_SMALL_TRANSACTIONS_PER_ROUND {
+            let mut transaction = SmallTransaction::default();
+            for _ in 0..CEILING_SMALL_OPERATIONS_PER_TRANSACTION {
+                let sequence = *next_sequence;
+                *next_sequence += 1;
+                transaction.sequences.push(sequence);
+                transaction.keys.push(format!("ceiling-{sequence}"));
+                transaction.records.push(sample.record.clone());
+                for (ordinal, event) in sample.events.iter().enumerate() {
+                    transaction.event_ids.push(Uuid::from_u64_pair(sequence as u64, ordinal as u64));
+                    transaction.event_sequences.push(sequence);
+                    transaction.event_ordinals.push(i32::try_from(ordinal)?);
+                    transaction.aggregate_types.push(event.aggregate_type.clone());
+                    transaction.aggregate_ids.push(event.aggregate_id.clone());
+                    transaction.event_types.push(event.event_type.clone());
+                    transaction.payloads.push(event.payload.clone());
+                    transaction.metadata.push(event.metadata.clone());
+                }
+            }
+            transactions.push(transaction);
+        }
+        sqlx::raw_sql("CHECKPOINT").execute(&mut *conn).await?;
+        let started = Instant::now();
+        for transaction in &transactions {
+            let event_rows = sqlx::query(CEILING_SMALL_TRANSACTION)
+                .bind(&transaction.sequences)
+                .bind(AT_MS)
+                .bind(&transaction.keys)
+                .bind(&transaction.records)
+                .bind(diboas_ledger::outbox::event::PAYLOAD_VERSION)
+                .bind(&transaction.event_ids)
+                .bind(&transaction.event_sequences)
+                .bind(&transaction.event_ordinals)
+                .bind(&transaction.aggregate_types)
+                .bind(&transaction.aggregate_ids)
+                .bind(&transaction.event_types)
+                .bind(&transaction.payloads)
+                .bind(&transaction.metadata)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            if event_rows != transaction.event_ids.len() as u64 {
+                return Err(format!("a small ceiling transaction appended {event_rows} events").into());
+            }
+        }
+        let elapsed_s = started.elapsed().as_secs_f64();
+        let operations = (CEILING_SMALL_TRANSACTIONS_PER_ROUND * CEILING_SMALL_OPERATIONS_PER_TRANSACTION) as f64;
+        let commit_ms = 1_000.0 * elapsed_s / CEILING_SMALL_TRANSACTIONS_PER_ROUND as f64;
+        rounds.push(format!("{:.0} ({commit_ms:.1} ms each)", operations / elapsed_s));
+    }
+    println!(
+        "  journal row + key + events, {CEILING_SMALL_OPERATIONS_PER_TRANSACTION} operations per transaction in one statement (UNNEST), one backend: {}",
+        rounds.join(" / ")
+    );
+    Ok(())
 }
 
 /// The COPY payloads of `CEILING_OPERATIONS_PER_ROUND` operations from `first_sequence` on, one
