@@ -17,7 +17,8 @@
 //! like the rows the journal alone wrote, sent with binary COPY from payloads built before the
 //! clock starts, in transactions of 4 096 operations, on one and on two backends. The client only
 //! sends bytes, so this is about as fast as PostgreSQL, with its settings and over the same kind
-//! of connection as the writer, appends these rows here.
+//! of connection as the writer, appends these rows here. Then the same appends in transactions of
+//! 128 operations, one UNNEST statement each, as the writer's small batches under unary load.
 //!
 //! Run: `cargo bench --bench journal` (DATABASE_URL names a role that can create databases and
 //! run CHECKPOINT, i.e. a superuser or a member of pg_checkpoint; default
@@ -317,7 +318,7 @@ async fn postgres_ceiling(options: &PgConnectOptions) -> Result<f64, BenchError>
     let sample = CeilingSample { record, events };
     let event_json_bytes: usize = sample.events.iter().map(|event| event.payload.len() + event.metadata.len()).sum();
     println!(
-        "PostgreSQL's own ceiling (binary COPY of payloads built beforehand, then COMMIT; {CEILING_OPERATIONS_PER_TRANSACTION} operations per transaction; durable ops/s per round):"
+        "PostgreSQL's own ceiling (durable ops/s per round; binary COPY of payloads built beforehand, then COMMIT, {CEILING_OPERATIONS_PER_TRANSACTION} operations per transaction, unless the line says otherwise):"
     );
     let mut second = PgConnection::connect_with(options).await?;
     let mut next_sequence = last_sequence + 1;
@@ -441,8 +442,8 @@ async fn small_transaction_ceiling(
         }
         let elapsed_s = started.elapsed().as_secs_f64();
         let operations = (CEILING_SMALL_TRANSACTIONS_PER_ROUND * CEILING_SMALL_OPERATIONS_PER_TRANSACTION) as f64;
-        let commit_ms = 1_000.0 * elapsed_s / CEILING_SMALL_TRANSACTIONS_PER_ROUND as f64;
-        rounds.push(format!("{:.0} ({commit_ms:.1} ms each)", operations / elapsed_s));
+        let transaction_ms = 1_000.0 * elapsed_s / CEILING_SMALL_TRANSACTIONS_PER_ROUND as f64;
+        rounds.push(format!("{:.0} ({transaction_ms:.1} ms each)", operations / elapsed_s));
     }
     println!(
         "  journal row + key + events, {CEILING_SMALL_OPERATIONS_PER_TRANSACTION} operations per transaction in one statement (UNNEST), one backend: {}",
