@@ -24,6 +24,10 @@ use diboas_ledger::engine::{Engine, EngineConfig};
 use parking_lot::Mutex;
 use uuid::Uuid;
 
+/// The allocator the server ships with (src/main.rs), so the engine is measured as it runs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Keys are forgotten after this long; the benchmark clock advances past it regularly so the
 /// idempotency store stays bounded, as it does in production.
 const RETENTION_MS: i64 = 1_000;
