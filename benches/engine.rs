@@ -225,6 +225,23 @@ fn single_thread(c: &mut Criterion) {
     group.bench_function("global_mutex", |b| b.iter(|| global.transfer(&mut caller, usd(cross_a), usd(cross_b), 1)));
     group.finish();
 
+    // A request that changes nothing (an account set to the frozen state it already has): what
+    // every request pays before its own work (key, locks, idempotency, journal record).
+    let mut group = c.benchmark_group("no_change");
+    group.throughput(Throughput::Elements(1));
+    let unchanged = || Operation::SetFrozen { account: usd(same_a), frozen: false };
+    group.bench_function("sharded", |b| b.iter(|| sharded.run(&mut caller, unchanged())));
+    group.bench_function("global_mutex", |b| {
+        b.iter(|| {
+            global.with_key(&mut caller, |inner, sequence| {
+                if inner.balances.contains_key(&usd(same_a)) {
+                    inner.journal.push((sequence, usd(same_a), usd(same_a), 0));
+                }
+            })
+        })
+    });
+    group.finish();
+
     let mut group = c.benchmark_group("reserve_commit");
     group.throughput(Throughput::Elements(1));
     let mut next_id = 0_u64;

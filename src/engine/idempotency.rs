@@ -21,9 +21,8 @@
 //! them through a hash table of 8-byte slots (position and hash bits), far smaller than the
 //! entries. Chunks never move, so a growing generation never copies its records while the shard
 //! is locked. Each append prefetches the memory of the chunk's next entry, so that the next new
-//! key of the shard finds those lines in cache. A new key's entry is staged as soon as its lookup
-//! misses and completed when the request is recorded, so whatever stores are still cold land
-//! while the request runs rather than at the unlock.
+//! key of the shard finds those lines in cache. A new key's entry is written once its request is
+//! recorded; a request that fails to record (or panics) leaves no trace of its key.
 
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -151,20 +150,10 @@ impl IdempotencyRecord {
 #[derive(Debug)]
 enum StoredOutcome {
     Done,
-    Reserved {
-        expires_at_ms: i64,
-    },
-    Committed {
-        committed_minor: i128,
-        released_minor: i128,
-    },
-    Released {
-        released_minor: i128,
-    },
+    Reserved { expires_at_ms: i64 },
+    Committed { committed_minor: i128, released_minor: i128 },
+    Released { released_minor: i128 },
     Other(Box<Result<Receipt, EngineError>>),
-    /// Staged and not completed yet (see [`IdempotencyStore::stage`]). Every lookup skips it, so
-    /// if the request panicked before completing it, its key counts as never recorded.
-    Pending,
 }
 
 impl StoredOutcome {
@@ -208,14 +197,7 @@ impl StoredRecord {
             }
             StoredOutcome::Released { released_minor } => Ok(Receipt::Released { released_minor: *released_minor }),
             StoredOutcome::Other(outcome) => outcome.as_ref().clone(),
-            // Lookups never hand out a pending entry; if one were read, its request was not
-            // journaled, which is what this error says.
-            StoredOutcome::Pending => Err(EngineError::JournalUnavailable),
         }
-    }
-
-    fn is_pending(&self) -> bool {
-        matches!(self.outcome, StoredOutcome::Pending)
     }
 
     pub fn recorded_at_ms(&self) -> i64 {
@@ -250,14 +232,6 @@ impl KeyHasher {
 /// A key's hash by the engine's [`KeyHasher`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct KeyHash(pub u64);
-
-/// A new key's entry, staged before its request runs (see [`IdempotencyStore::stage`]).
-#[derive(Debug)]
-#[must_use = "a staged entry must be completed or abandoned before the shard is unlocked"]
-pub(crate) struct Staged {
-    position: u32,
-    hash: KeyHash,
-}
 
 /// Where one live key's entry is, and 32 bits folded from its whole hash (the index's tags
 /// check only 7). A lookup for a new key (nearly every request, twice) meets a tag that matches
@@ -307,10 +281,9 @@ impl Generation {
         &chunks[position / CHUNK_ENTRIES][position % CHUNK_ENTRIES]
     }
 
-    /// Whether the entry at `position` is `key`'s recorded (not pending) entry.
+    /// Whether the entry at `position` is `key`'s.
     fn holds(chunks: &[Vec<(IdempotencyKey, StoredRecord)>], position: u32, key: &IdempotencyKey) -> bool {
-        let (entry_key, record) = Generation::entry(chunks, position);
-        entry_key == key && !record.is_pending()
+        Generation::entry(chunks, position).0 == *key
     }
 
     fn get(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<&StoredRecord> {
@@ -319,8 +292,8 @@ impl Generation {
             .map(|slot| &Generation::entry(&self.chunks, slot.position).1)
     }
 
-    /// Records `key`, which this generation does not hold; returns its position.
-    fn insert(&mut self, key: IdempotencyKey, hash: KeyHash, record: StoredRecord, hasher: &KeyHasher) -> u32 {
+    /// Records `key`, which this generation does not hold.
+    fn insert(&mut self, key: IdempotencyKey, hash: KeyHash, record: StoredRecord, hasher: &KeyHasher) {
         let full = self.chunks.last().is_none_or(|chunk| chunk.len() == CHUNK_ENTRIES);
         if full {
             self.chunks.push(Vec::with_capacity(CHUNK_ENTRIES));
@@ -336,7 +309,6 @@ impl Generation {
         }
         let slot = IndexSlot { position: appended as u32, hash_bits: IndexSlot::hash_bits(hash) };
         index.insert_unique(hash.0, slot, |slot| hasher.hash(&Generation::entry(chunks, slot.position).0).0);
-        appended as u32
     }
 
     fn remove(&mut self, key: &IdempotencyKey, hash: KeyHash) {
@@ -348,16 +320,8 @@ impl Generation {
         }
     }
 
-    fn record_mut(&mut self, position: u32) -> &mut StoredRecord {
-        let position = position as usize;
-        &mut self.chunks[position / CHUNK_ENTRIES][position % CHUNK_ENTRIES].1
-    }
-
     fn iter(&self) -> impl Iterator<Item = &(IdempotencyKey, StoredRecord)> {
-        self.index
-            .iter()
-            .map(|slot| Generation::entry(&self.chunks, slot.position))
-            .filter(|(_, record)| !record.is_pending())
+        self.index.iter().map(|slot| Generation::entry(&self.chunks, slot.position))
     }
 }
 
@@ -424,49 +388,6 @@ impl IdempotencyStore {
     pub(crate) fn insert(&mut self, key: IdempotencyKey, hash: KeyHash, record: IdempotencyRecord) {
         debug_assert!(self.get(&key, hash).is_none(), "an idempotency key is recorded once");
         self.current.insert(key, hash, StoredRecord::new(record), &self.hasher);
-    }
-
-    /// Records a new key before its request runs, as a pending entry that
-    /// [`IdempotencyStore::complete`] fills in, or [`IdempotencyStore::abandon`] takes back,
-    /// before the shard is unlocked. Why early: the entry's memory is usually cold, and the next
-    /// locked instruction (the sequencer's lock, then the shards' unlocks) waits for every
-    /// earlier store to land. Written first, the store lands while the rules run. A pending entry
-    /// is invisible to lookups, so a request that panics before completing it leaves its key
-    /// unrecorded, as it was before staging existed; its slot stays until the generation retires.
-    pub(crate) fn stage(
-        &mut self,
-        key: IdempotencyKey,
-        hash: KeyHash,
-        fingerprint: OperationFingerprint,
-        recorded_at_ms: i64,
-    ) -> Staged {
-        debug_assert!(self.get(&key, hash).is_none(), "an idempotency key is recorded once");
-        let placeholder = StoredRecord { fingerprint, sequence: 0, recorded_at_ms, outcome: StoredOutcome::Pending };
-        let position = self.current.insert(key, hash, placeholder, &self.hasher);
-        Staged { position, hash }
-    }
-
-    /// Fills in a staged entry: the request's outcome and its journal sequence.
-    pub(crate) fn complete(&mut self, staged: Staged, outcome: Result<Receipt, EngineError>, sequence: u64) {
-        let record = self.current.record_mut(staged.position);
-        debug_assert!(record.is_pending(), "a staged entry is completed once");
-        record.sequence = sequence;
-        record.outcome = StoredOutcome::of(outcome);
-    }
-
-    /// Takes back a staged entry whose request was not recorded after all. It must be the
-    /// latest entry of the current generation (nothing else is staged while its shard is locked).
-    pub(crate) fn abandon(&mut self, staged: Staged) {
-        let Generation { index, chunks } = &mut self.current;
-        if let Ok(found) = index.find_entry(staged.hash.0, |slot| slot.position == staged.position) {
-            found.remove();
-        }
-        let taken_back = chunks.last_mut().and_then(Vec::pop);
-        debug_assert!(
-            taken_back.is_some_and(|(_, record)| record.is_pending())
-                && (chunks.len() - 1) * CHUNK_ENTRIES + chunks.last().map_or(0, Vec::len) == staged.position as usize,
-            "only the latest staged entry is abandoned"
-        );
     }
 
     /// Records `key`, replacing a forgotten-in-the-live-engine earlier record (journal replay).
@@ -578,81 +499,6 @@ mod tests {
         assert_eq!(store.get(&key(2), shared).map(StoredRecord::to_record), Some(record(2)));
         // Bit 40 is neither a bucket bit (the table is tiny) nor a tag bit (the top 7).
         assert!(store.get(&key(1), KeyHash(shared.0 ^ (1 << 40))).is_none());
-    }
-}
-
-#[cfg(test)]
-mod staging_tests {
-    use super::*;
-
-    fn key(n: usize) -> IdempotencyKey {
-        IdempotencyKey::new(&format!("staged-{n}")).unwrap()
-    }
-
-    fn completed(n: usize) -> Result<Receipt, EngineError> {
-        Ok(Receipt::Released { released_minor: n as i128 })
-    }
-
-    /// Completed entries hold their outcome and sequence; an abandoned one leaves no trace, also
-    /// when it had opened a new chunk, and the next entry takes its position.
-    #[test]
-    fn staged_entries_are_completed_or_abandoned_without_a_trace() {
-        let hasher = KeyHasher::default();
-        let mut store = IdempotencyStore::new(hasher.clone());
-        let fingerprint = OperationFingerprint(7);
-        for n in 0..CHUNK_ENTRIES {
-            let staged = store.stage(key(n), hasher.hash(&key(n)), fingerprint, 5);
-            assert_eq!(staged.position as usize, n);
-            store.complete(staged, completed(n), n as u64 + 1);
-        }
-        // Chunk 0 is full: this entry opens chunk 1, and is taken back.
-        let opener = CHUNK_ENTRIES;
-        let staged = store.stage(key(opener), hasher.hash(&key(opener)), fingerprint, 5);
-        assert_eq!(staged.position as usize, CHUNK_ENTRIES);
-        store.abandon(staged);
-        assert!(store.get(&key(opener), hasher.hash(&key(opener))).is_none());
-        assert_eq!(store.len(), CHUNK_ENTRIES);
-
-        let next = CHUNK_ENTRIES + 1;
-        let staged = store.stage(key(next), hasher.hash(&key(next)), fingerprint, 5);
-        assert_eq!(staged.position as usize, CHUNK_ENTRIES, "the abandoned position is reused");
-        store.complete(staged, completed(next), 999);
-
-        for n in (0..CHUNK_ENTRIES).chain([next]) {
-            let record = store.get(&key(n), hasher.hash(&key(n))).map(StoredRecord::to_record);
-            let sequence = if n == next { 999 } else { n as u64 + 1 };
-            let expected = IdempotencyRecord { fingerprint, outcome: completed(n), sequence, recorded_at_ms: 5 };
-            assert_eq!(record, Some(expected), "key {n}");
-        }
-        assert_eq!(store.iter().count(), CHUNK_ENTRIES + 1);
-    }
-
-    /// A request that panicked between `stage` and `complete` leaves a pending entry: no lookup
-    /// or listing sees it, and the key can be recorded again.
-    #[test]
-    fn a_pending_entry_is_invisible_and_its_key_can_be_recorded_again() {
-        let hasher = KeyHasher::default();
-        let mut store = IdempotencyStore::new(hasher.clone());
-        let hash = hasher.hash(&key(1));
-        let orphan = store.stage(key(1), hash, OperationFingerprint(7), 5);
-        drop(orphan);
-        assert!(store.get(&key(1), hash).is_none(), "a pending entry is not a recorded outcome");
-        assert_eq!(store.iter().count(), 0);
-
-        let staged = store.stage(key(1), hash, OperationFingerprint(8), 6);
-        store.complete(staged, completed(1), 42);
-        assert_eq!(
-            store.get(&key(1), hash).map(|record| (record.sequence, record.fingerprint)),
-            Some((42, OperationFingerprint(8)))
-        );
-        assert_eq!(store.iter().count(), 1);
-        store.replace(
-            key(1),
-            hash,
-            IdempotencyRecord::new(&Operation::LinkedBatch { operations: vec![] }, Ok(Receipt::Done), 43, 7),
-        );
-        assert_eq!(store.get(&key(1), hash).map(|record| record.sequence), Some(43));
-        assert_eq!(store.iter().count(), 1, "replace removed the recorded entry, not the pending one");
     }
 }
 

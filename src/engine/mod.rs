@@ -157,7 +157,6 @@ impl<S: JournalSink> Engine<S> {
         if store.len() >= self.config.idempotency_capacity_per_shard {
             return refused(EngineError::IdempotencyCapacityExhausted);
         }
-        let staged = store.stage(key, key_hash, fingerprint, now_ms);
 
         let mut tx = rules::Tx::new(&mut shards, self.map, now_ms);
         let result = rules::run(&mut tx, &operation);
@@ -173,10 +172,10 @@ impl<S: JournalSink> Engine<S> {
             effects,
         };
         let Some(sequence) = self.append(&mut shards, record) else {
-            shards.get(key_shard).idempotency.abandon(staged);
             return refused(EngineError::JournalUnavailable);
         };
-        shards.get(key_shard).idempotency.complete(staged, stored_outcome, sequence);
+        let first = IdempotencyRecord { fingerprint, outcome: stored_outcome, sequence, recorded_at_ms: now_ms };
+        shards.get(key_shard).idempotency.insert(key, key_hash, first);
         Outcome { sequence: Some(sequence), result, replayed: false }
     }
 
