@@ -724,7 +724,13 @@ fn a_journal_that_closes_mid_batch_undoes_every_effect() {
             Ok(())
         }
     }
-    let engine = Engine::new(Default::default(), ClosingJournal { remaining: parking_lot::Mutex::new(3) });
+    // One shard holding at most 4 keys, so a refused request that used up a key would show.
+    let config = diboas_ledger::engine::EngineConfig {
+        shard_count: 1,
+        idempotency_capacity_per_shard: 4,
+        ..diboas_ledger::engine::EngineConfig::default()
+    };
+    let engine = Engine::new(config, ClosingJournal { remaining: parking_lot::Mutex::new(3) });
     let run = |text: &str, operation| engine.execute(Request { key: key(text), now_ms: START_MS, operation });
     run("open-1", Operation::OpenAccount { account: usd(1), config: AccountConfig::default() }).result.unwrap();
     run("open-2", Operation::OpenAccount { account: usd(2), config: AccountConfig::default() }).result.unwrap();
@@ -739,8 +745,27 @@ fn a_journal_that_closes_mid_batch_undoes_every_effect() {
             Operation::Withdraw { account: usd(1), amount: amount(50), provider: Provider::Ramp },
         ],
     };
-    assert_eq!(run("batch", batch).result, Err(EngineError::JournalUnavailable));
+    assert_eq!(run("batch", batch.clone()).result, Err(EngineError::JournalUnavailable));
     assert_eq!(money_state(&engine.state()), before);
     engine.state().check_invariants().unwrap();
+
+    // The journal is back: the same key runs afresh (no replay of the refusal, no conflict), and
+    // the refused attempt took none of the shard's 4 keys.
+    *engine.sink().remaining.lock() = 2;
+    let retry = run("batch", batch);
+    assert!(retry.result.is_ok() && !retry.replayed, "{retry:?}");
+    assert_eq!(retry.sequence, Some(4));
+    let fifth = run("fifth", Operation::SetFrozen { account: usd(1), frozen: true });
+    assert_eq!(fifth.result, Err(EngineError::IdempotencyCapacityExhausted));
     assert_eq!(engine.sweep(START_MS + 1), Ok(diboas_ledger::engine::SweepReport::default()));
+}
+
+#[test]
+#[should_panic(expected = "idempotency capacity per shard must be at most")]
+fn an_idempotency_capacity_past_the_position_space_is_refused_at_start() {
+    let config = diboas_ledger::engine::EngineConfig {
+        idempotency_capacity_per_shard: diboas_ledger::engine::MAX_IDEMPOTENCY_CAPACITY_PER_SHARD + 1,
+        ..diboas_ledger::engine::EngineConfig::default()
+    };
+    Engine::new(config, diboas_ledger::engine::record::MemoryJournal::default());
 }

@@ -300,7 +300,7 @@ impl Generation {
         }
         let appended = (self.chunks.len() - 1) * CHUNK_ENTRIES + self.chunks.last().map_or(0, Vec::len);
         // A generation holds at most the shard's configured key capacity (checked before every
-        // request), far below 2^32 entries of 160 bytes.
+        // request, and bounded by MAX_IDEMPOTENCY_CAPACITY_PER_SHARD), far below 2^32 entries.
         assert!(appended < u32::MAX as usize, "an idempotency generation outgrew 32-bit positions");
         let Generation { index, chunks } = self;
         if let Some(chunk) = chunks.last_mut() {
@@ -332,7 +332,9 @@ impl Generation {
 /// lines, and everything that must drain that buffer waits with them: a load that cannot be
 /// forwarded from a pending store, the sequencer's lock, the shards' unlocks. `perf` put up to
 /// a quarter of a transfer's samples on one instruction early in the rules, which we read as
-/// such a wait. Fetched one request ahead, the lines should be there when the stores come.
+/// such a wait (the entry was then written before the rules ran; it is now written after the
+/// record is journaled). Fetched one request ahead, the lines should be there when the stores
+/// come.
 /// Together with the hash bits of `IndexSlot`, this took 10-14 % off transfers and reserve +
 /// commit, against a baseline in the same runs (docs/BENCHMARKS.md, session 9). A prefetch is
 /// only a hint: it never faults and writes nothing, and other targets skip it.

@@ -49,6 +49,11 @@ use self::transaction::{ComplianceRecord, Transaction};
 
 pub use self::shard::MAX_SHARDS;
 
+/// The most keys one shard's idempotency store may be configured for. Entries are found by
+/// 32-bit positions, and a key's entry is written after its record is journaled, when nothing
+/// may fail any more: the bound keeps that write from ever meeting a full position space.
+pub const MAX_IDEMPOTENCY_CAPACITY_PER_SHARD: usize = 1 << 30;
+
 /// The most reservations one sweep expires in one shard (one journal record); call again for more.
 pub const MAX_EXPIRIES_PER_SHARD_SWEEP: usize = 4_096;
 
@@ -56,7 +61,8 @@ pub const MAX_EXPIRIES_PER_SHARD_SWEEP: usize = 4_096;
 pub struct EngineConfig {
     /// Number of shards, 1..=[`MAX_SHARDS`]. More shards, less contention; each costs a little memory.
     pub shard_count: usize,
-    /// The most idempotency keys one shard remembers; past it new requests are refused.
+    /// The most idempotency keys one shard remembers, at most
+    /// [`MAX_IDEMPOTENCY_CAPACITY_PER_SHARD`]; past it new requests are refused.
     pub idempotency_capacity_per_shard: usize,
     /// How long idempotency keys (at least this, at most twice this) and closed reservations
     /// are remembered.
@@ -113,6 +119,10 @@ pub struct Engine<S> {
 impl<S: JournalSink> Engine<S> {
     /// An empty engine whose first change will be sequence 1.
     pub fn new(config: EngineConfig, sink: S) -> Engine<S> {
+        assert!(
+            config.idempotency_capacity_per_shard <= MAX_IDEMPOTENCY_CAPACITY_PER_SHARD,
+            "idempotency capacity per shard must be at most {MAX_IDEMPOTENCY_CAPACITY_PER_SHARD}"
+        );
         let map = ShardMap::new(config.shard_count);
         let key_hasher = KeyHasher::default();
         let shards = (0..map.count()).map(|_| Mutex::new(Shard::new(key_hasher.clone()))).collect();
@@ -146,7 +156,7 @@ impl<S: JournalSink> Engine<S> {
         let now_ms = shards.advance_clock(requested_ms);
 
         let fingerprint = OperationFingerprint::of(&operation);
-        let store = &mut shards.get(key_shard).idempotency;
+        let store = &shards.get(key_shard).idempotency;
         if let Some(first) = store.get(&key, key_hash) {
             return if first.fingerprint == fingerprint {
                 Outcome { sequence: Some(first.sequence), result: first.outcome(), replayed: true }
