@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 /// The allocator the server ships with (src/main.rs), so the engine is measured as it runs there.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: diboas_ledger::allocator::LedgerAllocator = diboas_ledger::allocator::LedgerAllocator;
 
 /// Keys are forgotten after this long; the benchmark clock advances past it regularly so the
 /// idempotency store stays bounded, as it does in production.

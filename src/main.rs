@@ -43,9 +43,10 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// mimalloc instead of glibc's malloc, for the server and the load generator alike: under unary
 /// load glibc's allocator (with `memmove`) was about a third of the server's CPU samples, and
-/// mimalloc made the server and the load generator each cheaper; see docs/BENCHMARKS.md.
+/// mimalloc made the server and the load generator each cheaper; see docs/BENCHMARKS.md. Called
+/// through `LedgerAllocator`, which keeps ordinary layouts on mimalloc's fast path.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: diboas_ledger::allocator::LedgerAllocator = diboas_ledger::allocator::LedgerAllocator;
 
 #[derive(Parser)]
 #[command(name = "diboas-ledger", version, about = "diBoaS Ledger: balances and the durable journal")]
