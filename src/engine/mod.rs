@@ -20,6 +20,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod money;
 pub mod operation;
+mod prefetch;
 pub mod record;
 pub mod reservation;
 mod rules;
@@ -39,7 +40,7 @@ use self::account::{AccountRef, Balance, SystemAccount, SystemKind, UserAccount}
 use self::asset::Asset;
 use self::effect::Effect;
 use self::error::EngineError;
-use self::idempotency::{IdempotencyRecord, KeyHasher, OperationFingerprint};
+use self::idempotency::{FirstOutcome, KeyHasher, OperationFingerprint};
 use self::operation::{Receipt, Request};
 use self::record::{JournalRecord, JournalSink, Origin, RequestContext};
 use self::reservation::{Reservation, ReservationStatus};
@@ -52,7 +53,7 @@ pub use self::shard::MAX_SHARDS;
 /// The most keys one shard's idempotency store may be configured for. Entries are found by
 /// 32-bit positions, and a key's entry is written after its record is journaled, when nothing
 /// may fail any more: the bound keeps that write from ever meeting a full position space.
-pub const MAX_IDEMPOTENCY_CAPACITY_PER_SHARD: usize = 1 << 30;
+pub const MAX_IDEMPOTENCY_CAPACITY_PER_SHARD: usize = 1 << 24;
 
 /// The most reservations one sweep expires in one shard (one journal record); call again for more.
 pub const MAX_EXPIRIES_PER_SHARD_SWEEP: usize = 4_096;
@@ -125,7 +126,7 @@ impl<S: JournalSink> Engine<S> {
         );
         let map = ShardMap::new(config.shard_count);
         let key_hasher = KeyHasher::default();
-        let shards = (0..map.count()).map(|_| Mutex::new(Shard::new(key_hasher.clone()))).collect();
+        let shards = (0..map.count()).map(|_| Mutex::new(Shard::new())).collect();
         Engine { shards, map, key_hasher, sequencer: Mutex::new(1), sink, config }
     }
 
@@ -153,28 +154,33 @@ impl<S: JournalSink> Engine<S> {
         rules::lock_plan(&operation, self.map, &mut plan);
         plan.push(key_shard);
         let mut shards = LockedShards::lock(&self.shards, plan);
+        // The key's index lines are most likely not in cache. Ask for them now and look the key
+        // up only after the rules have run, so the wait overlaps the rules' work; a key that
+        // turns out to be known undoes the rules' effects (a rare retry pays for it).
+        shards.get(key_shard).idempotency.prefetch(key_hash);
         let now_ms = shards.advance_clock(requested_ms);
-
         let fingerprint = OperationFingerprint::of(&operation);
-        let store = &shards.get(key_shard).idempotency;
-        if let Some(first) = store.get(&key, key_hash) {
-            return if first.fingerprint == fingerprint {
-                Outcome { sequence: Some(first.sequence), result: first.outcome(), replayed: true }
-            } else {
-                refused(EngineError::IdempotencyConflict { key: key.as_str().to_owned() })
-            };
-        }
-        if store.len() >= self.config.idempotency_capacity_per_shard {
-            return refused(EngineError::IdempotencyCapacityExhausted);
-        }
 
         let mut tx = rules::Tx::new(&mut shards, self.map, now_ms);
         let result = rules::run(&mut tx, &operation);
-        if result.is_err() {
+        let store = &tx.shards.get(key_shard).idempotency;
+        let refusal = match store.get(&key, key_hash) {
+            Some(first) if first.fingerprint == fingerprint => {
+                Some(Outcome { sequence: Some(first.sequence), result: first.outcome(), replayed: true })
+            }
+            Some(_) => Some(refused(EngineError::IdempotencyConflict { key: key.as_str().to_owned() })),
+            None if store.len() >= self.config.idempotency_capacity_per_shard || !store.has_room() => {
+                Some(refused(EngineError::IdempotencyCapacityExhausted))
+            }
+            None => None,
+        };
+        if refusal.is_some() || result.is_err() {
             tx.rollback();
         }
+        if let Some(outcome) = refusal {
+            return outcome;
+        }
         let effects = tx.into_effects();
-        let stored_outcome = result.clone();
         let record = JournalRecord {
             sequence: 0,
             at_ms: now_ms,
@@ -184,8 +190,8 @@ impl<S: JournalSink> Engine<S> {
         let Some(sequence) = self.append(&mut shards, record) else {
             return refused(EngineError::JournalUnavailable);
         };
-        let first = IdempotencyRecord { fingerprint, outcome: stored_outcome, sequence, recorded_at_ms: now_ms };
-        shards.get(key_shard).idempotency.insert(key, key_hash, first);
+        let first = FirstOutcome { fingerprint, sequence, recorded_at_ms: now_ms, outcome: &result };
+        shards.get(key_shard).idempotency.insert(&key, key_hash, first);
         Outcome { sequence: Some(sequence), result, replayed: false }
     }
 
@@ -289,7 +295,7 @@ impl<S: JournalSink> Engine<S> {
                 .get(self.map.of_key(key_hash))
                 .idempotency
                 .get(key, key_hash)
-                .is_some_and(|first| first.recorded_at_ms() > forgotten_before_ms)
+                .is_some_and(|first| first.recorded_at_ms > forgotten_before_ms)
         {
             return Err(inconsistent("idempotency key recorded twice within the retention window"));
         }
@@ -307,11 +313,9 @@ impl<S: JournalSink> Engine<S> {
             let store = &mut shards.get(self.map.of_key(key_hash)).idempotency;
             // Rotate as the live engine's sweeps would have, so a long replay stays within capacity.
             retired_keys = store.rotate(record.at_ms, self.config.retention_ms);
-            store.replace(
-                *key,
-                key_hash,
-                IdempotencyRecord::new(operation, outcome.clone(), record.sequence, record.at_ms),
-            );
+            let fingerprint = OperationFingerprint::of(operation);
+            let first = FirstOutcome { fingerprint, sequence: record.sequence, recorded_at_ms: record.at_ms, outcome };
+            store.replace(key, key_hash, first);
         }
         *next_sequence += 1;
         drop(next_sequence);
@@ -410,7 +414,7 @@ impl<S: JournalSink> Engine<S> {
                     *system_minor.entry(SystemAccount { kind, asset }).or_default() += amount_minor;
                 }
             }
-            state.idempotency.extend(shard.idempotency.iter().map(|(key, record)| (*key, record)));
+            state.idempotency.extend(shard.idempotency.iter());
         }
         state.system_minor = system_minor.into_iter().filter(|(_, amount_minor)| *amount_minor != 0).collect();
         state
@@ -487,7 +491,7 @@ impl<S: JournalSink> Engine<S> {
         keys.sort_by_key(|(_, record)| record.recorded_at_ms);
         for (key, record) in keys {
             let key_hash = engine.key_hasher.hash(key);
-            shards.get(engine.map.of_key(key_hash)).idempotency.insert(*key, key_hash, record.clone());
+            shards.get(engine.map.of_key(key_hash)).idempotency.insert(key, key_hash, record.borrowed());
         }
         drop(shards);
         engine

@@ -80,6 +80,9 @@ fn system_shard(map: ShardMap, from: AccountRef, to: AccountRef) -> u32 {
     }
 }
 
+/// Effects a request usually emits (a commit: the close, the posting, a limits refund).
+const EXPECTED_EFFECTS: usize = 4;
+
 /// One operation in progress: the locked shards and the effects applied so far.
 pub(crate) struct Tx<'l, 'a> {
     pub(super) shards: &'l mut LockedShards<'a>,
@@ -90,7 +93,8 @@ pub(crate) struct Tx<'l, 'a> {
 
 impl<'l, 'a> Tx<'l, 'a> {
     pub fn new(shards: &'l mut LockedShards<'a>, map: ShardMap, now_ms: i64) -> Tx<'l, 'a> {
-        Tx { shards, map, now_ms, effects: Vec::new() }
+        // Most operations emit one to three effects: one allocation, never a regrowth.
+        Tx { shards, map, now_ms, effects: Vec::with_capacity(EXPECTED_EFFECTS) }
     }
 
     /// Undoes every effect emitted so far, newest first.

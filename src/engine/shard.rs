@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::account::{AccountConfig, Balance, Domain, SystemKind};
 use super::asset::Asset;
-use super::idempotency::{IdempotencyStore, KeyHash, KeyHasher};
+use super::idempotency::{IdempotencyStore, KeyHash};
 use super::limits::OutflowUsage;
 use super::reservation::Reservation;
 use super::transaction::{ComplianceRecord, Transaction};
@@ -81,14 +81,14 @@ pub(crate) struct Shard {
 }
 
 impl Shard {
-    pub fn new(key_hasher: KeyHasher) -> Shard {
+    pub fn new() -> Shard {
         Shard {
             users: HashMap::default(),
             system_minor: [[0; Asset::COUNT]; SystemKind::COUNT],
             expiry: BTreeSet::new(),
             closed: VecDeque::new(),
             finished: VecDeque::new(),
-            idempotency: IdempotencyStore::new(key_hasher),
+            idempotency: IdempotencyStore::default(),
             clock_ms: i64::MIN,
         }
     }
@@ -127,6 +127,9 @@ impl ShardMap {
     }
 }
 
+/// Up to this many locked shards are searched by a scan, more by bisection.
+const SCANNED_GUARDS: usize = 4;
+
 /// The shards one operation holds, locked in ascending index order.
 pub(crate) struct LockedShards<'a> {
     guards: SmallVec<[(u32, MutexGuard<'a, Shard>); 4]>,
@@ -154,18 +157,24 @@ impl<'a> LockedShards<'a> {
     /// The locked shard `index`. Asking for a shard that was not locked is a bug in the
     /// engine's lock planning, never something a caller can cause.
     pub fn get(&mut self, index: u32) -> &mut Shard {
-        let position = self
-            .guards
-            .binary_search_by_key(&index, |(locked, _)| *locked)
-            .unwrap_or_else(|_| panic!("shard {index} used without being locked"));
-        &mut self.guards[position].1
+        // Most requests hold one to three shards, where a scan beats a binary search; a linked
+        // batch may hold them all.
+        let position = if self.guards.len() <= SCANNED_GUARDS {
+            self.guards.iter().position(|(locked, _)| *locked == index)
+        } else {
+            self.guards.binary_search_by_key(&index, |(locked, _)| *locked).ok()
+        };
+        match position {
+            Some(position) => &mut self.guards[position].1,
+            None => panic!("shard {index} used without being locked"),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::idempotency::IdempotencyKey;
+    use crate::engine::idempotency::{IdempotencyKey, KeyHasher};
 
     #[test]
     fn users_spread_over_all_shards() {

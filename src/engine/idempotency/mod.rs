@@ -27,12 +27,18 @@
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
 
-use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::error::EngineError;
 use super::operation::{Operation, Receipt};
+
+mod entries;
+mod index;
+
+use self::entries::EntryArena;
+pub(crate) use self::entries::StoredRecord;
+use self::index::PositionIndex;
 
 /// The longest idempotency key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 64;
@@ -134,7 +140,25 @@ pub struct IdempotencyRecord {
     pub recorded_at_ms: i64,
 }
 
+/// A first outcome on its way into the store, borrowed from the request that produced it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FirstOutcome<'o> {
+    pub fingerprint: OperationFingerprint,
+    pub sequence: u64,
+    pub recorded_at_ms: i64,
+    pub outcome: &'o Result<Receipt, EngineError>,
+}
+
 impl IdempotencyRecord {
+    pub(crate) fn borrowed(&self) -> FirstOutcome<'_> {
+        FirstOutcome {
+            fingerprint: self.fingerprint,
+            sequence: self.sequence,
+            recorded_at_ms: self.recorded_at_ms,
+            outcome: &self.outcome,
+        }
+    }
+
     pub fn new(
         operation: &Operation,
         outcome: Result<Receipt, EngineError>,
@@ -144,78 +168,6 @@ impl IdempotencyRecord {
         IdempotencyRecord { fingerprint: OperationFingerprint::of(operation), outcome, sequence, recorded_at_ms }
     }
 }
-
-/// The outcome as stored: the common receipts inline, anything else (refusals, conversions,
-/// batches) boxed, so most requests allocate nothing here.
-#[derive(Debug)]
-enum StoredOutcome {
-    Done,
-    Reserved { expires_at_ms: i64 },
-    Committed { committed_minor: i128, released_minor: i128 },
-    Released { released_minor: i128 },
-    Other(Box<Result<Receipt, EngineError>>),
-}
-
-impl StoredOutcome {
-    fn of(outcome: Result<Receipt, EngineError>) -> StoredOutcome {
-        match outcome {
-            Ok(Receipt::Done) => StoredOutcome::Done,
-            Ok(Receipt::Reserved { expires_at_ms }) => StoredOutcome::Reserved { expires_at_ms },
-            Ok(Receipt::Committed { committed_minor, released_minor }) => {
-                StoredOutcome::Committed { committed_minor, released_minor }
-            }
-            Ok(Receipt::Released { released_minor }) => StoredOutcome::Released { released_minor },
-            other => StoredOutcome::Other(Box::new(other)),
-        }
-    }
-}
-
-#[derive(Debug)]
-pub(crate) struct StoredRecord {
-    pub fingerprint: OperationFingerprint,
-    pub sequence: u64,
-    recorded_at_ms: i64,
-    outcome: StoredOutcome,
-}
-
-impl StoredRecord {
-    fn new(record: IdempotencyRecord) -> StoredRecord {
-        StoredRecord {
-            fingerprint: record.fingerprint,
-            sequence: record.sequence,
-            recorded_at_ms: record.recorded_at_ms,
-            outcome: StoredOutcome::of(record.outcome),
-        }
-    }
-
-    pub fn outcome(&self) -> Result<Receipt, EngineError> {
-        match &self.outcome {
-            StoredOutcome::Done => Ok(Receipt::Done),
-            StoredOutcome::Reserved { expires_at_ms } => Ok(Receipt::Reserved { expires_at_ms: *expires_at_ms }),
-            StoredOutcome::Committed { committed_minor, released_minor } => {
-                Ok(Receipt::Committed { committed_minor: *committed_minor, released_minor: *released_minor })
-            }
-            StoredOutcome::Released { released_minor } => Ok(Receipt::Released { released_minor: *released_minor }),
-            StoredOutcome::Other(outcome) => outcome.as_ref().clone(),
-        }
-    }
-
-    pub fn recorded_at_ms(&self) -> i64 {
-        self.recorded_at_ms
-    }
-
-    fn to_record(&self) -> IdempotencyRecord {
-        IdempotencyRecord {
-            fingerprint: self.fingerprint,
-            outcome: self.outcome(),
-            sequence: self.sequence,
-            recorded_at_ms: self.recorded_at_ms,
-        }
-    }
-}
-
-/// Entries per chunk of a generation: 256 entries of 160 bytes, 40 KiB, allocated whole.
-const CHUNK_ENTRIES: usize = 256;
 
 /// Hashes keys for the engine: one hash per request picks the key's shard (`ShardMap::of_key`)
 /// and finds the key in that shard's store. Seeded at random once per engine, so clients cannot
@@ -233,153 +185,77 @@ impl KeyHasher {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct KeyHash(pub u64);
 
-/// Where one live key's entry is, and 32 bits folded from its whole hash (the index's tags
-/// check only 7). A lookup for a new key (nearly every request, twice) meets a tag that matches
-/// by chance up to about one time in ten: a 16-slot group holds at most 14 keys, each a 1-in-128
-/// chance. Comparing these bits first spares such a lookup a read of the entry itself, which sits
-/// in cold memory. The price: 4 more bytes per slot (at full capacity, 64 shards of 65,536 keys,
-/// the indexes take about 75 MB instead of 42 MB, beside about 670 MB of entries).
-#[derive(Debug, Clone, Copy)]
-struct IndexSlot {
-    position: u32,
-    hash_bits: u32,
-}
-
-impl IndexSlot {
-    fn hash_bits(hash: KeyHash) -> u32 {
-        // Folding both halves keeps bits that neither the bucket (low bits) nor the tag (top 7)
-        // depend on alone.
-        (hash.0 ^ (hash.0 >> 32)) as u32
-    }
-
-    fn may_hold(self, hash: KeyHash) -> bool {
-        self.hash_bits == IndexSlot::hash_bits(hash)
-    }
-}
-
-/// The keys one generation took, with their records. See the module comment for the layout.
+/// The keys one generation took, with their first outcomes. See the module comment.
 #[derive(Debug, Default)]
 pub(crate) struct Generation {
-    /// Where the live keys' entries are in `chunks`, found by the key's hash.
-    index: HashTable<IndexSlot>,
+    /// Where the live keys' entries are, found by the key's hash.
+    index: PositionIndex,
     /// The entries in the order they were recorded. An entry whose key was moved to a newer
     /// generation (journal replay) stays here, unindexed, until this generation is retired.
-    chunks: Vec<Vec<(IdempotencyKey, StoredRecord)>>,
+    entries: EntryArena,
 }
 
 impl Generation {
     fn with_capacity(keys: usize) -> Generation {
-        Generation { index: HashTable::with_capacity(keys), chunks: Vec::new() }
+        Generation { index: PositionIndex::with_capacity(keys), entries: EntryArena::default() }
     }
 
     fn len(&self) -> usize {
         self.index.len()
     }
 
-    fn entry(chunks: &[Vec<(IdempotencyKey, StoredRecord)>], position: u32) -> &(IdempotencyKey, StoredRecord) {
-        let position = position as usize;
-        &chunks[position / CHUNK_ENTRIES][position % CHUNK_ENTRIES]
+    fn position(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<u32> {
+        let key = key.as_str().as_bytes();
+        self.index.find(hash, |position| self.entries.key(position) == key)
     }
 
-    /// Whether the entry at `position` is `key`'s.
-    fn holds(chunks: &[Vec<(IdempotencyKey, StoredRecord)>], position: u32, key: &IdempotencyKey) -> bool {
-        Generation::entry(chunks, position).0 == *key
-    }
-
-    fn get(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<&StoredRecord> {
-        self.index
-            .find(hash.0, |slot| slot.may_hold(hash) && Generation::holds(&self.chunks, slot.position, key))
-            .map(|slot| &Generation::entry(&self.chunks, slot.position).1)
+    fn get(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<StoredRecord<'_>> {
+        self.position(key, hash).map(|position| self.entries.record(position))
     }
 
     /// Records `key`, which this generation does not hold.
-    fn insert(&mut self, key: IdempotencyKey, hash: KeyHash, record: StoredRecord, hasher: &KeyHasher) {
-        let full = self.chunks.last().is_none_or(|chunk| chunk.len() == CHUNK_ENTRIES);
-        if full {
-            self.chunks.push(Vec::with_capacity(CHUNK_ENTRIES));
-        }
-        let appended = (self.chunks.len() - 1) * CHUNK_ENTRIES + self.chunks.last().map_or(0, Vec::len);
-        // A generation holds at most the shard's configured key capacity (checked before every
-        // request, and bounded by MAX_IDEMPOTENCY_CAPACITY_PER_SHARD), far below 2^32 entries.
-        assert!(appended < u32::MAX as usize, "an idempotency generation outgrew 32-bit positions");
-        let Generation { index, chunks } = self;
-        if let Some(chunk) = chunks.last_mut() {
-            chunk.push((key, record));
-            prefetch_next_entry(chunk);
-        }
-        let slot = IndexSlot { position: appended as u32, hash_bits: IndexSlot::hash_bits(hash) };
-        index.insert_unique(hash.0, slot, |slot| hasher.hash(&Generation::entry(chunks, slot.position).0).0);
+    fn insert(&mut self, key: &IdempotencyKey, hash: KeyHash, first: FirstOutcome<'_>) {
+        let position = self.entries.append(key, first);
+        self.index.insert(hash, position);
     }
 
     fn remove(&mut self, key: &IdempotencyKey, hash: KeyHash) {
-        let Generation { index, chunks } = self;
-        if let Ok(found) =
-            index.find_entry(hash.0, |slot| slot.may_hold(hash) && Generation::holds(chunks, slot.position, key))
-        {
-            found.remove();
-        }
+        let Generation { index, entries } = self;
+        let key = key.as_str().as_bytes();
+        index.remove(hash, |position| entries.key(position) == key);
     }
 
-    fn iter(&self) -> impl Iterator<Item = &(IdempotencyKey, StoredRecord)> {
-        self.index.iter().map(|slot| Generation::entry(&self.chunks, slot.position))
+    fn iter(&self) -> impl Iterator<Item = (IdempotencyKey, IdempotencyRecord)> + '_ {
+        self.index.positions().map(|position| {
+            let key = std::str::from_utf8(self.entries.key(position))
+                .ok()
+                .and_then(|text| IdempotencyKey::new(text).ok())
+                .unwrap_or_else(|| unreachable!("only validated keys are stored"));
+            (key, self.entries.record(position).to_record())
+        })
     }
-}
-
-/// Asks the CPU to bring the memory of `chunk`'s next entry into cache now, long before the
-/// next new key of this shard is written there.
-///
-/// Why: a new entry's memory is cold, so its stores wait in the store buffer for their cache
-/// lines, and everything that must drain that buffer waits with them: a load that cannot be
-/// forwarded from a pending store, the sequencer's lock, the shards' unlocks. `perf` put up to
-/// a quarter of a transfer's samples on one instruction early in the rules, which we read as
-/// such a wait (the entry was then written before the rules ran; it is now written after the
-/// record is journaled). Fetched one request ahead, the lines should be there when the stores
-/// come.
-/// Together with the hash bits of `IndexSlot`, this took 10-14 % off transfers and reserve +
-/// commit, against a baseline in the same runs (docs/BENCHMARKS.md, session 9). A prefetch is
-/// only a hint: it never faults and writes nothing, and other targets skip it.
-fn prefetch_next_entry(chunk: &[(IdempotencyKey, StoredRecord)]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        const CACHE_LINE_BYTES: usize = 64;
-        let entry_bytes = std::mem::size_of::<(IdempotencyKey, StoredRecord)>();
-        if chunk.len() < CHUNK_ENTRIES {
-            let next = chunk.as_ptr_range().end.cast::<i8>();
-            for offset in (0..entry_bytes).step_by(CACHE_LINE_BYTES).chain([entry_bytes - 1]) {
-                // SAFETY: a prefetch only moves a line into cache and cannot fault, whatever the
-                // address; this one is inside the chunk's allocation anyway (every chunk is made
-                // with capacity CHUNK_ENTRIES).
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(offset)) };
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = chunk;
 }
 
 /// One shard's keys in two generations (see the module comment).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct IdempotencyStore {
     current: Generation,
     previous: Generation,
     /// When the current generation started taking keys.
     current_since_ms: i64,
-    /// The engine's hasher, to re-place entries when an index grows.
-    hasher: KeyHasher,
 }
 
 impl IdempotencyStore {
-    pub(crate) fn new(hasher: KeyHasher) -> IdempotencyStore {
-        IdempotencyStore {
-            current: Generation::default(),
-            previous: Generation::default(),
-            current_since_ms: 0,
-            hasher,
+    /// Asks for the index lines a lookup of `hash` will read, in both generations, so that the
+    /// two cache misses overlap each other and the work done before the lookup.
+    pub(crate) fn prefetch(&self, hash: KeyHash) {
+        self.current.index.prefetch(hash);
+        if self.previous.len() > 0 {
+            self.previous.index.prefetch(hash);
         }
     }
 
-    pub(crate) fn get(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<&StoredRecord> {
+    pub(crate) fn get(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<StoredRecord<'_>> {
         self.current.get(key, hash).or_else(|| self.previous.get(key, hash))
     }
 
@@ -387,16 +263,23 @@ impl IdempotencyStore {
         self.current.len() + self.previous.len()
     }
 
-    pub(crate) fn insert(&mut self, key: IdempotencyKey, hash: KeyHash, record: IdempotencyRecord) {
-        debug_assert!(self.get(&key, hash).is_none(), "an idempotency key is recorded once");
-        self.current.insert(key, hash, StoredRecord::new(record), &self.hasher);
+    /// Whether one more key can be recorded. The engine's capacity check keeps a generation far
+    /// below the entries' position space; this is the last guard, checked before a request runs,
+    /// because a key's entry is written after its record is journaled, when nothing may fail.
+    pub(crate) fn has_room(&self) -> bool {
+        self.current.entries.has_room()
+    }
+
+    pub(crate) fn insert(&mut self, key: &IdempotencyKey, hash: KeyHash, first: FirstOutcome<'_>) {
+        debug_assert!(self.get(key, hash).is_none(), "an idempotency key is recorded once");
+        self.current.insert(key, hash, first);
     }
 
     /// Records `key`, replacing a forgotten-in-the-live-engine earlier record (journal replay).
-    pub(crate) fn replace(&mut self, key: IdempotencyKey, hash: KeyHash, record: IdempotencyRecord) {
-        self.previous.remove(&key, hash);
-        self.current.remove(&key, hash);
-        self.current.insert(key, hash, StoredRecord::new(record), &self.hasher);
+    pub(crate) fn replace(&mut self, key: &IdempotencyKey, hash: KeyHash, first: FirstOutcome<'_>) {
+        self.previous.remove(key, hash);
+        self.current.remove(key, hash);
+        self.current.insert(key, hash, first);
     }
 
     /// Starts a new generation if the current one is at least `retention_ms` old at `now_ms`.
@@ -407,14 +290,29 @@ impl IdempotencyStore {
         }
         self.current_since_ms = now_ms;
         // The next generation will likely see as many keys as this one: size its index up front
-        // so it does not rehash while requests wait on the shard lock.
+        // so it does not grow while requests wait on the shard lock.
         let next = Generation::with_capacity(self.current.len());
         let retired = std::mem::replace(&mut self.previous, std::mem::replace(&mut self.current, next));
         Some(retired)
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&IdempotencyKey, IdempotencyRecord)> {
-        self.current.iter().chain(self.previous.iter()).map(|(key, record)| (key, record.to_record()))
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (IdempotencyKey, IdempotencyRecord)> + '_ {
+        self.current.iter().chain(self.previous.iter())
+    }
+}
+
+impl StoredRecord<'_> {
+    pub fn outcome(&self) -> Result<Receipt, EngineError> {
+        self.outcome.to_owned()
+    }
+
+    fn to_record(self) -> IdempotencyRecord {
+        IdempotencyRecord {
+            fingerprint: self.fingerprint,
+            outcome: self.outcome.to_owned(),
+            sequence: self.sequence,
+            recorded_at_ms: self.recorded_at_ms,
+        }
     }
 }
 
@@ -451,20 +349,22 @@ mod tests {
     /// rotation retires the oldest generation whole.
     #[test]
     fn the_store_finds_every_live_key_across_chunks_generations_and_replacements() {
-        let keys = 3 * CHUNK_ENTRIES as u64 + 17;
+        // Entries of this test take about 60 bytes: 3,000 of them fill more than two chunks.
+        let keys = 3_000;
         let hasher = KeyHasher::default();
         let hash = |n: u64| hasher.hash(&key(n));
-        let mut store = IdempotencyStore::new(hasher.clone());
+        let mut store = IdempotencyStore::default();
         for n in 0..keys {
-            store.insert(key(n), hash(n), record(n));
+            store.insert(&key(n), hash(n), record(n).borrowed());
         }
+        assert!(store.current.entries.chunks() > 2);
         assert!(store.rotate(1_000, 1_000).is_some_and(|retired| retired.len() == 0));
         for n in keys..2 * keys {
-            store.insert(key(n), hash(n), record(n));
+            store.insert(&key(n), hash(n), record(n).borrowed());
         }
         // Replayed records of old keys move to the current generation, with their new outcome.
         for n in (0..2 * keys).step_by(5) {
-            store.replace(key(n), hash(n), record(n + 1_000_000));
+            store.replace(&key(n), hash(n), record(n + 1_000_000).borrowed());
         }
         assert_eq!(store.len() as u64, 2 * keys);
         let expected = |n: u64| if n.is_multiple_of(5) { record(n + 1_000_000) } else { record(n) };
@@ -486,21 +386,20 @@ mod tests {
         assert_eq!(retired.len() as u64, keys - keys.div_ceil(5));
     }
 
-    /// Keys are told apart by their bytes even when their hashes are equal, and a slot's hash
-    /// bits are consulted: a probe that reaches a key's slot with a hash differing only outside
-    /// the bucket and tag bits must not find it.
+    /// Keys are told apart by their bytes even when their hashes are equal, and a slot's tag
+    /// is consulted: a probe that reaches a key's home slot with another tag must not find it.
     #[test]
-    fn keys_under_one_hash_are_told_apart_by_their_bytes_and_slots_by_their_hash_bits() {
+    fn keys_under_one_hash_are_told_apart_by_their_bytes_and_slots_by_their_tags() {
         let hasher = KeyHasher::default();
-        let mut store = IdempotencyStore::new(hasher.clone());
+        let mut store = IdempotencyStore::default();
         let shared = hasher.hash(&key(1));
-        store.insert(key(1), shared, record(1));
+        store.insert(&key(1), shared, record(1).borrowed());
         assert!(store.get(&key(2), shared).is_none());
-        store.replace(key(2), shared, record(2));
+        store.replace(&key(2), shared, record(2).borrowed());
         assert_eq!(store.get(&key(1), shared).map(StoredRecord::to_record), Some(record(1)), "replace kept key 1");
         assert_eq!(store.get(&key(2), shared).map(StoredRecord::to_record), Some(record(2)));
-        // Bit 40 is neither a bucket bit (the table is tiny) nor a tag bit (the top 7).
-        assert!(store.get(&key(1), KeyHash(shared.0 ^ (1 << 40))).is_none());
+        // Bit 20 is not a home-slot bit (the table is tiny) but is a tag bit.
+        assert!(store.get(&key(1), KeyHash(shared.0 ^ (1 << 20))).is_none());
     }
 }
 
