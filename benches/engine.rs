@@ -41,11 +41,34 @@ const UNIFORM_USERS: u128 = 10_000;
 const PREPARED_PER_BATCH: BatchSize = BatchSize::NumIterations(1_024);
 const HOT_USERS: u128 = 4;
 
+/// The multi-thread cases' sink: drops each record on the spot, in the timed loop.
 struct DiscardJournal;
 
 impl JournalSink for DiscardJournal {
     fn append(&self, record: JournalRecord) -> Result<(), JournalClosed> {
         black_box(record);
+        Ok(())
+    }
+}
+
+/// The single-thread cases' sink: keeps each record until the untimed setup of the next batch
+/// drops it. In production the request thread only moves its record into the journal's channel
+/// and the writer thread drops it; this sink likewise takes a lock and moves the record.
+#[derive(Default)]
+struct HeldJournal {
+    records: Mutex<Vec<JournalRecord>>,
+}
+
+impl HeldJournal {
+    /// Drops the records held so far, keeping the buffer.
+    fn release(&self) {
+        self.records.lock().clear();
+    }
+}
+
+impl JournalSink for HeldJournal {
+    fn append(&self, record: JournalRecord) -> Result<(), JournalClosed> {
+        self.records.lock().push(record);
         Ok(())
     }
 }
@@ -93,15 +116,15 @@ impl Caller {
     }
 }
 
-/// The sharded engine, its sink discarding records.
-struct Sharded {
-    engine: Engine<DiscardJournal>,
+/// The sharded engine and its sink.
+struct Sharded<S> {
+    engine: Engine<S>,
 }
 
-impl Sharded {
-    fn new(users: u128) -> Sharded {
+impl<S: JournalSink> Sharded<S> {
+    fn new(users: u128, sink: S) -> Sharded<S> {
         let config = EngineConfig { retention_ms: RETENTION_MS, ..EngineConfig::default() };
-        let sharded = Sharded { engine: Engine::new(config, DiscardJournal) };
+        let sharded = Sharded { engine: Engine::new(config, sink) };
         let mut setup = Caller::new(0xffff, false);
         for user in 0..users {
             sharded.run(&mut setup, Operation::OpenAccount { account: usd(user), config: AccountConfig::default() });
@@ -110,15 +133,6 @@ impl Sharded {
             sharded.run(&mut setup, deposit);
         }
         sharded
-    }
-
-    /// Builds the caller's next request for `operation`, outside any timing.
-    fn prepare(caller: &mut Caller, operation: Operation) -> Prepared {
-        let (counter, now_ms, sweeps) = caller.next();
-        Prepared {
-            sweep_at_ms: sweeps.then_some(now_ms),
-            request: Request { key: key_for(counter), now_ms, operation },
-        }
     }
 
     /// Executes a prepared request, sweeping first when its caller would.
@@ -131,8 +145,14 @@ impl Sharded {
     }
 
     fn run(&self, caller: &mut Caller, operation: Operation) {
-        self.execute(Sharded::prepare(caller, operation));
+        self.execute(prepare(caller, operation));
     }
+}
+
+/// Builds the caller's next request for `operation`, outside any timing.
+fn prepare(caller: &mut Caller, operation: Operation) -> Prepared {
+    let (counter, now_ms, sweeps) = caller.next();
+    Prepared { sweep_at_ms: sweeps.then_some(now_ms), request: Request { key: key_for(counter), now_ms, operation } }
 }
 
 /// A request built before the clock starts.
@@ -234,7 +254,7 @@ struct PreparedKey {
 }
 
 /// Two users on the same shard, and two on different shards.
-fn shard_pairs(engine: &Engine<DiscardJournal>) -> ((u128, u128), (u128, u128)) {
+fn shard_pairs<S: JournalSink>(engine: &Engine<S>) -> ((u128, u128), (u128, u128)) {
     let same = (1..UNIFORM_USERS)
         .find(|user| engine.shard_of(usd(*user).user_id) == engine.shard_of(usd(0).user_id))
         .unwrap_or(1);
@@ -245,7 +265,12 @@ fn shard_pairs(engine: &Engine<DiscardJournal>) -> ((u128, u128), (u128, u128)) 
 }
 
 fn single_thread(c: &mut Criterion) {
-    let sharded = Sharded::new(UNIFORM_USERS);
+    let sharded = Sharded::new(UNIFORM_USERS, HeldJournal::default());
+    // Every batch's untimed setup first drops the records the last batch journaled.
+    let held = |caller: &mut Caller, operation| {
+        sharded.engine.sink().release();
+        prepare(caller, operation)
+    };
     let global = Global::new(UNIFORM_USERS);
     let ((same_a, same_b), (cross_a, cross_b)) = shard_pairs(&sharded.engine);
     let transfer = |from, to| Operation::Transfer {
@@ -259,14 +284,14 @@ fn single_thread(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("sharded/same_shard", |b| {
         b.iter_batched(
-            || Sharded::prepare(&mut caller, transfer(same_a, same_b)),
+            || held(&mut caller, transfer(same_a, same_b)),
             |prepared| sharded.execute(prepared),
             PREPARED_PER_BATCH,
         )
     });
     group.bench_function("sharded/cross_shard", |b| {
         b.iter_batched(
-            || Sharded::prepare(&mut caller, transfer(cross_a, cross_b)),
+            || held(&mut caller, transfer(cross_a, cross_b)),
             |prepared| sharded.execute(prepared),
             PREPARED_PER_BATCH,
         )
@@ -287,11 +312,7 @@ fn single_thread(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     let unchanged = || Operation::SetFrozen { account: usd(same_a), frozen: false };
     group.bench_function("sharded", |b| {
-        b.iter_batched(
-            || Sharded::prepare(&mut caller, unchanged()),
-            |prepared| sharded.execute(prepared),
-            PREPARED_PER_BATCH,
-        )
+        b.iter_batched(|| held(&mut caller, unchanged()), |prepared| sharded.execute(prepared), PREPARED_PER_BATCH)
     });
     group.bench_function("global_mutex", |b| {
         b.iter_batched(
@@ -323,7 +344,7 @@ fn single_thread(c: &mut Criterion) {
                     destination: AccountRef::User(usd(cross_b)),
                     amount: None,
                 };
-                (Sharded::prepare(&mut caller, reserve), Sharded::prepare(&mut caller, commit))
+                (held(&mut caller, reserve), prepare(&mut caller, commit))
             },
             |(reserve, commit)| {
                 sharded.execute(reserve);
@@ -362,7 +383,7 @@ fn single_thread(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let operations = next_pairs().into_iter().map(|(from, to)| transfer(from, to)).collect();
-                Sharded::prepare(&mut caller, Operation::LinkedBatch { operations })
+                held(&mut caller, Operation::LinkedBatch { operations })
             },
             |prepared| sharded.execute(prepared),
             PREPARED_PER_BATCH,
@@ -428,7 +449,7 @@ fn multi_thread(c: &mut Criterion) {
             let callers = || -> Vec<Mutex<Caller>> {
                 (0..threads).map(|index| Mutex::new(Caller::new(index, index == 0))).collect()
             };
-            let engine = Arc::new(Sharded::new(users));
+            let engine = Arc::new(Sharded::new(users, DiscardJournal));
             let sharded_transfer: TransferFn = Arc::new(move |caller, from, to| {
                 let transfer = Operation::Transfer {
                     from: AccountRef::User(usd(from)),

@@ -107,7 +107,7 @@ impl Effect {
     pub(crate) fn shards(&self, map: ShardMap) -> [Option<u32>; 2] {
         let slot_shard = |slot: &Slot| match slot {
             Slot::User(account) => map.of_user(account.user_id),
-            Slot::System { shard, .. } => shard % map.count(),
+            Slot::System { shard, .. } => map.reduce(*shard),
         };
         match self {
             Effect::AccountOpened { account, .. }
@@ -156,7 +156,7 @@ fn add_available(shards: &mut LockedShards<'_>, map: ShardMap, slot: &Slot, delt
         }
         Slot::System { account, shard } => {
             let sub_account =
-                &mut shards.get(shard % map.count()).system_minor[account.kind.index()][account.asset.index()];
+                &mut shards.get(map.reduce(*shard)).system_minor[account.kind.index()][account.asset.index()];
             *sub_account += delta_minor;
             debug_assert!(sub_account.abs() <= MAX_AMOUNT_MINOR);
         }

@@ -196,7 +196,9 @@ impl<S: JournalSink> Engine<S> {
     }
 
     /// Gives `record` the next sequence and hands it to the sink. If the journal is closed, undoes
-    /// the record's effects (the shards are still locked) and returns `None`.
+    /// the record's effects (the shards are still locked) and returns `None`. Inlined, so the
+    /// record is built where the sink takes it rather than copied into this call first.
+    #[inline]
     fn append(&self, shards: &mut LockedShards<'_>, mut record: JournalRecord) -> Option<u64> {
         let mut next_sequence = self.sequencer.lock();
         let sequence = *next_sequence;

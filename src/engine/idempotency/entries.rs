@@ -100,7 +100,7 @@ impl EntryArena {
     /// Appends `key`'s entry and returns its position. The caller checks `has_room` first.
     pub fn append(&mut self, key: &IdempotencyKey, first: FirstOutcome<'_>) -> u32 {
         assert!(self.has_room(), "an idempotency generation outgrew its 32-bit positions");
-        let key_bytes = key.as_str().as_bytes();
+        let key_bytes = key.as_bytes();
         let outcome_len = match first.outcome {
             Ok(Receipt::Done) => 1,
             Ok(Receipt::Reserved { .. }) => 1 + 8,

@@ -76,6 +76,11 @@ impl IdempotencyKey {
         Ok(IdempotencyKey { len: text.len() as u8, bytes })
     }
 
+    /// The key's bytes: what the store compares and keeps.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
     pub fn as_str(&self) -> &str {
         // Only printable ASCII is ever stored, which is valid UTF-8.
         std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
@@ -86,7 +91,7 @@ impl IdempotencyKey {
 /// so the derived equality stays consistent with this hash).
 impl Hash for IdempotencyKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.bytes[..usize::from(self.len)].hash(state);
+        self.as_bytes().hash(state);
     }
 }
 
@@ -205,7 +210,7 @@ impl Generation {
     }
 
     fn position(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<u32> {
-        let key = key.as_str().as_bytes();
+        let key = key.as_bytes();
         self.index.find(hash, |position| self.entries.key(position) == key)
     }
 
@@ -221,7 +226,7 @@ impl Generation {
 
     fn remove(&mut self, key: &IdempotencyKey, hash: KeyHash) {
         let Generation { index, entries } = self;
-        let key = key.as_str().as_bytes();
+        let key = key.as_bytes();
         index.remove(hash, |position| entries.key(position) == key);
     }
 
