@@ -372,12 +372,10 @@ fn single_thread(c: &mut Criterion) {
     group.throughput(Throughput::Elements(10));
     let mut next_user = 0_u128;
     let mut next_pairs = move || {
-        (0..10)
-            .map(|_| {
-                next_user = (next_user + 1) % (UNIFORM_USERS - 1);
-                (next_user, next_user + 1)
-            })
-            .collect::<Vec<_>>()
+        [(); 10].map(|()| {
+            next_user = (next_user + 1) % (UNIFORM_USERS - 1);
+            (next_user, next_user + 1)
+        })
     };
     group.bench_function("sharded", |b| {
         b.iter_batched(

@@ -6,7 +6,7 @@
 //! free, which never happens for a size whose block is not a power of two (the bin it would come
 //! from is only ever filled by plain `mi_malloc`). Such requests over-allocate into the next bin
 //! through a slow path, every time: the engine's effects vector (640 bytes, 16-aligned) paid
-//! that on every request (docs/BENCHMARKS.md, session 11). The same problem is reported upstream
+//! that on every request (docs/BENCHMARKS.md, "Session 11"). The same problem is reported upstream
 //! (purpleprotocol/mimalloc_rust#170).
 //!
 //! Plain `mi_malloc` returns blocks aligned to 8 bytes, and to 16 (`MI_MAX_ALIGN_SIZE`, what C's
@@ -88,8 +88,9 @@ mod tests {
     use super::*;
 
     /// Every size up to a few pages and every alignment up to a page: each block is aligned,
-    /// writable across its size, keeps its contents through a realloc that changes path, and
-    /// zeroed blocks are zero.
+    /// writable across its size, keeps its contents through a realloc that grows it, stays
+    /// aligned through one that shrinks it below a word (from the plain path to the aligned one),
+    /// and zeroed blocks are zero.
     #[test]
     fn every_layout_gets_an_aligned_block() {
         let allocator = LedgerAllocator;
@@ -107,6 +108,11 @@ mod tests {
                     assert!((grown as usize).is_multiple_of(align), "realloc of size {size} align {align}");
                     assert!((0..size).all(|at| *grown.add(at) == 0xAB));
                     allocator.dealloc(grown, Layout::from_size_align(size * 3, align).unwrap());
+
+                    // Shrinking a 16-aligned block below 16 bytes leaves the plain path.
+                    let shrunk = allocator.realloc(allocator.alloc(layout), layout, 1);
+                    assert!((shrunk as usize).is_multiple_of(align), "shrunk size {size} align {align}");
+                    allocator.dealloc(shrunk, Layout::from_size_align(1, align).unwrap());
 
                     let zeroed = allocator.alloc_zeroed(layout);
                     assert!((zeroed as usize).is_multiple_of(align), "zeroed size {size} align {align}");

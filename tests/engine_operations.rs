@@ -467,6 +467,88 @@ fn idempotent_retries_return_the_first_outcome_and_change_nothing() {
     assert_eq!((again.result, again.replayed), (refused.result, true));
 }
 
+/// The engine runs a request's rules before it looks the key up (docs/ENGINE.md,
+/// "Idempotency"), so a request whose key turns out to be known, or that finds the store full,
+/// must undo everything its rules did. Each request below would have succeeded and changed a
+/// different kind of state (limits, reservations and their expiry, postings, accounts); a twin
+/// engine that never saw them must stay indistinguishable: same state, same journal, and the
+/// same answers to later requests and to a sweep past every expiry.
+#[test]
+fn a_known_key_or_a_full_store_undoes_everything_the_rules_did() {
+    // One shard of five keys: the setup below fills it.
+    let config = diboas_ledger::engine::EngineConfig {
+        shard_count: 1,
+        idempotency_capacity_per_shard: 5,
+        retention_ms: 3_600_000,
+    };
+    let limited = AccountConfig {
+        limits: OutflowLimits { daily_minor: Some(1_000_000), ..OutflowLimits::default() },
+        ..AccountConfig::default()
+    };
+    let known = key("known");
+    let recorded = Operation::SetFrozen { account: usd(2), frozen: false };
+    let setup = |h: &mut Harness| {
+        h.open(usd(1), limited);
+        h.ok(Operation::Deposit { account: usd(1), amount: amount(10_000), provider: Provider::Stripe });
+        h.open(usd(2), AccountConfig::default());
+        h.ok(reserve(usd(1), 7, 500));
+        let first = h.engine.execute(Request { key: known, now_ms: h.now_ms, operation: recorded.clone() });
+        assert!(first.result.is_ok());
+    };
+    let (mut subject, mut twin) = (Harness::with_config(config), Harness::with_config(config));
+    setup(&mut subject);
+    setup(&mut twin);
+
+    let would_succeed = [
+        reserve(usd(1), 8, 300),
+        Operation::Commit {
+            user_id: usd(1).user_id,
+            reservation_id: Uuid::from_u128(7),
+            destination: AccountRef::User(usd(2)),
+            amount: Some(amount(200)),
+        },
+        Operation::Release { user_id: usd(1).user_id, reservation_id: Uuid::from_u128(7) },
+        Operation::Transfer { from: AccountRef::User(usd(1)), to: AccountRef::User(usd(2)), amount: amount(50) },
+        Operation::Withdraw { account: usd(1), amount: amount(60), provider: Provider::Ramp },
+        Operation::OpenAccount { account: usd(3), config: limited },
+        Operation::SetFrozen { account: usd(1), frozen: true },
+    ];
+    for operation in &would_succeed {
+        let now_ms = subject.now_ms;
+        let conflict = subject.engine.execute(Request { key: known, now_ms, operation: operation.clone() });
+        assert_eq!(conflict.result, Err(EngineError::IdempotencyConflict { key: "known".to_owned() }), "{operation:?}");
+        let full = subject.run(operation.clone());
+        assert_eq!(full.result, Err(EngineError::IdempotencyCapacityExhausted), "{operation:?}");
+        assert_eq!((conflict.sequence, full.sequence), (None, None));
+    }
+    let replay = subject.engine.execute(Request { key: known, now_ms: subject.now_ms, operation: recorded });
+    assert!(replay.replayed && replay.result.is_ok());
+
+    assert_eq!(subject.engine.state(), twin.engine.state());
+    assert_eq!(subject.engine.sink().drain(), twin.engine.sink().drain());
+
+    // Later behaviour agrees too, once the keys have been forgotten: the reservation ids are
+    // free or active as before, and a sweep past every expiry expires the same reservations.
+    for h in [&mut subject, &mut twin] {
+        h.now_ms += 2 * config.retention_ms;
+        h.engine.sweep(h.now_ms).unwrap();
+    }
+    let later = [
+        reserve(usd(1), 8, 300),
+        reserve(usd(1), 9, 100),
+        Operation::Release { user_id: usd(1).user_id, reservation_id: Uuid::from_u128(8) },
+    ];
+    for operation in later {
+        assert_eq!(subject.run(operation.clone()).result, twin.run(operation).result);
+    }
+    for h in [&mut subject, &mut twin] {
+        h.now_ms += DEFAULT_RESERVATION_TTL_MS;
+    }
+    assert_eq!(subject.engine.sweep(subject.now_ms), twin.engine.sweep(twin.now_ms));
+    assert_eq!(subject.engine.state(), twin.engine.state());
+    assert_eq!(subject.engine.sink().drain(), twin.engine.sink().drain());
+}
+
 #[test]
 fn a_full_idempotency_store_refuses_instead_of_forgetting() {
     let mut h = Harness::with_config(diboas_ledger::engine::EngineConfig {

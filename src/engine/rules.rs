@@ -80,8 +80,10 @@ fn system_shard(map: ShardMap, from: AccountRef, to: AccountRef) -> u32 {
     }
 }
 
-/// Effects a request usually emits (a commit: the close, the posting, a limits refund).
-const EXPECTED_EFFECTS: usize = 4;
+/// Effects most requests emit (a transfer one, a commit two): room for them in one allocation.
+/// A record waits in the journal's channel with this capacity, so it is kept small; rarer
+/// requests regrow.
+const EXPECTED_EFFECTS: usize = 2;
 
 /// One operation in progress: the locked shards and the effects applied so far.
 pub(crate) struct Tx<'l, 'a> {
@@ -93,7 +95,6 @@ pub(crate) struct Tx<'l, 'a> {
 
 impl<'l, 'a> Tx<'l, 'a> {
     pub fn new(shards: &'l mut LockedShards<'a>, map: ShardMap, now_ms: i64) -> Tx<'l, 'a> {
-        // Most operations emit one to three effects: one allocation, never a regrowth.
         Tx { shards, map, now_ms, effects: Vec::with_capacity(EXPECTED_EFFECTS) }
     }
 

@@ -30,12 +30,12 @@ const CHUNK_BYTES: usize = 1 << 16;
 const MAX_OUTCOME_BYTES: usize = 1 + 32;
 
 /// The longest entry: a 64-byte key and the longest outcome.
-pub(super) const MAX_ENTRY_BYTES: usize = 1 + MAX_IDEMPOTENCY_KEY_LEN + 3 * 8 + MAX_OUTCOME_BYTES;
+pub(crate) const MAX_ENTRY_BYTES: usize = 1 + MAX_IDEMPOTENCY_KEY_LEN + 3 * 8 + MAX_OUTCOME_BYTES;
 
 /// Positions are 32-bit byte offsets with `u32::MAX` kept free (the index stores `position + 1`).
 /// A generation stops short of that; `MAX_IDEMPOTENCY_CAPACITY_PER_SHARD` keeps a full
 /// generation well inside it.
-pub(super) const MAX_BYTES: usize = u32::MAX as usize - CHUNK_BYTES;
+pub(crate) const MAX_BYTES: usize = u32::MAX as usize - CHUNK_BYTES;
 
 const TAG_DONE: u8 = 0;
 const TAG_RESERVED: u8 = 1;

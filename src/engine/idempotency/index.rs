@@ -217,6 +217,37 @@ mod tests {
         }
     }
 
+    /// Real-looking hashes at a size where clusters are long and wrap around the end of the
+    /// table after several growths: every key stays findable through inserts and removals, and
+    /// a removed key is gone.
+    #[test]
+    fn many_random_keys_survive_growth_and_removals() {
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let hashes: Vec<u64> = (0..100_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            })
+            .collect();
+        // `holds` compares the full hash, as the store compares the key's bytes.
+        let hashes = &hashes;
+        let holds = |hash: u64| move |position: u32| hashes[position as usize] == hash;
+        let mut index = PositionIndex::default();
+        for (position, hash) in hashes.iter().enumerate() {
+            index.insert(KeyHash(*hash), position as u32);
+        }
+        for (position, hash) in hashes.iter().enumerate().filter(|(position, _)| position % 3 == 0) {
+            assert!(index.remove(KeyHash(*hash), holds(*hash)), "position {position}");
+        }
+        assert_eq!(index.len(), hashes.len() - hashes.len().div_ceil(3));
+        for (position, hash) in hashes.iter().enumerate() {
+            let expected = (position % 3 != 0).then_some(position as u32);
+            assert_eq!(index.find(KeyHash(*hash), holds(*hash)), expected, "position {position}");
+        }
+    }
+
     #[test]
     fn the_table_stays_at_most_half_full() {
         let mut index = PositionIndex::with_capacity(100);

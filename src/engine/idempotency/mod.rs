@@ -38,6 +38,7 @@ mod index;
 
 use self::entries::EntryArena;
 pub(crate) use self::entries::StoredRecord;
+pub(crate) use self::entries::{MAX_BYTES as MAX_GENERATION_BYTES, MAX_ENTRY_BYTES};
 use self::index::PositionIndex;
 
 /// The longest idempotency key accepted, in bytes.
