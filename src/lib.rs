@@ -16,9 +16,9 @@
 //! - [`directory`], [`audit`], [`readside`]: users and compliance data (encrypted personal data),
 //!   the audit and data-access logs, summary views, retention and database statistics.
 //! - [`fees`]: pure fee math for business transactions (five tiers, one rounding rule).
-//! - [`allocator`]: the process's global allocator (mimalloc, on its fast path for ordinary layouts).
 //! - [`outbox`]: the events other services hear about, written with each journal batch, relayed
 //!   to NATS JetStream and streamed over gRPC.
+//! - [`allocator`]: the process's global allocator (mimalloc, on its fast path for ordinary layouts).
 
 pub mod allocator;
 pub mod api;
