@@ -226,9 +226,7 @@ impl<S: JournalSink> Engine<S> {
     }
 
     /// Gives `record` the next sequence and hands it to the sink. If the journal is closed, undoes
-    /// the record's effects (the shards are still locked) and returns `None`. Inlined, so the
-    /// record is built where the sink takes it rather than copied into this call first.
-    #[inline]
+    /// the record's effects (the shards are still locked) and returns `None`.
     fn append(&self, shards: &mut LockedShards<'_>, mut record: JournalRecord) -> Option<u64> {
         let mut next_sequence = self.sequencer.lock();
         let sequence = *next_sequence;
