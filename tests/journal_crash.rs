@@ -34,6 +34,13 @@ const OPERATIONS_PER_TASK: usize = 20_000;
 /// Kill after this many acknowledgements were seen (then after a further short, varying pause).
 const KILL_AFTER_ACKS: [usize; 5] = [1, 40, 300, 1_000, 2_500];
 
+/// The children's PostgreSQL sessions carry this name, so the test can tell when they are gone.
+const CHILD_APPLICATION_NAME: &str = "diboas_crash_child";
+
+/// How long a killed child's sessions may take to end (they finish the statement they were
+/// running when the client died, then notice it is gone).
+const CHILD_SESSIONS_END_WITHIN_MS: u64 = 30_000;
+
 #[test]
 fn crash_child() {
     let Ok(url) = std::env::var(CHILD_URL_VAR) else { return };
@@ -109,6 +116,24 @@ fn crash_child() {
     });
 }
 
+/// Polls until no session of a child is left on this test's database.
+async fn wait_until_child_sessions_end(pool: &PgPool) {
+    for _ in 0..CHILD_SESSIONS_END_WITHIN_MS {
+        let (sessions,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1",
+        )
+        .bind(CHILD_APPLICATION_NAME)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if sessions == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    panic!("a killed child's sessions were still open after {CHILD_SESSIONS_END_WITHIN_MS} ms");
+}
+
 /// A small deterministic generator for the pauses before each kill.
 fn pause_us(run: usize) -> u64 {
     let mut x = (run as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -119,7 +144,7 @@ fn pause_us(run: usize) -> u64 {
 #[sqlx::test]
 async fn acknowledged_operations_survive_sigkill(pool: PgPool) {
     let options = prepared(&pool).await;
-    let url = url_of(&options);
+    let url = format!("{}?application_name={CHILD_APPLICATION_NAME}", url_of(&options));
     let exe = std::env::current_exe().unwrap();
     let mut acknowledged = BTreeSet::new();
     for (run, kill_after) in KILL_AFTER_ACKS.into_iter().enumerate() {
@@ -153,6 +178,11 @@ async fn acknowledged_operations_survive_sigkill(pool: PgPool) {
         child.kill().unwrap();
         child.wait().unwrap();
         reader.join().unwrap();
+        // A killed process's PostgreSQL session still finishes the batch it had sent (it may
+        // commit after the kill). The next child must start after that, as an operator restarts
+        // a server once the old one is gone: otherwise its writer rightly refuses to append
+        // behind a journal that moved under it, and the child stops with nothing acknowledged.
+        wait_until_child_sessions_end(&pool).await;
         let keys = std::mem::take(&mut *keys.lock().unwrap());
         assert!(keys.len() >= kill_after, "run {run}: the child stopped after {} acknowledgements", keys.len());
         eprintln!("run {run}: killed after {} acknowledged operations", keys.len());
