@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use crossbeam_utils::CachePadded;
 use diboas_ledger::engine::account::{AccountConfig, AccountRef, Domain, Provider, UserAccount};
 use diboas_ledger::engine::asset::Asset;
 use diboas_ledger::engine::idempotency::IdempotencyKey;
@@ -415,7 +416,12 @@ type TransferFn = Arc<dyn Fn(&mut Caller, u128, u128) + Send + Sync>;
 /// Runs `operations` uniform random transfers over `users` accounts, split over one thread per
 /// caller (callers persist across calls so keys stay unique and clocks move forward); returns
 /// the wall time.
-fn parallel_transfers(callers: &[Mutex<Caller>], operations: u64, transfer: &TransferFn, users: u128) -> Duration {
+fn parallel_transfers(
+    callers: &[CachePadded<Mutex<Caller>>],
+    operations: u64,
+    transfer: &TransferFn,
+    users: u128,
+) -> Duration {
     let per_thread = operations / callers.len() as u64;
     let start = Instant::now();
     std::thread::scope(|scope| {
@@ -444,8 +450,11 @@ fn multi_thread(c: &mut Criterion) {
         group.throughput(Throughput::Elements(1));
         for threads in [1_u64, 2] {
             // A fresh engine and baseline per thread count, so every caller's clock starts with its engine's.
-            let callers = || -> Vec<Mutex<Caller>> {
-                (0..threads).map(|index| Mutex::new(Caller::new(index, index == 0))).collect()
+            // Each caller on cache lines of its own: every request writes its caller's counter, and
+            // two callers sharing a line made the threads stall each other (seen as runs of two
+            // threads taking twice as long as others, depending on where the vector landed).
+            let callers = || -> Vec<CachePadded<Mutex<Caller>>> {
+                (0..threads).map(|index| CachePadded::new(Mutex::new(Caller::new(index, index == 0)))).collect()
             };
             let engine = Arc::new(Sharded::new(users, DiscardJournal));
             let sharded_transfer: TransferFn = Arc::new(move |caller, from, to| {

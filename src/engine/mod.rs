@@ -31,6 +31,7 @@ pub mod transaction;
 
 use std::collections::BTreeMap;
 
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use thiserror::Error;
@@ -113,12 +114,17 @@ pub enum ReplayError {
 }
 
 pub struct Engine<S> {
-    shards: Box<[Mutex<Shard>]>,
+    /// Each shard on cache lines of its own: two threads working on neighbouring shards must not
+    /// invalidate each other's lock word and clock.
+    shards: Box<[CachePadded<Mutex<Shard>>]>,
     map: ShardMap,
     /// Hashes each request's key once; seeded per engine (see `KeyHasher`).
     key_hasher: KeyHasher,
-    /// The next sequence number. Taken after the shard locks, released before them.
-    sequencer: Mutex<u64>,
+    /// The next sequence number. Taken after the shard locks, released before them. Every change
+    /// writes it, so it sits on cache lines of its own, away from the fields every request only
+    /// reads (`shards`, `map`, `key_hasher`): sharing a line with them made every thread miss on
+    /// them after any other thread's change.
+    sequencer: CachePadded<Mutex<u64>>,
     sink: S,
     config: EngineConfig,
 }
@@ -132,8 +138,8 @@ impl<S: JournalSink> Engine<S> {
         );
         let map = ShardMap::new(config.shard_count);
         let key_hasher = KeyHasher::default();
-        let shards = (0..map.count()).map(|_| Mutex::new(Shard::new())).collect();
-        Engine { shards, map, key_hasher, sequencer: Mutex::new(1), sink, config }
+        let shards = (0..map.count()).map(|_| CachePadded::new(Mutex::new(Shard::new()))).collect();
+        Engine { shards, map, key_hasher, sequencer: CachePadded::new(Mutex::new(1)), sink, config }
     }
 
     pub fn config(&self) -> &EngineConfig {

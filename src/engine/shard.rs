@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
+use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 use uuid::Uuid;
@@ -150,7 +151,7 @@ pub(crate) struct LockedShards<'a> {
 
 impl<'a> LockedShards<'a> {
     /// Locks `indexes` (any order, duplicates allowed) in ascending order.
-    pub fn lock(shards: &'a [Mutex<Shard>], mut indexes: SmallVec<[u32; 4]>) -> LockedShards<'a> {
+    pub fn lock(shards: &'a [CachePadded<Mutex<Shard>>], mut indexes: SmallVec<[u32; 4]>) -> LockedShards<'a> {
         indexes.sort_unstable();
         indexes.dedup();
         let mut guards = SmallVec::with_capacity(indexes.len());
