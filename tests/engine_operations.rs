@@ -262,16 +262,27 @@ fn expiry_is_driven_by_the_callers_clock_and_is_final() {
 }
 
 #[test]
-fn closed_reservations_are_forgotten_after_the_retention_window() {
+fn closed_reservations_are_kept_one_retention_window_and_forgotten_within_two() {
     let mut h = Harness::new();
     h.open_funded(usd(1), 1_000);
     h.ok(reserve(usd(1), 1, 100));
     h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(1) });
+    let closed_at_ms = h.now_ms;
     let retention_ms = h.engine.config().retention_ms;
-    h.engine.sweep(h.now_ms + retention_ms - 1).unwrap();
-    assert!(h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(1)).is_some());
-    h.engine.sweep(h.now_ms + retention_ms).unwrap();
-    assert!(h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(1)).is_none());
+    let remembered = |h: &Harness| h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(1)).is_some();
+    for swept_at_ms in [closed_at_ms, closed_at_ms + retention_ms / 2, closed_at_ms + retention_ms - 1] {
+        h.engine.sweep(swept_at_ms).unwrap();
+        assert!(remembered(&h), "swept {} ms after it closed", swept_at_ms - closed_at_ms);
+    }
+    assert_eq!(
+        h.refused(reserve(usd(1), 1, 100)),
+        EngineError::ReservationAlreadyExists { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(1) },
+        "the id of a remembered reservation cannot be reused"
+    );
+    h.engine.sweep(closed_at_ms + 2 * retention_ms).unwrap();
+    assert!(!remembered(&h));
+    h.now_ms = closed_at_ms + 2 * retention_ms;
+    h.ok(reserve(usd(1), 1, 100));
 }
 
 #[test]
@@ -716,6 +727,9 @@ fn replay_agrees_with_the_live_engine_when_callers_clocks_disagree() {
     h.ok(reserve(usd(1), 7, 10));
     h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(7) });
     let retention_ms = h.engine.config().retention_ms;
+    // Closed reservations are forgotten a generation at a time: the first sweep starts the
+    // generation that the second one, a retention window later, retires.
+    h.engine.sweep(h.now_ms).unwrap();
     let swept_at_ms = h.now_ms + retention_ms;
     h.engine.sweep(swept_at_ms).unwrap();
     assert!(h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(7)).is_none());

@@ -133,20 +133,6 @@ fn account_mut<'s>(shards: &'s mut LockedShards<'_>, map: ShardMap, account: &Us
         .unwrap_or_else(|| panic!("effect on an account that does not exist: {account:?}"))
 }
 
-fn reservation_mut<'s>(
-    shards: &'s mut LockedShards<'_>,
-    map: ShardMap,
-    user_id: Uuid,
-    reservation_id: Uuid,
-) -> &'s mut Reservation {
-    shards
-        .get(map.of_user(user_id))
-        .users
-        .get_mut(&user_id)
-        .and_then(|user| user.reservations.get_mut(&reservation_id))
-        .unwrap_or_else(|| panic!("effect on a reservation that does not exist: {reservation_id}"))
-}
-
 fn add_available(shards: &mut LockedShards<'_>, map: ShardMap, slot: &Slot, delta_minor: i128) {
     match slot {
         Slot::User(account) => {
@@ -196,28 +182,28 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
         Effect::ReservationOpened { reservation } => {
             debug_assert_eq!(reservation.status, ReservationStatus::Active);
             shift_reserved(shards, map, &reservation.account, reservation.amount_minor, 1);
-            let shard = shards.get(map.of_user(reservation.account.user_id));
-            shard.expiry.insert((reservation.expires_at_ms, reservation.account.user_id, reservation.id));
-            let previous = shard
-                .users
-                .get_mut(&reservation.account.user_id)
-                .and_then(|user| user.reservations.insert(reservation.id, *reservation));
+            let user_id = reservation.account.user_id;
+            let shard = shards.get(map.of_user(user_id));
+            shard.expiry.insert((reservation.expires_at_ms, user_id, reservation.id));
             // Only a journal replay reuses an id, after the live engine forgot the closed original.
-            if let Some(forgotten) = previous {
-                debug_assert!(forgotten.closed_at_ms.is_some(), "an active reservation was opened again");
-                shard.closed.retain(|(_, user_id, id)| (*user_id, *id) != (forgotten.account.user_id, forgotten.id));
-            }
+            shard.closed_reservations.remove(user_id, reservation.id);
+            let previous =
+                shard.users.get_mut(&user_id).and_then(|user| user.reservations.insert(reservation.id, *reservation));
+            debug_assert!(previous.is_none(), "an active reservation was opened again");
         }
         Effect::ReservationClosed { user_id, reservation_id, status, closed_at_ms } => {
-            let reservation = reservation_mut(shards, map, *user_id, *reservation_id);
+            let shard = shards.get(map.of_user(*user_id));
+            let mut reservation = shard
+                .users
+                .get_mut(user_id)
+                .and_then(|user| user.reservations.remove(reservation_id))
+                .unwrap_or_else(|| panic!("closing a reservation that is not active: {reservation_id}"));
             debug_assert!(reservation.status.can_become(*status));
             reservation.status = *status;
             reservation.closed_at_ms = Some(*closed_at_ms);
-            let reservation = *reservation;
-            shift_reserved(shards, map, &reservation.account, reservation.amount_minor, -1);
-            let shard = shards.get(map.of_user(*user_id));
             shard.expiry.remove(&(reservation.expires_at_ms, *user_id, *reservation_id));
-            shard.closed.push_back((*closed_at_ms, *user_id, *reservation_id));
+            shard.closed_reservations.insert(reservation);
+            shift_reserved(shards, map, &reservation.account, reservation.amount_minor, -1);
         }
         Effect::UsageChanged { account, after, .. } => {
             account_mut(shards, map, account).usage = *after;
@@ -303,15 +289,18 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
             }
         }
         Effect::ReservationClosed { user_id, reservation_id, .. } => {
-            let reservation = reservation_mut(shards, map, *user_id, *reservation_id);
+            let shard = shards.get(map.of_user(*user_id));
+            let mut reservation = shard
+                .closed_reservations
+                .remove(*user_id, *reservation_id)
+                .unwrap_or_else(|| panic!("reopening a reservation that is not closed: {reservation_id}"));
             reservation.status = ReservationStatus::Active;
             reservation.closed_at_ms = None;
-            let reservation = *reservation;
-            shift_reserved(shards, map, &reservation.account, reservation.amount_minor, 1);
-            let shard = shards.get(map.of_user(*user_id));
             shard.expiry.insert((reservation.expires_at_ms, *user_id, *reservation_id));
-            let undone = shard.closed.pop_back();
-            debug_assert_eq!(undone.map(|(_, _, id)| id), Some(*reservation_id));
+            if let Some(user) = shard.users.get_mut(user_id) {
+                user.reservations.insert(*reservation_id, reservation);
+            }
+            shift_reserved(shards, map, &reservation.account, reservation.amount_minor, 1);
         }
         Effect::UsageChanged { account, before, .. } => {
             account_mut(shards, map, account).usage = *before;

@@ -13,6 +13,7 @@
 
 pub mod account;
 pub mod asset;
+mod closed;
 pub mod effect;
 pub mod error;
 pub mod idempotency;
@@ -20,6 +21,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod money;
 pub mod operation;
+mod position_index;
 mod prefetch;
 pub mod record;
 pub mod reservation;
@@ -294,11 +296,12 @@ impl<S: JournalSink> Engine<S> {
             }
             let shard = shards.get(index);
             let retired_keys = shard.idempotency.rotate(now_ms, self.config.retention_ms);
-            forget_closed_reservations(shard, now_ms.saturating_sub(self.config.retention_ms));
+            let retired_reservations = shard.closed_reservations.rotate(now_ms, self.config.retention_ms);
             forget_finished_transactions(shard, now_ms.saturating_sub(self.config.retention_ms));
             drop(shards);
             // Freeing a retired generation takes a while; do it after the shard is unlocked.
             drop(retired_keys);
+            drop(retired_reservations);
         }
         Ok(report)
     }
@@ -390,13 +393,9 @@ impl<S: JournalSink> Engine<S> {
         views
     }
 
+    /// A reservation: active, or closed within the retention window (see `closed`).
     pub fn reservation(&self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
-        self.shards[self.map.of_user(user_id) as usize]
-            .lock()
-            .users
-            .get(&user_id)
-            .and_then(|user| user.reservations.get(&reservation_id))
-            .copied()
+        self.shards[self.map.of_user(user_id) as usize].lock().reservation(user_id, reservation_id).copied()
     }
 
     /// A transaction the engine remembers (unfinished, or finished within the retention window).
@@ -444,6 +443,9 @@ impl<S: JournalSink> Engine<S> {
                     state.compliance.insert(*user_id, record);
                 }
             }
+            for reservation in shard.closed_reservations.iter() {
+                state.reservations.insert((reservation.account.user_id, reservation.id), *reservation);
+            }
             for kind in SystemKind::all() {
                 for asset in Asset::all() {
                     let amount_minor = shard.system_minor[kind.index()][asset.index()];
@@ -485,23 +487,16 @@ impl<S: JournalSink> Engine<S> {
                 usage: view.usage,
             });
         }
-        let mut closed: Vec<&Reservation> = Vec::new();
         for reservation in state.reservations.values() {
             let user_id = reservation.account.user_id;
             let shard = shards.get(engine.map.of_user(user_id));
-            shard.users.entry(user_id).or_default().reservations.insert(reservation.id, *reservation);
             match reservation.closed_at_ms {
                 None => {
+                    shard.users.entry(user_id).or_default().reservations.insert(reservation.id, *reservation);
                     shard.expiry.insert((reservation.expires_at_ms, user_id, reservation.id));
                 }
-                Some(_) => closed.push(reservation),
+                Some(_) => shard.closed_reservations.insert(*reservation),
             }
-        }
-        closed.sort_by_key(|reservation| reservation.closed_at_ms);
-        for reservation in closed {
-            let user_id = reservation.account.user_id;
-            let closed_at_ms = reservation.closed_at_ms.unwrap_or_default();
-            shards.get(engine.map.of_user(user_id)).closed.push_back((closed_at_ms, user_id, reservation.id));
         }
         let mut finished: Vec<&Transaction> = Vec::new();
         for ((user_id, transaction_id), transaction) in &state.transactions {
@@ -546,19 +541,6 @@ fn user_views(user_id: Uuid, user: &UserState) -> impl Iterator<Item = AccountVi
         balance: state.balance,
         usage: state.usage,
     })
-}
-
-/// Drops closed reservations that closed at or before `cutoff_ms`.
-fn forget_closed_reservations(shard: &mut Shard, cutoff_ms: i64) {
-    while let Some(&(closed_at_ms, user_id, reservation_id)) = shard.closed.front() {
-        if closed_at_ms > cutoff_ms {
-            break;
-        }
-        shard.closed.pop_front();
-        if let Some(user) = shard.users.get_mut(&user_id) {
-            user.reservations.remove(&reservation_id);
-        }
-    }
 }
 
 /// Drops transactions that finished at or before `cutoff_ms` and are still finished.
@@ -629,10 +611,11 @@ fn replay_check(
             if !account_exists(&reservation.account) || reservation.status != ReservationStatus::Active {
                 return Err("reservation opened on a missing account or not active");
             }
-            let user = &shards.get(map.of_user(reservation.account.user_id)).users[&reservation.account.user_id];
-            let still_remembered = user.reservations.get(&reservation.id).is_some_and(|earlier| {
-                earlier.closed_at_ms.is_none_or(|closed_at_ms| closed_at_ms > forgotten_before_ms)
-            });
+            let user_id = reservation.account.user_id;
+            let still_remembered =
+                shards.get(map.of_user(user_id)).reservation(user_id, reservation.id).is_some_and(|earlier| {
+                    earlier.closed_at_ms.is_none_or(|closed_at_ms| closed_at_ms > forgotten_before_ms)
+                });
             if still_remembered {
                 return Err("reservation opened twice within the retention window");
             }

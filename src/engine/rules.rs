@@ -123,13 +123,9 @@ impl<'l, 'a> Tx<'l, 'a> {
             .ok_or(EngineError::UnknownAccount { account: AccountRef::User(*account) })
     }
 
+    /// The reservation, active or closed (and still remembered).
     pub(super) fn reservation(&mut self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
-        self.shards
-            .get(self.map.of_user(user_id))
-            .users
-            .get(&user_id)
-            .and_then(|user| user.reservations.get(&reservation_id))
-            .copied()
+        self.shards.get(self.map.of_user(user_id)).reservation(user_id, reservation_id).copied()
     }
 
     fn system_minor(&mut self, account: SystemAccount, shard: u32) -> i128 {

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::account::{AccountConfig, Balance, Domain, SystemKind};
 use super::asset::Asset;
+use super::closed::ClosedReservations;
 use super::idempotency::{IdempotencyStore, KeyHash};
 use super::limits::OutflowUsage;
 use super::reservation::Reservation;
@@ -37,6 +38,8 @@ pub(crate) struct AccountState {
 #[derive(Debug, Default)]
 pub(crate) struct UserState {
     pub accounts: Vec<AccountState>,
+    /// Active reservations only; a reservation moves to the shard's `closed_reservations` when it
+    /// closes, so this map stays as small as what can still change.
     pub reservations: HashMap<Uuid, Reservation, foldhash::fast::RandomState>,
     /// Unfinished transactions, and finished ones still within the retention window.
     pub transactions: HashMap<Uuid, Transaction, foldhash::fast::RandomState>,
@@ -68,8 +71,8 @@ pub(crate) struct Shard {
     pub system_minor: [[i128; Asset::COUNT]; SystemKind::COUNT],
     /// Active reservations by expiry, for the sweep: (expires_at_ms, user_id, reservation_id).
     pub expiry: BTreeSet<(i64, Uuid, Uuid)>,
-    /// Closed reservations by close time, so they can be forgotten after the retention window.
-    pub closed: VecDeque<(i64, Uuid, Uuid)>,
+    /// Closed reservations, until the retention window has passed (see `closed`).
+    pub closed_reservations: ClosedReservations,
     /// Transactions by the time they finished (user_id, transaction_id), so they can be forgotten
     /// after the retention window. An entry whose transaction moved on (Completed ->
     /// Compensating) is skipped when it comes due.
@@ -82,12 +85,20 @@ pub(crate) struct Shard {
 }
 
 impl Shard {
+    /// A reservation of a user of this shard: active, or closed and still remembered.
+    pub fn reservation(&self, user_id: Uuid, reservation_id: Uuid) -> Option<&Reservation> {
+        self.users
+            .get(&user_id)
+            .and_then(|user| user.reservations.get(&reservation_id))
+            .or_else(|| self.closed_reservations.get(user_id, reservation_id))
+    }
+
     pub fn new() -> Shard {
         Shard {
             users: HashMap::default(),
             system_minor: [[0; Asset::COUNT]; SystemKind::COUNT],
             expiry: BTreeSet::new(),
-            closed: VecDeque::new(),
+            closed_reservations: ClosedReservations::default(),
             finished: VecDeque::new(),
             idempotency: IdempotencyStore::default(),
             clock_ms: i64::MIN,

@@ -34,12 +34,11 @@ use super::error::EngineError;
 use super::operation::{Operation, Receipt};
 
 mod entries;
-mod index;
 
 use self::entries::EntryArena;
 pub(crate) use self::entries::StoredRecord;
 pub(crate) use self::entries::{MAX_BYTES as MAX_GENERATION_BYTES, MAX_ENTRY_BYTES};
-use self::index::PositionIndex;
+use super::position_index::PositionIndex;
 
 /// The longest idempotency key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 64;
@@ -212,7 +211,7 @@ impl Generation {
 
     fn position(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<u32> {
         let key = key.as_bytes();
-        self.index.find(hash, |position| self.entries.key(position) == key)
+        self.index.find(hash.0, |position| self.entries.key(position) == key)
     }
 
     fn get(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<StoredRecord<'_>> {
@@ -222,13 +221,13 @@ impl Generation {
     /// Records `key`, which this generation does not hold.
     fn insert(&mut self, key: &IdempotencyKey, hash: KeyHash, first: FirstOutcome<'_>) {
         let position = self.entries.append(key, first);
-        self.index.insert(hash, position);
+        self.index.insert(hash.0, position);
     }
 
     fn remove(&mut self, key: &IdempotencyKey, hash: KeyHash) {
         let Generation { index, entries } = self;
         let key = key.as_bytes();
-        index.remove(hash, |position| entries.key(position) == key);
+        index.remove(hash.0, |position| entries.key(position) == key);
     }
 
     fn iter(&self) -> impl Iterator<Item = (IdempotencyKey, IdempotencyRecord)> + '_ {
@@ -255,9 +254,9 @@ impl IdempotencyStore {
     /// Asks for the index lines a lookup of `hash` will read, in both generations, so that the
     /// two cache misses overlap each other and the work done before the lookup.
     pub(crate) fn prefetch(&self, hash: KeyHash) {
-        self.current.index.prefetch(hash);
+        self.current.index.prefetch(hash.0);
         if self.previous.len() > 0 {
-            self.previous.index.prefetch(hash);
+            self.previous.index.prefetch(hash.0);
         }
     }
 

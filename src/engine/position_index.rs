@@ -1,5 +1,7 @@
-//! Finds a generation's entries by key hash: open addressing with linear probing over 8-byte
-//! slots, each holding 32 bits of the key's hash (its tag) and the entry's position.
+//! Finds entries by the hash of their key: open addressing with linear probing over 8-byte
+//! slots, each holding 32 bits of the key's hash (its tag) and the entry's position. Used by the
+//! two stores that take a new key on nearly every request and keep their entries in arrival
+//! order beside it: idempotency keys (`idempotency`) and closed reservations (`closed`).
 //!
 //! Why a table of our own rather than `hashbrown`: nearly every request looks up a key that is
 //! not there and then inserts it, in a table far larger than the cache. Here the probe reads one
@@ -12,7 +14,6 @@
 //! reading the entries or hashing any key again. The table is kept at most half full, so a probe
 //! for a missing key reads about 2.5 slots, nearly always within one cache line.
 
-use super::KeyHash;
 use crate::engine::prefetch::prefetch_bytes;
 
 /// A free slot. An occupied slot stores `position + 1` in its low half, so it is never zero.
@@ -24,14 +25,14 @@ const MIN_SLOTS: usize = 16;
 /// Slots in one cache line.
 const SLOTS_PER_LINE: usize = 64 / std::mem::size_of::<u64>();
 
-/// The bits of a key's hash a slot keeps. The low 32 bits: the high ones pick the key's shard
-/// (`ShardMap::of_key`), so within one shard they carry less.
-fn tag_of(hash: KeyHash) -> u32 {
-    hash.0 as u32
+/// The bits of a key's hash a slot keeps. The low 32 bits: the high ones of an idempotency key's
+/// hash pick its shard (`ShardMap::of_key`), so within one shard they carry less.
+fn tag_of(hash: u64) -> u32 {
+    hash as u32
 }
 
 #[derive(Debug)]
-pub(super) struct PositionIndex {
+pub(crate) struct PositionIndex {
     slots: Box<[u64]>,
     len: usize,
 }
@@ -64,7 +65,7 @@ impl PositionIndex {
     /// Asks for the cache lines a probe for `hash` starts in: the home slot's line, and the next
     /// one too when the home slot sits in the second half of its line (a probe reads about 2.5
     /// slots on average).
-    pub fn prefetch(&self, hash: KeyHash) {
+    pub fn prefetch(&self, hash: u64) {
         let home = self.home(tag_of(hash));
         let in_line = home % SLOTS_PER_LINE;
         let slots = if in_line >= SLOTS_PER_LINE / 2 { 2 * SLOTS_PER_LINE - in_line } else { 1 };
@@ -73,11 +74,11 @@ impl PositionIndex {
     }
 
     /// The position of the entry of `hash` for which `holds` says yes, if any.
-    pub fn find(&self, hash: KeyHash, mut holds: impl FnMut(u32) -> bool) -> Option<u32> {
+    pub fn find(&self, hash: u64, mut holds: impl FnMut(u32) -> bool) -> Option<u32> {
         self.find_slot(hash, &mut holds).map(|slot| position(self.slots[slot]))
     }
 
-    fn find_slot(&self, hash: KeyHash, holds: &mut impl FnMut(u32) -> bool) -> Option<usize> {
+    fn find_slot(&self, hash: u64, holds: &mut impl FnMut(u32) -> bool) -> Option<usize> {
         let tag = tag_of(hash);
         let mut slot = self.home(tag);
         loop {
@@ -93,7 +94,7 @@ impl PositionIndex {
     }
 
     /// Adds `position` under `hash`. The caller makes sure the key is not there yet.
-    pub fn insert(&mut self, hash: KeyHash, position: u32) {
+    pub fn insert(&mut self, hash: u64, position: u32) {
         if (self.len + 1) * 2 > self.slots.len() {
             self.grow();
         }
@@ -120,7 +121,7 @@ impl PositionIndex {
     /// Removes the entry of `hash` for which `holds` says yes; returns whether there was one.
     /// The slots after it that would no longer be reached from their home slot move back
     /// (backward-shift deletion), so no probe ever needs a tombstone.
-    pub fn remove(&mut self, hash: KeyHash, mut holds: impl FnMut(u32) -> bool) -> bool {
+    pub fn remove(&mut self, hash: u64, mut holds: impl FnMut(u32) -> bool) -> bool {
         let Some(mut hole) = self.find_slot(hash, &mut holds) else {
             return false;
         };
@@ -189,23 +190,23 @@ mod tests {
                 let snapshot = model.clone();
                 let holds = |position: u32| snapshot.get(&position) == Some(&hash);
                 let existing = model.iter().find(|(_, stored)| **stored == hash).map(|(position, _)| *position);
-                prop_assert_eq!(index.find(KeyHash(hash), holds), existing);
+                prop_assert_eq!(index.find(hash, holds), existing);
                 match (remove, existing) {
                     (true, Some(position)) => {
-                        prop_assert!(index.remove(KeyHash(hash), holds));
+                        prop_assert!(index.remove(hash, holds));
                         model.remove(&position);
                     }
-                    (true, None) => prop_assert!(!index.remove(KeyHash(hash), holds)),
+                    (true, None) => prop_assert!(!index.remove(hash, holds)),
                     (false, Some(_)) => {}
                     (false, None) => {
                         let position = next_position as u32;
-                        index.insert(KeyHash(hash), position);
+                        index.insert(hash, position);
                         model.insert(position, hash);
                     }
                 }
                 prop_assert_eq!(index.len(), model.len());
                 for (position, hash) in &model {
-                    let found = index.find(KeyHash(*hash), |candidate| model.get(&candidate) == Some(hash));
+                    let found = index.find(*hash, |candidate| model.get(&candidate) == Some(hash));
                     prop_assert_eq!(found, Some(*position));
                 }
                 let mut listed: Vec<u32> = index.positions().collect();
@@ -236,15 +237,15 @@ mod tests {
         let holds = |hash: u64| move |position: u32| hashes[position as usize] == hash;
         let mut index = PositionIndex::default();
         for (position, hash) in hashes.iter().enumerate() {
-            index.insert(KeyHash(*hash), position as u32);
+            index.insert(*hash, position as u32);
         }
         for (position, hash) in hashes.iter().enumerate().filter(|(position, _)| position % 3 == 0) {
-            assert!(index.remove(KeyHash(*hash), holds(*hash)), "position {position}");
+            assert!(index.remove(*hash, holds(*hash)), "position {position}");
         }
         assert_eq!(index.len(), hashes.len() - hashes.len().div_ceil(3));
         for (position, hash) in hashes.iter().enumerate() {
             let expected = (position % 3 != 0).then_some(position as u32);
-            assert_eq!(index.find(KeyHash(*hash), holds(*hash)), expected, "position {position}");
+            assert_eq!(index.find(*hash, holds(*hash)), expected, "position {position}");
         }
     }
 
@@ -253,7 +254,7 @@ mod tests {
         let mut index = PositionIndex::with_capacity(100);
         assert_eq!(index.slots.len(), 256);
         for position in 0..1_000 {
-            index.insert(KeyHash(u64::from(position).wrapping_mul(0x9E37_79B9_7F4A_7C15)), position);
+            index.insert(u64::from(position).wrapping_mul(0x9E37_79B9_7F4A_7C15), position);
             assert!(index.len() * 2 <= index.slots.len());
         }
         assert_eq!(index.slots.len(), 2_048);
@@ -262,10 +263,10 @@ mod tests {
     #[test]
     fn a_tag_match_is_not_a_find_unless_the_entry_holds_the_key() {
         let mut index = PositionIndex::default();
-        index.insert(KeyHash(5), 0);
-        assert_eq!(index.find(KeyHash(5), |_| false), None);
+        index.insert(5, 0);
+        assert_eq!(index.find(5, |_| false), None);
         // Same home slot, other tag: never offered to `holds`.
-        assert_eq!(index.find(KeyHash(5 + (1 << 20)), |_| true), None);
-        assert_eq!(index.find(KeyHash(5 + (1 << 40)), |position| position == 0), Some(0));
+        assert_eq!(index.find(5 + (1 << 20), |_| true), None);
+        assert_eq!(index.find(5 + (1 << 40), |position| position == 0), Some(0));
     }
 }

@@ -1,0 +1,233 @@
+//! Closed reservations, remembered for the retention window: a late commit or release then hears
+//! "Completed", "Released" or "Expired" rather than "not found", and an id cannot be reused
+//! while its first reservation is remembered.
+//!
+//! One store per shard, in two generations like the idempotency keys. A reservation moves here
+//! from its user's map when it closes, into the current generation. Each `rotate` (the sweep,
+//! once per `retention_ms`) retires the previous generation whole and makes the current one
+//! previous. So a closed reservation is remembered at least `retention_ms` and at most about
+//! twice that, and forgetting costs nothing per reservation: a retired generation is freed in
+//! one go, after the shard is unlocked. Before, closed reservations stayed in their user's map
+//! and a queue by close time forgot them one by one: a hash-table removal each, under the lock,
+//! and a user map that grew cold for every reserve.
+
+use std::hash::BuildHasher;
+
+use uuid::Uuid;
+
+use super::position_index::PositionIndex;
+use super::prefetch::prefetch_bytes;
+use super::reservation::Reservation;
+
+/// Reservations per chunk of a generation (96 KiB): a new chunk is rare, and an idle generation
+/// holds little memory.
+const CHUNK_RESERVATIONS: usize = 1_024;
+
+/// One generation: closed reservations in the order they closed, found through an index by
+/// (user_id, reservation_id).
+///
+/// Why not a hash map of reservations: closing writes into this table on every commit, and a
+/// map's slots are large (a reservation and its key) and land at random, so each close wrote
+/// two cold lines of a table many times the cache (measured: about 200 ns per reserve and
+/// commit, docs/BENCHMARKS.md session 12). Here the random write is one 8-byte index slot in
+/// a table a twelfth of that size, and the reservation goes to the end of the newest chunk,
+/// whose next lines are asked for in advance.
+#[derive(Debug, Default)]
+pub(crate) struct ClosedGeneration {
+    index: PositionIndex,
+    /// Chunks of `CHUNK_RESERVATIONS`, allocated whole so they never move. An entry that was
+    /// removed (an undone close, or an id reused in a journal replay) stays, unindexed, until
+    /// the generation is retired.
+    chunks: Vec<Vec<Reservation>>,
+}
+
+impl ClosedGeneration {
+    fn with_capacity(reservations: usize) -> ClosedGeneration {
+        ClosedGeneration { index: PositionIndex::with_capacity(reservations), chunks: Vec::new() }
+    }
+
+    fn entry(&self, position: u32) -> &Reservation {
+        let position = position as usize;
+        &self.chunks[position / CHUNK_RESERVATIONS][position % CHUNK_RESERVATIONS]
+    }
+
+    fn holds(&self, user_id: Uuid, reservation_id: Uuid) -> impl Fn(u32) -> bool + '_ {
+        move |position| {
+            let entry = self.entry(position);
+            entry.id == reservation_id && entry.account.user_id == user_id
+        }
+    }
+
+    fn get(&self, hash: u64, user_id: Uuid, reservation_id: Uuid) -> Option<&Reservation> {
+        self.index.find(hash, self.holds(user_id, reservation_id)).map(|position| self.entry(position))
+    }
+
+    fn insert(&mut self, hash: u64, reservation: Reservation) {
+        if self.chunks.last().is_none_or(|chunk| chunk.len() == CHUNK_RESERVATIONS) {
+            self.chunks.push(Vec::with_capacity(CHUNK_RESERVATIONS));
+        }
+        let full_chunks = self.chunks.len() - 1;
+        let chunk = &mut self.chunks[full_chunks];
+        let position = full_chunks * CHUNK_RESERVATIONS + chunk.len();
+        // Positions are 32-bit: four billion reservations closed within one retention window
+        // would take some 400 GB of memory first.
+        let position = u32::try_from(position)
+            .ok()
+            .filter(|position| *position < u32::MAX)
+            .unwrap_or_else(|| panic!("more than 2^32 reservations closed within one retention window"));
+        chunk.push(reservation);
+        if chunk.len() < CHUNK_RESERVATIONS {
+            prefetch_bytes(chunk.as_ptr().wrapping_add(chunk.len()), std::mem::size_of::<Reservation>());
+        }
+        self.index.insert(hash, position);
+    }
+
+    fn remove(&mut self, hash: u64, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
+        let position = self.index.find(hash, self.holds(user_id, reservation_id))?;
+        let reservation = *self.entry(position);
+        self.index.remove(hash, |candidate| candidate == position);
+        Some(reservation)
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Reservation> + '_ {
+        self.index.positions().map(|position| self.entry(position))
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ClosedReservations {
+    current: ClosedGeneration,
+    previous: ClosedGeneration,
+    /// When the current generation started taking reservations.
+    current_since_ms: i64,
+    /// Seeded per store, so ids chosen to collide in one engine do not collide in another.
+    hasher: foldhash::fast::RandomState,
+}
+
+impl ClosedReservations {
+    fn hash(&self, user_id: Uuid, reservation_id: Uuid) -> u64 {
+        self.hasher.hash_one((user_id.as_u128(), reservation_id.as_u128()))
+    }
+
+    pub fn get(&self, user_id: Uuid, reservation_id: Uuid) -> Option<&Reservation> {
+        let hash = self.hash(user_id, reservation_id);
+        self.current.get(hash, user_id, reservation_id).or_else(|| self.previous.get(hash, user_id, reservation_id))
+    }
+
+    /// Remembers `reservation`, which has just closed.
+    pub fn insert(&mut self, reservation: Reservation) {
+        debug_assert!(reservation.closed_at_ms.is_some(), "only closed reservations are kept here");
+        debug_assert!(self.get(reservation.account.user_id, reservation.id).is_none(), "a reservation closed twice");
+        let hash = self.hash(reservation.account.user_id, reservation.id);
+        self.current.insert(hash, reservation);
+    }
+
+    /// Forgets the closed reservation `reservation_id` of `user_id`, from either generation.
+    pub fn remove(&mut self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
+        let hash = self.hash(user_id, reservation_id);
+        self.current
+            .remove(hash, user_id, reservation_id)
+            .or_else(|| self.previous.remove(hash, user_id, reservation_id))
+    }
+
+    /// Starts a new generation if the current one is at least `retention_ms` old at `now_ms`.
+    /// Returns the retired generation, for the caller to drop after releasing the shard lock.
+    pub fn rotate(&mut self, now_ms: i64, retention_ms: i64) -> Option<ClosedGeneration> {
+        if now_ms.saturating_sub(self.current_since_ms) < retention_ms {
+            return None;
+        }
+        self.current_since_ms = now_ms;
+        // The next generation will likely see as many reservations close as this one did: size its
+        // index up front so it does not grow while requests wait on the shard lock.
+        let next = ClosedGeneration::with_capacity(self.current.len());
+        let retired = std::mem::replace(&mut self.previous, std::mem::replace(&mut self.current, next));
+        Some(retired)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Reservation> + '_ {
+        self.current.iter().chain(self.previous.iter())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::account::{Domain, UserAccount};
+    use crate::engine::asset::Asset;
+    use crate::engine::reservation::ReservationStatus;
+
+    fn closed(id: u128, closed_at_ms: i64) -> Reservation {
+        Reservation {
+            id: Uuid::from_u128(id),
+            account: UserAccount { user_id: Uuid::from_u128(1), domain: Domain::Banking, asset: Asset::USD },
+            amount_minor: 5,
+            created_at_ms: 0,
+            expires_at_ms: 1_000,
+            status: ReservationStatus::Completed,
+            closed_at_ms: Some(closed_at_ms),
+        }
+    }
+
+    #[test]
+    fn a_closed_reservation_is_kept_at_least_one_window_and_at_most_two() {
+        let retention_ms = 100;
+        let mut store = ClosedReservations::default();
+        assert!(store.rotate(1_000, retention_ms).is_some(), "the first rotation starts the first window");
+        store.insert(closed(1, 1_050));
+        let user_id = Uuid::from_u128(1);
+        assert!(store.rotate(1_099, retention_ms).is_none(), "the window is not over");
+        assert_eq!(store.rotate(1_100, retention_ms).map(|retired| retired.len()), Some(0));
+        assert!(store.get(user_id, Uuid::from_u128(1)).is_some(), "one window after it started: still kept");
+        let retired = store.rotate(1_200, retention_ms).unwrap_or_default();
+        assert_eq!(retired.len(), 1);
+        assert!(store.get(user_id, Uuid::from_u128(1)).is_none());
+        assert_eq!(store.iter().count(), 0);
+    }
+
+    #[test]
+    fn thousands_across_chunks_stay_findable_through_removals_and_closes_again() {
+        let mut store = ClosedReservations::default();
+        let user_id = Uuid::from_u128(1);
+        let count = 3 * CHUNK_RESERVATIONS as u128 + 7;
+        for id in 0..count {
+            store.insert(closed(id, 10));
+        }
+        for id in (0..count).step_by(3) {
+            assert_eq!(store.remove(user_id, Uuid::from_u128(id)).map(|r| r.id), Some(Uuid::from_u128(id)));
+        }
+        // An undone close that closes again later: a new entry under the same id.
+        for id in (0..count).step_by(6) {
+            store.insert(closed(id, 20));
+        }
+        for id in 0..count {
+            let expected = match (id % 3, id % 6) {
+                (_, 0) => Some(20),
+                (0, _) => None,
+                _ => Some(10),
+            };
+            let found = store.get(user_id, Uuid::from_u128(id)).and_then(|r| r.closed_at_ms);
+            assert_eq!(found, expected, "id {id}");
+        }
+        let expected_len = (0..count).filter(|id| id % 3 != 0 || id % 6 == 0).count();
+        assert_eq!(store.iter().count(), expected_len);
+        // Another user's reservation with the same id is another reservation.
+        assert!(store.get(Uuid::from_u128(2), Uuid::from_u128(1)).is_none());
+    }
+
+    #[test]
+    fn remove_finds_either_generation() {
+        let mut store = ClosedReservations::default();
+        store.insert(closed(1, 10));
+        store.rotate(100, 50);
+        store.insert(closed(2, 110));
+        assert_eq!(store.iter().count(), 2);
+        let user_id = Uuid::from_u128(1);
+        assert_eq!(store.remove(user_id, Uuid::from_u128(1)).map(|r| r.id), Some(Uuid::from_u128(1)));
+        assert_eq!(store.remove(user_id, Uuid::from_u128(2)).map(|r| r.id), Some(Uuid::from_u128(2)));
+        assert!(store.remove(user_id, Uuid::from_u128(2)).is_none());
+    }
+}
