@@ -185,8 +185,8 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
             let user_id = reservation.account.user_id;
             let shard = shards.get(map.of_user(user_id));
             shard.expiry.insert((reservation.expires_at_ms, user_id, reservation.id));
-            // Only a journal replay reuses an id, after the live engine forgot the closed original.
-            shard.closed_reservations.remove(user_id, reservation.id);
+            // The rules refuse a remembered id, and a replay forgets a reused one first.
+            debug_assert!(shard.closed_reservations.get(user_id, reservation.id).is_none());
             let previous =
                 shard.users.get_mut(&user_id).and_then(|user| user.reservations.insert(reservation.id, *reservation));
             debug_assert!(previous.is_none(), "an active reservation was opened again");

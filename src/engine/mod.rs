@@ -345,6 +345,13 @@ impl<S: JournalSink> Engine<S> {
                 }
                 return Err(inconsistent(reason));
             }
+            // The live engine reuses a reservation id only once it forgot the first reservation;
+            // a replay, which never forgets, drops that first one here (replay_check made sure it
+            // is older than the retention window).
+            if let Effect::ReservationOpened { reservation } = effect {
+                let user_id = reservation.account.user_id;
+                shards.get(self.map.of_user(user_id)).closed_reservations.remove(user_id, reservation.id);
+            }
             effect::apply(&mut shards, self.map, effect);
         }
         let mut retired_keys = None;
