@@ -82,6 +82,25 @@ impl ClosedGeneration {
         self.index.insert(hash, position);
     }
 
+    /// Takes back the last entry if it is this reservation, leaving nothing behind.
+    fn pop_last(&mut self, hash: u64, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
+        let full_chunks = self.chunks.len().checked_sub(1)?;
+        let last = self.chunks[full_chunks].last()?;
+        if last.id != reservation_id || last.account.user_id != user_id {
+            return None;
+        }
+        let position = full_chunks * CHUNK_RESERVATIONS + self.chunks[full_chunks].len() - 1;
+        let unindexed = self.index.remove(hash, |candidate| candidate as usize == position);
+        debug_assert!(unindexed, "the last entry is indexed until it is taken back");
+        self.chunks[full_chunks].pop()
+    }
+
+    /// Entries held, removed ones included.
+    #[cfg(test)]
+    fn stored(&self) -> usize {
+        self.chunks.iter().map(Vec::len).sum()
+    }
+
     fn remove(&mut self, hash: u64, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
         let position = self.index.find(hash, self.holds(user_id, reservation_id))?;
         let reservation = *self.entry(position);
@@ -126,7 +145,21 @@ impl ClosedReservations {
         self.current.insert(hash, reservation);
     }
 
-    /// Forgets the closed reservation `reservation_id` of `user_id`, from either generation.
+    /// Takes back the reservation the latest `insert` filed: the undoing of its close. A close and
+    /// its undoing happen under one shard lock with no rotation between, and effects are undone
+    /// newest first, so it is the current generation's last entry and is removed whole. Undone
+    /// closes are not rare enough to leave behind: a commit or release that meets an idempotency
+    /// conflict, or a full key store, is undone after its rules ran, and a caller can repeat it.
+    pub fn undo_insert(&mut self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
+        let hash = self.hash(user_id, reservation_id);
+        let popped = self.current.pop_last(hash, user_id, reservation_id);
+        debug_assert!(popped.is_some(), "an undone close is the latest one filed");
+        popped.or_else(|| self.remove(user_id, reservation_id))
+    }
+
+    /// Forgets the closed reservation `reservation_id` of `user_id`, from either generation. Its
+    /// entry stays, unindexed, until the generation retires: only a journal replay that meets a
+    /// reused id does this, once per record.
     pub fn remove(&mut self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
         let hash = self.hash(user_id, reservation_id);
         self.current
@@ -216,6 +249,61 @@ mod tests {
         assert_eq!(store.iter().count(), expected_len);
         // Another user's reservation with the same id is another reservation.
         assert!(store.get(Uuid::from_u128(2), Uuid::from_u128(1)).is_none());
+    }
+
+    #[test]
+    fn undone_closes_leave_nothing_behind() {
+        let mut store = ClosedReservations::default();
+        let user_id = Uuid::from_u128(1);
+        for round in 0..(2 * CHUNK_RESERVATIONS as u128) {
+            store.insert(closed(1_000_000, 5));
+            store.insert(closed(round, 10));
+            store.insert(closed(round + 1, 10));
+            assert_eq!(
+                store.undo_insert(user_id, Uuid::from_u128(round + 1)).map(|r| r.id),
+                Some(Uuid::from_u128(round + 1))
+            );
+            assert_eq!(store.undo_insert(user_id, Uuid::from_u128(round)).map(|r| r.id), Some(Uuid::from_u128(round)));
+            assert_eq!(
+                store.undo_insert(user_id, Uuid::from_u128(1_000_000)).map(|r| r.id),
+                Some(Uuid::from_u128(1_000_000))
+            );
+        }
+        assert_eq!(store.current.stored(), 0);
+        assert_eq!(store.iter().count(), 0);
+    }
+
+    /// Found in review: a release that meets an idempotency conflict closes the reservation in
+    /// its rules, then is undone. Repeated, it must not grow the store.
+    #[test]
+    fn a_repeated_conflicting_release_does_not_grow_the_store() {
+        use crate::engine::account::{AccountConfig, Provider};
+        use crate::engine::error::EngineError;
+        use crate::engine::idempotency::IdempotencyKey;
+        use crate::engine::money::Amount;
+        use crate::engine::operation::{Operation, Request};
+        use crate::engine::record::MemoryJournal;
+        use crate::engine::{Engine, EngineConfig};
+
+        let engine = Engine::new(EngineConfig::default(), MemoryJournal::default());
+        let account = UserAccount { user_id: Uuid::from_u128(1), domain: Domain::Banking, asset: Asset::USD };
+        let amount = |minor| Amount::from_minor(minor).unwrap_or_else(|error| panic!("{error}"));
+        let run = |key: &str, operation| {
+            let key = IdempotencyKey::new(key).unwrap_or_else(|error| panic!("{error}"));
+            engine.execute(Request { key, now_ms: 1_000, operation }).result
+        };
+        run("open", Operation::OpenAccount { account, config: AccountConfig::default() }).unwrap();
+        run("fund", Operation::Deposit { account, amount: amount(100), provider: Provider::Stripe }).unwrap();
+        let reservation_id = Uuid::from_u128(7);
+        run("hold", Operation::Reserve { reservation_id, account, amount: amount(10), ttl_ms: None }).unwrap();
+        let release = Operation::Release { user_id: account.user_id, reservation_id };
+        for _ in 0..100 {
+            let refused = run("fund", release.clone());
+            assert!(matches!(refused, Err(EngineError::IdempotencyConflict { .. })), "{refused:?}");
+        }
+        let shard = engine.shards[engine.map.of_user(account.user_id) as usize].lock();
+        assert_eq!(shard.closed_reservations.current.stored() + shard.closed_reservations.previous.stored(), 0);
+        assert!(shard.reservation(account.user_id, reservation_id).is_some_and(|r| r.closed_at_ms.is_none()));
     }
 
     #[test]

@@ -292,7 +292,7 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
             let shard = shards.get(map.of_user(*user_id));
             let mut reservation = shard
                 .closed_reservations
-                .remove(*user_id, *reservation_id)
+                .undo_insert(*user_id, *reservation_id)
                 .unwrap_or_else(|| panic!("reopening a reservation that is not closed: {reservation_id}"));
             reservation.status = ReservationStatus::Active;
             reservation.closed_at_ms = None;

@@ -255,8 +255,10 @@ impl<S: JournalSink> Engine<S> {
     }
 
     /// Expires every Active reservation whose time is up at `now_ms` (at most
-    /// [`MAX_EXPIRIES_PER_SHARD_SWEEP`] per shard per call), forgets closed reservations older
-    /// than the retention window, and rotates idempotency generations (see `idempotency`).
+    /// [`MAX_EXPIRIES_PER_SHARD_SWEEP`] per shard per call), rotates the generations of
+    /// idempotency keys and of closed reservations (each kept at least the retention window and
+    /// at most about twice it; see `idempotency` and `closed`), and forgets finished transactions
+    /// older than the window.
     pub fn sweep(&self, requested_ms: i64) -> Result<SweepReport, EngineError> {
         let mut report = SweepReport::default();
         for index in 0..self.map.count() {

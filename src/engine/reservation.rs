@@ -2,8 +2,8 @@
 //!
 //! A reservation is Active until it is committed, released or expires; then it is final.
 //! An account's `reserved` is always the sum of its Active reservations. Closed reservations
-//! are kept for the idempotency retention window so a late commit gets "Completed" or
-//! "Expired" rather than "not found", then forgotten.
+//! are kept at least the retention window (at most about twice it, see `closed`) so a late
+//! commit gets "Completed" or "Expired" rather than "not found", then forgotten.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

@@ -35,7 +35,8 @@ pub struct EngineState {
     pub accounts: BTreeMap<UserAccount, AccountView>,
     /// Summed over shards; accounts whose sum is zero are left out.
     pub system_minor: BTreeMap<SystemAccount, i128>,
-    /// Active reservations, and closed ones still within the retention window.
+    /// Active reservations, and closed ones the engine still remembers (at least the retention
+    /// window, at most about twice it; `within_retention` compares what both must hold).
     pub reservations: BTreeMap<(Uuid, Uuid), Reservation>,
     pub idempotency: BTreeMap<IdempotencyKey, IdempotencyRecord>,
     /// Unfinished transactions, and finished ones still within the retention window, by (user, id).
