@@ -2,19 +2,17 @@
 //! "Completed", "Released" or "Expired" rather than "not found", and an id cannot be reused
 //! while its first reservation is remembered.
 //!
-//! One store per shard, in two generations like the idempotency keys. A reservation moves here
-//! from its user's map when it closes, into the current generation. Each `rotate` (the sweep,
-//! once per `retention_ms`) retires the previous generation whole and makes the current one
-//! previous. So a closed reservation is remembered at least `retention_ms` and at most about
-//! twice that, and forgetting costs nothing per reservation: a retired generation is freed in
-//! one go, after the shard is unlocked. Before, closed reservations stayed in their user's map
-//! and a queue by close time forgot them one by one: a hash-table removal each, under the lock,
-//! and a user map that grew cold for every reserve.
+//! One store per shard, in two generations like the idempotency keys (`generations`): a
+//! reservation moves here from its user's map when it closes, and is remembered at least
+//! `retention_ms` and at most about twice that. Before, closed reservations stayed in their
+//! user's map and a queue by close time forgot them one by one: a hash-table removal each, under
+//! the lock, and a user map that grew cold for every reserve.
 
 use std::hash::BuildHasher;
 
 use uuid::Uuid;
 
+use super::generations::{self, Generations};
 use super::position_index::PositionIndex;
 use super::prefetch::prefetch_bytes;
 use super::reservation::Reservation;
@@ -41,11 +39,17 @@ pub(crate) struct ClosedGeneration {
     chunks: Vec<Vec<Reservation>>,
 }
 
-impl ClosedGeneration {
+impl generations::Generation for ClosedGeneration {
     fn with_capacity(reservations: usize) -> ClosedGeneration {
         ClosedGeneration { index: PositionIndex::with_capacity(reservations), chunks: Vec::new() }
     }
 
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+}
+
+impl ClosedGeneration {
     fn entry(&self, position: u32) -> &Reservation {
         let position = position as usize;
         &self.chunks[position / CHUNK_RESERVATIONS][position % CHUNK_RESERVATIONS]
@@ -108,10 +112,6 @@ impl ClosedGeneration {
         Some(reservation)
     }
 
-    fn len(&self) -> usize {
-        self.index.len()
-    }
-
     fn iter(&self) -> impl Iterator<Item = &Reservation> + '_ {
         self.index.positions().map(|position| self.entry(position))
     }
@@ -119,10 +119,7 @@ impl ClosedGeneration {
 
 #[derive(Debug, Default)]
 pub(crate) struct ClosedReservations {
-    current: ClosedGeneration,
-    previous: ClosedGeneration,
-    /// When the current generation started taking reservations.
-    current_since_ms: i64,
+    generations: Generations<ClosedGeneration>,
     /// Seeded per store, so ids chosen to collide in one engine do not collide in another.
     hasher: foldhash::fast::RandomState,
 }
@@ -134,7 +131,10 @@ impl ClosedReservations {
 
     pub fn get(&self, user_id: Uuid, reservation_id: Uuid) -> Option<&Reservation> {
         let hash = self.hash(user_id, reservation_id);
-        self.current.get(hash, user_id, reservation_id).or_else(|| self.previous.get(hash, user_id, reservation_id))
+        self.generations
+            .current
+            .get(hash, user_id, reservation_id)
+            .or_else(|| self.generations.previous.get(hash, user_id, reservation_id))
     }
 
     /// Remembers `reservation`, which has just closed.
@@ -142,7 +142,7 @@ impl ClosedReservations {
         debug_assert!(reservation.closed_at_ms.is_some(), "only closed reservations are kept here");
         debug_assert!(self.get(reservation.account.user_id, reservation.id).is_none(), "a reservation closed twice");
         let hash = self.hash(reservation.account.user_id, reservation.id);
-        self.current.insert(hash, reservation);
+        self.generations.current.insert(hash, reservation);
     }
 
     /// Takes back the reservation the latest `insert` filed: the undoing of its close. A close and
@@ -152,7 +152,7 @@ impl ClosedReservations {
     /// conflict, or a full key store, is undone after its rules ran, and a caller can repeat it.
     pub fn undo_insert(&mut self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
         let hash = self.hash(user_id, reservation_id);
-        let popped = self.current.pop_last(hash, user_id, reservation_id);
+        let popped = self.generations.current.pop_last(hash, user_id, reservation_id);
         debug_assert!(popped.is_some(), "an undone close is the latest one filed");
         popped.or_else(|| self.remove(user_id, reservation_id))
     }
@@ -162,27 +162,19 @@ impl ClosedReservations {
     /// reused id does this, once per record.
     pub fn remove(&mut self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
         let hash = self.hash(user_id, reservation_id);
-        self.current
+        self.generations
+            .current
             .remove(hash, user_id, reservation_id)
-            .or_else(|| self.previous.remove(hash, user_id, reservation_id))
+            .or_else(|| self.generations.previous.remove(hash, user_id, reservation_id))
     }
 
-    /// Starts a new generation if the current one is at least `retention_ms` old at `now_ms`.
-    /// Returns the retired generation, for the caller to drop after releasing the shard lock.
+    /// See [`Generations::rotate`].
     pub fn rotate(&mut self, now_ms: i64, retention_ms: i64) -> Option<ClosedGeneration> {
-        if now_ms.saturating_sub(self.current_since_ms) < retention_ms {
-            return None;
-        }
-        self.current_since_ms = now_ms;
-        // The next generation will likely see as many reservations close as this one did: size its
-        // index up front so it does not grow while requests wait on the shard lock.
-        let next = ClosedGeneration::with_capacity(self.current.len());
-        let retired = std::mem::replace(&mut self.previous, std::mem::replace(&mut self.current, next));
-        Some(retired)
+        self.generations.rotate(now_ms, retention_ms)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Reservation> + '_ {
-        self.current.iter().chain(self.previous.iter())
+        self.generations.current.iter().chain(self.generations.previous.iter())
     }
 }
 
@@ -191,6 +183,7 @@ mod tests {
     use super::*;
     use crate::engine::account::{Domain, UserAccount};
     use crate::engine::asset::Asset;
+    use crate::engine::generations::Generation as _;
     use crate::engine::reservation::ReservationStatus;
 
     fn closed(id: u128, closed_at_ms: i64) -> Reservation {
@@ -269,7 +262,7 @@ mod tests {
                 Some(Uuid::from_u128(1_000_000))
             );
         }
-        assert_eq!(store.current.stored(), 0);
+        assert_eq!(store.generations.current.stored(), 0);
         assert_eq!(store.iter().count(), 0);
     }
 
@@ -302,7 +295,11 @@ mod tests {
             assert!(matches!(refused, Err(EngineError::IdempotencyConflict { .. })), "{refused:?}");
         }
         let shard = engine.shards[engine.map.of_user(account.user_id) as usize].lock();
-        assert_eq!(shard.closed_reservations.current.stored() + shard.closed_reservations.previous.stored(), 0);
+        assert_eq!(
+            shard.closed_reservations.generations.current.stored()
+                + shard.closed_reservations.generations.previous.stored(),
+            0
+        );
         assert!(shard.reservation(account.user_id, reservation_id).is_some_and(|r| r.closed_at_ms.is_none()));
     }
 

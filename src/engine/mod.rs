@@ -16,6 +16,7 @@ pub mod asset;
 mod closed;
 pub mod effect;
 pub mod error;
+mod generations;
 pub mod idempotency;
 pub mod lifecycle;
 pub mod limits;

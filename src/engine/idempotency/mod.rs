@@ -38,6 +38,7 @@ mod entries;
 use self::entries::EntryArena;
 pub(crate) use self::entries::StoredRecord;
 pub(crate) use self::entries::{MAX_BYTES as MAX_GENERATION_BYTES, MAX_ENTRY_BYTES};
+use super::generations::{self, Generation as _, Generations};
 use super::position_index::PositionIndex;
 
 /// The longest idempotency key accepted, in bytes.
@@ -200,7 +201,7 @@ pub(crate) struct Generation {
     entries: EntryArena,
 }
 
-impl Generation {
+impl generations::Generation for Generation {
     fn with_capacity(keys: usize) -> Generation {
         Generation { index: PositionIndex::with_capacity(keys), entries: EntryArena::default() }
     }
@@ -208,7 +209,9 @@ impl Generation {
     fn len(&self) -> usize {
         self.index.len()
     }
+}
 
+impl Generation {
     fn position(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<u32> {
         let key = key.as_bytes();
         self.index.find(hash.0, |position| self.entries.key(position) == key)
@@ -244,65 +247,53 @@ impl Generation {
 /// One shard's keys in two generations (see the module comment).
 #[derive(Debug, Default)]
 pub(crate) struct IdempotencyStore {
-    current: Generation,
-    previous: Generation,
-    /// When the current generation started taking keys.
-    current_since_ms: i64,
+    generations: Generations<Generation>,
 }
 
 impl IdempotencyStore {
     /// Asks for the index lines a lookup of `hash` will read, in both generations, so that the
     /// two cache misses overlap each other and the work done before the lookup.
     pub(crate) fn prefetch(&self, hash: KeyHash) {
-        self.current.index.prefetch(hash.0);
-        if self.previous.len() > 0 {
-            self.previous.index.prefetch(hash.0);
+        self.generations.current.index.prefetch(hash.0);
+        if self.generations.previous.len() > 0 {
+            self.generations.previous.index.prefetch(hash.0);
         }
     }
 
     pub(crate) fn get(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<StoredRecord<'_>> {
-        self.current.get(key, hash).or_else(|| self.previous.get(key, hash))
+        self.generations.current.get(key, hash).or_else(|| self.generations.previous.get(key, hash))
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.current.len() + self.previous.len()
+        self.generations.current.len() + self.generations.previous.len()
     }
 
     /// Whether one more key can be recorded. The engine's capacity check keeps a generation far
     /// below the entries' position space; this is the last guard, checked before a request runs,
     /// because a key's entry is written after its record is journaled, when nothing may fail.
     pub(crate) fn has_room(&self) -> bool {
-        self.current.entries.has_room()
+        self.generations.current.entries.has_room()
     }
 
     pub(crate) fn insert(&mut self, key: &IdempotencyKey, hash: KeyHash, first: FirstOutcome<'_>) {
         debug_assert!(self.get(key, hash).is_none(), "an idempotency key is recorded once");
-        self.current.insert(key, hash, first);
+        self.generations.current.insert(key, hash, first);
     }
 
     /// Records `key`, replacing a forgotten-in-the-live-engine earlier record (journal replay).
     pub(crate) fn replace(&mut self, key: &IdempotencyKey, hash: KeyHash, first: FirstOutcome<'_>) {
-        self.previous.remove(key, hash);
-        self.current.remove(key, hash);
-        self.current.insert(key, hash, first);
+        self.generations.previous.remove(key, hash);
+        self.generations.current.remove(key, hash);
+        self.generations.current.insert(key, hash, first);
     }
 
-    /// Starts a new generation if the current one is at least `retention_ms` old at `now_ms`.
-    /// Returns the retired generation, for the caller to drop after releasing the shard lock.
+    /// See [`Generations::rotate`].
     pub(crate) fn rotate(&mut self, now_ms: i64, retention_ms: i64) -> Option<Generation> {
-        if now_ms.saturating_sub(self.current_since_ms) < retention_ms {
-            return None;
-        }
-        self.current_since_ms = now_ms;
-        // The next generation will likely see as many keys as this one: size its index up front
-        // so it does not grow while requests wait on the shard lock.
-        let next = Generation::with_capacity(self.current.len());
-        let retired = std::mem::replace(&mut self.previous, std::mem::replace(&mut self.current, next));
-        Some(retired)
+        self.generations.rotate(now_ms, retention_ms)
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (IdempotencyKey, IdempotencyRecord)> + '_ {
-        self.current.iter().chain(self.previous.iter())
+        self.generations.current.iter().chain(self.generations.previous.iter())
     }
 }
 
@@ -362,7 +353,7 @@ mod tests {
         for n in 0..keys {
             store.insert(&key(n), hash(n), record(n).borrowed());
         }
-        assert!(store.current.entries.chunks() > 2);
+        assert!(store.generations.current.entries.chunks() > 2);
         assert!(store.rotate(1_000, 1_000).is_some_and(|retired| retired.len() == 0));
         for n in keys..2 * keys {
             store.insert(&key(n), hash(n), record(n).borrowed());
