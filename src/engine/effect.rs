@@ -9,14 +9,17 @@
 //! Applying an effect cannot fail; the checks that make it safe happened before it was
 //! emitted. `debug_assert!`s here catch an engine bug that would break an invariant.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::account::{AccountConfig, Domain, SystemAccount, UserAccount};
+use super::id_hash::IdHashState;
 use super::limits::OutflowUsage;
 use super::money::MAX_AMOUNT_MINOR;
 use super::reservation::{Reservation, ReservationStatus};
-use super::shard::{AccountState, LockedShards, ShardMap};
+use super::shard::{AccountState, LockedShards, ShardMap, UserState};
 use super::transaction::{AmlResult, ComplianceRecord, FeeLine, Fill, ProviderRef, Transaction, TxStatus, TxType};
 
 /// A balance a posting touches: a user account, or one shard's sub-account of a system account.
@@ -149,11 +152,20 @@ fn add_available(shards: &mut LockedShards<'_>, map: ShardMap, slot: &Slot, delt
     }
 }
 
-/// Moves a reservation's amount between reserved and available (`sign` +1 reserves, -1 unreserves).
-fn shift_reserved(shards: &mut LockedShards<'_>, map: ShardMap, account: &UserAccount, amount_minor: i128, sign: i128) {
-    let state = account_mut(shards, map, account);
-    state.balance.available_minor -= sign * amount_minor;
-    state.balance.reserved_minor += sign * amount_minor;
+/// The user a reservation effect applies to, found once for both its account and its map.
+fn reservation_user<'u>(users: &'u mut HashMap<Uuid, UserState, IdHashState>, user_id: &Uuid) -> &'u mut UserState {
+    users.get_mut(user_id).unwrap_or_else(|| panic!("reservation effect on a user that does not exist: {user_id}"))
+}
+
+/// Moves a reservation's amount between reserved and available on its account, of `user`
+/// (`sign` +1 reserves, -1 unreserves).
+fn shift_reserved(user: &mut UserState, reservation: &Reservation, sign: i128) {
+    let account = &reservation.account;
+    let state = user
+        .account_mut(account.domain, account.asset)
+        .unwrap_or_else(|| panic!("reservation on an account that does not exist: {account:?}"));
+    state.balance.available_minor -= sign * reservation.amount_minor;
+    state.balance.reserved_minor += sign * reservation.amount_minor;
     debug_assert!(state.balance.reserved_minor >= 0);
 }
 
@@ -181,29 +193,29 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
         }
         Effect::ReservationOpened { reservation } => {
             debug_assert_eq!(reservation.status, ReservationStatus::Active);
-            shift_reserved(shards, map, &reservation.account, reservation.amount_minor, 1);
             let user_id = reservation.account.user_id;
             let shard = shards.get(map.of_user(user_id));
             shard.expiry.insert((reservation.expires_at_ms, user_id, reservation.id));
             // The rules refuse a remembered id, and a replay forgets a reused one first.
             debug_assert!(shard.closed_reservations.get(user_id, reservation.id).is_none());
-            let previous =
-                shard.users.get_mut(&user_id).and_then(|user| user.reservations.insert(reservation.id, *reservation));
+            let user = reservation_user(&mut shard.users, &user_id);
+            shift_reserved(user, reservation, 1);
+            let previous = user.reservations.insert(reservation.id, *reservation);
             debug_assert!(previous.is_none(), "an active reservation was opened again");
         }
         Effect::ReservationClosed { user_id, reservation_id, status, closed_at_ms } => {
             let shard = shards.get(map.of_user(*user_id));
-            let mut reservation = shard
-                .users
-                .get_mut(user_id)
-                .and_then(|user| user.reservations.remove(reservation_id))
+            let user = reservation_user(&mut shard.users, user_id);
+            let mut reservation = user
+                .reservations
+                .remove(reservation_id)
                 .unwrap_or_else(|| panic!("closing a reservation that is not active: {reservation_id}"));
+            shift_reserved(user, &reservation, -1);
             debug_assert!(reservation.status.can_become(*status));
             reservation.status = *status;
             reservation.closed_at_ms = Some(*closed_at_ms);
             shard.expiry.remove(&(reservation.expires_at_ms, *user_id, *reservation_id));
             shard.closed_reservations.insert(reservation);
-            shift_reserved(shards, map, &reservation.account, reservation.amount_minor, -1);
         }
         Effect::UsageChanged { account, after, .. } => {
             account_mut(shards, map, account).usage = *after;
@@ -281,12 +293,11 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
             add_available(shards, map, from, *amount_minor);
         }
         Effect::ReservationOpened { reservation } => {
-            shift_reserved(shards, map, &reservation.account, reservation.amount_minor, -1);
             let shard = shards.get(map.of_user(reservation.account.user_id));
             shard.expiry.remove(&(reservation.expires_at_ms, reservation.account.user_id, reservation.id));
-            if let Some(user) = shard.users.get_mut(&reservation.account.user_id) {
-                user.reservations.remove(&reservation.id);
-            }
+            let user = reservation_user(&mut shard.users, &reservation.account.user_id);
+            shift_reserved(user, reservation, -1);
+            user.reservations.remove(&reservation.id);
         }
         Effect::ReservationClosed { user_id, reservation_id, .. } => {
             let shard = shards.get(map.of_user(*user_id));
@@ -297,10 +308,9 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
             reservation.status = ReservationStatus::Active;
             reservation.closed_at_ms = None;
             shard.expiry.insert((reservation.expires_at_ms, *user_id, *reservation_id));
-            if let Some(user) = shard.users.get_mut(user_id) {
-                user.reservations.insert(*reservation_id, reservation);
-            }
-            shift_reserved(shards, map, &reservation.account, reservation.amount_minor, 1);
+            let user = reservation_user(&mut shard.users, user_id);
+            shift_reserved(user, &reservation, 1);
+            user.reservations.insert(*reservation_id, reservation);
         }
         Effect::UsageChanged { account, before, .. } => {
             account_mut(shards, map, account).usage = *before;

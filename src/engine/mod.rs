@@ -17,6 +17,7 @@ mod closed;
 pub mod effect;
 pub mod error;
 mod generations;
+mod id_hash;
 pub mod idempotency;
 pub mod lifecycle;
 pub mod limits;
@@ -36,7 +37,6 @@ use std::collections::BTreeMap;
 
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
-use smallvec::SmallVec;
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -48,7 +48,7 @@ use self::idempotency::{FirstOutcome, IdempotencyKey, IdempotencyStore, KeyHash,
 use self::operation::{Operation, Receipt, Request};
 use self::record::{JournalRecord, JournalSink, Origin, RequestContext};
 use self::reservation::{Reservation, ReservationStatus};
-use self::shard::{LockedShards, Shard, ShardMap, UserState};
+use self::shard::{LockPlan, LockedShards, Shard, ShardMap, UserState};
 use self::state::{AccountView, EngineState};
 use self::transaction::{ComplianceRecord, Transaction};
 
@@ -165,9 +165,9 @@ impl<S: JournalSink> Engine<S> {
         let Request { key, now_ms: requested_ms, operation } = request;
         let key_hash = self.key_hasher.hash(&key);
         let key_shard = self.map.of_key(key_hash);
-        let mut plan = SmallVec::new();
+        let mut plan = LockPlan::default();
         rules::lock_plan(&operation, self.map, &mut plan);
-        plan.push(key_shard);
+        plan.add(key_shard);
         let mut shards = LockedShards::lock(&self.shards, plan);
         // The key's index lines are most likely not in cache. Ask for them now and look the key
         // up only after the rules have run, so the wait overlaps the rules' work; a key that
@@ -263,7 +263,7 @@ impl<S: JournalSink> Engine<S> {
     pub fn sweep(&self, requested_ms: i64) -> Result<SweepReport, EngineError> {
         let mut report = SweepReport::default();
         for index in 0..self.map.count() {
-            let mut shards = LockedShards::lock(&self.shards, SmallVec::from_slice(&[index]));
+            let mut shards = LockedShards::lock(&self.shards, [index].into_iter().collect());
             let now_ms = shards.advance_clock(requested_ms);
             let due: Vec<Reservation> = {
                 let shard = shards.get(index);
@@ -313,15 +313,14 @@ impl<S: JournalSink> Engine<S> {
     /// without re-running business rules and without calling the sink. Records must come in
     /// sequence order, starting from the engine's next sequence.
     pub fn apply_record(&self, record: &JournalRecord) -> Result<(), ReplayError> {
-        let mut plan: SmallVec<[u32; 4]> = SmallVec::new();
-        for effect in &record.effects {
-            plan.extend(effect.shards(self.map).into_iter().flatten());
-        }
+        let mut plan: LockPlan = record.effects.iter().flat_map(|effect| effect.shards(self.map)).flatten().collect();
         let key_hash = match &record.origin {
             Origin::Request { key, .. } => Some(self.key_hasher.hash(key)),
             Origin::ExpirySweep => None,
         };
-        plan.extend(key_hash.map(|hash| self.map.of_key(hash)));
+        if let Some(hash) = key_hash {
+            plan.add(self.map.of_key(hash));
+        }
         let mut shards = LockedShards::lock(&self.shards, plan);
         shards.advance_clock(record.at_ms);
         let mut next_sequence = self.sequencer.lock();

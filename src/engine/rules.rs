@@ -6,7 +6,6 @@
 
 use ethnum::U256;
 use rust_decimal::Decimal;
-use smallvec::SmallVec;
 use uuid::Uuid;
 
 use super::account::{AccountConfig, AccountRef, FeeTier, SystemAccount, SystemKind, UserAccount};
@@ -18,47 +17,49 @@ use super::operation::{
     DEFAULT_RESERVATION_TTL_MS, MAX_BATCH_OPERATIONS, MAX_COMMISSION_BPS, MAX_RESERVATION_TTL_MS, Operation, Receipt,
 };
 use super::reservation::{Reservation, ReservationStatus};
-use super::shard::{AccountState, LockedShards, ShardMap};
+use super::shard::{AccountState, LockPlan, LockedShards, ShardMap};
 
 /// Adds to `out` every shard `operation` touches. System sub-accounts are taken from the
 /// shard of the user on the other side of the posting, so they never add a lock.
-pub(crate) fn lock_plan(operation: &Operation, map: ShardMap, out: &mut SmallVec<[u32; 4]>) {
+pub(crate) fn lock_plan(operation: &Operation, map: ShardMap, out: &mut LockPlan) {
     match operation {
         Operation::OpenAccount { account, .. }
         | Operation::SetFrozen { account, .. }
         | Operation::Deposit { account, .. }
         | Operation::Withdraw { account, .. }
-        | Operation::Reserve { account, .. } => out.push(map.of_user(account.user_id)),
+        | Operation::Reserve { account, .. } => out.add(map.of_user(account.user_id)),
         Operation::Commit { user_id, destination, .. } => {
-            out.push(map.of_user(*user_id));
+            out.add(map.of_user(*user_id));
             if let AccountRef::User(destination) = destination {
-                out.push(map.of_user(destination.user_id));
+                out.add(map.of_user(destination.user_id));
             }
         }
         Operation::Release { user_id, .. }
         | Operation::SetCompliance { user_id, .. }
-        | Operation::SetKyc { user_id, .. } => out.push(map.of_user(*user_id)),
+        | Operation::SetKyc { user_id, .. } => out.add(map.of_user(*user_id)),
         Operation::InitiateTransaction { transaction } => {
-            out.push(map.of_user(transaction.user_id));
+            out.add(map.of_user(transaction.user_id));
             if let AccountRef::User(payee) = transaction.payee {
-                out.push(map.of_user(payee.user_id));
+                out.add(map.of_user(payee.user_id));
             }
         }
         Operation::TransitionTransaction { user_id, payee_user_id, .. } => {
-            out.push(map.of_user(*user_id));
-            out.extend(payee_user_id.map(|payee| map.of_user(payee)));
+            out.add(map.of_user(*user_id));
+            if let Some(payee) = payee_user_id {
+                out.add(map.of_user(*payee));
+            }
         }
         Operation::Transfer { from, to, .. } => {
-            out.push(system_shard(map, *from, *to));
+            out.add(system_shard(map, *from, *to));
             for side in [from, to] {
                 if let AccountRef::User(account) = side {
-                    out.push(map.of_user(account.user_id));
+                    out.add(map.of_user(account.user_id));
                 }
             }
         }
         Operation::Convert { from, to, .. } => {
-            out.push(map.of_user(from.user_id));
-            out.push(map.of_user(to.user_id));
+            out.add(map.of_user(from.user_id));
+            out.add(map.of_user(to.user_id));
         }
         Operation::LinkedBatch { operations } => {
             // A nested batch is refused before it does anything, so its contents need no locks;
@@ -344,8 +345,15 @@ pub(super) fn reserve(
         .filter(|ttl_ms| (1..=MAX_RESERVATION_TTL_MS).contains(ttl_ms))
         .and_then(|ttl_ms| tx.now_ms.checked_add(ttl_ms))
         .ok_or(EngineError::ReservationTtlOutOfRange { max_ttl_ms: MAX_RESERVATION_TTL_MS })?;
-    let reserved_minor = tx.account(account)?.balance.reserved_minor;
-    if tx.reservation(account.user_id, reservation_id).is_some() {
+    let (reserved_minor, taken) = {
+        let shard = tx.shards.get(tx.map.of_user(account.user_id));
+        let user = shard.users.get(&account.user_id);
+        let state = user
+            .and_then(|user| user.account(account.domain, account.asset))
+            .ok_or(EngineError::UnknownAccount { account: AccountRef::User(*account) })?;
+        (state.balance.reserved_minor, shard.reservation_of(user, account.user_id, reservation_id).is_some())
+    };
+    if taken {
         return Err(EngineError::ReservationAlreadyExists { user_id: account.user_id, reservation_id });
     }
     if reserved_minor + amount.minor() > MAX_AMOUNT_MINOR {
@@ -372,12 +380,29 @@ pub(super) fn active_reservation(
     user_id: Uuid,
     reservation_id: Uuid,
 ) -> Result<Reservation, EngineError> {
-    let reservation =
-        tx.reservation(user_id, reservation_id).ok_or(EngineError::ReservationNotFound { user_id, reservation_id })?;
+    active_reservation_and_account(tx, user_id, reservation_id).map(|(reservation, _)| reservation)
+}
+
+/// The reservation `reservation_id` of `user_id`, if it is Active, with the state of its account:
+/// a commit needs both, and finding the user once serves both.
+fn active_reservation_and_account<'t>(
+    tx: &'t mut Tx<'_, '_>,
+    user_id: Uuid,
+    reservation_id: Uuid,
+) -> Result<(Reservation, &'t AccountState), EngineError> {
+    let shard = tx.shards.get(tx.map.of_user(user_id));
+    let user = shard.users.get(&user_id);
+    let reservation = *shard
+        .reservation_of(user, user_id, reservation_id)
+        .ok_or(EngineError::ReservationNotFound { user_id, reservation_id })?;
     if reservation.status != ReservationStatus::Active {
         return Err(EngineError::ReservationNotActive { reservation_id, status: reservation.status });
     }
-    Ok(reservation)
+    let source = reservation.account;
+    let state = user
+        .and_then(|user| user.account(source.domain, source.asset))
+        .ok_or(EngineError::UnknownAccount { account: AccountRef::User(source) })?;
+    Ok((reservation, state))
 }
 
 fn commit(
@@ -387,12 +412,13 @@ fn commit(
     destination: AccountRef,
     amount: Option<Amount>,
 ) -> Result<Receipt, EngineError> {
-    let reservation = active_reservation(tx, user_id, reservation_id)?;
-    if tx.now_ms >= reservation.expires_at_ms {
+    let now_ms = tx.now_ms;
+    let (reservation, source_state) = active_reservation_and_account(tx, user_id, reservation_id)?;
+    if now_ms >= reservation.expires_at_ms {
         return Err(EngineError::ReservationExpired { reservation_id, expires_at_ms: reservation.expires_at_ms });
     }
     let source = reservation.account;
-    if tx.account(&source)?.config.frozen {
+    if source_state.config.frozen {
         return Err(EngineError::AccountFrozen { account: source });
     }
     let committed_minor = amount.map_or(reservation.amount_minor, Amount::minor);

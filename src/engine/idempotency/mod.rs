@@ -34,10 +34,12 @@ use super::error::EngineError;
 use super::operation::{Operation, Receipt};
 
 mod entries;
+mod fingerprint;
 
 use self::entries::EntryArena;
 pub(crate) use self::entries::StoredRecord;
 pub(crate) use self::entries::{MAX_BYTES as MAX_GENERATION_BYTES, MAX_ENTRY_BYTES};
+pub use self::fingerprint::OperationFingerprint;
 use super::generations::{self, Generation as _, Generations};
 use super::position_index::PositionIndex;
 
@@ -118,21 +120,6 @@ impl<'de> Deserialize<'de> for IdempotencyKey {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         IdempotencyKey::new(&text).map_err(serde::de::Error::custom)
-    }
-}
-
-/// A 64-bit digest of an operation. The store keeps it instead of the operation to tell "the
-/// same request again" from "a different request under the same key" at a fraction of the
-/// memory. Computed in-process and never persisted (recovery recomputes it from the stored
-/// operation), so it may change between builds. Only operations under one key are ever
-/// compared, so a false "same" needs a 2^-64 coincidence for that key, and would answer with
-/// the first outcome instead of a conflict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct OperationFingerprint(u64);
-
-impl OperationFingerprint {
-    pub fn of(operation: &Operation) -> OperationFingerprint {
-        OperationFingerprint(foldhash::fast::FixedState::with_seed(0x6964_656d_706f_7431).hash_one(operation))
     }
 }
 
@@ -396,40 +383,5 @@ mod tests {
         assert_eq!(store.get(&key(2), shared).map(StoredRecord::to_record), Some(record(2)));
         // Bit 20 is not a home-slot bit (the table is tiny) but is a tag bit.
         assert!(store.get(&key(1), KeyHash(shared.0 ^ (1 << 20))).is_none());
-    }
-}
-
-#[cfg(test)]
-mod fingerprint_tests {
-    use super::*;
-    use crate::engine::account::{Domain, UserAccount};
-    use crate::engine::asset::Asset;
-    use crate::engine::money::Amount;
-    use rust_decimal::Decimal;
-    use uuid::Uuid;
-
-    fn convert(price: Decimal, amount_minor: i128) -> Operation {
-        let account = |asset| UserAccount { user_id: Uuid::nil(), domain: Domain::Investing, asset };
-        Operation::Convert {
-            from: account(Asset::USD),
-            to: account(Asset::BTC),
-            amount: Amount::from_minor(amount_minor).unwrap(),
-            price,
-            commission_bps: 10,
-        }
-    }
-
-    #[test]
-    fn equal_operations_share_a_fingerprint_and_different_ones_do_not() {
-        // 1.0 and 1.00 are the same price: the operations are equal, so must their fingerprints be.
-        assert_eq!(convert(Decimal::new(10, 1), 5), convert(Decimal::new(100, 2), 5));
-        assert_eq!(
-            OperationFingerprint::of(&convert(Decimal::new(10, 1), 5)),
-            OperationFingerprint::of(&convert(Decimal::new(100, 2), 5))
-        );
-        assert_ne!(
-            OperationFingerprint::of(&convert(Decimal::ONE, 5)),
-            OperationFingerprint::of(&convert(Decimal::ONE, 6))
-        );
     }
 }

@@ -1,0 +1,210 @@
+//! Operation fingerprints: the 64-bit digest the idempotency store keeps instead of the
+//! operation, to tell "the same request again" from "a different request under the same key".
+//!
+//! Every request computes one, so the operations nearly every request carries (transfers,
+//! deposits, withdrawals, reserve, commit, release) are folded a 128-bit word at a time, their
+//! small fields packed into one word: four or five multiplications instead of one hasher call
+//! per field. Every other operation goes through its derived `Hash`. Each path starts from its
+//! own tag, so operations of different kinds never share an input.
+
+use std::hash::BuildHasher;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::account::{AccountRef, UserAccount};
+use crate::engine::money::Amount;
+use crate::engine::operation::Operation;
+
+/// A 64-bit digest of an operation. Computed in-process and never persisted (recovery
+/// recomputes it from the stored operation), so it may change between builds. Only operations
+/// under one key are ever compared, so a false "same" needs a 2^-64 coincidence for that key,
+/// and would answer with the first outcome instead of a conflict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OperationFingerprint(pub(super) u64);
+
+/// Fixed, arbitrary odd constants (digits of pi): the fold's keys.
+const KEYS: [u64; 3] = [0x243f_6a88_85a3_08d3, 0x1319_8a2e_0370_7345, 0xa409_3822_299f_31d1];
+
+impl OperationFingerprint {
+    pub fn of(operation: &Operation) -> OperationFingerprint {
+        let mut fold = Fold::default();
+        match operation {
+            Operation::Transfer { from, to, amount } => {
+                let (from_id, from_small) = account_ref_words(from);
+                let (to_id, to_small) = account_ref_words(to);
+                fold.word(1, from_id);
+                fold.word(0, to_id);
+                fold.word(from_small << 32 | to_small, amount_word(*amount));
+            }
+            Operation::Deposit { account, amount, provider } | Operation::Withdraw { account, amount, provider } => {
+                let tag = if matches!(operation, Operation::Deposit { .. }) { 2 } else { 3 };
+                fold.word(tag, account.user_id.as_u128());
+                fold.word(user_small(account) << 8 | *provider as u64, amount_word(*amount));
+            }
+            Operation::Reserve { reservation_id, account, amount, ttl_ms } => {
+                fold.word(4, reservation_id.as_u128());
+                fold.word(user_small(account), account.user_id.as_u128());
+                fold.word(u64::from(ttl_ms.is_some()), amount_word(*amount));
+                fold.word(0, u128::from(ttl_ms.unwrap_or(0) as u64));
+            }
+            Operation::Commit { user_id, reservation_id, destination, amount } => {
+                let (destination_id, destination_small) = account_ref_words(destination);
+                fold.word(5, user_id.as_u128());
+                fold.word(0, reservation_id.as_u128());
+                fold.word(destination_small << 1 | u64::from(amount.is_some()), destination_id);
+                fold.word(0, amount.map_or(0, amount_word));
+            }
+            Operation::Release { user_id, reservation_id } => {
+                fold.word(6, user_id.as_u128());
+                fold.word(0, reservation_id.as_u128());
+            }
+            other => {
+                let derived = foldhash::fast::FixedState::with_seed(KEYS[2]).hash_one(other);
+                fold.word(7, u128::from(derived));
+            }
+        }
+        OperationFingerprint(fold.finish())
+    }
+}
+
+fn amount_word(amount: Amount) -> u128 {
+    amount.minor() as u128
+}
+
+/// A user account's fields besides its id, in 16 bits.
+fn user_small(account: &UserAccount) -> u64 {
+    (account.domain as u64) << 8 | account.asset.index() as u64
+}
+
+/// An account reference as (id word, fields in 24 bits, the low 8 bits saying which kind).
+fn account_ref_words(account: &AccountRef) -> (u128, u64) {
+    match account {
+        AccountRef::User(user) => (user.user_id.as_u128(), user_small(user) << 8),
+        AccountRef::System(system) => (0, ((system.kind.index() as u64) << 8 | system.asset.index() as u64) << 8 | 1),
+    }
+}
+
+/// Folds (small word, 128-bit word) pairs into 64 bits, as `foldhash` does: each step is one
+/// 64x64 -> 128-bit multiplication of the accumulator-mixed input halves, folded back to 64 bits.
+#[derive(Default)]
+struct Fold {
+    accumulator: u64,
+}
+
+impl Fold {
+    fn word(&mut self, small: u64, wide: u128) {
+        let mixed = folded_multiply(small ^ self.accumulator ^ KEYS[0], (wide >> 64) as u64 ^ KEYS[1]);
+        self.accumulator = folded_multiply(mixed ^ wide as u64, KEYS[2]);
+    }
+
+    fn finish(self) -> u64 {
+        folded_multiply(self.accumulator ^ KEYS[1], KEYS[0])
+    }
+}
+
+fn folded_multiply(left: u64, right: u64) -> u64 {
+    let product = u128::from(left) * u128::from(right);
+    product as u64 ^ (product >> 64) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+    use rust_decimal::Decimal;
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::engine::account::{Domain, Provider, SystemAccount, SystemKind};
+    use crate::engine::asset::Asset;
+
+    fn convert(price: Decimal, amount_minor: i128) -> Operation {
+        let account = |asset| UserAccount { user_id: Uuid::nil(), domain: Domain::Investing, asset };
+        Operation::Convert {
+            from: account(Asset::USD),
+            to: account(Asset::BTC),
+            amount: Amount::from_minor(amount_minor).unwrap(),
+            price,
+            commission_bps: 10,
+        }
+    }
+
+    #[test]
+    fn equal_operations_share_a_fingerprint_and_different_ones_do_not() {
+        // 1.0 and 1.00 are the same price: the operations are equal, so must their fingerprints be.
+        assert_eq!(convert(Decimal::new(10, 1), 5), convert(Decimal::new(100, 2), 5));
+        assert_eq!(
+            OperationFingerprint::of(&convert(Decimal::new(10, 1), 5)),
+            OperationFingerprint::of(&convert(Decimal::new(100, 2), 5))
+        );
+        assert_ne!(
+            OperationFingerprint::of(&convert(Decimal::ONE, 5)),
+            OperationFingerprint::of(&convert(Decimal::ONE, 6))
+        );
+    }
+
+    /// Operations of the folded kinds over a small space of values, so that equal ones are drawn
+    /// often and different ones differ in a single field just as often.
+    fn hot_operation() -> impl Strategy<Value = Operation> {
+        let id = (0_u128..3).prop_map(|n| Uuid::from_u128(n << 64 | n));
+        let amount = (1_i128..4).prop_map(|minor| Amount::from_minor(minor).unwrap());
+        let domain = prop::sample::select(vec![Domain::Banking, Domain::Investing]);
+        let asset = prop::sample::select(vec![Asset::USD, Asset::BTC]);
+        let user = (id.clone(), domain, asset.clone()).prop_map(|(user_id, domain, asset)| UserAccount {
+            user_id,
+            domain,
+            asset,
+        });
+        let kind =
+            prop::sample::select(vec![SystemKind::ProviderClearing(Provider::Stripe), SystemKind::ExchangeLiquidity]);
+        let system = (kind, asset).prop_map(|(kind, asset)| SystemAccount { kind, asset });
+        let account_ref = prop_oneof![user.clone().prop_map(AccountRef::User), system.prop_map(AccountRef::System)];
+        let provider = prop::sample::select(vec![Provider::Stripe, Provider::Ramp]);
+        prop_oneof![
+            (account_ref.clone(), account_ref.clone(), amount.clone())
+                .prop_map(|(from, to, amount)| Operation::Transfer { from, to, amount }),
+            (user.clone(), amount.clone(), provider.clone())
+                .prop_map(|(account, amount, provider)| Operation::Deposit { account, amount, provider }),
+            (user.clone(), amount.clone(), provider).prop_map(|(account, amount, provider)| Operation::Withdraw {
+                account,
+                amount,
+                provider
+            }),
+            (id.clone(), user, amount.clone(), prop::option::of(-1_i64..2)).prop_map(
+                |(reservation_id, account, amount, ttl_ms)| Operation::Reserve {
+                    reservation_id,
+                    account,
+                    amount,
+                    ttl_ms
+                }
+            ),
+            (id.clone(), id.clone(), account_ref, prop::option::of(amount)).prop_map(
+                |(user_id, reservation_id, destination, amount)| Operation::Commit {
+                    user_id,
+                    reservation_id,
+                    destination,
+                    amount
+                }
+            ),
+            (id.clone(), id).prop_map(|(user_id, reservation_id)| Operation::Release { user_id, reservation_id }),
+            Just(convert(Decimal::ONE, 1)),
+        ]
+    }
+
+    proptest! {
+        /// Equal operations have equal fingerprints, and in a few hundred draws from a small space
+        /// no two different operations share one.
+        #[test]
+        fn fingerprints_follow_equality(operations in prop::collection::vec(hot_operation(), 300)) {
+            let mut seen: HashMap<OperationFingerprint, &Operation> = HashMap::new();
+            for operation in &operations {
+                let fingerprint = OperationFingerprint::of(operation);
+                if let Some(earlier) = seen.insert(fingerprint, operation) {
+                    prop_assert_eq!(earlier, operation, "two different operations share a fingerprint");
+                }
+            }
+        }
+    }
+}
