@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::generations::{self, Generations};
 use super::position_index::PositionIndex;
-use super::prefetch::prefetch_bytes;
+use super::prefetch::prefetch_bytes_for_write;
 use super::reservation::Reservation;
 
 /// Reservations per chunk of a generation (96 KiB): a new chunk is rare, and an idle generation
@@ -81,7 +81,7 @@ impl ClosedGeneration {
             .unwrap_or_else(|| panic!("more than 2^32 reservations closed within one retention window"));
         chunk.push(reservation);
         if chunk.len() < CHUNK_RESERVATIONS {
-            prefetch_bytes(chunk.as_ptr().wrapping_add(chunk.len()), std::mem::size_of::<Reservation>());
+            prefetch_bytes_for_write(chunk.as_ptr().wrapping_add(chunk.len()), std::mem::size_of::<Reservation>());
         }
         self.index.insert(hash, position);
     }

@@ -17,7 +17,7 @@ use super::error::EngineError;
 use super::money::{Amount, MAX_AMOUNT_MINOR};
 use super::operation::{MAX_RESERVATION_TTL_MS, Receipt};
 use super::reservation::ReservationStatus;
-use super::rules::{self, Tx};
+use super::rules::{self, ReservationHolder, Tx};
 use super::transaction::{
     AmlResult, AmlStatus, ComplianceRecord, FeeLine, Fill, KycStatus, MAX_DETAILS, MAX_FEE_LINES, MAX_TEXT_LEN,
     NewTransaction, ProviderRef, RiskLevel, Transaction, TxStatus, TxType,
@@ -142,28 +142,6 @@ pub(crate) fn initiate(tx: &mut Tx<'_, '_>, spec: &NewTransaction) -> Result<Rec
     Ok(Receipt::Transaction { status: TxStatus::Initiated })
 }
 
-/// A transaction's reservation moves only with the transaction: the plain reservation operations
-/// may neither take its id nor commit or release it.
-pub(crate) fn refuse_if_transaction(
-    tx: &mut Tx<'_, '_>,
-    user_id: Uuid,
-    reservation_id: Uuid,
-) -> Result<(), EngineError> {
-    if find_status(tx, user_id, reservation_id).is_some() {
-        return Err(EngineError::ReservationHeldByTransaction { reservation_id });
-    }
-    Ok(())
-}
-
-fn find_status(tx: &mut Tx<'_, '_>, user_id: Uuid, transaction_id: Uuid) -> Option<TxStatus> {
-    tx.shards
-        .get(tx.map.of_user(user_id))
-        .users
-        .get(&user_id)
-        .and_then(|user| user.transactions.get(&transaction_id))
-        .map(|transaction| transaction.status)
-}
-
 fn find(tx: &mut Tx<'_, '_>, user_id: Uuid, transaction_id: Uuid) -> Option<Transaction> {
     tx.shards
         .get(tx.map.of_user(user_id))
@@ -251,7 +229,14 @@ pub(crate) fn transition(
                 if let Some(account) = spec.paying_account() {
                     let amount = Amount::from_minor(spec.reserve_minor())
                         .map_err(|_| invalid("principal plus fees is not a valid amount"))?;
-                    rules::reserve(tx, transaction_id, &account, amount, Some(MAX_RESERVATION_TTL_MS))?;
+                    rules::reserve(
+                        tx,
+                        ReservationHolder::Transaction,
+                        transaction_id,
+                        &account,
+                        amount,
+                        Some(MAX_RESERVATION_TTL_MS),
+                    )?;
                 }
                 record.aml = Some(aml);
             }

@@ -1,10 +1,10 @@
 //! Cache prefetch hints: the engine's only `unsafe`, kept in one place.
 //!
 //! Nearly every request touches memory that is not in cache: a new idempotency entry, the index
-//! slot under a random hash, the shard that holds its key. Asking the CPU for those lines before
-//! they are needed lets the wait overlap other work instead of stalling the shard's critical
-//! section. A prefetch is only a hint: it never faults and writes nothing, whatever the address,
-//! and targets other than x86_64 skip it.
+//! slot under a random hash, the shard that holds its key, the buffer its effects are written to.
+//! Asking the CPU for those lines before they are needed lets the wait overlap other work instead
+//! of stalling the shard's critical section. A prefetch is only a hint: it never faults and
+//! writes nothing, whatever the address, and targets other than x86_64 skip it.
 
 /// Bytes per cache line on the targets we prefetch for.
 const CACHE_LINE_BYTES: usize = 64;
@@ -12,16 +12,28 @@ const CACHE_LINE_BYTES: usize = 64;
 /// Asks for every cache line of the `bytes` bytes starting at `start` to be brought into cache.
 pub(crate) fn prefetch_bytes<T>(start: *const T, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let start = start.cast::<i8>();
-        for offset in (0..bytes).step_by(CACHE_LINE_BYTES).chain(bytes.checked_sub(1)) {
-            // SAFETY: a prefetch only moves a line into cache and cannot fault, whatever the
-            // address; `wrapping_add` keeps computing the address itself free of undefined
-            // behaviour too.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
-        }
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }>(start.cast(), bytes);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (start, bytes);
+}
+
+/// [`prefetch_bytes`] for memory about to be written: the lines come in owned, so the stores
+/// that follow need not ask for them again. Stores to lines not yet in cache are what a lock's
+/// release waits for, since a locked instruction waits for every earlier store to land.
+pub(crate) fn prefetch_bytes_for_write<T>(start: *const T, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_ET0 }>(start.cast(), bytes);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, bytes);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn prefetch_lines<const HINT: i32>(start: *const i8, bytes: usize) {
+    use std::arch::x86_64::_mm_prefetch;
+    for offset in (0..bytes).step_by(CACHE_LINE_BYTES).chain(bytes.checked_sub(1)) {
+        // SAFETY: a prefetch only moves a line into cache and cannot fault, whatever the
+        // address; `wrapping_add` keeps computing the address itself free of undefined
+        // behaviour too.
+        unsafe { _mm_prefetch::<HINT>(start.wrapping_add(offset)) };
+    }
 }

@@ -16,8 +16,9 @@ use super::money::{Amount, MAX_AMOUNT_MINOR};
 use super::operation::{
     DEFAULT_RESERVATION_TTL_MS, MAX_BATCH_OPERATIONS, MAX_COMMISSION_BPS, MAX_RESERVATION_TTL_MS, Operation, Receipt,
 };
+use super::prefetch::prefetch_bytes_for_write;
 use super::reservation::{Reservation, ReservationStatus};
-use super::shard::{AccountState, LockPlan, LockedShards, ShardMap};
+use super::shard::{AccountState, LockPlan, LockedShards, Shard, ShardMap, UserState};
 
 /// Adds to `out` every shard `operation` touches. System sub-accounts are taken from the
 /// shard of the user on the other side of the posting, so they never add a lock.
@@ -94,9 +95,29 @@ pub(crate) struct Tx<'l, 'a> {
     effects: Vec<Effect>,
 }
 
+/// A buffer for one request's effects, allocated and asked into cache for writing before the
+/// request takes its locks: its lines are most likely not in cache (the journal holds the last
+/// requests' buffers), and the lock releases would otherwise wait for the stores to them.
+pub(crate) fn effects_buffer() -> Vec<Effect> {
+    let effects = Vec::with_capacity(EXPECTED_EFFECTS);
+    prefetch_bytes_for_write(effects.as_ptr(), EXPECTED_EFFECTS * std::mem::size_of::<Effect>());
+    effects
+}
+
 impl<'l, 'a> Tx<'l, 'a> {
     pub fn new(shards: &'l mut LockedShards<'a>, map: ShardMap, now_ms: i64) -> Tx<'l, 'a> {
-        Tx { shards, map, now_ms, effects: Vec::with_capacity(EXPECTED_EFFECTS) }
+        Tx::with_buffer(shards, map, now_ms, Vec::with_capacity(EXPECTED_EFFECTS))
+    }
+
+    /// A transaction that writes its effects into `effects` (empty; see [`effects_buffer`]).
+    pub fn with_buffer(
+        shards: &'l mut LockedShards<'a>,
+        map: ShardMap,
+        now_ms: i64,
+        effects: Vec<Effect>,
+    ) -> Tx<'l, 'a> {
+        debug_assert!(effects.is_empty());
+        Tx { shards, map, now_ms, effects }
     }
 
     /// Undoes every effect emitted so far, newest first.
@@ -110,6 +131,7 @@ impl<'l, 'a> Tx<'l, 'a> {
         self.effects
     }
 
+    #[inline]
     pub(super) fn emit(&mut self, effect: Effect) {
         effect::apply(self.shards, self.map, &effect);
         self.effects.push(effect);
@@ -250,17 +272,12 @@ pub(crate) fn run(tx: &mut Tx<'_, '_>, operation: &Operation) -> Result<Receipt,
             Ok(Receipt::Done)
         }
         Operation::Reserve { reservation_id, account, amount, ttl_ms } => {
-            lifecycle::refuse_if_transaction(tx, account.user_id, *reservation_id)?;
-            reserve(tx, *reservation_id, account, *amount, *ttl_ms)
+            reserve(tx, ReservationHolder::Caller, *reservation_id, account, *amount, *ttl_ms)
         }
         Operation::Commit { user_id, reservation_id, destination, amount } => {
-            lifecycle::refuse_if_transaction(tx, *user_id, *reservation_id)?;
             commit(tx, *user_id, *reservation_id, *destination, *amount)
         }
-        Operation::Release { user_id, reservation_id } => {
-            lifecycle::refuse_if_transaction(tx, *user_id, *reservation_id)?;
-            release(tx, *user_id, *reservation_id)
-        }
+        Operation::Release { user_id, reservation_id } => release(tx, *user_id, *reservation_id),
         Operation::Transfer { from, to, amount } => {
             if from.asset() != to.asset() {
                 return Err(EngineError::AssetMismatch { left: from.asset(), right: to.asset() });
@@ -333,27 +350,81 @@ fn open_account(tx: &mut Tx<'_, '_>, account: &UserAccount, config: &AccountConf
     Ok(Receipt::Done)
 }
 
+/// Who opens a reservation: a caller's Reserve, or a transaction for itself (under its own id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReservationHolder {
+    Caller,
+    Transaction,
+}
+
+/// A reservation id of a user as the reservation rules see it, from one lookup of the user: the
+/// rules ask several questions of it, and each lookup of a user costs a hash and a probe.
+struct ReservationView<'s> {
+    user_id: Uuid,
+    reservation_id: Uuid,
+    user: Option<&'s UserState>,
+    /// The reservation, active or closed (and still remembered).
+    reservation: Option<&'s Reservation>,
+}
+
+impl<'s> ReservationView<'s> {
+    fn of(tx: &'s mut Tx<'_, '_>, user_id: Uuid, reservation_id: Uuid) -> ReservationView<'s> {
+        let shard: &'s Shard = tx.shards.get(tx.map.of_user(user_id));
+        let user = shard.users.get(&user_id);
+        ReservationView {
+            user_id,
+            reservation_id,
+            user,
+            reservation: shard.reservation_of(user, user_id, reservation_id),
+        }
+    }
+
+    /// A transaction's reservation moves only with the transaction: the plain reservation
+    /// operations may neither take its id nor commit or release it.
+    fn refuse_if_transaction(&self) -> Result<(), EngineError> {
+        match self.user.is_some_and(|user| user.transactions.contains_key(&self.reservation_id)) {
+            true => Err(EngineError::ReservationHeldByTransaction { reservation_id: self.reservation_id }),
+            false => Ok(()),
+        }
+    }
+
+    fn account(&self, account: &UserAccount) -> Result<&'s AccountState, EngineError> {
+        self.user
+            .and_then(|user| user.account(account.domain, account.asset))
+            .ok_or(EngineError::UnknownAccount { account: AccountRef::User(*account) })
+    }
+
+    /// The reservation if it is Active, with its account's state.
+    fn active(&self) -> Result<(Reservation, &'s AccountState), EngineError> {
+        let (user_id, reservation_id) = (self.user_id, self.reservation_id);
+        let reservation = *self.reservation.ok_or(EngineError::ReservationNotFound { user_id, reservation_id })?;
+        if reservation.status != ReservationStatus::Active {
+            return Err(EngineError::ReservationNotActive { reservation_id, status: reservation.status });
+        }
+        Ok((reservation, self.account(&reservation.account)?))
+    }
+}
+
 pub(super) fn reserve(
     tx: &mut Tx<'_, '_>,
+    holder: ReservationHolder,
     reservation_id: Uuid,
     account: &UserAccount,
     amount: Amount,
     ttl_ms: Option<i64>,
 ) -> Result<Receipt, EngineError> {
+    let now_ms = tx.now_ms;
+    let view = ReservationView::of(tx, account.user_id, reservation_id);
+    if holder == ReservationHolder::Caller {
+        view.refuse_if_transaction()?;
+    }
     let ttl_ms = ttl_ms.unwrap_or(DEFAULT_RESERVATION_TTL_MS);
     let expires_at_ms = Some(ttl_ms)
         .filter(|ttl_ms| (1..=MAX_RESERVATION_TTL_MS).contains(ttl_ms))
-        .and_then(|ttl_ms| tx.now_ms.checked_add(ttl_ms))
+        .and_then(|ttl_ms| now_ms.checked_add(ttl_ms))
         .ok_or(EngineError::ReservationTtlOutOfRange { max_ttl_ms: MAX_RESERVATION_TTL_MS })?;
-    let (reserved_minor, taken) = {
-        let shard = tx.shards.get(tx.map.of_user(account.user_id));
-        let user = shard.users.get(&account.user_id);
-        let state = user
-            .and_then(|user| user.account(account.domain, account.asset))
-            .ok_or(EngineError::UnknownAccount { account: AccountRef::User(*account) })?;
-        (state.balance.reserved_minor, shard.reservation_of(user, account.user_id, reservation_id).is_some())
-    };
-    if taken {
+    let reserved_minor = view.account(account)?.balance.reserved_minor;
+    if view.reservation.is_some() {
         return Err(EngineError::ReservationAlreadyExists { user_id: account.user_id, reservation_id });
     }
     if reserved_minor + amount.minor() > MAX_AMOUNT_MINOR {
@@ -380,29 +451,7 @@ pub(super) fn active_reservation(
     user_id: Uuid,
     reservation_id: Uuid,
 ) -> Result<Reservation, EngineError> {
-    active_reservation_and_account(tx, user_id, reservation_id).map(|(reservation, _)| reservation)
-}
-
-/// The reservation `reservation_id` of `user_id`, if it is Active, with the state of its account:
-/// a commit needs both, and finding the user once serves both.
-fn active_reservation_and_account<'t>(
-    tx: &'t mut Tx<'_, '_>,
-    user_id: Uuid,
-    reservation_id: Uuid,
-) -> Result<(Reservation, &'t AccountState), EngineError> {
-    let shard = tx.shards.get(tx.map.of_user(user_id));
-    let user = shard.users.get(&user_id);
-    let reservation = *shard
-        .reservation_of(user, user_id, reservation_id)
-        .ok_or(EngineError::ReservationNotFound { user_id, reservation_id })?;
-    if reservation.status != ReservationStatus::Active {
-        return Err(EngineError::ReservationNotActive { reservation_id, status: reservation.status });
-    }
-    let source = reservation.account;
-    let state = user
-        .and_then(|user| user.account(source.domain, source.asset))
-        .ok_or(EngineError::UnknownAccount { account: AccountRef::User(source) })?;
-    Ok((reservation, state))
+    ReservationView::of(tx, user_id, reservation_id).active().map(|(reservation, _)| reservation)
 }
 
 fn commit(
@@ -413,7 +462,9 @@ fn commit(
     amount: Option<Amount>,
 ) -> Result<Receipt, EngineError> {
     let now_ms = tx.now_ms;
-    let (reservation, source_state) = active_reservation_and_account(tx, user_id, reservation_id)?;
+    let view = ReservationView::of(tx, user_id, reservation_id);
+    view.refuse_if_transaction()?;
+    let (reservation, source_state) = view.active()?;
     if now_ms >= reservation.expires_at_ms {
         return Err(EngineError::ReservationExpired { reservation_id, expires_at_ms: reservation.expires_at_ms });
     }
@@ -453,7 +504,9 @@ fn commit(
 }
 
 fn release(tx: &mut Tx<'_, '_>, user_id: Uuid, reservation_id: Uuid) -> Result<Receipt, EngineError> {
-    let reservation = active_reservation(tx, user_id, reservation_id)?;
+    let view = ReservationView::of(tx, user_id, reservation_id);
+    view.refuse_if_transaction()?;
+    let (reservation, _) = view.active()?;
     close_and_refund(tx, &reservation, ReservationStatus::Released)?;
     Ok(Receipt::Released { released_minor: reservation.amount_minor })
 }

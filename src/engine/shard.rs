@@ -201,12 +201,16 @@ type Guard<'a> = (u32, MutexGuard<'a, Shard>);
 
 /// The shards one operation holds, locked in ascending index order.
 pub(crate) struct LockedShards<'a> {
-    /// Ascending by shard index. Inline: the locked shards first, then `None`s.
+    /// Ascending by shard index.
     guards: Guards<'a>,
 }
 
 enum Guards<'a> {
-    Inline([Option<Guard<'a>>; INLINE_SHARDS]),
+    /// The first `len` slots hold guards.
+    Inline {
+        guards: [Option<Guard<'a>>; INLINE_SHARDS],
+        len: usize,
+    },
     Heap(Vec<Option<Guard<'a>>>),
 }
 
@@ -229,7 +233,7 @@ impl<'a> LockedShards<'a> {
             for (slot, &index) in guards.iter_mut().zip(few.iter()) {
                 *slot = lock(index);
             }
-            Guards::Inline(guards)
+            Guards::Inline { guards, len: few.len() }
         } else {
             let mut indexes = plan.more;
             indexes.extend_from_slice(&plan.few[..plan.few_len]);
@@ -240,9 +244,10 @@ impl<'a> LockedShards<'a> {
         LockedShards { guards }
     }
 
+    /// Every guard, ascending by shard index.
     fn guards(&mut self) -> &mut [Option<Guard<'a>>] {
         match &mut self.guards {
-            Guards::Inline(guards) => guards,
+            Guards::Inline { guards, len } => &mut guards[..*len],
             Guards::Heap(guards) => guards,
         }
     }
@@ -262,7 +267,7 @@ impl<'a> LockedShards<'a> {
     /// engine's lock planning, never something a caller can cause.
     pub fn get(&mut self, index: u32) -> &mut Shard {
         let found = match &mut self.guards {
-            Guards::Inline(guards) => guards.iter_mut().flatten().find(|(locked, _)| *locked == index),
+            Guards::Inline { guards, len } => guards[..*len].iter_mut().flatten().find(|(locked, _)| *locked == index),
             Guards::Heap(guards) => guards
                 .binary_search_by_key(&index, |guard| guard.as_ref().map_or(u32::MAX, |(locked, _)| *locked))
                 .ok()

@@ -18,7 +18,7 @@
 
 use crate::engine::error::EngineError;
 use crate::engine::operation::Receipt;
-use crate::engine::prefetch::prefetch_bytes;
+use crate::engine::prefetch::prefetch_bytes_for_write;
 
 use super::{FirstOutcome, IdempotencyKey, MAX_IDEMPOTENCY_KEY_LEN, OperationFingerprint};
 
@@ -151,7 +151,7 @@ impl EntryArena {
         debug_assert_eq!(chunk_index * CHUNK_BYTES + chunk.len(), position + len);
         debug_assert!(chunk.capacity() == CHUNK_BYTES, "chunks never reallocate");
         if chunk.len() + MAX_ENTRY_BYTES <= CHUNK_BYTES {
-            prefetch_bytes(chunk.as_ptr_range().end, MAX_ENTRY_BYTES);
+            prefetch_bytes_for_write(chunk.as_ptr_range().end, MAX_ENTRY_BYTES);
         }
         position as u32
     }
