@@ -100,15 +100,38 @@ impl EntryArena {
     /// Appends `key`'s entry and returns its position. The caller checks `has_room` first.
     pub fn append(&mut self, key: &IdempotencyKey, first: FirstOutcome<'_>) -> u32 {
         assert!(self.has_room(), "an idempotency generation outgrew its 32-bit positions");
-        let key_bytes = key.as_bytes();
-        let outcome_len = match first.outcome {
-            Ok(Receipt::Done) => 1,
-            Ok(Receipt::Reserved { .. }) => 1 + 8,
-            Ok(Receipt::Committed { .. }) => 1 + 32,
-            Ok(Receipt::Released { .. }) => 1 + 16,
-            _ => 1 + 4,
-        };
-        let len = 1 + key_bytes.len() + 3 * 8 + outcome_len;
+        // Encoded on the stack at fixed offsets (the whole inline key buffer is copied, then
+        // overwritten past the key's end), then copied into the chunk at once: one capacity
+        // check and one copy instead of one per field.
+        let mut entry = Encoder { bytes: [0; MAX_ENTRY_BYTES + MAX_IDEMPOTENCY_KEY_LEN], len: 0 };
+        entry.put([key.len]);
+        entry.bytes[1..1 + MAX_IDEMPOTENCY_KEY_LEN].copy_from_slice(&key.bytes);
+        entry.len += usize::from(key.len);
+        entry.put(first.fingerprint.0.to_le_bytes());
+        entry.put(first.sequence.to_le_bytes());
+        entry.put(first.recorded_at_ms.to_le_bytes());
+        match first.outcome {
+            Ok(Receipt::Done) => entry.put([TAG_DONE]),
+            Ok(Receipt::Reserved { expires_at_ms }) => {
+                entry.put([TAG_RESERVED]);
+                entry.put(expires_at_ms.to_le_bytes());
+            }
+            Ok(Receipt::Committed { committed_minor, released_minor }) => {
+                entry.put([TAG_COMMITTED]);
+                entry.put(committed_minor.to_le_bytes());
+                entry.put(released_minor.to_le_bytes());
+            }
+            Ok(Receipt::Released { released_minor }) => {
+                entry.put([TAG_RELEASED]);
+                entry.put(released_minor.to_le_bytes());
+            }
+            other => {
+                entry.put([TAG_OTHER]);
+                entry.put((self.others.len() as u32).to_le_bytes());
+                self.others.push(other.clone());
+            }
+        }
+        let len = entry.len;
         debug_assert!(len <= MAX_ENTRY_BYTES);
         let fits = self.chunks.last().is_some_and(|chunk| chunk.len() + len <= CHUNK_BYTES);
         if !fits {
@@ -120,35 +143,8 @@ impl EntryArena {
         let chunk_index = self.chunks.len() - 1;
         let chunk = &mut self.chunks[chunk_index];
         let position = chunk_index * CHUNK_BYTES + chunk.len();
-        // Written straight into the chunk, whose capacity was checked above: no copy in between.
-        chunk.push(key_bytes.len() as u8);
-        chunk.extend_from_slice(key_bytes);
-        chunk.extend_from_slice(&first.fingerprint.0.to_le_bytes());
-        chunk.extend_from_slice(&first.sequence.to_le_bytes());
-        chunk.extend_from_slice(&first.recorded_at_ms.to_le_bytes());
-        match first.outcome {
-            Ok(Receipt::Done) => chunk.push(TAG_DONE),
-            Ok(Receipt::Reserved { expires_at_ms }) => {
-                chunk.push(TAG_RESERVED);
-                chunk.extend_from_slice(&expires_at_ms.to_le_bytes());
-            }
-            Ok(Receipt::Committed { committed_minor, released_minor }) => {
-                chunk.push(TAG_COMMITTED);
-                chunk.extend_from_slice(&committed_minor.to_le_bytes());
-                chunk.extend_from_slice(&released_minor.to_le_bytes());
-            }
-            Ok(Receipt::Released { released_minor }) => {
-                chunk.push(TAG_RELEASED);
-                chunk.extend_from_slice(&released_minor.to_le_bytes());
-            }
-            other => {
-                chunk.push(TAG_OTHER);
-                chunk.extend_from_slice(&(self.others.len() as u32).to_le_bytes());
-                self.others.push(other.clone());
-            }
-        }
+        chunk.extend_from_slice(&entry.bytes[..len]);
         self.bytes += len;
-        debug_assert_eq!(chunk_index * CHUNK_BYTES + chunk.len(), position + len);
         debug_assert!(chunk.capacity() == CHUNK_BYTES, "chunks never reallocate");
         if chunk.len() + MAX_ENTRY_BYTES <= CHUNK_BYTES {
             prefetch_bytes_for_write(chunk.as_ptr_range().end, MAX_ENTRY_BYTES);
@@ -187,6 +183,20 @@ impl EntryArena {
             unknown => unreachable!("idempotency entry with outcome tag {unknown}: the arena only writes known tags"),
         };
         StoredRecord { fingerprint, sequence, recorded_at_ms, outcome }
+    }
+}
+
+/// An entry being encoded. The buffer has room for a whole inline key buffer past the longest
+/// entry's start, so the key can be copied at its fixed size.
+struct Encoder {
+    bytes: [u8; MAX_ENTRY_BYTES + MAX_IDEMPOTENCY_KEY_LEN],
+    len: usize,
+}
+
+impl Encoder {
+    fn put<const N: usize>(&mut self, field: [u8; N]) {
+        self.bytes[self.len..self.len + N].copy_from_slice(&field);
+        self.len += N;
     }
 }
 
