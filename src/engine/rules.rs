@@ -65,6 +65,9 @@ pub(crate) fn lock_plan(operation: &Operation, map: ShardMap, out: &mut LockPlan
         Operation::LinkedBatch { operations } => {
             // A nested batch is refused before it does anything, so its contents need no locks;
             // not recursing keeps the plan bounded by MAX_BATCH_OPERATIONS whatever the nesting.
+            // About three shards an operation (two users and a system shard), most of them
+            // already planned.
+            out.reserve(operations.len().min(MAX_BATCH_OPERATIONS) * 3);
             for operation in operations.iter().take(MAX_BATCH_OPERATIONS) {
                 if !matches!(operation, Operation::LinkedBatch { .. }) {
                     lock_plan(operation, map, out);

@@ -189,6 +189,14 @@ impl LockPlan {
     }
 }
 
+impl LockPlan {
+    /// Room for `additional` more shards past the inline ones without regrowing (a linked
+    /// batch adds a few per operation).
+    pub fn reserve(&mut self, additional: usize) {
+        self.more.reserve(additional);
+    }
+}
+
 impl FromIterator<u32> for LockPlan {
     fn from_iter<I: IntoIterator<Item = u32>>(indexes: I) -> LockPlan {
         let mut plan = LockPlan::default();
@@ -211,13 +219,13 @@ enum Guards<'a> {
         guards: [Option<Guard<'a>>; INLINE_SHARDS],
         len: usize,
     },
-    Heap(Vec<Option<Guard<'a>>>),
+    Heap(Vec<Guard<'a>>),
 }
 
 impl<'a> LockedShards<'a> {
     /// Locks every shard of `plan`, in ascending order.
     pub fn lock(shards: &'a [CachePadded<Mutex<Shard>>], plan: LockPlan) -> LockedShards<'a> {
-        let lock = |index: u32| Some((index, shards[index as usize].lock()));
+        let lock = |index: u32| (index, shards[index as usize].lock());
         let guards = if plan.more.is_empty() {
             let mut few = plan.few;
             let few = &mut few[..plan.few_len];
@@ -231,7 +239,7 @@ impl<'a> LockedShards<'a> {
             }
             let mut guards = [None, None, None, None];
             for (slot, &index) in guards.iter_mut().zip(few.iter()) {
-                *slot = lock(index);
+                *slot = Some(lock(index));
             }
             Guards::Inline { guards, len: few.len() }
         } else {
@@ -245,19 +253,19 @@ impl<'a> LockedShards<'a> {
     }
 
     /// Every guard, ascending by shard index.
-    fn guards(&mut self) -> &mut [Option<Guard<'a>>] {
-        match &mut self.guards {
-            Guards::Inline { guards, len } => &mut guards[..*len],
-            Guards::Heap(guards) => guards,
-        }
+    fn guards(&mut self) -> impl Iterator<Item = &mut Guard<'a>> {
+        let (inline, heap): (&mut [Option<Guard<'a>>], &mut [Guard<'a>]) = match &mut self.guards {
+            Guards::Inline { guards, len } => (&mut guards[..*len], &mut []),
+            Guards::Heap(guards) => (&mut [], guards),
+        };
+        inline.iter_mut().flatten().chain(heap)
     }
 
     /// The time a change to these shards is made at: `requested_ms`, or the latest time any of
     /// them has seen if that is later. All of them move to it.
     pub fn advance_clock(&mut self, requested_ms: i64) -> i64 {
-        let guards = self.guards();
-        let now_ms = guards.iter().flatten().map(|(_, shard)| shard.clock_ms).fold(requested_ms, i64::max);
-        for (_, shard) in guards.iter_mut().flatten() {
+        let now_ms = self.guards().map(|(_, shard)| shard.clock_ms).fold(requested_ms, i64::max);
+        for (_, shard) in self.guards() {
             shard.clock_ms = now_ms;
         }
         now_ms
@@ -268,10 +276,10 @@ impl<'a> LockedShards<'a> {
     pub fn get(&mut self, index: u32) -> &mut Shard {
         let found = match &mut self.guards {
             Guards::Inline { guards, len } => guards[..*len].iter_mut().flatten().find(|(locked, _)| *locked == index),
-            Guards::Heap(guards) => guards
-                .binary_search_by_key(&index, |guard| guard.as_ref().map_or(u32::MAX, |(locked, _)| *locked))
-                .ok()
-                .and_then(|position| guards[position].as_mut()),
+            Guards::Heap(guards) => match guards.binary_search_by_key(&index, |(locked, _)| *locked) {
+                Ok(position) => Some(&mut guards[position]),
+                Err(_) => None,
+            },
         };
         match found {
             Some((_, shard)) => shard,
@@ -330,7 +338,7 @@ mod tests {
             expected.sort_unstable();
             expected.dedup();
             let mut locked = LockedShards::lock(&shards, plan.iter().copied().collect());
-            let order: Vec<u32> = locked.guards().iter().flatten().map(|(index, _)| *index).collect();
+            let order: Vec<u32> = locked.guards().map(|(index, _)| *index).collect();
             assert_eq!(order, expected, "plan {plan:?}");
             for &index in &expected {
                 locked.get(index).clock_ms = i64::from(index);
