@@ -2,10 +2,10 @@
 //! transactions).
 //!
 //! Every request looks a user up several times, so the hash of a 16-byte id is on the hot path.
-//! `Uuid` hashes as a length-prefixed byte slice; a general-purpose hasher treats that as two
-//! writes of unknown length. This one knows the shape: the length prefix only rotates the state,
-//! and 16 bytes are one 64x64 -> 128-bit multiplication, as in `foldhash`. Seeded at random once
-//! per process, so callers cannot pick ids that collide in every run.
+//! A `Uuid` hashes as one write of its 16 bytes, which a general-purpose hasher treats as a
+//! write of unknown length. This one takes 16 bytes as one 64x64 -> 128-bit multiplication, as
+//! in `foldhash` (`write_usize` is there for keys that write a length too). Seeded at random
+//! once per process, so callers cannot pick ids that collide in every run.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;

@@ -33,20 +33,17 @@ pub(crate) fn prefetch_bytes_for_write<T>(start: *const T, bytes: usize) {
 #[cfg(target_arch = "x86_64")]
 fn prefetch_lines<const HINT: i32>(start: *const i8, bytes: usize) {
     use std::arch::x86_64::_mm_prefetch;
-    if bytes == 0 {
-        return;
-    }
-    let first_line = start as usize & !(CACHE_LINE_BYTES - 1);
-    let last_byte = (start as usize).wrapping_add(bytes - 1);
-    let mut offset = first_line.wrapping_sub(start as usize);
-    loop {
+    // Counted from the start of the first line, not by address, so the loop ends whatever the
+    // address (even in the last line of the address space).
+    let into_line = start as usize % CACHE_LINE_BYTES;
+    let span = into_line.saturating_add(bytes);
+    let first_line = start.wrapping_sub(into_line);
+    let mut offset = 0;
+    while offset < span {
         // SAFETY: a prefetch only moves a line into cache and cannot fault, whatever the
         // address; `wrapping_add` keeps computing the address itself free of undefined
         // behaviour too.
-        unsafe { _mm_prefetch::<HINT>(start.wrapping_add(offset)) };
-        offset = offset.wrapping_add(CACHE_LINE_BYTES);
-        if (start as usize).wrapping_add(offset) > last_byte {
-            break;
-        }
+        unsafe { _mm_prefetch::<HINT>(first_line.wrapping_add(offset)) };
+        offset += CACHE_LINE_BYTES;
     }
 }

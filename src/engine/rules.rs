@@ -397,14 +397,14 @@ impl<'s> ReservationView<'s> {
             .ok_or(EngineError::UnknownAccount { account: AccountRef::User(*account) })
     }
 
-    /// The reservation if it is Active, with its account's state.
-    fn active(&self) -> Result<(Reservation, &'s AccountState), EngineError> {
+    /// The reservation, if it is Active.
+    fn active(&self) -> Result<Reservation, EngineError> {
         let (user_id, reservation_id) = (self.user_id, self.reservation_id);
         let reservation = *self.reservation.ok_or(EngineError::ReservationNotFound { user_id, reservation_id })?;
         if reservation.status != ReservationStatus::Active {
             return Err(EngineError::ReservationNotActive { reservation_id, status: reservation.status });
         }
-        Ok((reservation, self.account(&reservation.account)?))
+        Ok(reservation)
     }
 }
 
@@ -454,7 +454,7 @@ pub(super) fn active_reservation(
     user_id: Uuid,
     reservation_id: Uuid,
 ) -> Result<Reservation, EngineError> {
-    ReservationView::of(tx, user_id, reservation_id).active().map(|(reservation, _)| reservation)
+    ReservationView::of(tx, user_id, reservation_id).active()
 }
 
 fn commit(
@@ -467,12 +467,12 @@ fn commit(
     let now_ms = tx.now_ms;
     let view = ReservationView::of(tx, user_id, reservation_id);
     view.refuse_if_transaction()?;
-    let (reservation, source_state) = view.active()?;
+    let reservation = view.active()?;
     if now_ms >= reservation.expires_at_ms {
         return Err(EngineError::ReservationExpired { reservation_id, expires_at_ms: reservation.expires_at_ms });
     }
     let source = reservation.account;
-    if source_state.config.frozen {
+    if view.account(&source)?.config.frozen {
         return Err(EngineError::AccountFrozen { account: source });
     }
     let committed_minor = amount.map_or(reservation.amount_minor, Amount::minor);
@@ -509,7 +509,7 @@ fn commit(
 fn release(tx: &mut Tx<'_, '_>, user_id: Uuid, reservation_id: Uuid) -> Result<Receipt, EngineError> {
     let view = ReservationView::of(tx, user_id, reservation_id);
     view.refuse_if_transaction()?;
-    let (reservation, _) = view.active()?;
+    let reservation = view.active()?;
     close_and_refund(tx, &reservation, ReservationStatus::Released)?;
     Ok(Receipt::Released { released_minor: reservation.amount_minor })
 }

@@ -161,7 +161,7 @@ impl ShardMap {
 }
 
 /// The shards most requests lock (a commit or a transfer across shards, plus its key's shard)
-/// fit inline; a plan of more (a linked batch, a sweep of every shard) goes to the heap. Every
+/// fit inline; a plan of more (a linked batch, a snapshot of every shard) goes to the heap. Every
 /// request plans, locks and looks its shards up several times, and a `SmallVec` checks whether
 /// it spilled on each of those accesses: measured as about 40 instructions a request.
 const INLINE_SHARDS: usize = 4;

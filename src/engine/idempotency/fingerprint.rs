@@ -3,11 +3,17 @@
 //!
 //! Every request computes one, so the operations nearly every request carries (transfers,
 //! deposits, withdrawals, reserve, commit, release) are folded a 128-bit word at a time, their
-//! small fields packed into one word: four or five multiplications instead of one hasher call
-//! per field. Every other operation goes through its derived `Hash`. Each path starts from its
-//! own tag, so operations of different kinds never share an input.
+//! small fields packed beside: two multiplications a word (five to nine in all) instead of one
+//! hasher call per field. Every other operation goes through its derived `Hash`. Each path
+//! starts from its own tag, so operations of different kinds never share an input.
+//!
+//! The fold's keys are drawn at random once per process, as a hasher's seeds are: with fixed
+//! keys a caller could choose an id whose word cancels a key and erases what came before it,
+//! making two different operations share a fingerprint on purpose. Fingerprints are never
+//! persisted (recovery recomputes them), so they need not agree between processes.
 
 use std::hash::BuildHasher;
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,18 +22,25 @@ use crate::engine::money::Amount;
 use crate::engine::operation::Operation;
 
 /// A 64-bit digest of an operation. Computed in-process and never persisted (recovery
-/// recomputes it from the stored operation), so it may change between builds. Only operations
-/// under one key are ever compared, so a false "same" needs a 2^-64 coincidence for that key,
-/// and would answer with the first outcome instead of a conflict.
+/// recomputes it from the stored operation), so it may change between builds and processes.
+/// Only operations under one key are ever compared, so a false "same" needs a 2^-64
+/// coincidence for that key, and would answer with the first outcome instead of a conflict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct OperationFingerprint(pub(super) u64);
 
-/// Fixed, arbitrary odd constants (digits of pi): the fold's keys.
-const KEYS: [u64; 3] = [0x243f_6a88_85a3_08d3, 0x1319_8a2e_0370_7345, 0xa409_3822_299f_31d1];
+/// The fold's keys, drawn once per process (see the module comment).
+fn keys() -> [u64; 3] {
+    static KEYS: OnceLock<[u64; 3]> = OnceLock::new();
+    *KEYS.get_or_init(|| {
+        let random = foldhash::fast::RandomState::default();
+        [random.hash_one(1_u8), random.hash_one(2_u8), random.hash_one(3_u8)]
+    })
+}
 
 impl OperationFingerprint {
     pub fn of(operation: &Operation) -> OperationFingerprint {
-        let mut fold = Fold::default();
+        let keys = keys();
+        let mut fold = Fold { keys, accumulator: 0 };
         match operation {
             Operation::Transfer { from, to, amount } => {
                 let (from_id, from_small) = account_ref_words(from);
@@ -59,7 +72,7 @@ impl OperationFingerprint {
                 fold.word(0, reservation_id.as_u128());
             }
             other => {
-                let derived = foldhash::fast::FixedState::with_seed(KEYS[2]).hash_one(other);
+                let derived = foldhash::fast::FixedState::with_seed(keys[2]).hash_one(other);
                 fold.word(7, u128::from(derived));
             }
         }
@@ -84,21 +97,24 @@ fn account_ref_words(account: &AccountRef) -> (u128, u64) {
     }
 }
 
-/// Folds (small word, 128-bit word) pairs into 64 bits, as `foldhash` does: each step is one
+/// Folds (small word, 128-bit word) pairs into 64 bits, as `foldhash` does: each step is a
 /// 64x64 -> 128-bit multiplication of the accumulator-mixed input halves, folded back to 64 bits.
-#[derive(Default)]
+/// The accumulator is also carried past each step, so that even a factor that happens to be zero
+/// cannot erase the words before it.
 struct Fold {
+    keys: [u64; 3],
     accumulator: u64,
 }
 
 impl Fold {
     fn word(&mut self, small: u64, wide: u128) {
-        let mixed = folded_multiply(small ^ self.accumulator ^ KEYS[0], (wide >> 64) as u64 ^ KEYS[1]);
-        self.accumulator = folded_multiply(mixed ^ wide as u64, KEYS[2]);
+        let [left_key, right_key, out_key] = self.keys;
+        let mixed = folded_multiply(small ^ self.accumulator ^ left_key, (wide >> 64) as u64 ^ right_key);
+        self.accumulator = folded_multiply(mixed ^ wide as u64, out_key) ^ self.accumulator.rotate_left(23);
     }
 
     fn finish(self) -> u64 {
-        folded_multiply(self.accumulator ^ KEYS[1], KEYS[0])
+        folded_multiply(self.accumulator ^ self.keys[1], self.keys[0])
     }
 }
 
@@ -191,6 +207,34 @@ mod tests {
             (id.clone(), id).prop_map(|(user_id, reservation_id)| Operation::Release { user_id, reservation_id }),
             Just(convert(Decimal::ONE, 1)),
         ]
+    }
+
+    /// Ids chosen to cancel a key of the fold (their high half equal to it) still leave every
+    /// other field counted: two releases differing only in the user stay apart.
+    #[test]
+    fn an_id_equal_to_a_key_erases_nothing() {
+        for key in keys() {
+            let chosen = Uuid::from_u128(u128::from(key) << 64 | 7);
+            let release = |user: u128| Operation::Release { user_id: Uuid::from_u128(user), reservation_id: chosen };
+            assert_ne!(OperationFingerprint::of(&release(1)), OperationFingerprint::of(&release(2)));
+            let reserve = Operation::Reserve {
+                reservation_id: Uuid::from_u128(9),
+                account: UserAccount { user_id: chosen, domain: Domain::Banking, asset: Asset::USD },
+                amount: Amount::from_minor(5).unwrap(),
+                ttl_ms: Some(3),
+            };
+            let commit = Operation::Commit {
+                user_id: Uuid::from_u128(9),
+                reservation_id: chosen,
+                destination: AccountRef::User(UserAccount {
+                    user_id: Uuid::from_u128(5),
+                    domain: Domain::Banking,
+                    asset: Asset::USD,
+                }),
+                amount: Some(Amount::from_minor(3).unwrap()),
+            };
+            assert_ne!(OperationFingerprint::of(&reserve), OperationFingerprint::of(&commit));
+        }
     }
 
     proptest! {
