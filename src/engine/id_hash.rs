@@ -60,7 +60,9 @@ impl Hasher for IdHasher {
     }
 }
 
-fn folded_multiply(left: u64, right: u64) -> u64 {
+/// `foldhash`'s mixing step: the 128-bit product of two words, its halves folded together.
+/// The operation fingerprints (`idempotency::fingerprint`) fold with it too.
+pub(crate) fn folded_multiply(left: u64, right: u64) -> u64 {
     let product = u128::from(left) * u128::from(right);
     product as u64 ^ (product >> 64) as u64
 }

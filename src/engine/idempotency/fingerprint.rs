@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::account::{AccountRef, UserAccount};
+use crate::engine::id_hash::folded_multiply;
 use crate::engine::money::Amount;
 use crate::engine::operation::Operation;
 
@@ -116,11 +117,6 @@ impl Fold {
     fn finish(self) -> u64 {
         folded_multiply(self.accumulator ^ self.keys[1], self.keys[0])
     }
-}
-
-fn folded_multiply(left: u64, right: u64) -> u64 {
-    let product = u128::from(left) * u128::from(right);
-    product as u64 ^ (product >> 64) as u64
 }
 
 #[cfg(test)]
