@@ -195,7 +195,7 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
             debug_assert_eq!(reservation.status, ReservationStatus::Active);
             let user_id = reservation.account.user_id;
             let shard = shards.get(map.of_user(user_id));
-            shard.expiry.insert((reservation.expires_at_ms, user_id, reservation.id));
+            shard.expiry.insert(reservation.expires_at_ms, user_id, reservation.id);
             // The rules refuse a remembered id, and a replay forgets a reused one first.
             debug_assert!(shard.closed_reservations.get(user_id, reservation.id).is_none());
             let user = reservation_user(&mut shard.users, &user_id);
@@ -214,7 +214,7 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
             debug_assert!(reservation.status.can_become(*status));
             reservation.status = *status;
             reservation.closed_at_ms = Some(*closed_at_ms);
-            shard.expiry.remove(&(reservation.expires_at_ms, *user_id, *reservation_id));
+            shard.expiry.remove(reservation.expires_at_ms, *user_id, *reservation_id);
             shard.closed_reservations.insert(reservation);
         }
         Effect::UsageChanged { account, after, .. } => {
@@ -294,7 +294,7 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
         }
         Effect::ReservationOpened { reservation } => {
             let shard = shards.get(map.of_user(reservation.account.user_id));
-            shard.expiry.remove(&(reservation.expires_at_ms, reservation.account.user_id, reservation.id));
+            shard.expiry.remove(reservation.expires_at_ms, reservation.account.user_id, reservation.id);
             let user = reservation_user(&mut shard.users, &reservation.account.user_id);
             shift_reserved(user, reservation, -1);
             user.reservations.remove(&reservation.id);
@@ -307,7 +307,7 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
                 .unwrap_or_else(|| panic!("reopening a reservation that is not closed: {reservation_id}"));
             reservation.status = ReservationStatus::Active;
             reservation.closed_at_ms = None;
-            shard.expiry.insert((reservation.expires_at_ms, *user_id, *reservation_id));
+            shard.expiry.insert(reservation.expires_at_ms, *user_id, *reservation_id);
             let user = reservation_user(&mut shard.users, user_id);
             shift_reserved(user, &reservation, 1);
             user.reservations.insert(*reservation_id, reservation);

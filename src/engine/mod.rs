@@ -16,6 +16,7 @@ pub mod asset;
 mod closed;
 pub mod effect;
 pub mod error;
+mod expiry;
 mod generations;
 mod id_hash;
 pub mod idempotency;
@@ -273,11 +274,10 @@ impl<S: JournalSink> Engine<S> {
                 let shard = shards.get(index);
                 shard
                     .expiry
-                    .iter()
-                    .take_while(|(expires_at_ms, _, _)| *expires_at_ms <= now_ms)
+                    .due(now_ms)
                     .take(MAX_EXPIRIES_PER_SHARD_SWEEP)
                     .filter_map(|(_, user_id, reservation_id)| {
-                        shard.users.get(user_id).and_then(|user| user.reservations.get(reservation_id)).copied()
+                        shard.users.get(&user_id).and_then(|user| user.reservations.get(&reservation_id)).copied()
                     })
                     .collect()
             };
@@ -381,7 +381,7 @@ impl<S: JournalSink> Engine<S> {
                 .get(&user_account.user_id)
                 .and_then(|user| user.account(user_account.domain, user_account.asset))
                 .map(|state| state.balance)
-                .ok_or(EngineError::UnknownAccount { account: *account }),
+                .ok_or_else(|| EngineError::UnknownAccount { account: *account }),
             AccountRef::System(system_account) => {
                 let available_minor = self
                     .shards
@@ -502,7 +502,7 @@ impl<S: JournalSink> Engine<S> {
             match reservation.closed_at_ms {
                 None => {
                     shard.users.entry(user_id).or_default().reservations.insert(reservation.id, *reservation);
-                    shard.expiry.insert((reservation.expires_at_ms, user_id, reservation.id));
+                    shard.expiry.insert(reservation.expires_at_ms, user_id, reservation.id);
                 }
                 Some(_) => shard.closed_reservations.insert(*reservation),
             }

@@ -146,7 +146,7 @@ impl<'l, 'a> Tx<'l, 'a> {
             .users
             .get(&account.user_id)
             .and_then(|user| user.account(account.domain, account.asset))
-            .ok_or(EngineError::UnknownAccount { account: AccountRef::User(*account) })
+            .ok_or_else(|| EngineError::UnknownAccount { account: AccountRef::User(*account) })
     }
 
     /// The reservation, active or closed (and still remembered).
@@ -394,13 +394,14 @@ impl<'s> ReservationView<'s> {
     fn account(&self, account: &UserAccount) -> Result<&'s AccountState, EngineError> {
         self.user
             .and_then(|user| user.account(account.domain, account.asset))
-            .ok_or(EngineError::UnknownAccount { account: AccountRef::User(*account) })
+            .ok_or_else(|| EngineError::UnknownAccount { account: AccountRef::User(*account) })
     }
 
     /// The reservation, if it is Active.
     fn active(&self) -> Result<Reservation, EngineError> {
         let (user_id, reservation_id) = (self.user_id, self.reservation_id);
-        let reservation = *self.reservation.ok_or(EngineError::ReservationNotFound { user_id, reservation_id })?;
+        let reservation =
+            *self.reservation.ok_or_else(|| EngineError::ReservationNotFound { user_id, reservation_id })?;
         if reservation.status != ReservationStatus::Active {
             return Err(EngineError::ReservationNotActive { reservation_id, status: reservation.status });
         }
@@ -425,7 +426,7 @@ pub(super) fn reserve(
     let expires_at_ms = Some(ttl_ms)
         .filter(|ttl_ms| (1..=MAX_RESERVATION_TTL_MS).contains(ttl_ms))
         .and_then(|ttl_ms| now_ms.checked_add(ttl_ms))
-        .ok_or(EngineError::ReservationTtlOutOfRange { max_ttl_ms: MAX_RESERVATION_TTL_MS })?;
+        .ok_or_else(|| EngineError::ReservationTtlOutOfRange { max_ttl_ms: MAX_RESERVATION_TTL_MS })?;
     let reserved_minor = view.account(account)?.balance.reserved_minor;
     if view.reservation.is_some() {
         return Err(EngineError::ReservationAlreadyExists { user_id: account.user_id, reservation_id });

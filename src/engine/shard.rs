@@ -5,7 +5,7 @@
 //! a part of the idempotency store. An operation locks every shard it touches in ascending
 //! index order, so two operations can never wait on each other in a cycle.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::account::{AccountConfig, Balance, Domain, SystemKind};
 use super::asset::Asset;
 use super::closed::ClosedReservations;
+use super::expiry::ExpiryIndex;
 use super::id_hash::IdHashState;
 use super::idempotency::{IdempotencyStore, KeyHash};
 use super::limits::OutflowUsage;
@@ -69,8 +70,8 @@ pub(crate) struct Shard {
     pub users: HashMap<Uuid, UserState, IdHashState>,
     /// This shard's sub-account of each system account: `[kind index][asset index]`, available only.
     pub system_minor: [[i128; Asset::COUNT]; SystemKind::COUNT],
-    /// Active reservations by expiry, for the sweep: (expires_at_ms, user_id, reservation_id).
-    pub expiry: BTreeSet<(i64, Uuid, Uuid)>,
+    /// Active reservations by expiry, for the sweep.
+    pub expiry: ExpiryIndex,
     /// Closed reservations, until the retention window has passed (see `closed`).
     pub closed_reservations: ClosedReservations,
     /// Transactions by the time they finished (user_id, transaction_id), so they can be forgotten
@@ -105,7 +106,7 @@ impl Shard {
         Shard {
             users: HashMap::default(),
             system_minor: [[0; Asset::COUNT]; SystemKind::COUNT],
-            expiry: BTreeSet::new(),
+            expiry: ExpiryIndex::default(),
             closed_reservations: ClosedReservations::default(),
             finished: VecDeque::new(),
             idempotency: IdempotencyStore::default(),
