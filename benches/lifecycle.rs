@@ -32,7 +32,7 @@ const USERS: u128 = 1_000;
 struct DiscardJournal;
 
 impl JournalSink for DiscardJournal {
-    fn append(&self, record: JournalRecord) -> Result<(), JournalClosed> {
+    fn append(&mut self, record: JournalRecord) -> Result<(), JournalClosed> {
         black_box(record);
         Ok(())
     }

@@ -805,18 +805,17 @@ fn an_engine_rebuilt_from_its_state_has_the_same_state_and_behaviour() {
 fn a_journal_that_closes_mid_batch_undoes_every_effect() {
     /// Accepts `remaining` records, then refuses.
     struct ClosingJournal {
-        remaining: parking_lot::Mutex<usize>,
+        remaining: usize,
     }
     impl diboas_ledger::engine::record::JournalSink for ClosingJournal {
         fn append(
-            &self,
+            &mut self,
             record: diboas_ledger::engine::record::JournalRecord,
         ) -> Result<(), diboas_ledger::engine::record::JournalClosed> {
-            let mut remaining = self.remaining.lock();
-            if *remaining == 0 {
+            if self.remaining == 0 {
                 return Err(diboas_ledger::engine::record::JournalClosed { record: Box::new(record) });
             }
-            *remaining -= 1;
+            self.remaining -= 1;
             Ok(())
         }
     }
@@ -826,7 +825,7 @@ fn a_journal_that_closes_mid_batch_undoes_every_effect() {
         idempotency_capacity_per_shard: 4,
         ..diboas_ledger::engine::EngineConfig::default()
     };
-    let engine = Engine::new(config, ClosingJournal { remaining: parking_lot::Mutex::new(3) });
+    let engine = Engine::new(config, ClosingJournal { remaining: 3 });
     let run = |text: &str, operation| engine.execute(Request { key: key(text), now_ms: START_MS, operation });
     run("open-1", Operation::OpenAccount { account: usd(1), config: AccountConfig::default() }).result.unwrap();
     run("open-2", Operation::OpenAccount { account: usd(2), config: AccountConfig::default() }).result.unwrap();
@@ -847,7 +846,7 @@ fn a_journal_that_closes_mid_batch_undoes_every_effect() {
 
     // The journal is back: the same key runs afresh (no replay of the refusal, no conflict), and
     // the refused attempt took none of the shard's 4 keys.
-    *engine.sink().remaining.lock() = 2;
+    engine.sink().remaining = 2;
     let retry = run("batch", batch);
     assert!(retry.result.is_ok() && !retry.replayed, "{retry:?}");
     assert_eq!(retry.sequence, Some(4));

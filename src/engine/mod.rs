@@ -37,7 +37,7 @@ pub mod transaction;
 use std::collections::BTreeMap;
 
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
+use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -124,13 +124,20 @@ pub struct Engine<S> {
     map: ShardMap,
     /// Hashes each request's key once; seeded per engine (see `KeyHasher`).
     key_hasher: KeyHasher,
-    /// The next sequence number. Taken after the shard locks, released before them. Every change
-    /// writes it, so it sits on cache lines of its own, away from the fields every request only
-    /// reads (`shards`, `map`, `key_hasher`): sharing a line with them made every thread miss on
-    /// them after any other thread's change.
-    sequencer: CachePadded<Mutex<u64>>,
-    sink: S,
+    /// The next sequence number and the sink, under one lock: taken after the shard locks,
+    /// released before them. One lock orders both the numbering and the handing over, so a sink
+    /// needs no synchronisation of its own. Every change writes it, so it sits on cache lines
+    /// of its own, away from the fields every request only reads (`shards`, `map`,
+    /// `key_hasher`): sharing a line with them made every thread miss on them after any other
+    /// thread's change.
+    journal: CachePadded<Mutex<Sequencer<S>>>,
     config: EngineConfig,
+}
+
+/// The journal's end of the engine: the sequence the next record gets, and where it goes.
+struct Sequencer<S> {
+    next_sequence: u64,
+    sink: S,
 }
 
 impl<S: JournalSink> Engine<S> {
@@ -143,15 +150,18 @@ impl<S: JournalSink> Engine<S> {
         let map = ShardMap::new(config.shard_count);
         let key_hasher = KeyHasher::default();
         let shards = (0..map.count()).map(|_| CachePadded::new(Mutex::new(Shard::new()))).collect();
-        Engine { shards, map, key_hasher, sequencer: CachePadded::new(Mutex::new(1)), sink, config }
+        let journal = CachePadded::new(Mutex::new(Sequencer { next_sequence: 1, sink }));
+        Engine { shards, map, key_hasher, journal, config }
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
 
-    pub fn sink(&self) -> &S {
-        &self.sink
+    /// The sink, locked: no change is journaled while the guard lives, so a caller must not ask
+    /// the engine for anything else until it drops the guard.
+    pub fn sink(&self) -> MappedMutexGuard<'_, S> {
+        MutexGuard::map(self.journal.lock(), |journal| &mut journal.sink)
     }
 
     /// Executes one request: all of it or none of it, exactly once per idempotency key. The
@@ -243,15 +253,15 @@ impl<S: JournalSink> Engine<S> {
     /// takes it, rather than moved again to receive its sequence (a few hundred bytes a request).
     #[inline]
     fn append(&self, shards: &mut LockedShards<'_>, record: impl FnOnce(u64) -> JournalRecord) -> Option<u64> {
-        let mut next_sequence = self.sequencer.lock();
-        let sequence = *next_sequence;
-        match self.sink.append(record(sequence)) {
+        let mut journal = self.journal.lock();
+        let sequence = journal.next_sequence;
+        match journal.sink.append(record(sequence)) {
             Ok(()) => {
-                *next_sequence += 1;
+                journal.next_sequence += 1;
                 Some(sequence)
             }
             Err(closed) => {
-                drop(next_sequence);
+                drop(journal);
                 for effect in closed.record.effects.iter().rev() {
                     effect::revert(shards, self.map, effect);
                 }
@@ -323,9 +333,9 @@ impl<S: JournalSink> Engine<S> {
         }
         let mut shards = LockedShards::lock(&self.shards, plan);
         shards.advance_clock(record.at_ms);
-        let mut next_sequence = self.sequencer.lock();
-        if record.sequence != *next_sequence {
-            return Err(ReplayError::OutOfOrder { expected: *next_sequence, found: record.sequence });
+        let mut journal = self.journal.lock();
+        if record.sequence != journal.next_sequence {
+            return Err(ReplayError::OutOfOrder { expected: journal.next_sequence, found: record.sequence });
         }
         let inconsistent = |reason| ReplayError::Inconsistent { sequence: record.sequence, reason };
         // A key (or a reservation id) seen again is legitimate only if the live engine could have
@@ -365,8 +375,8 @@ impl<S: JournalSink> Engine<S> {
             let first = FirstOutcome { fingerprint, sequence: record.sequence, recorded_at_ms: record.at_ms, outcome };
             store.replace(key, key_hash, first);
         }
-        *next_sequence += 1;
-        drop(next_sequence);
+        journal.next_sequence += 1;
+        drop(journal);
         drop(shards);
         drop(retired_keys);
         Ok(())
@@ -429,13 +439,13 @@ impl<S: JournalSink> Engine<S> {
 
     /// The sequence of the last change handed to the journal (0 before the first).
     pub fn last_sequence(&self) -> u64 {
-        *self.sequencer.lock() - 1
+        self.journal.lock().next_sequence - 1
     }
 
     /// A consistent copy of the whole state (locks every shard, in order).
     pub fn state(&self) -> EngineState {
         let mut shards = LockedShards::lock(&self.shards, (0..self.map.count()).collect());
-        let next_sequence = *self.sequencer.lock();
+        let next_sequence = self.journal.lock().next_sequence;
         let mut state = EngineState { next_sequence, ..EngineState::default() };
         let mut system_minor: BTreeMap<SystemAccount, i128> = BTreeMap::new();
         for index in 0..self.map.count() {
@@ -471,7 +481,7 @@ impl<S: JournalSink> Engine<S> {
     /// System balances land in shard 0; only their sums are state.
     pub fn from_state(config: EngineConfig, sink: S, state: &EngineState) -> Engine<S> {
         let engine = Engine::new(config, sink);
-        *engine.sequencer.lock() = state.next_sequence.max(1);
+        engine.journal.lock().next_sequence = state.next_sequence.max(1);
         let mut shards = LockedShards::lock(&engine.shards, (0..engine.map.count()).collect());
         // Time restarts from the latest moment the state has seen, and keys older than the
         // retention window are not brought back (the live engine may already have forgotten them).

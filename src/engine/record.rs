@@ -68,17 +68,18 @@ pub struct JournalClosed {
     pub record: Box<JournalRecord>,
 }
 
-/// Where the engine sends records. Called in sequence order with shard locks held: an
-/// implementation must be quick, must not call back into the engine, and may block only to
-/// apply back-pressure. Returning `Err` makes the engine undo the change and refuse it.
-pub trait JournalSink: Send + Sync {
-    fn append(&self, record: JournalRecord) -> Result<(), JournalClosed>;
+/// Where the engine sends records. Called in sequence order with shard locks held, under the
+/// engine's sequencer lock (so one call at a time, and `&mut self`): an implementation must be
+/// quick, must not call back into the engine, and may block only to apply back-pressure.
+/// Returning `Err` makes the engine undo the change and refuse it.
+pub trait JournalSink: Send {
+    fn append(&mut self, record: JournalRecord) -> Result<(), JournalClosed>;
 }
 
 /// The production sink: a bounded channel drained by the journal writer. When the channel is
 /// full, the engine waits (back-pressure); when the writer is gone, the journal is closed.
 impl JournalSink for crossbeam_channel::Sender<JournalRecord> {
-    fn append(&self, record: JournalRecord) -> Result<(), JournalClosed> {
+    fn append(&mut self, record: JournalRecord) -> Result<(), JournalClosed> {
         self.send(record).map_err(|refused| JournalClosed { record: Box::new(refused.0) })
     }
 }
@@ -87,27 +88,27 @@ impl JournalSink for crossbeam_channel::Sender<JournalRecord> {
 /// need to replay or count the journal without a database.
 #[derive(Debug, Default)]
 pub struct MemoryJournal {
-    records: parking_lot::Mutex<Vec<JournalRecord>>,
+    records: Vec<JournalRecord>,
 }
 
 impl MemoryJournal {
     /// Takes the records appended so far, leaving the journal empty.
-    pub fn drain(&self) -> Vec<JournalRecord> {
-        std::mem::take(&mut *self.records.lock())
+    pub fn drain(&mut self) -> Vec<JournalRecord> {
+        std::mem::take(&mut self.records)
     }
 
     pub fn len(&self) -> usize {
-        self.records.lock().len()
+        self.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.lock().is_empty()
+        self.records.is_empty()
     }
 }
 
 impl JournalSink for MemoryJournal {
-    fn append(&self, record: JournalRecord) -> Result<(), JournalClosed> {
-        self.records.lock().push(record);
+    fn append(&mut self, record: JournalRecord) -> Result<(), JournalClosed> {
+        self.records.push(record);
         Ok(())
     }
 }

@@ -50,7 +50,7 @@ impl VerifyReport {
 struct ReplayOnly;
 
 impl JournalSink for ReplayOnly {
-    fn append(&self, record: JournalRecord) -> Result<(), JournalClosed> {
+    fn append(&mut self, record: JournalRecord) -> Result<(), JournalClosed> {
         Err(JournalClosed { record: Box::new(record) })
     }
 }
