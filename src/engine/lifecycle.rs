@@ -194,8 +194,8 @@ pub(crate) fn transition(
     if change.reason.len() > MAX_TEXT_LEN {
         return Err(invalid("the reason is too long"));
     }
-    let transaction = find(tx, user_id, transaction_id)
-        .ok_or_else(|| EngineError::TransactionNotFound { user_id, transaction_id })?;
+    let transaction =
+        find(tx, user_id, transaction_id).ok_or(EngineError::TransactionNotFound { user_id, transaction_id })?;
     let from = transaction.status;
     if !is_legal(from, change.to) {
         return Err(EngineError::IllegalTransition { transaction_id, from, to: change.to });

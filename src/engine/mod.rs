@@ -391,7 +391,7 @@ impl<S: JournalSink> Engine<S> {
                 .get(&user_account.user_id)
                 .and_then(|user| user.account(user_account.domain, user_account.asset))
                 .map(|state| state.balance)
-                .ok_or_else(|| EngineError::UnknownAccount { account: *account }),
+                .ok_or(EngineError::UnknownAccount { account: *account }),
             AccountRef::System(system_account) => {
                 let available_minor = self
                     .shards

@@ -3,6 +3,11 @@
 //! Runs with every shard the operation needs already locked (see [`lock_plan`]). Each rule
 //! checks, then emits effects that apply immediately; an `Err` anywhere means the caller
 //! rolls every emitted effect back, which is what makes linked batches all-or-nothing.
+#![expect(
+    clippy::unnecessary_lazy_evaluations,
+    reason = "EngineError has drop glue: `ok_or(EngineError::..)` builds and drops an error on every success of \
+              these lookups, a measurable cost on the hot path (docs/BENCHMARKS.md, session 14)"
+)]
 
 use ethnum::U256;
 use rust_decimal::Decimal;
