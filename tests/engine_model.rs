@@ -520,7 +520,8 @@ impl StateMachineTest for EngineUnderTest {
 
     fn teardown(sut: EngineUnderTest, _: Model) {
         let replayed = Engine::new(*sut.engine.config(), MemoryJournal::default());
-        for record in sut.engine.sink().drain() {
+        let records = sut.engine.sink().drain();
+        for record in records {
             replayed.apply_record(&record).unwrap();
         }
         assert_eq!(replayed.state(), sut.engine.state(), "replaying the journal rebuilds the same state");

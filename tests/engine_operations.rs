@@ -738,7 +738,8 @@ fn replay_agrees_with_the_live_engine_when_callers_clocks_disagree() {
     assert_eq!(h.engine.reservation(Uuid::from_u128(1), Uuid::from_u128(7)).unwrap().created_at_ms, swept_at_ms);
 
     let replayed = Engine::new(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default());
-    for record in h.engine.sink().drain() {
+    let records = h.engine.sink().drain();
+    for record in records {
         replayed.apply_record(&record).unwrap();
     }
     assert_eq!(

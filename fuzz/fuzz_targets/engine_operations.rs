@@ -219,7 +219,8 @@ fuzz_target!(|data: &[u8]| {
         engine.state().check_invariants().unwrap_or_else(|violation| panic!("invariant broken: {violation}"));
     }
     let replayed = Engine::new(*engine.config(), MemoryJournal::default());
-    for record in engine.sink().drain() {
+    let records = engine.sink().drain();
+    for record in records {
         replayed.apply_record(&record).unwrap_or_else(|error| panic!("replay failed: {error}"));
     }
     let retention_ms = engine.config().retention_ms;

@@ -8,18 +8,23 @@ use std::collections::BTreeSet;
 
 use uuid::Uuid;
 
+/// One shard's (expires_at_ms, user_id, reservation_id) of every Active reservation.
 #[derive(Debug, Default)]
 pub(crate) struct ExpiryIndex {
     entries: BTreeSet<(i64, Uuid, Uuid)>,
 }
 
 impl ExpiryIndex {
+    /// A reservation became Active (opened, or its close undone).
     pub fn insert(&mut self, expires_at_ms: i64, user_id: Uuid, reservation_id: Uuid) {
-        self.entries.insert((expires_at_ms, user_id, reservation_id));
+        let inserted = self.entries.insert((expires_at_ms, user_id, reservation_id));
+        debug_assert!(inserted, "a reservation entered the expiry index twice");
     }
 
+    /// A reservation stopped being Active (closed, or its opening undone).
     pub fn remove(&mut self, expires_at_ms: i64, user_id: Uuid, reservation_id: Uuid) {
-        self.entries.remove(&(expires_at_ms, user_id, reservation_id));
+        let removed = self.entries.remove(&(expires_at_ms, user_id, reservation_id));
+        debug_assert!(removed, "a reservation left the expiry index without being in it");
     }
 
     /// Every (expires_at_ms, user_id, reservation_id) due at `now_ms`, earliest first.

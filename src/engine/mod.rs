@@ -130,7 +130,7 @@ pub struct Engine<S> {
     /// of its own, away from the fields every request only reads (`shards`, `map`,
     /// `key_hasher`): sharing a line with them made every thread miss on them after any other
     /// thread's change.
-    journal: CachePadded<Mutex<Sequencer<S>>>,
+    sequencer: CachePadded<Mutex<Sequencer<S>>>,
     config: EngineConfig,
 }
 
@@ -150,8 +150,8 @@ impl<S: JournalSink> Engine<S> {
         let map = ShardMap::new(config.shard_count);
         let key_hasher = KeyHasher::default();
         let shards = (0..map.count()).map(|_| CachePadded::new(Mutex::new(Shard::new()))).collect();
-        let journal = CachePadded::new(Mutex::new(Sequencer { next_sequence: 1, sink }));
-        Engine { shards, map, key_hasher, journal, config }
+        let sequencer = CachePadded::new(Mutex::new(Sequencer { next_sequence: 1, sink }));
+        Engine { shards, map, key_hasher, sequencer, config }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -161,7 +161,7 @@ impl<S: JournalSink> Engine<S> {
     /// The sink, locked: no change is journaled while the guard lives, so a caller must not ask
     /// the engine for anything else until it drops the guard.
     pub fn sink(&self) -> MappedMutexGuard<'_, S> {
-        MutexGuard::map(self.journal.lock(), |journal| &mut journal.sink)
+        MutexGuard::map(self.sequencer.lock(), |sequencer| &mut sequencer.sink)
     }
 
     /// Executes one request: all of it or none of it, exactly once per idempotency key. The
@@ -253,15 +253,15 @@ impl<S: JournalSink> Engine<S> {
     /// takes it, rather than moved again to receive its sequence (a few hundred bytes a request).
     #[inline]
     fn append(&self, shards: &mut LockedShards<'_>, record: impl FnOnce(u64) -> JournalRecord) -> Option<u64> {
-        let mut journal = self.journal.lock();
-        let sequence = journal.next_sequence;
-        match journal.sink.append(record(sequence)) {
+        let mut sequencer = self.sequencer.lock();
+        let sequence = sequencer.next_sequence;
+        match sequencer.sink.append(record(sequence)) {
             Ok(()) => {
-                journal.next_sequence += 1;
+                sequencer.next_sequence += 1;
                 Some(sequence)
             }
             Err(closed) => {
-                drop(journal);
+                drop(sequencer);
                 for effect in closed.record.effects.iter().rev() {
                     effect::revert(shards, self.map, effect);
                 }
@@ -333,9 +333,9 @@ impl<S: JournalSink> Engine<S> {
         }
         let mut shards = LockedShards::lock(&self.shards, plan);
         shards.advance_clock(record.at_ms);
-        let mut journal = self.journal.lock();
-        if record.sequence != journal.next_sequence {
-            return Err(ReplayError::OutOfOrder { expected: journal.next_sequence, found: record.sequence });
+        let mut sequencer = self.sequencer.lock();
+        if record.sequence != sequencer.next_sequence {
+            return Err(ReplayError::OutOfOrder { expected: sequencer.next_sequence, found: record.sequence });
         }
         let inconsistent = |reason| ReplayError::Inconsistent { sequence: record.sequence, reason };
         // A key (or a reservation id) seen again is legitimate only if the live engine could have
@@ -375,8 +375,8 @@ impl<S: JournalSink> Engine<S> {
             let first = FirstOutcome { fingerprint, sequence: record.sequence, recorded_at_ms: record.at_ms, outcome };
             store.replace(key, key_hash, first);
         }
-        journal.next_sequence += 1;
-        drop(journal);
+        sequencer.next_sequence += 1;
+        drop(sequencer);
         drop(shards);
         drop(retired_keys);
         Ok(())
@@ -439,13 +439,13 @@ impl<S: JournalSink> Engine<S> {
 
     /// The sequence of the last change handed to the journal (0 before the first).
     pub fn last_sequence(&self) -> u64 {
-        self.journal.lock().next_sequence - 1
+        self.sequencer.lock().next_sequence - 1
     }
 
     /// A consistent copy of the whole state (locks every shard, in order).
     pub fn state(&self) -> EngineState {
         let mut shards = LockedShards::lock(&self.shards, (0..self.map.count()).collect());
-        let next_sequence = self.journal.lock().next_sequence;
+        let next_sequence = self.sequencer.lock().next_sequence;
         let mut state = EngineState { next_sequence, ..EngineState::default() };
         let mut system_minor: BTreeMap<SystemAccount, i128> = BTreeMap::new();
         for index in 0..self.map.count() {
@@ -481,7 +481,7 @@ impl<S: JournalSink> Engine<S> {
     /// System balances land in shard 0; only their sums are state.
     pub fn from_state(config: EngineConfig, sink: S, state: &EngineState) -> Engine<S> {
         let engine = Engine::new(config, sink);
-        engine.journal.lock().next_sequence = state.next_sequence.max(1);
+        engine.sequencer.lock().next_sequence = state.next_sequence.max(1);
         let mut shards = LockedShards::lock(&engine.shards, (0..engine.map.count()).collect());
         // Time restarts from the latest moment the state has seen, and keys older than the
         // retention window are not brought back (the live engine may already have forgotten them).

@@ -3,11 +3,6 @@
 //! Runs with every shard the operation needs already locked (see [`lock_plan`]). Each rule
 //! checks, then emits effects that apply immediately; an `Err` anywhere means the caller
 //! rolls every emitted effect back, which is what makes linked batches all-or-nothing.
-#![expect(
-    clippy::unnecessary_lazy_evaluations,
-    reason = "EngineError has drop glue: `ok_or(EngineError::..)` builds and drops an error on every success of \
-              these lookups, a measurable cost on the hot path (docs/BENCHMARKS.md, session 14)"
-)]
 
 use ethnum::U256;
 use rust_decimal::Decimal;
@@ -145,6 +140,10 @@ impl<'l, 'a> Tx<'l, 'a> {
         self.effects.push(effect);
     }
 
+    #[expect(
+        clippy::unnecessary_lazy_evaluations,
+        reason = "EngineError has drop glue: an eager refusal is built and dropped on every success"
+    )]
     pub(super) fn account(&mut self, account: &UserAccount) -> Result<&AccountState, EngineError> {
         self.shards
             .get(self.map.of_user(account.user_id))
@@ -396,6 +395,10 @@ impl<'s> ReservationView<'s> {
         }
     }
 
+    #[expect(
+        clippy::unnecessary_lazy_evaluations,
+        reason = "EngineError has drop glue: an eager refusal is built and dropped on every success"
+    )]
     fn account(&self, account: &UserAccount) -> Result<&'s AccountState, EngineError> {
         self.user
             .and_then(|user| user.account(account.domain, account.asset))
@@ -403,6 +406,10 @@ impl<'s> ReservationView<'s> {
     }
 
     /// The reservation, if it is Active.
+    #[expect(
+        clippy::unnecessary_lazy_evaluations,
+        reason = "EngineError has drop glue: an eager refusal is built and dropped on every success"
+    )]
     fn active(&self) -> Result<Reservation, EngineError> {
         let (user_id, reservation_id) = (self.user_id, self.reservation_id);
         let reservation =
@@ -414,6 +421,10 @@ impl<'s> ReservationView<'s> {
     }
 }
 
+#[expect(
+    clippy::unnecessary_lazy_evaluations,
+    reason = "EngineError has drop glue: an eager refusal is built and dropped on every success"
+)]
 pub(super) fn reserve(
     tx: &mut Tx<'_, '_>,
     holder: ReservationHolder,
