@@ -13,7 +13,7 @@ use std::hash::BuildHasher;
 use uuid::Uuid;
 
 use super::generations::{self, Generations};
-use super::position_index::PositionIndex;
+use super::position_index::{PositionIndex, SlotsAddress};
 use super::prefetch::prefetch_bytes_for_write;
 use super::reservation::Reservation;
 
@@ -117,16 +117,42 @@ impl ClosedGeneration {
     }
 }
 
+/// Hashes (user_id, reservation_id) for one store. Seeded per store, so ids chosen to collide in
+/// one engine do not collide in another; a copy beside the shard's lock (`index_hints`) finds
+/// the index lines of a reservation before the lock is taken.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ReservationHasher(foldhash::fast::RandomState);
+
+impl ReservationHasher {
+    pub fn hash(&self, user_id: Uuid, reservation_id: Uuid) -> u64 {
+        self.0.hash_one((user_id.as_u128(), reservation_id.as_u128()))
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct ClosedReservations {
     generations: Generations<ClosedGeneration>,
-    /// Seeded per store, so ids chosen to collide in one engine do not collide in another.
-    hasher: foldhash::fast::RandomState,
+    hasher: ReservationHasher,
 }
 
 impl ClosedReservations {
     fn hash(&self, user_id: Uuid, reservation_id: Uuid) -> u64 {
-        self.hasher.hash_one((user_id.as_u128(), reservation_id.as_u128()))
+        self.hasher.hash(user_id, reservation_id)
+    }
+
+    pub fn hasher(&self) -> &ReservationHasher {
+        &self.hasher
+    }
+
+    /// Whether [`ClosedReservations::index_addresses`] changed since the last call. A previous
+    /// generation only changes when a new current one starts, which counts as a change.
+    pub fn take_index_moved(&mut self) -> bool {
+        self.generations.current.index.take_moved()
+    }
+
+    /// Where the current and the previous generation's indexes are (see `index_hints`).
+    pub fn index_addresses(&self) -> [SlotsAddress; 2] {
+        [self.generations.current.index.address(), self.generations.previous.index.address()]
     }
 
     pub fn get(&self, user_id: Uuid, reservation_id: Uuid) -> Option<&Reservation> {
@@ -296,8 +322,8 @@ mod tests {
         }
         let shard = engine.shards[engine.map.of_user(account.user_id) as usize].lock();
         assert_eq!(
-            shard.closed_reservations.generations.current.stored()
-                + shard.closed_reservations.generations.previous.stored(),
+            shard.closed_reservations().generations.current.stored()
+                + shard.closed_reservations().generations.previous.stored(),
             0
         );
         assert!(shard.reservation(account.user_id, reservation_id).is_some_and(|r| r.closed_at_ms.is_none()));

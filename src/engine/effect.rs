@@ -197,7 +197,7 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
             let shard = shards.get(map.of_user(user_id));
             shard.expiry.insert(reservation.expires_at_ms, user_id, reservation.id);
             // The rules refuse a remembered id, and a replay forgets a reused one first.
-            debug_assert!(shard.closed_reservations.get(user_id, reservation.id).is_none());
+            debug_assert!(shard.closed_reservations().get(user_id, reservation.id).is_none());
             let user = reservation_user(&mut shard.users, &user_id);
             shift_reserved(user, reservation, 1);
             let previous = user.reservations.insert(reservation.id, *reservation);
@@ -215,7 +215,7 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
             reservation.status = *status;
             reservation.closed_at_ms = Some(*closed_at_ms);
             shard.expiry.remove(reservation.expires_at_ms, *user_id, *reservation_id);
-            shard.closed_reservations.insert(reservation);
+            shards.closed_reservations_mut(map.of_user(*user_id)).insert(reservation);
         }
         Effect::UsageChanged { account, after, .. } => {
             account_mut(shards, map, account).usage = *after;
@@ -300,11 +300,11 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
             user.reservations.remove(&reservation.id);
         }
         Effect::ReservationClosed { user_id, reservation_id, .. } => {
-            let shard = shards.get(map.of_user(*user_id));
-            let mut reservation = shard
-                .closed_reservations
+            let mut reservation = shards
+                .closed_reservations_mut(map.of_user(*user_id))
                 .undo_insert(*user_id, *reservation_id)
                 .unwrap_or_else(|| panic!("reopening a reservation that is not closed: {reservation_id}"));
+            let shard = shards.get(map.of_user(*user_id));
             reservation.status = ReservationStatus::Active;
             reservation.closed_at_ms = None;
             shard.expiry.insert(reservation.expires_at_ms, *user_id, *reservation_id);

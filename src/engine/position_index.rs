@@ -6,7 +6,8 @@
 //! Why a table of our own rather than `hashbrown`: nearly every request looks up a key that is
 //! not there and then inserts it, in a table far larger than the cache. Here the probe reads one
 //! line and the insert writes into that same line, and the line's address is known from the
-//! hash alone, so the engine can ask for it ([`PositionIndex::prefetch`]) long before it probes.
+//! hash alone, so the engine can ask for it ([`SlotsAddress::prefetch`]) long before it probes,
+//! even before it holds the table's lock (`index_hints`).
 //! `hashbrown` keeps control bytes and slots in two arrays (two cold lines per new key) and does
 //! not expose where a probe will land.
 //!
@@ -35,6 +36,9 @@ fn tag_of(hash: u64) -> u32 {
 pub(crate) struct PositionIndex {
     slots: Box<[u64]>,
     len: usize,
+    /// Whether [`PositionIndex::address`] changed (the slots moved, or the table stopped being
+    /// empty) since the owner last asked (`take_moved`), to publish it anew (`index_hints`).
+    moved: bool,
 }
 
 impl Default for PositionIndex {
@@ -47,7 +51,7 @@ impl PositionIndex {
     /// A table that holds `keys` keys without growing.
     pub fn with_capacity(keys: usize) -> PositionIndex {
         let slots = keys.saturating_mul(2).next_power_of_two().max(MIN_SLOTS);
-        PositionIndex { slots: vec![EMPTY; slots].into_boxed_slice(), len: 0 }
+        PositionIndex { slots: vec![EMPTY; slots].into_boxed_slice(), len: 0, moved: true }
     }
 
     pub fn len(&self) -> usize {
@@ -62,15 +66,23 @@ impl PositionIndex {
         tag as usize & self.mask()
     }
 
-    /// Asks for the cache lines a probe for `hash` starts in: the home slot's line, and the next
-    /// one too when the home slot sits in the second half of its line (a probe reads about 2.5
-    /// slots on average).
-    pub fn prefetch(&self, hash: u64) {
-        let home = self.home(tag_of(hash));
-        let in_line = home % SLOTS_PER_LINE;
-        let slots = if in_line >= SLOTS_PER_LINE / 2 { 2 * SLOTS_PER_LINE - in_line } else { 1 };
-        let slots = slots.min(self.slots.len() - home);
-        prefetch_bytes(self.slots[home..].as_ptr(), slots * std::mem::size_of::<u64>());
+    /// Whether the address moved since the last call (see `moved`). Writes only when it did:
+    /// the release after every filing asks, and a store would dirty the line for other cores.
+    pub fn take_moved(&mut self) -> bool {
+        let moved = self.moved;
+        if moved {
+            self.moved = false;
+        }
+        moved
+    }
+
+    /// Where the slots are now, for a thread that will probe them later (see [`SlotsAddress`]).
+    /// An empty table has nothing a lookup could find: [`SlotsAddress::NONE`].
+    pub fn address(&self) -> SlotsAddress {
+        match self.len {
+            0 => SlotsAddress::NONE,
+            _ => SlotsAddress { first_slot: self.slots.as_ptr() as usize, mask: self.mask() },
+        }
     }
 
     /// The position of the entry of `hash` for which `holds` says yes, if any.
@@ -98,6 +110,7 @@ impl PositionIndex {
         if (self.len + 1) * 2 > self.slots.len() {
             self.grow();
         }
+        self.moved |= self.len == 0;
         self.place(encode(tag_of(hash), position));
         self.len += 1;
     }
@@ -113,6 +126,7 @@ impl PositionIndex {
     fn grow(&mut self) {
         let doubled = vec![EMPTY; self.slots.len() * 2].into_boxed_slice();
         let old = std::mem::replace(&mut self.slots, doubled);
+        self.moved = true;
         for value in old.iter().copied().filter(|value| *value != EMPTY) {
             self.place(value);
         }
@@ -150,6 +164,40 @@ impl PositionIndex {
     /// Every stored position, in slot order.
     pub fn positions(&self) -> impl Iterator<Item = u32> + '_ {
         self.slots.iter().copied().filter(|value| *value != EMPTY).map(position)
+    }
+}
+
+/// Where a table's slots sat when it was read: enough to ask for the lines a probe for a hash
+/// will read, without holding the table. Only ever used as a prefetch address, never
+/// dereferenced, so an address that has gone stale (the table grew or was dropped since) costs a
+/// wasted hint and nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlotsAddress {
+    /// The address of slot 0; 0 for no table worth probing.
+    pub first_slot: usize,
+    /// Slots - 1.
+    pub mask: usize,
+}
+
+impl SlotsAddress {
+    pub const NONE: SlotsAddress = SlotsAddress { first_slot: 0, mask: 0 };
+
+    /// Asks for the cache lines a probe for `hash` starts in: the home slot's line, and the next
+    /// one too when the home slot sits in the second half of its line (a probe reads about 2.5
+    /// slots on average). The arithmetic wraps: a half-updated address read from another thread
+    /// may pair any pointer with any mask, and a hint must never panic.
+    pub fn prefetch(self, hash: u64) {
+        if self.first_slot == 0 {
+            return;
+        }
+        let home = tag_of(hash) as usize & self.mask;
+        let in_line = home % SLOTS_PER_LINE;
+        let slots = if in_line >= SLOTS_PER_LINE / 2 { 2 * SLOTS_PER_LINE - in_line } else { 1 };
+        let slots = slots.min(self.mask.wrapping_sub(home).wrapping_add(1));
+        let slot_bytes = std::mem::size_of::<u64>();
+        let home_address =
+            std::ptr::without_provenance::<u64>(self.first_slot.wrapping_add(home.wrapping_mul(slot_bytes)));
+        prefetch_bytes(home_address, slots * slot_bytes);
     }
 }
 

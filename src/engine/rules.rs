@@ -20,6 +20,18 @@ use super::prefetch::prefetch_bytes_for_write;
 use super::reservation::{Reservation, ReservationStatus};
 use super::shard::{AccountState, LockPlan, LockedShards, Shard, ShardMap, UserState};
 
+/// The (user_id, reservation_id) a reserve, commit or release names: the closed-reservation
+/// store will be probed for it, and the engine asks for that line before it locks.
+pub(crate) fn reservation_named(operation: &Operation) -> Option<(Uuid, Uuid)> {
+    match operation {
+        Operation::Reserve { reservation_id, account, .. } => Some((account.user_id, *reservation_id)),
+        Operation::Commit { user_id, reservation_id, .. } | Operation::Release { user_id, reservation_id } => {
+            Some((*user_id, *reservation_id))
+        }
+        _ => None,
+    }
+}
+
 /// Adds to `out` every shard `operation` touches. System sub-accounts are taken from the
 /// shard of the user on the other side of the posting, so they never add a lock.
 pub(crate) fn lock_plan(operation: &Operation, map: ShardMap, out: &mut LockPlan) {

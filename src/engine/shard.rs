@@ -3,7 +3,9 @@
 //! A user's accounts and reservations live in the shard chosen by hashing the `user_id`.
 //! Each shard also holds its own sub-account of every system account (summed when read) and
 //! a part of the idempotency store. An operation locks every shard it touches in ascending
-//! index order, so two operations can never wait on each other in a cycle.
+//! index order, so two operations can never wait on each other in a cycle. Beside each shard's
+//! lock sits the address of its closed-reservation index (`index_hints`), published when a
+//! change to that store lets go of the lock.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -17,6 +19,7 @@ use super::closed::ClosedReservations;
 use super::expiry::ExpiryIndex;
 use super::id_hash::IdHashState;
 use super::idempotency::{IdempotencyStore, KeyHash};
+use super::index_hints::IndexHints;
 use super::limits::OutflowUsage;
 use super::reservation::Reservation;
 use super::transaction::{ComplianceRecord, Transaction};
@@ -72,8 +75,10 @@ pub(crate) struct Shard {
     pub system_minor: [[i128; Asset::COUNT]; SystemKind::COUNT],
     /// Active reservations by expiry, for the sweep.
     pub expiry: ExpiryIndex,
-    /// Closed reservations, until the retention window has passed (see `closed`).
-    pub closed_reservations: ClosedReservations,
+    /// Closed reservations, until the retention window has passed (see `closed`). Changed only
+    /// through [`LockedShards::closed_reservations_mut`], whose release publishes where the
+    /// store's index is (`index_hints`).
+    closed_reservations: ClosedReservations,
     /// Transactions by the time they finished (user_id, transaction_id), so they can be forgotten
     /// after the retention window. An entry whose transaction moved on (Completed ->
     /// Compensating) is skipped when it comes due.
@@ -86,6 +91,10 @@ pub(crate) struct Shard {
 }
 
 impl Shard {
+    pub fn closed_reservations(&self) -> &ClosedReservations {
+        &self.closed_reservations
+    }
+
     /// A reservation of a user of this shard: active, or closed and still remembered.
     pub fn reservation(&self, user_id: Uuid, reservation_id: Uuid) -> Option<&Reservation> {
         self.reservation_of(self.users.get(&user_id), user_id, reservation_id)
@@ -206,12 +215,58 @@ impl FromIterator<u32> for LockPlan {
     }
 }
 
+/// One shard behind its lock, with the address of its closed-reservation index beside it.
+#[derive(Debug)]
+pub(crate) struct ShardCell {
+    /// On lines of their own: they are read by every reserve, commit and release headed for this
+    /// shard before it locks, and written only when the index moves; the shard's lines change on
+    /// every request.
+    hints: CachePadded<IndexHints>,
+    shard: Mutex<Shard>,
+}
+
+impl ShardCell {
+    pub fn new(shard: Shard) -> ShardCell {
+        ShardCell { hints: CachePadded::new(IndexHints::new(&shard.closed_reservations)), shard: Mutex::new(shard) }
+    }
+
+    /// Readable without the lock; see `index_hints`.
+    pub fn hints(&self) -> &IndexHints {
+        &self.hints
+    }
+
+    /// The shard, to read. Its closed reservations cannot be changed through this guard: changes
+    /// go through [`LockedShards`], which publishes where their index is when it lets go.
+    pub fn lock(&self) -> MutexGuard<'_, Shard> {
+        self.shard.lock()
+    }
+}
+
 type Guard<'a> = (u32, MutexGuard<'a, Shard>);
 
 /// The shards one operation holds, locked in ascending index order.
 pub(crate) struct LockedShards<'a> {
+    /// Every shard, for their index hints (see `Drop`).
+    cells: &'a [CachePadded<ShardCell>],
     /// Ascending by shard index.
     guards: Guards<'a>,
+    /// Whether a closed-reservation store was handed out to change, so its index may have moved.
+    closed_changed: bool,
+}
+
+/// Publishes where the locked shards' closed-reservation indexes are before their locks are
+/// released, if one may have moved (filing, rotation, a restore), so the move is published before
+/// the next holder starts. Requests that file nothing skip the check, and the lines it reads.
+impl Drop for LockedShards<'_> {
+    fn drop(&mut self) {
+        if !self.closed_changed {
+            return;
+        }
+        let cells = self.cells;
+        for (index, shard) in self.guards() {
+            cells[*index as usize].hints.publish_if_moved(&mut shard.closed_reservations);
+        }
+    }
 }
 
 enum Guards<'a> {
@@ -225,8 +280,8 @@ enum Guards<'a> {
 
 impl<'a> LockedShards<'a> {
     /// Locks every shard of `plan`, in ascending order.
-    pub fn lock(shards: &'a [CachePadded<Mutex<Shard>>], plan: LockPlan) -> LockedShards<'a> {
-        let lock = |index: u32| (index, shards[index as usize].lock());
+    pub fn lock(shards: &'a [CachePadded<ShardCell>], plan: LockPlan) -> LockedShards<'a> {
+        let lock = |index: u32| (index, shards[index as usize].shard.lock());
         let guards = if plan.more.is_empty() {
             let mut few = plan.few;
             let few = &mut few[..plan.few_len];
@@ -250,7 +305,7 @@ impl<'a> LockedShards<'a> {
             indexes.dedup();
             Guards::Heap(indexes.into_iter().map(lock).collect())
         };
-        LockedShards { guards }
+        LockedShards { cells: shards, guards, closed_changed: false }
     }
 
     /// Every guard, ascending by shard index.
@@ -270,6 +325,12 @@ impl<'a> LockedShards<'a> {
             shard.clock_ms = now_ms;
         }
         now_ms
+    }
+
+    /// The closed reservations of locked shard `index`, to change (see `closed_changed`).
+    pub fn closed_reservations_mut(&mut self, index: u32) -> &mut ClosedReservations {
+        self.closed_changed = true;
+        &mut self.get(index).closed_reservations
     }
 
     /// The locked shard `index`. Asking for a shard that was not locked is a bug in the
@@ -330,8 +391,8 @@ mod tests {
     /// Plans of every size lock each shard once, in ascending order, and find each by index.
     #[test]
     fn a_plan_locks_each_shard_once_in_order() {
-        let shards: Vec<CachePadded<Mutex<Shard>>> =
-            (0..16).map(|_| CachePadded::new(Mutex::new(Shard::new()))).collect();
+        let shards: Vec<CachePadded<ShardCell>> =
+            (0..16).map(|_| CachePadded::new(ShardCell::new(Shard::new()))).collect();
         for plan in
             [vec![3], vec![9, 2, 9, 2, 5], vec![7, 1, 4, 0], vec![15, 3, 8, 3, 1, 12, 0, 8], (0..16).rev().collect()]
         {
@@ -346,7 +407,7 @@ mod tests {
             }
             drop(locked);
             for &index in &expected {
-                let shard = shards[index as usize].try_lock().expect("unlocked when the plan is dropped");
+                let shard = shards[index as usize].shard.try_lock().expect("unlocked when the plan is dropped");
                 assert_eq!(shard.clock_ms, i64::from(index));
             }
         }

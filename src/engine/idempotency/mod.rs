@@ -241,10 +241,8 @@ impl IdempotencyStore {
     /// Asks for the index lines a lookup of `hash` will read, in both generations, so that the
     /// two cache misses overlap each other and the work done before the lookup.
     pub(crate) fn prefetch(&self, hash: KeyHash) {
-        self.generations.current.index.prefetch(hash.0);
-        if self.generations.previous.len() > 0 {
-            self.generations.previous.index.prefetch(hash.0);
-        }
+        self.generations.current.index.address().prefetch(hash.0);
+        self.generations.previous.index.address().prefetch(hash.0);
     }
 
     pub(crate) fn get(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<StoredRecord<'_>> {
