@@ -218,16 +218,18 @@ impl FromIterator<u32> for LockPlan {
 /// One shard behind its lock, with the address of its closed-reservation index beside it.
 #[derive(Debug)]
 pub(crate) struct ShardCell {
+    /// First, so the lock word and the shard's hottest fields open the cell's lines as before.
+    shard: Mutex<Shard>,
     /// On lines of their own: they are read by every reserve, commit and release headed for this
     /// shard before it locks, and written only when the index moves; the shard's lines change on
     /// every request.
     hints: CachePadded<IndexHints>,
-    shard: Mutex<Shard>,
 }
 
 impl ShardCell {
     pub fn new(shard: Shard) -> ShardCell {
-        ShardCell { hints: CachePadded::new(IndexHints::new(&shard.closed_reservations)), shard: Mutex::new(shard) }
+        let hints = CachePadded::new(IndexHints::new(&shard.closed_reservations));
+        ShardCell { shard: Mutex::new(shard), hints }
     }
 
     /// Readable without the lock; see `index_hints`.
