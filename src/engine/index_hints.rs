@@ -6,10 +6,10 @@
 //! prefetcher guesses it, and a reserve probes it early in its rules. A load still in flight is
 //! waited for at the next locked instruction (the sequencer's lock, the shard unlocks), so a miss
 //! met under the lock stalls the request and everyone queued on its shards. Asked for before the
-//! locks, the line travels while the request plans and takes them. Measured (docs/BENCHMARKS.md,
-//! session 15): reserve + commit 4% faster than asking right after locking. The idempotency
-//! index is not published: its lines asked for before locking made uniform transfers slower, so
-//! the engine asks for them once it holds the key's shard.
+//! locks, the line travels while the request takes them. Measured (docs/BENCHMARKS.md, session
+//! 15): reserve + commit 5.8% faster; asked for right after locking, within noise. The
+//! idempotency index is not published: its lines asked for before locking made uniform
+//! transfers slower, so the engine asks for them once it holds the key's shard.
 //!
 //! Whoever changed a shard's closed reservations publishes the addresses when it lets go of the
 //! lock (`LockedShards`' drop), and writes only when the index moved (it grew, filled, or the
