@@ -320,7 +320,7 @@ mod tests {
             let refused = run("fund", release.clone());
             assert!(matches!(refused, Err(EngineError::IdempotencyConflict { .. })), "{refused:?}");
         }
-        let shard = engine.shards[engine.map.of_user(account.user_id) as usize].lock();
+        let shard = engine.shards[engine.map.of_user(account.user_id) as usize].read();
         assert_eq!(
             shard.closed_reservations().generations.current.stored()
                 + shard.closed_reservations().generations.previous.stored(),

@@ -194,7 +194,7 @@ impl<S: JournalSink> Engine<S> {
         // the global-mutex baseline this way and 2.13x with the lookup first (docs/BENCHMARKS.md).
         // A linked batch looks its key up first: a retry must not re-run thousands of operations
         // only to undo them. Asked for before locking instead, through `index_hints` like the
-        // reservation's, these lines made uniform transfers 3% slower (session 15).
+        // reservation's, these lines made uniform transfers slower (session 15).
         shards.get(key_shard).idempotency.prefetch(key_hash);
         let now_ms = shards.advance_clock(requested_ms);
         let fingerprint = OperationFingerprint::of(&operation);
@@ -394,7 +394,7 @@ impl<S: JournalSink> Engine<S> {
     pub fn balance(&self, account: &AccountRef) -> Result<Balance, EngineError> {
         match account {
             AccountRef::User(user_account) => self.shards[self.map.of_user(user_account.user_id) as usize]
-                .lock()
+                .read()
                 .users
                 .get(&user_account.user_id)
                 .and_then(|user| user.account(user_account.domain, user_account.asset))
@@ -404,7 +404,7 @@ impl<S: JournalSink> Engine<S> {
                 let available_minor = self
                     .shards
                     .iter()
-                    .map(|shard| shard.lock().system_minor[system_account.kind.index()][system_account.asset.index()])
+                    .map(|shard| shard.read().system_minor[system_account.kind.index()][system_account.asset.index()])
                     .sum();
                 Ok(Balance { available_minor, reserved_minor: 0 })
             }
@@ -413,7 +413,7 @@ impl<S: JournalSink> Engine<S> {
 
     /// Every account of a user, in a stable order (domain, then asset).
     pub fn accounts_of(&self, user_id: Uuid) -> Vec<AccountView> {
-        let shard = self.shards[self.map.of_user(user_id) as usize].lock();
+        let shard = self.shards[self.map.of_user(user_id) as usize].read();
         let mut views: Vec<AccountView> =
             shard.users.get(&user_id).map(|user| user_views(user_id, user).collect()).unwrap_or_default();
         views.sort_by_key(|view| view.account);
@@ -422,13 +422,13 @@ impl<S: JournalSink> Engine<S> {
 
     /// A reservation: active, or closed within the retention window (see `closed`).
     pub fn reservation(&self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
-        self.shards[self.map.of_user(user_id) as usize].lock().reservation(user_id, reservation_id).copied()
+        self.shards[self.map.of_user(user_id) as usize].read().reservation(user_id, reservation_id).copied()
     }
 
     /// A transaction the engine remembers (unfinished, or finished within the retention window).
     pub fn transaction(&self, user_id: Uuid, transaction_id: Uuid) -> Option<Transaction> {
         self.shards[self.map.of_user(user_id) as usize]
-            .lock()
+            .read()
             .users
             .get(&user_id)
             .and_then(|user| user.transactions.get(&transaction_id))
@@ -437,7 +437,7 @@ impl<S: JournalSink> Engine<S> {
 
     /// The compliance record the gate reads for `user_id`.
     pub fn compliance(&self, user_id: Uuid) -> Option<ComplianceRecord> {
-        self.shards[self.map.of_user(user_id) as usize].lock().users.get(&user_id).and_then(|user| user.compliance)
+        self.shards[self.map.of_user(user_id) as usize].read().users.get(&user_id).and_then(|user| user.compliance)
     }
 
     /// The shard holding `user_id`'s accounts (for operators and benchmarks that place load).

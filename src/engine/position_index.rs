@@ -66,8 +66,9 @@ impl PositionIndex {
         tag as usize & self.mask()
     }
 
-    /// Whether the address moved since the last call (see `moved`). Writes only when it did:
-    /// the release after every filing asks, and a store would dirty the line for other cores.
+    /// Whether the address moved since the last call (see `moved`). Writes only when it did: a
+    /// release after a change asks of every shard the request locked, most of which filed
+    /// nothing, and a store would dirty their line for the other cores.
     pub fn take_moved(&mut self) -> bool {
         let moved = self.moved;
         if moved {

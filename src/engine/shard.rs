@@ -8,6 +8,7 @@
 //! change to that store lets go of the lock.
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Deref;
 
 use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
@@ -216,9 +217,10 @@ impl FromIterator<u32> for LockPlan {
 }
 
 /// One shard behind its lock, with the address of its closed-reservation index beside it.
+/// `repr(C)` keeps the declared order: the lock word and the shard's first fields open the cell.
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct ShardCell {
-    /// First, so the lock word and the shard's hottest fields open the cell's lines as before.
     shard: Mutex<Shard>,
     /// On lines of their own: they are read by every reserve, commit and release headed for this
     /// shard before it locks, and written only when the index moves; the shard's lines change on
@@ -237,9 +239,9 @@ impl ShardCell {
         &self.hints
     }
 
-    /// The shard, to read. Its closed reservations cannot be changed through this guard: changes
-    /// go through [`LockedShards`], which publishes where their index is when it lets go.
-    pub fn lock(&self) -> MutexGuard<'_, Shard> {
+    /// The shard, locked, to read. Changes go through [`LockedShards`], which publishes where the
+    /// closed-reservation index is when it lets go.
+    pub fn read(&self) -> impl Deref<Target = Shard> + '_ {
         self.shard.lock()
     }
 }
