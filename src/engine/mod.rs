@@ -493,14 +493,7 @@ impl<S: JournalSink> Engine<S> {
         let mut shards = LockedShards::lock(&engine.shards, (0..engine.map.count()).collect());
         // Time restarts from the latest moment the state has seen, and keys older than the
         // retention window are not brought back (the live engine may already have forgotten them).
-        let latest_ms = state
-            .idempotency
-            .values()
-            .map(|record| record.recorded_at_ms)
-            .chain(state.reservations.values().flat_map(|r| [Some(r.created_at_ms), r.closed_at_ms]).flatten())
-            .chain(state.transactions.values().map(|transaction| transaction.updated_at_ms))
-            .max()
-            .unwrap_or(i64::MIN);
+        let latest_ms = state.latest_ms();
         shards.advance_clock(latest_ms);
         let forgotten_before_ms = latest_ms.saturating_sub(config.retention_ms);
         for view in state.accounts.values() {

@@ -140,6 +140,20 @@ impl EngineState {
         Ok(())
     }
 
+    /// The latest moment this state has seen: when its newest idempotency key was recorded, or
+    /// its newest reservation or transaction changed; `i64::MIN` for a state with none of them.
+    /// Recovery restarts the clock from it, and what the retention window keeps is measured
+    /// back from it, so neither depends on the wall clock.
+    pub fn latest_ms(&self) -> i64 {
+        self.idempotency
+            .values()
+            .map(|record| record.recorded_at_ms)
+            .chain(self.reservations.values().flat_map(|r| [Some(r.created_at_ms), r.closed_at_ms]).flatten())
+            .chain(self.transactions.values().map(|transaction| transaction.updated_at_ms))
+            .max()
+            .unwrap_or(i64::MIN)
+    }
+
     /// This state without what the engine may already have forgotten at `now_ms`: idempotency
     /// keys and closed reservations older than the retention window. Two engines with the same
     /// history agree on this even if one of them (a journal replay) never swept.
