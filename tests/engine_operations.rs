@@ -699,6 +699,40 @@ fn replay_accepts_keys_and_reservation_ids_reused_after_the_retention_window() {
 }
 
 #[test]
+fn replay_refuses_records_out_of_the_order_their_changes_were_made() {
+    // Postings add up the same in any order, so a journal that is gap-free and in sequence order
+    // but was handed over out of the order of its changes would replay to the right balances.
+    // The usage counters, journaled as values, tell the difference.
+    let mut h = Harness::new();
+    let limits = OutflowLimits { daily_minor: Some(1_000_000), ..OutflowLimits::default() };
+    h.open(usd(1), AccountConfig { limits, ..AccountConfig::default() });
+    h.ok(Operation::Deposit { account: usd(1), amount: amount(1_000), provider: Provider::Stripe });
+    h.ok(Operation::Withdraw { account: usd(1), amount: amount(10), provider: Provider::Ramp });
+    h.ok(Operation::Withdraw { account: usd(1), amount: amount(20), provider: Provider::Ramp });
+    let mut records = h.engine.sink().drain();
+    let last = records.len() - 1;
+    let replay = |records: &[diboas_ledger::engine::record::JournalRecord]| {
+        let replayed = Engine::new(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default());
+        records.iter().try_for_each(|record| replayed.apply_record(record)).map(|()| replayed.state())
+    };
+    assert_eq!(replay(&records), Ok(h.engine.state()));
+
+    // The two withdrawals swapped, each keeping its place's sequence number.
+    let (first, second) = (records[last - 1].sequence, records[last].sequence);
+    records.swap(last - 1, last);
+    records[last - 1].sequence = first;
+    records[last].sequence = second;
+    assert!(
+        matches!(
+            replay(&records),
+            Err(diboas_ledger::engine::ReplayError::Inconsistent { sequence, .. }) if sequence == first
+        ),
+        "{:?}",
+        replay(&records)
+    );
+}
+
+#[test]
 fn an_earlier_dated_request_cannot_reopen_a_past_limit_window() {
     // Found in review: callers' clocks disagree; a request stamped just before midnight that
     // arrives after one stamped just after it must not move the daily window back (which would
@@ -802,24 +836,26 @@ fn an_engine_rebuilt_from_its_state_has_the_same_state_and_behaviour() {
     assert_eq!(next.sequence, Some(state.next_sequence), "sequencing continues where it stopped");
 }
 
+/// A journal that accepts `remaining` records, then refuses.
+struct ClosingJournal {
+    remaining: usize,
+}
+
+impl diboas_ledger::engine::record::JournalSink for ClosingJournal {
+    fn append(
+        &mut self,
+        record: diboas_ledger::engine::record::JournalRecord,
+    ) -> Result<(), diboas_ledger::engine::record::JournalClosed> {
+        if self.remaining == 0 {
+            return Err(diboas_ledger::engine::record::JournalClosed { record: Box::new(record) });
+        }
+        self.remaining -= 1;
+        Ok(())
+    }
+}
+
 #[test]
 fn a_journal_that_closes_mid_batch_undoes_every_effect() {
-    /// Accepts `remaining` records, then refuses.
-    struct ClosingJournal {
-        remaining: usize,
-    }
-    impl diboas_ledger::engine::record::JournalSink for ClosingJournal {
-        fn append(
-            &mut self,
-            record: diboas_ledger::engine::record::JournalRecord,
-        ) -> Result<(), diboas_ledger::engine::record::JournalClosed> {
-            if self.remaining == 0 {
-                return Err(diboas_ledger::engine::record::JournalClosed { record: Box::new(record) });
-            }
-            self.remaining -= 1;
-            Ok(())
-        }
-    }
     // One shard holding at most 4 keys, so a refused request that used up a key would show.
     let config = diboas_ledger::engine::EngineConfig {
         shard_count: 1,
@@ -854,6 +890,81 @@ fn a_journal_that_closes_mid_batch_undoes_every_effect() {
     let fifth = run("fifth", Operation::SetFrozen { account: usd(1), frozen: true });
     assert_eq!(fifth.result, Err(EngineError::IdempotencyCapacityExhausted));
     assert_eq!(engine.sweep(START_MS + 1), Ok(diboas_ledger::engine::SweepReport::default()));
+}
+
+#[test]
+fn a_sweep_the_journal_refuses_expires_nothing() {
+    // Found missing in a review of the tests against DESIGN.md: the sweep's own undo path had
+    // never run with something due.
+    let engine = Engine::new(diboas_ledger::engine::EngineConfig::default(), ClosingJournal { remaining: 4 });
+    let run = |text: &str, operation| engine.execute(Request { key: key(text), now_ms: START_MS, operation });
+    run("open", Operation::OpenAccount { account: usd(1), config: AccountConfig::default() }).result.unwrap();
+    run("fund", Operation::Deposit { account: usd(1), amount: amount(1_000), provider: Provider::Stripe })
+        .result
+        .unwrap();
+    for id in [1, 2] {
+        let short = Operation::Reserve {
+            reservation_id: Uuid::from_u128(id),
+            account: usd(1),
+            amount: amount(100),
+            ttl_ms: Some(1_000),
+        };
+        run(&format!("reserve-{id}"), short).result.unwrap();
+    }
+    let before = engine.state();
+    assert_eq!(engine.sweep(START_MS + 1_000), Err(EngineError::JournalUnavailable));
+    assert_eq!(engine.state(), before, "a refused sweep changes nothing");
+    assert_eq!(engine.last_sequence(), 4, "and takes no sequence number");
+    for id in [1, 2] {
+        assert_eq!(
+            engine.reservation(Uuid::from_u128(1), Uuid::from_u128(id)).unwrap().status,
+            ReservationStatus::Active
+        );
+    }
+
+    // The journal is back: both are still due, and expire once.
+    engine.sink().remaining = 1;
+    assert_eq!(engine.sweep(START_MS + 1_000).unwrap().expired, 2);
+    assert_eq!(engine.sweep(START_MS + 1_000).unwrap().expired, 0);
+    assert_eq!(engine.last_sequence(), 5);
+    assert_eq!(
+        engine.balance(&AccountRef::User(usd(1))).unwrap(),
+        Balance { available_minor: 1_000, reserved_minor: 0 }
+    );
+    engine.state().check_invariants().unwrap();
+}
+
+#[test]
+fn an_engine_rebuilt_from_its_state_expires_the_reservations_it_restored() {
+    // Found missing in a review of the tests against DESIGN.md: recovery (`from_state`) must
+    // rebuild the expiry index, which no state comparison sees. A restart that forgot it would
+    // hold the restored reservations' funds forever.
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    let short = Operation::Reserve {
+        reservation_id: Uuid::from_u128(1),
+        account: usd(1),
+        amount: amount(400),
+        ttl_ms: Some(60_000),
+    };
+    h.ok(short);
+    h.ok(reserve(usd(1), 2, 100));
+    let rebuilt = Engine::from_state(
+        *h.engine.config(),
+        diboas_ledger::engine::record::MemoryJournal::default(),
+        &h.engine.state(),
+    );
+
+    assert_eq!(rebuilt.sweep(h.now_ms + 59_999).unwrap().expired, 0, "not one ms early");
+    assert_eq!(rebuilt.sweep(h.now_ms + 60_000).unwrap().expired, 1);
+    assert_eq!(rebuilt.reservation(Uuid::from_u128(1), Uuid::from_u128(1)).unwrap().status, ReservationStatus::Expired);
+    assert_eq!(
+        rebuilt.balance(&AccountRef::User(usd(1))).unwrap(),
+        Balance { available_minor: 900, reserved_minor: 100 }
+    );
+    let default_ttl_ms = diboas_ledger::engine::operation::DEFAULT_RESERVATION_TTL_MS;
+    assert_eq!(rebuilt.sweep(h.now_ms + default_ttl_ms).unwrap().expired, 1, "the default-lifetime one, in its time");
+    rebuilt.state().check_invariants().unwrap();
 }
 
 #[test]

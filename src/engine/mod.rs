@@ -618,9 +618,23 @@ fn replay_check(
                 return Err("freeze change on a missing account, or one that changes nothing");
             }
         }
-        Effect::UsageChanged { account, .. } => {
-            if !account_exists(account) {
-                return Err("effect on a missing account");
+        // The counters are journaled as values, before and after, so a record applied out of the
+        // order the changes were made in finds other counters than it left from. Postings add up
+        // the same in any order; this check is what tells a journal in sequence order from one in
+        // the order the changes happened.
+        Effect::UsageChanged { account, before, .. } => {
+            let usage = shards
+                .get(map.of_user(account.user_id))
+                .users
+                .get(&account.user_id)
+                .and_then(|user| user.account(account.domain, account.asset))
+                .map(|state| state.usage);
+            match usage {
+                None => return Err("effect on a missing account"),
+                Some(usage) if usage != *before => {
+                    return Err("usage counters change from other values than the record's: records out of order");
+                }
+                Some(_) => {}
             }
         }
         Effect::Posting { from, to, amount_minor } => {
