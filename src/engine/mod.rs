@@ -632,7 +632,8 @@ fn replay_check(
             match usage {
                 None => return Err("effect on a missing account"),
                 Some(usage) if usage != *before => {
-                    return Err("usage counters change from other values than the record's: records out of order");
+                    return Err("usage counters differ from the record's `before`: records out of the order of their \
+                         changes, or the engine restarted from projections whose counters had drifted");
                 }
                 Some(_) => {}
             }

@@ -143,11 +143,14 @@ pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>)
         state.reservations.insert((user_id, id), reservation);
     }
 
-    // The operation and first outcome of each key live in its journal record.
+    // The operation and first outcome of each key live in its journal record. A key the engine
+    // forgot and then saw again has a row for each time; in sequence order the later one is
+    // inserted last and is the one kept, as the engine keeps it.
     let keys: Vec<(String, i64, i64, String)> = sqlx::query_as(
         "SELECT k.key, k.sequence, k.recorded_at_ms, j.record::text
          FROM ledger.idempotency_keys k JOIN ledger.journal j ON j.sequence = k.sequence
-         WHERE k.recorded_at_ms > $1",
+         WHERE k.recorded_at_ms > $1
+         ORDER BY k.sequence",
     )
     .bind(cutoff_ms)
     .fetch_all(&mut *tx)

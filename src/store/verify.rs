@@ -114,8 +114,10 @@ pub async fn verify(conn: &mut PgConnection) -> Result<VerifyReport, StoreError>
     // The replay forgets idempotency keys as the live engine does, one to two retention windows
     // after they were recorded, while the table keeps them for days (`idempotency_key_keep_days`):
     // compare the keys both must hold, those recorded within the window before the latest moment
-    // the projections have seen (as recovery loads them).
-    let keys_since_ms = projected.latest_ms().saturating_sub(engine.config().retention_ms);
+    // both sides have seen. (The earlier of the two: a projected time past the journal's must
+    // not move the window past keys the replay holds.)
+    let latest_ms = replayed.latest_ms().min(projected.latest_ms());
+    let keys_since_ms = latest_ms.saturating_sub(engine.config().retention_ms);
     let recent_keys = |state: &EngineState| {
         let mut keys = state.idempotency.clone();
         keys.retain(|_, record| record.recorded_at_ms > keys_since_ms);
