@@ -223,8 +223,9 @@ fn reservation_refusals_name_their_cause() {
     );
 }
 
-#[test]
-fn expiry_is_driven_by_the_callers_clock_and_is_final() {
+/// User 1 with 1,000: reservation 1 of 400 expiring in 60 s, reservation 2 of 100 with the
+/// default lifetime.
+fn reservations_of_a_minute_and_of_the_default_lifetime() -> Harness {
     let mut h = Harness::new();
     h.open_funded(usd(1), 1_000);
     let short = Operation::Reserve {
@@ -235,6 +236,12 @@ fn expiry_is_driven_by_the_callers_clock_and_is_final() {
     };
     h.ok(short);
     h.ok(reserve(usd(1), 2, 100));
+    h
+}
+
+#[test]
+fn expiry_is_driven_by_the_callers_clock_and_is_final() {
+    let mut h = reservations_of_a_minute_and_of_the_default_lifetime();
     assert_eq!(h.engine.sweep(h.now_ms + 59_999).unwrap().expired, 0);
 
     // Past its expiry but not yet swept: it can no longer be committed.
@@ -939,16 +946,7 @@ fn an_engine_rebuilt_from_its_state_expires_the_reservations_it_restored() {
     // Found missing in a review of the tests against DESIGN.md: recovery (`from_state`) must
     // rebuild the expiry index, which no state comparison sees. A restart that forgot it would
     // hold the restored reservations' funds forever.
-    let mut h = Harness::new();
-    h.open_funded(usd(1), 1_000);
-    let short = Operation::Reserve {
-        reservation_id: Uuid::from_u128(1),
-        account: usd(1),
-        amount: amount(400),
-        ttl_ms: Some(60_000),
-    };
-    h.ok(short);
-    h.ok(reserve(usd(1), 2, 100));
+    let h = reservations_of_a_minute_and_of_the_default_lifetime();
     let rebuilt = Engine::from_state(
         *h.engine.config(),
         diboas_ledger::engine::record::MemoryJournal::default(),
