@@ -31,7 +31,7 @@ use crate::engine::error::EngineError;
 use crate::engine::operation::Request;
 use crate::engine::record::{JournalRecord, RequestContext};
 use crate::engine::state::{AccountView, EngineState, InvariantViolation};
-use crate::engine::{Engine, EngineConfig, Outcome, SweepReport};
+use crate::engine::{Engine, EngineConfig, IdempotencyFill, Outcome, SweepReport};
 use crate::journal::{CONNECT_TIMEOUT_MS, Durability, JournalConfig, JournalError, Writer};
 use crate::store::{self, StoreError};
 
@@ -228,6 +228,12 @@ impl Ledger {
         let state = generation.engine.state();
         generation.wait_durable(state.next_sequence - 1).await?;
         Ok(state)
+    }
+
+    /// How full the engine's idempotency store is, and the per-shard limit it refuses new keys at.
+    pub fn idempotency_fill(&self) -> (IdempotencyFill, usize) {
+        let generation = self.current();
+        (generation.engine.idempotency_fill(), generation.engine.config().idempotency_capacity_per_shard)
     }
 
     /// The last sequence applied in memory (committed or still waiting for its batch).

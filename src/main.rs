@@ -28,6 +28,7 @@ use diboas_ledger::api::events::EventsConfig;
 use diboas_ledger::api::server::{ServeConfig, ServeError, ServeOptions, serve};
 use diboas_ledger::directory::encryption::{Keyring, KeyringError};
 use diboas_ledger::directory::{DirectoryError, rotation};
+use diboas_ledger::engine::{EngineConfig, MAX_IDEMPOTENCY_CAPACITY_PER_SHARD, MAX_SHARDS};
 use diboas_ledger::ledger::{Ledger, LedgerConfig, LedgerError};
 use diboas_ledger::load::{self, LoadConfig, Pacing};
 use diboas_ledger::metrics::Metrics;
@@ -83,7 +84,7 @@ enum Command {
     /// Create the database if missing and apply the migrations.
     Migrate,
     /// Replay the journal and compare it with the projections.
-    Verify,
+    Verify(VerifyArgs),
     /// Make a bearer token for a calling service; prints the token once, and its callers-file entry.
     Token(TokenArgs),
     /// Drive a running server with load and report durable ops/s, latency and errors.
@@ -193,6 +194,49 @@ impl KeyArgs {
     }
 }
 
+/// The engine's sizes. `serve` and `verify` take the same ones: a replay must forget idempotency
+/// keys on the window the ledger used, or it would call a key legitimately reused after that
+/// window a corrupt journal.
+#[derive(Args)]
+struct EngineArgs {
+    /// Shards of the in-memory engine; more shards, less contention between users.
+    #[arg(long, env = "DIBOAS_SHARDS", default_value_t = EngineConfig::default().shard_count as u64,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_SHARDS as u64))]
+    shards: u64,
+    /// How long idempotency keys (and closed reservations) are remembered, in milliseconds: at
+    /// least this, at most about twice. A retry after that runs as a new request.
+    #[arg(long, env = "DIBOAS_IDEMPOTENCY_RETENTION_MS", default_value_t = EngineConfig::default().retention_ms,
+          value_parser = clap::value_parser!(i64).range(1_000..=MAX_RETENTION_MS))]
+    idempotency_retention_ms: i64,
+    /// Idempotency keys one shard holds; past it new requests are refused (RESOURCE_EXHAUSTED,
+    /// IDEMPOTENCY_STORE_FULL). Size it to shards x this >= 2 x retention x new keys per second
+    /// (the start-up log says what the setting holds).
+    #[arg(long, env = "DIBOAS_IDEMPOTENCY_KEYS_PER_SHARD",
+          default_value_t = EngineConfig::default().idempotency_capacity_per_shard as u64,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_IDEMPOTENCY_CAPACITY_PER_SHARD as u64))]
+    idempotency_keys_per_shard: u64,
+}
+
+/// The longest retention accepted: a week. Longer windows hold more than memory can.
+const MAX_RETENTION_MS: i64 = 7 * 24 * 60 * 60 * 1_000;
+
+impl EngineArgs {
+    fn config(&self) -> EngineConfig {
+        // The parsers bound every value far inside `usize`.
+        EngineConfig {
+            shard_count: self.shards as usize,
+            idempotency_capacity_per_shard: self.idempotency_keys_per_shard as usize,
+            retention_ms: self.idempotency_retention_ms,
+        }
+    }
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
 #[derive(Args)]
 struct RotateArgs {
     #[command(flatten)]
@@ -239,6 +283,8 @@ struct ServeArgs {
     metrics_listen: SocketAddr,
     #[command(flatten)]
     keys: KeyArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// How often the summary views are refreshed (and audit retention applied), in milliseconds.
     #[arg(long, env = "DIBOAS_VIEW_REFRESH_INTERVAL_MS", default_value_t = 60_000)]
     view_refresh_interval_ms: u64,
@@ -366,7 +412,15 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
                 listener.local_addr().map_err(|source| CommandError::Bind { address: args.listen, source })?;
             let metrics = Arc::new(Metrics::new());
             let mut ledger_config = LedgerConfig::new(options.clone());
+            ledger_config.engine = args.engine.config();
             ledger_config.journal.metrics = metrics.journal.clone();
+            tracing::info!(
+                shards = ledger_config.engine.shard_count,
+                idempotency_keys_per_shard = ledger_config.engine.idempotency_capacity_per_shard,
+                idempotency_retention_ms = ledger_config.engine.retention_ms,
+                sustained_new_keys_per_s = ledger_config.engine.sustained_keys_per_s().round(),
+                "engine sized: past the sustained rate of new keys, new requests are refused until keys age out"
+            );
             let read_side = ReadSide {
                 pool: readside::pool::connect(&options, args.read_pool_connections, args.slow_statement_ms),
                 keyring: Arc::new(args.keys.keyring()?),
@@ -454,9 +508,9 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
             println!("re-queued {requeued} failed events");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify => {
+        Command::Verify(args) => {
             let mut conn = PgConnection::connect_with(&options).await.map_err(store::StoreError::from)?;
-            let report = store::verify(&mut conn).await?;
+            let report = store::verify(&mut conn, args.engine.config()).await?;
             conn.close().await.map_err(store::StoreError::from)?;
             println!("replayed {} journal records, {} accounts", report.records_replayed, report.accounts);
             for difference in &report.differences {

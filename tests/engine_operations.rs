@@ -591,6 +591,48 @@ fn a_full_idempotency_store_refuses_instead_of_forgetting() {
     h.ok(Operation::SetFrozen { account: usd(1), frozen: true });
 }
 
+/// Runs new keys into a one-shard engine at `keys_per_s` for ten retention windows, sweeping
+/// every 10 ms of its clock, and counts the refusals for a full key store.
+fn refusals_at(keys_per_s: i64, config: diboas_ledger::engine::EngineConfig) -> usize {
+    let engine = Engine::new(config, diboas_ledger::engine::record::MemoryJournal::default());
+    let run = |text: &str, now_ms, operation| engine.execute(Request { key: key(text), now_ms, operation });
+    run("open", START_MS, Operation::OpenAccount { account: usd(1), config: AccountConfig::default() }).result.unwrap();
+    let mut refused = 0;
+    let mut swept_at_ms = START_MS;
+    for n in 0..keys_per_s * 10 * config.retention_ms / 1_000 {
+        let now_ms = START_MS + n * 1_000 / keys_per_s;
+        if now_ms >= swept_at_ms + 10 {
+            engine.sweep(now_ms).unwrap();
+            swept_at_ms = now_ms;
+        }
+        let deposit = Operation::Deposit { account: usd(1), amount: amount(1), provider: Provider::Stripe };
+        match run(&format!("k{n}"), now_ms, deposit).result {
+            Ok(_) => {}
+            Err(EngineError::IdempotencyCapacityExhausted) => refused += 1,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    refused
+}
+
+#[test]
+fn the_key_store_holds_the_rate_its_settings_say_and_refuses_past_it() {
+    // Found in session 16: the default store (65,536 keys a shard, 24 h) held 24 new keys a
+    // second, so a server under steady load refused every new request within minutes. The
+    // rate a setting holds is `sustained_keys_per_s`; this drives an engine just under it and
+    // well over it.
+    let config = diboas_ledger::engine::EngineConfig {
+        shard_count: 1,
+        idempotency_capacity_per_shard: 100,
+        retention_ms: 1_000,
+    };
+    assert_eq!(config.sustained_keys_per_s(), 50.0);
+    assert_eq!(refusals_at(45, config), 0, "just under the sustained rate, nothing is refused");
+    assert!(refusals_at(60, config) > 0, "past it, new keys are refused rather than forgotten early");
+    let defaults = diboas_ledger::engine::EngineConfig::default();
+    assert!(defaults.sustained_keys_per_s() >= 380.0, "{}", defaults.sustained_keys_per_s());
+}
+
 #[test]
 fn balances_cannot_pass_the_maximum() {
     // One shard, so both users post against the same system sub-account (the bound is per

@@ -162,7 +162,7 @@ async fn scrape(address: std::net::SocketAddr) -> String {
 }
 
 #[sqlx::test]
-async fn the_metrics_endpoint_reports_rpcs_batches_and_the_committed_sequence(pool: PgPool) {
+async fn the_metrics_endpoint_reports_rpcs_batches_the_committed_sequence_and_the_key_store(pool: PgPool) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (server, _) = start(&pool, ServeConfig::default(), Some(listener)).await;
@@ -183,6 +183,10 @@ async fn the_metrics_endpoint_reports_rpcs_batches_and_the_committed_sequence(po
         "diboas_ledger_committed_sequence 3",
         "diboas_ledger_committed_sequence_lag 0",
         "diboas_ledger_rpc_shed_total 0",
+        // Three keys, the refused deposit's included (its refusal is its remembered outcome).
+        "diboas_ledger_idempotency_keys 3",
+        "diboas_ledger_idempotency_fullest_shard_keys ",
+        "diboas_ledger_idempotency_keys_per_shard_limit 1048576",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }

@@ -1,6 +1,6 @@
 //! The `diboas-ledger` command's database subcommands, run as the real binary: `migrate` on an
 //! existing database is harmless, `verify` exits 0 when the journal and the projections agree
-//! and 1, naming the account, when they do not.
+//! and 1, naming the account, when they do not; engine sizes out of range are usage errors.
 
 mod journal_common;
 
@@ -47,4 +47,24 @@ async fn migrate_then_verify_agrees_and_verify_names_a_drifted_balance(pool: PgP
         report.lines().any(|line| line.starts_with("DIFFERENT account") && line.contains(&carol.user_id.to_string())),
         "{report}"
     );
+}
+
+/// The engine's sizes are checked before anything runs: a value out of range is a usage error
+/// (exit 2) naming the flag, not a panic at start-up or a store that can hold nothing.
+#[test]
+fn engine_sizes_out_of_range_are_refused_naming_the_flag() {
+    for (subcommand, flag, value) in [
+        ("verify", "--idempotency-keys-per-shard", "0"),
+        ("verify", "--idempotency-keys-per-shard", "16777217"),
+        ("serve", "--idempotency-retention-ms", "999"),
+        ("serve", "--shards", "4097"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_diboas-ledger"))
+            .args([subcommand, flag, value])
+            .output()
+            .expect("run diboas-ledger");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{subcommand} {flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{subcommand} {flag} {value}: {stderr}");
+    }
 }

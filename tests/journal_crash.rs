@@ -203,6 +203,8 @@ async fn acknowledged_operations_survive_sigkill(pool: PgPool) {
     .unwrap();
     assert_eq!(counts.len(), acknowledged.len(), "some acknowledged operations are missing from the journal");
     assert!(counts.iter().all(|(_, count)| *count == 1), "an operation was journaled twice");
-    let report = store::verify(&mut pool.acquire().await.unwrap()).await.unwrap();
+    let report = store::verify(&mut pool.acquire().await.unwrap(), diboas_ledger::engine::EngineConfig::default())
+        .await
+        .unwrap();
     assert!(report.agrees(), "{report:#?}");
 }

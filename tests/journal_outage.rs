@@ -125,7 +125,9 @@ async fn nothing_acknowledged_is_lost_and_service_resumes_after_postgresql_is_cu
         .unwrap();
     assert_eq!(total_minor, 100 * i128::from(deposits));
     assert!(deposits as usize >= log.acknowledged.len());
-    let report = store::verify(&mut pool.acquire().await.unwrap()).await.unwrap();
+    let report = store::verify(&mut pool.acquire().await.unwrap(), diboas_ledger::engine::EngineConfig::default())
+        .await
+        .unwrap();
     assert!(report.agrees(), "{report:#?}");
     eprintln!(
         "acknowledged {}, unavailable answers {}, committed deposits {deposits}",

@@ -49,7 +49,7 @@ async fn restart_restores_the_same_state(pool: PgPool, copy_min_bytes: usize) {
     ledger.shutdown().await.unwrap();
 
     let mut conn = pool.acquire().await.unwrap();
-    let report = store::verify(&mut conn).await.unwrap();
+    let report = store::verify(&mut conn, diboas_ledger::engine::EngineConfig::default()).await.unwrap();
     assert!(report.agrees(), "{report:#?}");
     assert_eq!(report.records_replayed, before.next_sequence - 1);
 }
@@ -99,7 +99,7 @@ async fn verify_agrees_on_a_history_longer_than_the_retention_window(pool: PgPoo
     ledger.shutdown().await.unwrap();
 
     let mut conn = pool.acquire().await.unwrap();
-    let report = store::verify(&mut conn).await.unwrap();
+    let report = store::verify(&mut conn, diboas_ledger::engine::EngineConfig::default()).await.unwrap();
     assert!(report.agrees(), "{report:#?}");
 }
 
@@ -257,7 +257,9 @@ async fn a_batch_postgresql_refuses_leaves_no_partial_rows_and_loses_nothing_ack
     let balance = ledger.balance(&AccountRef::User(alice)).await.unwrap();
     assert_eq!(balance.available_minor, 100 * (acknowledged.len() + unknown.len()) as i128);
     std::sync::Arc::into_inner(ledger).unwrap().shutdown().await.unwrap();
-    let report = store::verify(&mut pool.acquire().await.unwrap()).await.unwrap();
+    let report = store::verify(&mut pool.acquire().await.unwrap(), diboas_ledger::engine::EngineConfig::default())
+        .await
+        .unwrap();
     assert!(report.agrees(), "{report:#?}");
 }
 
@@ -278,7 +280,9 @@ async fn verify_reports_a_drifted_projection_and_start_up_refuses_broken_invaria
         .await
         .unwrap();
 
-    let report = store::verify(&mut pool.acquire().await.unwrap()).await.unwrap();
+    let report = store::verify(&mut pool.acquire().await.unwrap(), diboas_ledger::engine::EngineConfig::default())
+        .await
+        .unwrap();
     assert!(!report.agrees());
     assert!(
         report.differences.iter().any(|difference| difference.what.contains(&bob.user_id.to_string())),

@@ -133,7 +133,7 @@ async fn assert_conserved_and_verified(options: &PgConnectOptions, pool: &PgPool
     .expect("sum balances");
     assert!(unbalanced.is_empty(), "{unbalanced:?}");
     let mut conn = sqlx::PgConnection::connect_with(options).await.expect("connect");
-    let report = store::verify(&mut conn).await.expect("verify");
+    let report = store::verify(&mut conn, diboas_ledger::engine::EngineConfig::default()).await.expect("verify");
     assert!(report.agrees(), "{:?}", report.differences);
 }
 

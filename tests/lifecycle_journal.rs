@@ -154,7 +154,7 @@ async fn lifecycles_within_shared_batches_project_exactly_and_recover(pool: PgPo
     );
 
     let mut conn = PgConnection::connect_with(&options).await.expect("connect");
-    let report = store::verify(&mut conn).await.expect("verify");
+    let report = store::verify(&mut conn, diboas_ledger::engine::EngineConfig::default()).await.expect("verify");
     assert!(report.agrees(), "{:?}", report.differences);
     let loaded = store::load_state(&mut conn, Some(config(options.clone()).engine.retention_ms)).await.expect("load");
     assert_eq!(loaded.transactions, engine_state.transactions);

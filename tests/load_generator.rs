@@ -54,6 +54,6 @@ async fn every_mode_runs_clean_and_the_ledger_still_verifies(pool: PgPool) {
     }
     server.stop().await;
     let mut conn = pool.acquire().await.unwrap();
-    let verified = store::verify(&mut conn).await.unwrap();
+    let verified = store::verify(&mut conn, diboas_ledger::engine::EngineConfig::default()).await.unwrap();
     assert!(verified.agrees(), "{verified:?}");
 }

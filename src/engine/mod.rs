@@ -84,7 +84,28 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { shard_count: 64, idempotency_capacity_per_shard: 65_536, retention_ms: 24 * 60 * 60 * 1_000 }
+        // 2^20 keys a shard, 67 million in all: about 6 GB when full (docs/ENGINE.md), taken
+        // only as keys arrive. With keys kept 24 hours (at most 48), that holds about 390 new
+        // keys a second on average (`sustained_keys_per_s`); 65,536 a shard held 24.
+        EngineConfig { shard_count: 64, idempotency_capacity_per_shard: 1 << 20, retention_ms: 24 * 60 * 60 * 1_000 }
+    }
+}
+
+/// See [`Engine::idempotency_fill`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IdempotencyFill {
+    pub keys: usize,
+    pub fullest_shard_keys: usize,
+}
+
+impl EngineConfig {
+    /// The average rate of new idempotency keys the store holds for good: a shard keeps a key at
+    /// least `retention_ms` and at most about twice that, so at `capacity / (2 x retention)` a
+    /// second the fullest moment just fits. Faster, and new requests are refused
+    /// (`IdempotencyCapacityExhausted`) until a generation retires.
+    pub fn sustained_keys_per_s(&self) -> f64 {
+        let keys = self.shard_count as f64 * self.idempotency_capacity_per_shard as f64;
+        keys / (2.0 * self.retention_ms.max(1) as f64 / 1_000.0)
     }
 }
 
@@ -443,6 +464,19 @@ impl<S: JournalSink> Engine<S> {
     /// The shard holding `user_id`'s accounts (for operators and benchmarks that place load).
     pub fn shard_of(&self, user_id: Uuid) -> u32 {
         self.map.of_user(user_id)
+    }
+
+    /// How full the idempotency store is: the keys held in all and in the fullest shard. New keys
+    /// are refused once a shard holds `idempotency_capacity_per_shard` (for operators: alert
+    /// before the fullest shard gets there). Locks one shard at a time.
+    pub fn idempotency_fill(&self) -> IdempotencyFill {
+        let mut fill = IdempotencyFill::default();
+        for cell in self.shards.iter() {
+            let keys = cell.read().idempotency.len();
+            fill.keys += keys;
+            fill.fullest_shard_keys = fill.fullest_shard_keys.max(keys);
+        }
+        fill
     }
 
     /// The sequence of the last change handed to the journal (0 before the first).

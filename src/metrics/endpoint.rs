@@ -38,6 +38,8 @@ pub async fn serve(
 
 async fn scrape(State(scrape): State<Arc<Scrape>>) -> impl IntoResponse {
     scrape.metrics.set_sequences(scrape.ledger.applied_sequence(), scrape.ledger.committed_sequence());
+    let (fill, keys_per_shard_limit) = scrape.ledger.idempotency_fill();
+    scrape.metrics.set_idempotency_fill(fill, keys_per_shard_limit);
     match scrape.metrics.encode() {
         Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, OPEN_METRICS)], text),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], String::new()),

@@ -4,7 +4,8 @@
 //! servers in one process). The API gate records every RPC (count by method and status code,
 //! latency histogram by method, requests shed), the journal writer records its batches (records
 //! per batch, commit latency), and the scrape itself reads the ledger's sequences to report the
-//! committed-sequence lag: changes applied in memory and not yet durable. [`endpoint`] serves
+//! committed-sequence lag (changes applied in memory and not yet durable) and how full the
+//! engine's idempotency store is (new requests are refused once a shard is full). [`endpoint`] serves
 //! the text exposition on its own port, apart from the gRPC port.
 
 pub mod endpoint;
@@ -15,6 +16,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::engine::IdempotencyFill;
 
 /// Labels of one RPC outcome.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,6 +71,11 @@ pub struct Metrics {
     pub committed_sequence: Gauge,
     /// Applied minus committed: changes still waiting for their batch.
     pub committed_sequence_lag: Gauge,
+    /// Idempotency keys the engine holds, in all and in its fullest shard, and the per-shard
+    /// limit past which new requests are refused (alert as the fullest shard nears it).
+    pub idempotency_keys: Gauge,
+    pub idempotency_fullest_shard_keys: Gauge,
+    pub idempotency_keys_per_shard_limit: Gauge,
 }
 
 impl Default for Metrics {
@@ -85,6 +93,8 @@ impl Metrics {
         let rpc_shed = Counter::default();
         let journal = JournalMetrics::default();
         let (applied_sequence, committed_sequence, committed_sequence_lag) =
+            (Gauge::default(), Gauge::default(), Gauge::default());
+        let (idempotency_keys, idempotency_fullest_shard_keys, idempotency_keys_per_shard_limit) =
             (Gauge::default(), Gauge::default(), Gauge::default());
         registry.register("rpc_requests", "RPCs answered, by method and gRPC status code", rpc_requests.clone());
         registry.register("rpc_latency_seconds", "RPC latency, by method", rpc_latency_seconds.clone());
@@ -110,6 +120,17 @@ impl Metrics {
             "Changes applied in memory but not yet durable",
             committed_sequence_lag.clone(),
         );
+        registry.register("idempotency_keys", "Idempotency keys held in memory", idempotency_keys.clone());
+        registry.register(
+            "idempotency_fullest_shard_keys",
+            "Idempotency keys held by the fullest shard",
+            idempotency_fullest_shard_keys.clone(),
+        );
+        registry.register(
+            "idempotency_keys_per_shard_limit",
+            "Keys a shard holds before new requests are refused (RESOURCE_EXHAUSTED IDEMPOTENCY_STORE_FULL)",
+            idempotency_keys_per_shard_limit.clone(),
+        );
         Metrics {
             registry,
             rpc_requests,
@@ -119,6 +140,9 @@ impl Metrics {
             applied_sequence,
             committed_sequence,
             committed_sequence_lag,
+            idempotency_keys,
+            idempotency_fullest_shard_keys,
+            idempotency_keys_per_shard_limit,
         }
     }
 
@@ -128,6 +152,14 @@ impl Metrics {
         self.applied_sequence.set(gauge(applied));
         self.committed_sequence.set(gauge(committed));
         self.committed_sequence_lag.set(gauge(applied.saturating_sub(committed)));
+    }
+
+    /// Records how full the idempotency store is (read at scrape time).
+    pub fn set_idempotency_fill(&self, fill: IdempotencyFill, keys_per_shard_limit: usize) {
+        let gauge = |value: usize| i64::try_from(value).unwrap_or(i64::MAX);
+        self.idempotency_keys.set(gauge(fill.keys));
+        self.idempotency_fullest_shard_keys.set(gauge(fill.fullest_shard_keys));
+        self.idempotency_keys_per_shard_limit.set(gauge(keys_per_shard_limit));
     }
 
     /// The OpenMetrics text exposition of every metric.

@@ -5,8 +5,10 @@
 //! system balance, reservation and idempotency key. Both are read in one REPEATABLE READ
 //! snapshot, so `verify` can run against a live ledger. Idempotency keys are compared over the
 //! retention window only: the replay forgets older ones as the live engine does, and the table
-//! keeps them a few days longer. The journal is read in pages of [`PAGE_RECORDS`] so memory
-//! stays bounded by the engine's state, not the journal's length.
+//! keeps them a few days longer. So the replay must run with the ledger's retention: with a
+//! longer one it would call a key legitimately reused after the ledger's window a corrupt journal.
+//! The journal is read in pages of [`PAGE_RECORDS`] so memory stays bounded by the engine's
+//! state, not the journal's length.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -57,10 +59,12 @@ impl JournalSink for ReplayOnly {
     }
 }
 
-pub async fn verify(conn: &mut PgConnection) -> Result<VerifyReport, StoreError> {
+/// Replays the journal into an engine of `config` (its retention must be the ledger's: see the
+/// module comment) and compares it with the projections.
+pub async fn verify(conn: &mut PgConnection, config: EngineConfig) -> Result<VerifyReport, StoreError> {
     let mut tx = conn.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-    let engine = Engine::new(EngineConfig::default(), ReplayOnly);
+    let engine = Engine::new(config, ReplayOnly);
     let mut after: i64 = 0;
     let mut records_replayed = 0_u64;
     loop {
