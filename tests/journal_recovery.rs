@@ -366,6 +366,56 @@ async fn a_key_reused_after_retention(pool: PgPool, copy_min_bytes: usize) {
     ledger.shutdown().await.unwrap();
 }
 
+/// Found in session 16 (a review for defects that show only after the retention window): the
+/// engine accepts a reservation id again once it has forgotten the first reservation, but the
+/// projection still held the first one's row under the same primary key, so the batch failed,
+/// the writer stopped, every request in the batch was refused, and the retry did the same.
+#[sqlx::test]
+async fn a_reservation_id_reused_after_retention_is_journaled(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let mut short_retention = config(options);
+    short_retention.engine.retention_ms = 1_000;
+    let alice = account(1, Domain::Banking, Asset::USD);
+    let first_ms = now_ms();
+    let ledger = Ledger::open(short_retention.clone()).await.unwrap();
+    let reserve = |amount_minor| Operation::Reserve {
+        reservation_id: user(7),
+        account: alice,
+        amount: amount(amount_minor),
+        ttl_ms: None,
+    };
+    ledger.submit(request("open", first_ms, open(alice))).await.unwrap().result.unwrap();
+    ledger.submit(request("fund", first_ms, deposit(alice, 100))).await.unwrap().result.unwrap();
+    ledger.submit(request("reserve-1", first_ms, reserve(10))).await.unwrap().result.unwrap();
+    let release = Operation::Release { user_id: alice.user_id, reservation_id: user(7) };
+    ledger.submit(request("release-1", first_ms, release)).await.unwrap().result.unwrap();
+    ledger.sweep(first_ms + 1_000).await.unwrap();
+    ledger.sweep(first_ms + 2_000).await.unwrap();
+    let again = ledger.submit(request("reserve-2", first_ms + 2_001, reserve(30))).await;
+    assert!(matches!(&again, Ok(outcome) if outcome.result.is_ok()), "{again:?}");
+    let state = ledger.state().await.unwrap();
+    ledger.shutdown().await.unwrap();
+
+    let (amount_minor, status): (rust_decimal::Decimal, String) =
+        sqlx::query_as("SELECT amount, status FROM ledger.reservations WHERE user_id = $1 AND reservation_id = $2")
+            .bind(alice.user_id)
+            .bind(user(7))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((amount_minor, status.as_str()), (rust_decimal::Decimal::new(30, 2), "active"));
+    let restarted = Ledger::open(short_retention).await.unwrap();
+    assert_eq!(restarted.state().await.unwrap(), state);
+    restarted.shutdown().await.unwrap();
+    let report = store::verify(
+        &mut pool.acquire().await.unwrap(),
+        diboas_ledger::engine::EngineConfig { retention_ms: 1_000, ..diboas_ledger::engine::EngineConfig::default() },
+    )
+    .await
+    .unwrap();
+    assert!(report.agrees(), "{report:#?}");
+}
+
 /// A second writer on the same database moved the checkpoint, or a projection row is missing:
 /// the next batch of this writer is refused as an inconsistency (not an outage) and leaves no
 /// row behind, whether it is written as the single `ledger.write_batch` call or COPY first in an
