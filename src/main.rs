@@ -194,20 +194,15 @@ impl KeyArgs {
     }
 }
 
-/// The engine's sizes. `serve` and `verify` take the same ones: a replay must forget idempotency
-/// keys on the window the ledger used, or it would call a key legitimately reused after that
-/// window a corrupt journal.
+/// The engine's sizes, for `serve`.
 #[derive(Args)]
 struct EngineArgs {
     /// Shards of the in-memory engine; more shards, less contention between users.
     #[arg(long, env = "DIBOAS_SHARDS", default_value_t = EngineConfig::default().shard_count as u64,
           value_parser = clap::value_parser!(u64).range(1..=MAX_SHARDS as u64))]
     shards: u64,
-    /// How long idempotency keys (and closed reservations) are remembered, in milliseconds: at
-    /// least this, at most about twice. A retry after that runs as a new request.
-    #[arg(long, env = "DIBOAS_IDEMPOTENCY_RETENTION_MS", default_value_t = EngineConfig::default().retention_ms,
-          value_parser = clap::value_parser!(i64).range(1_000..=MAX_RETENTION_MS))]
-    idempotency_retention_ms: i64,
+    #[command(flatten)]
+    retention: RetentionArg,
     /// Idempotency keys one shard holds; past it new requests are refused (RESOURCE_EXHAUSTED,
     /// IDEMPOTENCY_STORE_FULL). Size it to shards x this >= 2 x retention x new keys per second
     /// (the start-up log says what the setting holds).
@@ -217,24 +212,42 @@ struct EngineArgs {
     idempotency_keys_per_shard: u64,
 }
 
-/// The longest retention accepted: a week. Longer windows hold more than memory can.
-const MAX_RETENTION_MS: i64 = 7 * 24 * 60 * 60 * 1_000;
-
 impl EngineArgs {
     fn config(&self) -> EngineConfig {
         // The parsers bound every value far inside `usize`.
         EngineConfig {
             shard_count: self.shards as usize,
             idempotency_capacity_per_shard: self.idempotency_keys_per_shard as usize,
-            retention_ms: self.idempotency_retention_ms,
+            retention_ms: self.retention.idempotency_retention_ms,
         }
     }
 }
 
+/// The retention window, which `serve` and `verify` share: a replay must forget idempotency keys
+/// on the ledger's window, or it would call a key legitimately reused after that window a
+/// corrupt journal.
+#[derive(Args)]
+struct RetentionArg {
+    /// How long idempotency keys (and closed reservations) are remembered, in milliseconds: at
+    /// least this, at most about twice. A retry after that runs as a new request. At least 10
+    /// minutes, so an id reused after its window never meets its first use in one journal batch.
+    /// For `verify`, the shortest the ledger has run with.
+    #[arg(long, env = "DIBOAS_IDEMPOTENCY_RETENTION_MS", default_value_t = EngineConfig::default().retention_ms,
+          value_parser = clap::value_parser!(i64).range(MIN_RETENTION_MS..=MAX_RETENTION_MS))]
+    idempotency_retention_ms: i64,
+}
+
+/// The shortest retention accepted: a journal batch (bounded by the writer's commit timeout) must
+/// never hold both the first use of an id and its reuse after the window.
+const MIN_RETENTION_MS: i64 = 10 * 60 * 1_000;
+
+/// The longest retention accepted: a week. Longer windows hold more than memory can.
+const MAX_RETENTION_MS: i64 = 7 * 24 * 60 * 60 * 1_000;
+
 #[derive(Args)]
 struct VerifyArgs {
     #[command(flatten)]
-    engine: EngineArgs,
+    retention: RetentionArg,
 }
 
 #[derive(Args)]
@@ -418,7 +431,10 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
                 shards = ledger_config.engine.shard_count,
                 idempotency_keys_per_shard = ledger_config.engine.idempotency_capacity_per_shard,
                 idempotency_retention_ms = ledger_config.engine.retention_ms,
-                sustained_new_keys_per_s = ledger_config.engine.sustained_keys_per_s().round(),
+                sustained_new_keys_per_s = ledger_config
+                    .engine
+                    .sustained_keys_per_s(i64::try_from(config.sweep_interval_ms).unwrap_or(i64::MAX))
+                    .round(),
                 "engine sized: past the sustained rate of new keys, new requests are refused until keys age out"
             );
             let read_side = ReadSide {
@@ -510,7 +526,9 @@ async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
         }
         Command::Verify(args) => {
             let mut conn = PgConnection::connect_with(&options).await.map_err(store::StoreError::from)?;
-            let report = store::verify(&mut conn, args.engine.config()).await?;
+            let config =
+                EngineConfig { retention_ms: args.retention.idempotency_retention_ms, ..EngineConfig::default() };
+            let report = store::verify(&mut conn, config).await?;
             conn.close().await.map_err(store::StoreError::from)?;
             println!("replayed {} journal records, {} accounts", report.records_replayed, report.accounts);
             for difference in &report.differences {

@@ -626,11 +626,12 @@ fn the_key_store_holds_the_rate_its_settings_say_and_refuses_past_it() {
         idempotency_capacity_per_shard: 100,
         retention_ms: 1_000,
     };
-    assert_eq!(config.sustained_keys_per_s(), 50.0);
+    // Sweeps every 10 ms: a generation spans 1,000 to 1,010 ms.
+    assert!((config.sustained_keys_per_s(10) - 100.0 / 2.02).abs() < 1e-9);
     assert_eq!(refusals_at(45, config), 0, "just under the sustained rate, nothing is refused");
     assert!(refusals_at(60, config) > 0, "past it, new keys are refused rather than forgotten early");
     let defaults = diboas_ledger::engine::EngineConfig::default();
-    assert!(defaults.sustained_keys_per_s() >= 380.0, "{}", defaults.sustained_keys_per_s());
+    assert!(defaults.sustained_keys_per_s(1_000) >= 380.0, "{}", defaults.sustained_keys_per_s(1_000));
 }
 
 #[test]

@@ -54,9 +54,10 @@ async fn migrate_then_verify_agrees_and_verify_names_a_drifted_balance(pool: PgP
 #[test]
 fn engine_sizes_out_of_range_are_refused_naming_the_flag() {
     for (subcommand, flag, value) in [
-        ("verify", "--idempotency-keys-per-shard", "0"),
-        ("verify", "--idempotency-keys-per-shard", "16777217"),
-        ("serve", "--idempotency-retention-ms", "999"),
+        ("serve", "--idempotency-keys-per-shard", "0"),
+        ("serve", "--idempotency-keys-per-shard", "16777217"),
+        ("serve", "--idempotency-retention-ms", "599999"),
+        ("verify", "--idempotency-retention-ms", "604800001"),
         ("serve", "--shards", "4097"),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_diboas-ledger"))

@@ -99,13 +99,16 @@ pub struct IdempotencyFill {
 }
 
 impl EngineConfig {
-    /// The average rate of new idempotency keys the store holds for good: a shard keeps a key at
-    /// least `retention_ms` and at most about twice that, so at `capacity / (2 x retention)` a
-    /// second the fullest moment just fits. Faster, and new requests are refused
-    /// (`IdempotencyCapacityExhausted`) until a generation retires.
-    pub fn sustained_keys_per_s(&self) -> f64 {
+    /// The average rate of new idempotency keys the store holds for good, with a sweep every
+    /// `sweep_interval_ms`: a generation takes keys from one rotation to the next, between
+    /// `retention_ms` and `retention_ms + sweep_interval_ms`, and a shard holds two, so at
+    /// `capacity / (2 x (retention + sweep interval))` a second the fullest moment just fits.
+    /// Faster, and new requests are refused (`IdempotencyCapacityExhausted`) until a generation
+    /// retires.
+    pub fn sustained_keys_per_s(&self, sweep_interval_ms: i64) -> f64 {
         let keys = self.shard_count as f64 * self.idempotency_capacity_per_shard as f64;
-        keys / (2.0 * self.retention_ms.max(1) as f64 / 1_000.0)
+        let generation_ms = self.retention_ms.max(1).saturating_add(sweep_interval_ms.max(0));
+        keys / (2.0 * generation_ms as f64 / 1_000.0)
     }
 }
 

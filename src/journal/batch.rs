@@ -3,7 +3,7 @@
 //!
 //! Projections are written as deltas coalesced per account (an account touched by a thousand
 //! postings in a batch gets one UPDATE row) and passed as arrays to one call of the SQL function
-//! `ledger.write_batch` (migration 15), which writes everything with UNNEST: one statement and
+//! `ledger.write_batch` (migrations 15 and 16), which writes everything with UNNEST: one statement and
 //! one round trip per batch whatever its size. In large batches the plain appends (journal rows,
 //! idempotency keys, outbox events) go first with binary COPY instead, which costs PostgreSQL
 //! less per row. Reservation closes are applied in SQL, since only the reservation row knows the
@@ -174,7 +174,7 @@ fn expect_rows(what: &str, affected: u64, expected: usize) -> Result<(), Journal
     }
 }
 
-/// The call of `ledger.write_batch` (migration 15) with its arguments bound so far.
+/// The call of `ledger.write_batch` (migrations 15 and 16) with its arguments bound so far.
 pub(crate) type WriteBatchCall<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 /// The one statement of a batch. The arguments are bound in this order by [`write_batch`].

@@ -5,8 +5,9 @@
 //! system balance, reservation and idempotency key. Both are read in one REPEATABLE READ
 //! snapshot, so `verify` can run against a live ledger. Idempotency keys are compared over the
 //! retention window only: the replay forgets older ones as the live engine does, and the table
-//! keeps them a few days longer. So the replay must run with the ledger's retention: with a
-//! longer one it would call a key legitimately reused after the ledger's window a corrupt journal.
+//! keeps them a few days longer. So the replay must run with the ledger's retention (the
+//! shortest it has run with): with a longer one it would call a key legitimately reused after
+//! the ledger's window a corrupt journal.
 //! The journal is read in pages of [`PAGE_RECORDS`] so memory stays bounded by the engine's
 //! state, not the journal's length.
 
