@@ -1,12 +1,27 @@
 //! Operator actions on the outbox: re-queue failed events (the `diboas-ledger outbox requeue`
 //! command) and prune published ones past their retention (the relay does this periodically).
 
+use std::time::{Duration, Instant};
+
 use sqlx::PgConnection;
 
 use super::OutboxError;
 
 /// The most rows one prune statement deletes, so pruning never holds a long transaction.
 pub const MAX_PRUNE_ROWS: i64 = 10_000;
+
+/// The longest one pruning pass keeps deleting before the relay publishes again. A pass that
+/// runs out of time is followed by another after the next round, so pruning keeps up with any
+/// rate of events without holding up their publication for long.
+pub const PRUNE_PASS_BUDGET: Duration = Duration::from_millis(250);
+
+/// What one pruning pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrunePass {
+    pub deleted: u64,
+    /// Nothing more was due when it stopped; otherwise it ran out of time.
+    pub caught_up: bool,
+}
 
 /// Puts every Failed event back to Pending with its attempts reset, due at once, keeping its
 /// last error for the record. Returns how many were re-queued.
@@ -18,6 +33,30 @@ pub async fn requeue_failed(conn: &mut PgConnection) -> Result<u64, OutboxError>
     .execute(&mut *conn)
     .await?;
     Ok(requeued.rows_affected())
+}
+
+/// Prunes statement after statement (each [`prune_published`] of at most `rows_per_statement`,
+/// its own short transaction) until nothing more is due or `budget` has passed. Found in session
+/// 16: one statement of 10,000 rows an hour kept up with under 3 events a second.
+pub async fn prune_pass(
+    conn: &mut PgConnection,
+    retention_ms: u64,
+    rows_per_statement: i64,
+    budget: Duration,
+) -> Result<PrunePass, OutboxError> {
+    let started = Instant::now();
+    let full = u64::try_from(rows_per_statement.max(1)).unwrap_or(u64::MAX);
+    let mut deleted = 0;
+    loop {
+        let batch = prune_published(conn, retention_ms, rows_per_statement.max(1)).await?;
+        deleted += batch;
+        if batch < full {
+            return Ok(PrunePass { deleted, caught_up: true });
+        }
+        if started.elapsed() >= budget {
+            return Ok(PrunePass { deleted, caught_up: false });
+        }
+    }
 }
 
 /// Deletes up to `max_rows` published events whose relay round is older than `retention_ms`

@@ -32,7 +32,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::OutboxError;
-use super::admin::{MAX_PRUNE_ROWS, prune_published};
+use super::admin::{MAX_PRUNE_ROWS, PRUNE_PASS_BUDGET, PrunePass, prune_pass};
 use crate::ledger::Ledger;
 
 /// The most events one relay round may take (and so hold unacknowledged in flight).
@@ -385,10 +385,10 @@ impl Relay {
         Ok(attempt)
     }
 
-    /// Deletes published events past the retention (bounded per call).
-    pub async fn prune(&self) -> Result<u64, OutboxError> {
+    /// Deletes published events past the retention, for at most [`PRUNE_PASS_BUDGET`].
+    pub async fn prune(&self) -> Result<PrunePass, OutboxError> {
         let mut conn = self.pool.acquire().await?;
-        prune_published(&mut conn, self.config.retention_ms, MAX_PRUNE_ROWS).await
+        prune_pass(&mut conn, self.config.retention_ms, MAX_PRUNE_ROWS, PRUNE_PASS_BUDGET).await
     }
 }
 
@@ -421,10 +421,16 @@ pub async fn run_forever(config: RelayConfig, pool: PgPool, ledger: Arc<Ledger>)
     loop {
         let round_started = Instant::now();
         if Instant::now() >= next_prune {
-            if let Err(error) = relay.prune().await {
-                tracing::warn!(%error, "pruning the outbox failed; retrying later");
-            }
-            next_prune = Instant::now() + Duration::from_millis(config.prune_interval_ms);
+            let behind = match relay.prune().await {
+                Ok(pass) => !pass.caught_up,
+                Err(error) => {
+                    tracing::warn!(%error, "pruning the outbox failed; retrying later");
+                    false
+                }
+            };
+            // Behind: prune again after this round, not an interval later.
+            let wait = if behind { Duration::ZERO } else { Duration::from_millis(config.prune_interval_ms) };
+            next_prune = Instant::now() + wait;
         }
         let mut durability = ledger.durability();
         durability.borrow_and_update();
