@@ -105,9 +105,17 @@ impl Generation {
             .await
             .map_err(|_| LedgerError::ConnectTimeout)?
             .map_err(StoreError::from)?;
-        // Start-up (and every reload) makes sure the journal can take this month's rows.
+        // Start-up (and every reload) makes sure the journal can take this month's rows, and
+        // drops expired key partitions if it can lock them at once: a long reader holding one (a
+        // dump, an audit query) must not hang start-up. Found in session 16. The writer's hourly
+        // maintenance drops them later; creating a missing partition still waits, as it must.
         let key_keep_days = store::idempotency_key_keep_days(config.engine.retention_ms);
-        store::ensure_partitions(&mut conn, Some(key_keep_days)).await?;
+        if !store::maintain_partitions(&mut conn, key_keep_days).await? {
+            tracing::warn!(
+                "a partition lock was busy at start-up: expired idempotency-key partitions are dropped later"
+            );
+            store::ensure_partitions(&mut conn, None).await?;
+        }
         let state = store::load_state(&mut conn, Some(config.engine.retention_ms)).await?;
         conn.close().await.map_err(StoreError::from)?;
         state.check_invariants()?;

@@ -416,6 +416,47 @@ async fn a_reservation_id_reused_after_retention_is_journaled(pool: PgPool) {
     assert!(report.agrees(), "{report:#?}");
 }
 
+/// Found in session 16: start-up dropped expired idempotency-key partitions with no lock
+/// timeout, so a long reader holding one (a dump, an audit query) hung start-up and every reload
+/// after a storage failure. Start-up now leaves a busy partition to the writer's maintenance.
+#[sqlx::test]
+async fn start_up_does_not_wait_for_a_busy_expired_key_partition(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let (expired,): (String,) =
+        sqlx::query_as("SELECT 'idempotency_keys_' || to_char((now() AT TIME ZONE 'UTC')::date - 30, 'YYYY_MM_DD')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    sqlx::query("SELECT ledger.ensure_idempotency_key_partitions(now() - interval '30 days', 0, NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let exists = |pool: PgPool, name: String| async move {
+        let (found,): (bool,) = sqlx::query_as("SELECT to_regclass('ledger.' || $1) IS NOT NULL")
+            .bind(name)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        found
+    };
+    assert!(exists(pool.clone(), expired.clone()).await);
+
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("LOCK TABLE ledger.{expired} IN ACCESS SHARE MODE")))
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let opened = tokio::time::timeout(std::time::Duration::from_secs(30), Ledger::open(config(options.clone()))).await;
+    let ledger = opened.expect("start-up waited for the reader's lock").unwrap();
+    ledger.shutdown().await.unwrap();
+    assert!(exists(pool.clone(), expired.clone()).await, "the busy partition is left for later");
+
+    reader.commit().await.unwrap();
+    let ledger = Ledger::open(config(options)).await.unwrap();
+    ledger.shutdown().await.unwrap();
+    assert!(!exists(pool.clone(), expired).await, "once free, it is dropped");
+}
+
 /// A second writer on the same database moved the checkpoint, or a projection row is missing:
 /// the next batch of this writer is refused as an inconsistency (not an outage) and leaves no
 /// row behind, whether it is written as the single `ledger.write_batch` call or COPY first in an
