@@ -204,8 +204,8 @@ struct EngineArgs {
     #[command(flatten)]
     retention: RetentionArg,
     /// Idempotency keys one shard holds; past it new requests are refused (RESOURCE_EXHAUSTED,
-    /// IDEMPOTENCY_STORE_FULL). Size it to shards x this >= 2 x retention x new keys per second
-    /// (the start-up log says what the setting holds).
+    /// IDEMPOTENCY_STORE_FULL). Size it to shards x this >= 2 x (retention + sweep interval) x
+    /// new keys per second (the start-up log says what the settings hold).
     #[arg(long, env = "DIBOAS_IDEMPOTENCY_KEYS_PER_SHARD",
           default_value_t = EngineConfig::default().idempotency_capacity_per_shard as u64,
           value_parser = clap::value_parser!(u64).range(1..=MAX_IDEMPOTENCY_CAPACITY_PER_SHARD as u64))]

@@ -657,8 +657,9 @@ fn replay_check(
         }
         // The counters are journaled as values, before and after, so a record applied out of the
         // order the changes were made in finds other counters than it left from. Postings add up
-        // the same in any order; this check is what tells a journal in sequence order from one in
-        // the order the changes happened.
+        // the same in any order; for accounts with a limit (whose outflows journal their
+        // counters) this check tells a journal in sequence order from one in the order the
+        // changes happened.
         Effect::UsageChanged { account, before, .. } => {
             let usage = shards
                 .get(map.of_user(account.user_id))
