@@ -4,6 +4,7 @@
 //! snapshot at the checkpoint's sequence. The caller checks the invariants before starting an
 //! engine on it.
 
+use futures_util::TryStreamExt;
 use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
@@ -145,17 +146,17 @@ pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>)
 
     // The operation and first outcome of each key live in its journal record. A key the engine
     // forgot and then saw again has a row for each time; in sequence order the later one is
-    // inserted last and is the one kept, as the engine keeps it.
-    let keys: Vec<(String, i64, i64, String)> = sqlx::query_as(
+    // inserted last and is the one kept, as the engine keeps it. Streamed a row at a time: a full
+    // key store is tens of millions of keys, and each row carries its whole journal record.
+    let mut keys = sqlx::query_as::<_, (String, i64, i64, String)>(
         "SELECT k.key, k.sequence, k.recorded_at_ms, j.record::text
          FROM ledger.idempotency_keys k JOIN ledger.journal j ON j.sequence = k.sequence
          WHERE k.recorded_at_ms > $1
          ORDER BY k.sequence",
     )
     .bind(cutoff_ms)
-    .fetch_all(&mut *tx)
-    .await?;
-    for (key, sequence, recorded_at_ms, text) in keys {
+    .fetch(&mut *tx);
+    while let Some((key, sequence, recorded_at_ms, text)) = keys.try_next().await? {
         let corrupt = |what: &str| StoreError::Corrupt(format!("idempotency key {key:?}: {what}"));
         let parsed_key = IdempotencyKey::new(&key).map_err(|error| corrupt(&error.to_string()))?;
         let record: JournalRecord = serde_json::from_str(&text)
@@ -169,6 +170,7 @@ pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>)
         let record = IdempotencyRecord::new(&operation, outcome, record.sequence, recorded_at_ms);
         state.idempotency.insert(parsed_key, record);
     }
+    drop(keys);
     super::transactions::read(tx, cutoff_ms, &mut state).await?;
     Ok(state)
 }
