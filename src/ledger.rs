@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::engine::account::{AccountRef, Balance, Domain};
 use crate::engine::error::EngineError;
+use crate::engine::idempotency::IdempotencyKey;
 use crate::engine::operation::Request;
 use crate::engine::record::{JournalRecord, RequestContext};
 use crate::engine::state::{AccountView, EngineState, InvariantViolation};
@@ -253,6 +254,11 @@ impl Ledger {
     /// commit and release, which name only the reservation).
     pub fn reservation_domain(&self, user_id: Uuid, reservation_id: Uuid) -> Option<Domain> {
         self.current().engine.reservation(user_id, reservation_id).map(|reservation| reservation.account.domain)
+    }
+
+    /// Whether the engine still remembers the idempotency key `key`.
+    pub fn remembers_key(&self, key: &IdempotencyKey) -> bool {
+        self.current().engine.remembers_key(key)
     }
 
     /// The domain of a transaction, if the engine holds it (for scope checks of its transitions).

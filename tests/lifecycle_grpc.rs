@@ -485,6 +485,49 @@ async fn illegal_transitions_and_bad_input_are_refused_and_change_nothing(pool: 
     assert_conserved_and_verified(&options, &pool).await;
 }
 
+/// Found in session 16: the engine forgets a finished transaction after the retention window,
+/// and it then took the same transaction id again; the projections hold one transaction per id,
+/// so the journal batch failed, the writer stopped, and every request in the batch (and every
+/// retry) was refused as UNAVAILABLE. The id is now refused as already existing, and the ledger
+/// carries on.
+#[sqlx::test]
+async fn a_transaction_id_the_engine_forgot_is_refused_as_existing(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let mut ledger = diboas_ledger::ledger::LedgerConfig::new(options.clone());
+    ledger.engine.retention_ms = 1_000;
+    let serve = diboas_ledger::api::server::ServeConfig {
+        sweep_interval_ms: 50,
+        ..diboas_ledger::api::server::ServeConfig::default()
+    };
+    let mut server = TestServer::start_with_ledger(ledger, serve).await;
+    let mut client = TransactionsClient::new(server.channel.clone());
+    funded(&mut server.client, &usd(1), "100.00").await;
+    server.client.open_account(open("open-2", &usd(2))).await.expect("open");
+    let mut request = initiate(1, 1, pb::Domain::Banking, "send_money", "10.00", "USD");
+    request.counterparty_user_id = user(2);
+    client.initiate_transaction(request.clone()).await.expect("initiate");
+    // No KYC record: the gate fails it, and a failed transaction is finished.
+    advance(&mut client, 1, 1, "validating").await;
+    assert_eq!(advance(&mut client, 1, 1, "balance_reserved").await.status, "failed");
+
+    // The server sweeps every 50 ms: past the 1 s window the engine has forgotten the
+    // transaction and the request's key.
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    let mut again = request.clone();
+    again.idempotency_key = "init-1-again".into();
+    let status = client.initiate_transaction(again).await.expect_err("an id used before");
+    assert_refused(&status, Code::AlreadyExists, "TRANSACTION_ALREADY_EXISTS");
+    let mut next = initiate(2, 1, pb::Domain::Banking, "send_money", "10.00", "USD");
+    next.counterparty_user_id = user(2);
+    assert_eq!(
+        client.initiate_transaction(next).await.expect("a new id").into_inner().transaction.expect("tx").status,
+        "initiated"
+    );
+    assert_eq!(get(&mut client, 1).await.status, "failed");
+    server.stop().await;
+    assert_conserved_and_verified(&options, &pool).await;
+}
+
 #[sqlx::test]
 async fn a_restart_keeps_transactions_and_their_reservations(pool: PgPool) {
     let options = prepared(&pool).await;

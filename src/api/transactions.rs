@@ -92,6 +92,17 @@ impl TransactionsService {
             spec.fees = fees::compute(schedule, spec.principal_minor)?;
         }
         let transaction_id = spec.id;
+        // A transaction id names one business transaction for good. The engine forgets finished
+        // transactions after the retention window, so an id it no longer knows may still be in
+        // the projections, which hold one transaction per id: refuse it here. Journaled again, it
+        // stopped the writer for every request of its batch, retry after retry (session 16). An
+        // id or a key the engine still knows goes through, so a retry is answered as before.
+        if self.ledger.transaction_domain(spec.user_id, transaction_id).is_none()
+            && !self.ledger.remembers_key(&key)
+            && queries::transaction_exists(&self.pool, transaction_id).await?
+        {
+            return Err(ApiError::Refused(EngineError::TransactionAlreadyExists { transaction_id }));
+        }
         let applied = self.submit(key, Operation::InitiateTransaction { transaction: Box::new(spec) }).await?;
         self.respond(transaction_id, applied).await
     }

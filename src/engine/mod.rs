@@ -444,6 +444,13 @@ impl<S: JournalSink> Engine<S> {
         views
     }
 
+    /// Whether the idempotency store still remembers `key` (a request under it is answered with
+    /// its first outcome).
+    pub fn remembers_key(&self, key: &IdempotencyKey) -> bool {
+        let hash = self.key_hasher.hash(key);
+        self.shards[self.map.of_key(hash) as usize].read().idempotency.get(key, hash).is_some()
+    }
+
     /// A reservation: active, or closed within the retention window (see `closed`).
     pub fn reservation(&self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
         self.shards[self.map.of_user(user_id) as usize].read().reservation(user_id, reservation_id).copied()

@@ -159,6 +159,16 @@ pub async fn transaction(pool: &PgPool, transaction_id: Uuid) -> Result<Option<T
     Ok(with_fees(pool, rows).await?.pop())
 }
 
+/// Whether the projections hold a transaction `transaction_id`, finished or not.
+pub async fn transaction_exists(pool: &PgPool, transaction_id: Uuid) -> Result<bool, StoreError> {
+    let (exists,): (bool,) =
+        sqlx::query_as("SELECT EXISTS (SELECT 1 FROM ledger.transactions WHERE transaction_id = $1)")
+            .bind(transaction_id)
+            .fetch_one(pool)
+            .await?;
+    Ok(exists)
+}
+
 /// The journaled description of a transaction (who pays whom), for routing a status change.
 pub async fn spec(pool: &PgPool, transaction_id: Uuid) -> Result<Option<NewTransaction>, StoreError> {
     let row: Option<(String,)> = sqlx::query_as("SELECT spec::text FROM ledger.transactions WHERE transaction_id = $1")
