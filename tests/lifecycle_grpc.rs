@@ -423,16 +423,26 @@ async fn an_event_for_an_unknown_or_unready_transaction_is_kept_and_a_retry_appl
     assert_conserved_and_verified(&options, &pool).await;
 }
 
-#[sqlx::test]
-async fn illegal_transitions_and_bad_input_are_refused_and_change_nothing(pool: PgPool) {
-    let options = prepared(&pool).await;
-    let mut server = TestServer::start(options.clone()).await;
-    let mut client = TransactionsClient::new(server.channel.clone());
+/// Funds user 1 with 100.00, opens user 2, and initiates transaction 1: user 1 sends 10.00 to
+/// user 2. Returns the request, for retries and variants.
+async fn send_ten_from_one_to_two(
+    server: &mut TestServer,
+    client: &mut TransactionsClient<Channel>,
+) -> pb::InitiateTransactionRequest {
     funded(&mut server.client, &usd(1), "100.00").await;
     server.client.open_account(open("open-2", &usd(2))).await.expect("open");
     let mut request = initiate(1, 1, pb::Domain::Banking, "send_money", "10.00", "USD");
     request.counterparty_user_id = user(2);
     client.initiate_transaction(request.clone()).await.expect("initiate");
+    request
+}
+
+#[sqlx::test]
+async fn illegal_transitions_and_bad_input_are_refused_and_change_nothing(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let mut server = TestServer::start(options.clone()).await;
+    let mut client = TransactionsClient::new(server.channel.clone());
+    let request = send_ten_from_one_to_two(&mut server, &mut client).await;
 
     let skip = client
         .advance_transaction(pb::AdvanceTransactionRequest {
@@ -501,11 +511,7 @@ async fn a_transaction_id_the_engine_forgot_is_refused_as_existing(pool: PgPool)
     };
     let mut server = TestServer::start_with_ledger(ledger, serve).await;
     let mut client = TransactionsClient::new(server.channel.clone());
-    funded(&mut server.client, &usd(1), "100.00").await;
-    server.client.open_account(open("open-2", &usd(2))).await.expect("open");
-    let mut request = initiate(1, 1, pb::Domain::Banking, "send_money", "10.00", "USD");
-    request.counterparty_user_id = user(2);
-    client.initiate_transaction(request.clone()).await.expect("initiate");
+    let request = send_ten_from_one_to_two(&mut server, &mut client).await;
     // No KYC record: the gate fails it, and a failed transaction is finished.
     advance(&mut client, 1, 1, "validating").await;
     assert_eq!(advance(&mut client, 1, 1, "balance_reserved").await.status, "failed");

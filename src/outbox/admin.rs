@@ -11,8 +11,8 @@ use super::OutboxError;
 pub const MAX_PRUNE_ROWS: i64 = 10_000;
 
 /// The longest one pruning pass keeps deleting before the relay publishes again. A pass that
-/// runs out of time is followed by another after the next round, so pruning keeps up with any
-/// rate of events without holding up their publication for long.
+/// runs out of time is followed by another after the next round, so pruning keeps pace with
+/// events as fast as PostgreSQL deletes them without holding up their publication for long.
 pub const PRUNE_PASS_BUDGET: Duration = Duration::from_millis(250);
 
 /// What one pruning pass did.
@@ -45,10 +45,11 @@ pub async fn prune_pass(
     budget: Duration,
 ) -> Result<PrunePass, OutboxError> {
     let started = Instant::now();
-    let full = u64::try_from(rows_per_statement.max(1)).unwrap_or(u64::MAX);
+    let rows_per_statement = rows_per_statement.max(1);
+    let full = u64::try_from(rows_per_statement).unwrap_or(u64::MAX);
     let mut deleted = 0;
     loop {
-        let batch = prune_published(conn, retention_ms, rows_per_statement.max(1)).await?;
+        let batch = prune_published(conn, retention_ms, rows_per_statement).await?;
         deleted += batch;
         if batch < full {
             return Ok(PrunePass { deleted, caught_up: true });
