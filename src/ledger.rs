@@ -117,11 +117,14 @@ impl Generation {
             );
             store::ensure_partitions(&mut conn, None).await?;
         }
-        let state = store::load_state(&mut conn, Some(config.engine.retention_ms)).await?;
-        conn.close().await.map_err(StoreError::from)?;
+        let recovery = store::begin_recovery(&mut conn, config.engine.retention_ms).await?;
+        let state = recovery.state();
         state.check_invariants()?;
-        let committed_sequence = state.next_sequence - 1;
+        let (committed_sequence, accounts) = (state.next_sequence - 1, state.accounts.len());
         let (sender, receiver) = crossbeam_channel::bounded(config.journal.channel_capacity);
+        let engine = Engine::without_keys(config.engine, sender, state, recovery.latest_ms());
+        let keys = recovery.restore_keys(&engine).await?;
+        conn.close().await.map_err(StoreError::from)?;
         let (durability_sender, durability) = watch::channel(Durability { committed_sequence, failed: false });
         let (options, journal) = (config.connect.clone(), JournalConfig { key_keep_days, ..config.journal.clone() });
         let writer = tokio::task::spawn_blocking(move || {
@@ -129,8 +132,7 @@ impl Generation {
         })
         .await
         .map_err(|_| JournalError::WriterGone)??;
-        let engine = Engine::from_state(config.engine, sender, &state);
-        tracing::info!(committed_sequence, accounts = state.accounts.len(), "ledger loaded from PostgreSQL");
+        tracing::info!(committed_sequence, accounts, idempotency_keys = keys, "ledger loaded from PostgreSQL");
         Ok(Generation { engine, durability, writer: Mutex::new(Some(writer)) })
     }
 

@@ -886,6 +886,54 @@ fn an_engine_rebuilt_from_its_state_has_the_same_state_and_behaviour() {
     assert_eq!(next.sequence, Some(state.next_sequence), "sequencing continues where it stopped");
 }
 
+/// Recovery builds the engine without its keys and streams them in a row at a time
+/// (`without_keys`, `restore_key`): the result must be the engine `from_state` builds, a key
+/// older than the retention window (measured back from the recovered clock) must stay out, and
+/// a key's later record must replace an earlier one, as the live engine kept only the later.
+#[test]
+fn an_engine_given_its_keys_one_at_a_time_equals_one_rebuilt_from_the_whole_state() {
+    use diboas_ledger::engine::idempotency::IdempotencyRecord;
+    use diboas_ledger::engine::record::MemoryJournal;
+
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.open(usd(2), AccountConfig::default());
+    h.ok(reserve(usd(1), 1, 100));
+    let transfer = Request {
+        key: key("t-1"),
+        now_ms: h.now_ms,
+        operation: Operation::Transfer {
+            from: AccountRef::User(usd(1)),
+            to: AccountRef::User(usd(2)),
+            amount: amount(30),
+        },
+    };
+    let first = h.engine.execute(transfer.clone());
+    let state = h.engine.state();
+    let config = *h.engine.config();
+    let latest_ms = state.latest_ms();
+
+    let streamed = Engine::without_keys(config, MemoryJournal::default(), &state, latest_ms);
+    assert!(streamed.state().idempotency.is_empty(), "keys come only through restore_key");
+    // An earlier record of "t-1", still inside the window: the later one must replace it.
+    let earlier = IdempotencyRecord::new(&reserve(usd(2), 9, 1), Ok(Receipt::Done), 1, latest_ms - 1);
+    streamed.restore_key(&key("t-1"), &earlier);
+    for (key, record) in &state.idempotency {
+        streamed.restore_key(key, record);
+    }
+    // Recorded exactly one window before the recovered clock: the live engine may have forgotten it.
+    let forgotten =
+        IdempotencyRecord::new(&reserve(usd(2), 8, 1), Ok(Receipt::Done), 1, latest_ms - config.retention_ms);
+    streamed.restore_key(&key("forgotten"), &forgotten);
+
+    let rebuilt = Engine::from_state(config, MemoryJournal::default(), &state);
+    assert_eq!(streamed.state(), rebuilt.state());
+    assert_eq!(streamed.state(), state);
+    assert!(!streamed.remembers_key(&key("forgotten")));
+    let retry = streamed.execute(transfer);
+    assert_eq!((retry.result, retry.sequence, retry.replayed), (first.result, first.sequence, true));
+}
+
 /// A journal that accepts `remaining` records, then refuses.
 struct ClosingJournal {
     remaining: usize,

@@ -46,7 +46,9 @@ use self::account::{AccountRef, Balance, SystemAccount, SystemKind, UserAccount}
 use self::asset::Asset;
 use self::effect::Effect;
 use self::error::EngineError;
-use self::idempotency::{FirstOutcome, IdempotencyKey, IdempotencyStore, KeyHash, KeyHasher, OperationFingerprint};
+use self::idempotency::{
+    FirstOutcome, IdempotencyKey, IdempotencyRecord, IdempotencyStore, KeyHash, KeyHasher, OperationFingerprint,
+};
 use self::operation::{Operation, Receipt, Request};
 use self::record::{JournalRecord, JournalSink, Origin, RequestContext};
 use self::reservation::{Reservation, ReservationStatus};
@@ -532,14 +534,26 @@ impl<S: JournalSink> Engine<S> {
     /// An engine holding `state`, as recovery rebuilds it from the database's projections.
     /// System balances land in shard 0; only their sums are state.
     pub fn from_state(config: EngineConfig, sink: S, state: &EngineState) -> Engine<S> {
+        let engine = Engine::without_keys(config, sink, state, state.latest_ms());
+        let mut keys: Vec<_> = state.idempotency.iter().collect();
+        keys.sort_by_key(|(_, record)| record.recorded_at_ms);
+        for (key, record) in keys {
+            engine.restore_key(key, record);
+        }
+        engine
+    }
+
+    /// [`Engine::from_state`] without `state`'s idempotency keys, whose clocks start at
+    /// `latest_ms` (the latest moment the whole state has seen, keys included: see
+    /// [`EngineState::latest_ms`]). Recovery streams the keys in afterwards
+    /// ([`Engine::restore_key`]) rather than hold tens of millions of them in `state` beside
+    /// the engine's own store: about three times the store's memory at the peak of start-up.
+    pub fn without_keys(config: EngineConfig, sink: S, state: &EngineState, latest_ms: i64) -> Engine<S> {
         let engine = Engine::new(config, sink);
         engine.sequencer.lock().next_sequence = state.next_sequence.max(1);
         let mut shards = LockedShards::lock(&engine.shards, (0..engine.map.count()).collect());
-        // Time restarts from the latest moment the state has seen, and keys older than the
-        // retention window are not brought back (the live engine may already have forgotten them).
-        let latest_ms = state.latest_ms();
+        // Time restarts from the latest moment the state has seen.
         shards.advance_clock(latest_ms);
-        let forgotten_before_ms = latest_ms.saturating_sub(config.retention_ms);
         for view in state.accounts.values() {
             let user =
                 shards.get(engine.map.of_user(view.account.user_id)).users.entry(view.account.user_id).or_default();
@@ -582,15 +596,23 @@ impl<S: JournalSink> Engine<S> {
         for (account, amount_minor) in &state.system_minor {
             shards.get(0).system_minor[account.kind.index()][account.asset.index()] = *amount_minor;
         }
-        let mut keys: Vec<_> =
-            state.idempotency.iter().filter(|(_, record)| record.recorded_at_ms > forgotten_before_ms).collect();
-        keys.sort_by_key(|(_, record)| record.recorded_at_ms);
-        for (key, record) in keys {
-            let key_hash = engine.key_hasher.hash(key);
-            shards.get(engine.map.of_key(key_hash)).idempotency.insert(key, key_hash, record.borrowed());
-        }
         drop(shards);
         engine
+    }
+
+    /// Brings back one idempotency key of the state being recovered (see
+    /// [`Engine::without_keys`]), unless it is older than the retention window measured back
+    /// from the recovered clock (the live engine may already have forgotten it). A key seen
+    /// again replaces its earlier record, as the live engine kept only the later one. Call
+    /// before the engine takes requests.
+    pub fn restore_key(&self, key: &IdempotencyKey, record: &IdempotencyRecord) {
+        let key_hash = self.key_hasher.hash(key);
+        let index = self.map.of_key(key_hash);
+        let mut shards = LockedShards::lock(&self.shards, [index].into_iter().collect());
+        let shard = shards.get(index);
+        if record.recorded_at_ms > shard.clock_ms.saturating_sub(self.config.retention_ms) {
+            shard.idempotency.replace(key, key_hash, record.borrowed());
+        }
     }
 }
 

@@ -11,10 +11,11 @@ use uuid::Uuid;
 
 use super::StoreError;
 use super::codec;
+use crate::engine::Engine;
 use crate::engine::account::{AccountConfig, Balance, OutflowLimits, SystemAccount, UserAccount};
 use crate::engine::idempotency::{IdempotencyKey, IdempotencyRecord};
 use crate::engine::limits::OutflowUsage;
-use crate::engine::record::{JournalRecord, Origin};
+use crate::engine::record::{JournalRecord, JournalSink, Origin};
 use crate::engine::reservation::{Reservation, ReservationStatus};
 use crate::engine::state::{AccountView, EngineState};
 
@@ -49,25 +50,88 @@ pub async fn load_state(conn: &mut PgConnection, retention_ms: Option<i64>) -> R
     Ok(state)
 }
 
+/// Recovery's read of the database, in one REPEATABLE READ snapshot: everything but the
+/// idempotency keys first ([`Recovery::state`], for the caller to check and build an engine
+/// from with `Engine::without_keys`), then the keys streamed a row at a time into that engine
+/// ([`Recovery::restore_keys`]). A full key store is tens of millions of keys: held in an
+/// `EngineState` beside the engine's own store, they took about three times its memory at the
+/// peak of start-up.
+pub struct Recovery<'c> {
+    tx: sqlx::Transaction<'c, sqlx::Postgres>,
+    state: EngineState,
+    latest_ms: i64,
+    cutoff_ms: i64,
+}
+
+/// Opens recovery's snapshot and reads the state without its keys. Keys and closed reservations
+/// recorded more than `retention_ms` before the latest time the state has seen are left out, as in
+/// [`load_state`].
+pub async fn begin_recovery(conn: &mut PgConnection, retention_ms: i64) -> Result<Recovery<'_>, StoreError> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+    let latest_ms = read_latest_ms(&mut tx).await?;
+    let cutoff_ms = latest_ms.saturating_sub(retention_ms);
+    let state = read_state_without_keys(&mut tx, cutoff_ms).await?;
+    Ok(Recovery { tx, state, latest_ms, cutoff_ms })
+}
+
+impl Recovery<'_> {
+    /// Everything but the idempotency keys.
+    pub fn state(&self) -> &EngineState {
+        &self.state
+    }
+
+    /// The latest time the whole state has seen, keys included (`EngineState::latest_ms`):
+    /// the recovered engine's clock starts there.
+    pub fn latest_ms(&self) -> i64 {
+        self.latest_ms
+    }
+
+    /// Streams the keys into `engine` (built from [`Recovery::state`] at [`Recovery::latest_ms`])
+    /// and closes the snapshot. Returns how many keys were read.
+    pub async fn restore_keys<S: JournalSink>(self, engine: &Engine<S>) -> Result<usize, StoreError> {
+        let Recovery { mut tx, state, cutoff_ms, .. } = self;
+        drop(state);
+        let keys = stream_keys(&mut tx, cutoff_ms, |key, record| engine.restore_key(&key, &record)).await?;
+        tx.commit().await?;
+        Ok(keys)
+    }
+}
+
+/// The latest time the state has seen, as `EngineState::latest_ms` computes it from a whole
+/// state; `i64::MIN` for an empty ledger.
+async fn read_latest_ms(tx: &mut PgConnection) -> Result<i64, StoreError> {
+    let (latest_ms,): (Option<i64>,) = sqlx::query_as(
+        "SELECT GREATEST((SELECT max(recorded_at_ms) FROM ledger.idempotency_keys),
+                         (SELECT max(GREATEST(created_at_ms, closed_at_ms)) FROM ledger.reservations),
+                         (SELECT max(updated_at_ms) FROM ledger.transactions))",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(latest_ms.unwrap_or(i64::MIN))
+}
+
 /// [`load_state`] inside a transaction the caller opened (REPEATABLE READ, for one snapshot).
 pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>) -> Result<EngineState, StoreError> {
+    let cutoff_ms = match retention_ms {
+        Some(retention_ms) => read_latest_ms(tx).await?.saturating_sub(retention_ms),
+        None => i64::MIN,
+    };
+    let mut state = read_state_without_keys(tx, cutoff_ms).await?;
+    let idempotency = &mut state.idempotency;
+    stream_keys(tx, cutoff_ms, |key, record| {
+        idempotency.insert(key, record);
+    })
+    .await?;
+    Ok(state)
+}
+
+/// Everything but the idempotency keys, leaving out what closed or finished at or before
+/// `cutoff_ms`.
+async fn read_state_without_keys(tx: &mut PgConnection, cutoff_ms: i64) -> Result<EngineState, StoreError> {
     let (committed,): (i64,) =
         sqlx::query_as("SELECT committed_sequence FROM ledger.checkpoint").fetch_one(&mut *tx).await?;
     let mut state = EngineState { next_sequence: codec::from_bigint(committed)? + 1, ..EngineState::default() };
-    let cutoff_ms = match retention_ms {
-        Some(retention_ms) => {
-            // The latest time the state has seen, as Engine::from_state computes it.
-            let (latest_ms,): (Option<i64>,) = sqlx::query_as(
-                "SELECT GREATEST((SELECT max(recorded_at_ms) FROM ledger.idempotency_keys),
-                                 (SELECT max(GREATEST(created_at_ms, closed_at_ms)) FROM ledger.reservations),
-                                 (SELECT max(updated_at_ms) FROM ledger.transactions))",
-            )
-            .fetch_one(&mut *tx)
-            .await?;
-            latest_ms.map_or(i64::MIN, |latest_ms| latest_ms.saturating_sub(retention_ms))
-        }
-        None => i64::MIN,
-    };
 
     let accounts: Vec<AccountRow> = sqlx::query_as(
         "SELECT a.user_id, a.domain, a.asset, a.overdraft, a.limit_per_transaction, a.limit_daily, a.limit_monthly,
@@ -144,10 +208,22 @@ pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>)
         state.reservations.insert((user_id, id), reservation);
     }
 
-    // The operation and first outcome of each key live in its journal record. A key the engine
-    // forgot and then saw again has a row for each time; in sequence order the later one is
-    // inserted last and is the one kept, as the engine keeps it. Streamed a row at a time: a full
-    // key store is tens of millions of keys, and each row carries its whole journal record.
+    super::transactions::read(tx, cutoff_ms, &mut state).await?;
+    Ok(state)
+}
+
+/// Hands `each` every idempotency key recorded after `cutoff_ms`, with its first outcome, in
+/// sequence order; returns how many. The operation and first outcome of each key live in its
+/// journal record. A key the engine forgot and then saw again has a row for each time; in
+/// sequence order the later one comes last and is the one to keep, as the engine keeps it.
+/// Streamed a row at a time: a full key store is tens of millions of keys, and each row
+/// carries its whole journal record.
+async fn stream_keys(
+    tx: &mut PgConnection,
+    cutoff_ms: i64,
+    mut each: impl FnMut(IdempotencyKey, IdempotencyRecord),
+) -> Result<usize, StoreError> {
+    let mut count = 0;
     let mut keys = sqlx::query_as::<_, (String, i64, i64, String)>(
         "SELECT k.key, k.sequence, k.recorded_at_ms, j.record::text
          FROM ledger.idempotency_keys k JOIN ledger.journal j ON j.sequence = k.sequence
@@ -167,10 +243,8 @@ pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>)
         if recorded_key != parsed_key || record.sequence != codec::from_bigint(sequence)? {
             return Err(corrupt("its journal record belongs to another request"));
         }
-        let record = IdempotencyRecord::new(&operation, outcome, record.sequence, recorded_at_ms);
-        state.idempotency.insert(parsed_key, record);
+        each(parsed_key, IdempotencyRecord::new(&operation, outcome, record.sequence, recorded_at_ms));
+        count += 1;
     }
-    drop(keys);
-    super::transactions::read(tx, cutoff_ms, &mut state).await?;
-    Ok(state)
+    Ok(count)
 }

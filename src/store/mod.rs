@@ -2,9 +2,10 @@
 //!
 //! The journal writer (`crate::journal`) is the only code that writes ledger rows; this module
 //! prepares the database (create if missing, migrate, seed the asset registry, create journal
-//! partitions ahead) and reads it back: [`load_state`] rebuilds an [`EngineState`] from the
-//! projections for `Engine::from_state`, and [`verify`] replays the whole journal into a fresh
-//! engine and compares the result with those projections.
+//! partitions ahead) and reads it back: at start-up [`begin_recovery`] reads the state from the
+//! projections for `Engine::without_keys` and then streams the idempotency keys into that engine;
+//! [`load_state`] reads the whole state at once (tests, tools), and [`verify`] replays the whole
+//! journal into a fresh engine and compares the result with those projections.
 
 pub mod codec;
 mod load;
@@ -19,7 +20,7 @@ use thiserror::Error;
 
 use crate::engine::asset::Asset;
 
-pub use self::load::load_state;
+pub use self::load::{Recovery, begin_recovery, load_state};
 pub use self::verify::{Difference, VerifyReport, verify};
 
 /// The schema, embedded in the binary.
