@@ -5,7 +5,8 @@
 //! system balance, reservation and idempotency key. Both are read in one REPEATABLE READ
 //! snapshot, so `verify` can run against a live ledger. Idempotency keys are compared over the
 //! retention window only: the replay forgets older ones as the live engine does, and the table
-//! keeps them a few days longer. So the replay must run with the ledger's retention (the
+//! keeps them a few days longer; keys whose day partition is gone are not compared either. So
+//! the replay must run with the ledger's retention (the
 //! shortest it has run with): with a longer one it would call a key legitimately reused after
 //! the ledger's window a corrupt journal.
 //! The journal is read in pages of [`PAGE_RECORDS`] so memory stays bounded by the engine's
@@ -91,6 +92,7 @@ pub async fn verify(conn: &mut PgConnection, config: EngineConfig) -> Result<Ver
         after = last;
     }
     let projected = read_state(&mut tx, None).await?;
+    let keys_kept_from_sequence = first_sequence_with_kept_keys(&mut tx).await?;
     tx.commit().await?;
     let replayed = engine.state();
 
@@ -121,11 +123,17 @@ pub async fn verify(conn: &mut PgConnection, config: EngineConfig) -> Result<Ver
     // compare the keys both must hold, those recorded within the window before the latest moment
     // both sides have seen. (The earlier of the two: a projected time past the journal's must
     // not move the window past keys the replay holds.)
+    // Nor can the table hold keys whose day partition the wall clock has dropped: after the
+    // ledger stood idle for longer than those are kept, the latest moment is days old and its
+    // window reaches back into dropped days (`first_sequence_with_kept_keys`).
     let latest_ms = replayed.latest_ms().min(projected.latest_ms());
     let keys_since_ms = latest_ms.saturating_sub(engine.config().retention_ms);
     let recent_keys = |state: &EngineState| {
         let mut keys = state.idempotency.clone();
-        keys.retain(|_, record| record.recorded_at_ms > keys_since_ms);
+        keys.retain(|_, record| {
+            record.recorded_at_ms > keys_since_ms
+                && keys_kept_from_sequence.is_some_and(|first| record.sequence >= first)
+        });
         keys
     };
     compare("idempotency key", &recent_keys(&replayed), &recent_keys(&projected), &mut differ);
@@ -135,6 +143,27 @@ pub async fn verify(conn: &mut PgConnection, config: EngineConfig) -> Result<Ver
         differ("invariants of the projections".to_owned(), &"hold", &violation);
     }
     Ok(report)
+}
+
+/// The first journal sequence whose idempotency keys the table can still hold: the first record
+/// committed on or after the day of the oldest key partition left (a key row and its journal
+/// row are written in one transaction, so they share `created_at`, and key partitions are whole
+/// UTC days of it). `None` when no record was committed since: every key's partition is gone.
+async fn first_sequence_with_kept_keys(tx: &mut PgConnection) -> Result<Option<u64>, StoreError> {
+    let (first,): (Option<i64>,) = sqlx::query_as(
+        "SELECT min(j.sequence) FROM ledger.journal j
+         WHERE j.created_at >= (
+             SELECT min(to_date(substring(child.relname FROM 18), 'YYYY_MM_DD'))::timestamp AT TIME ZONE 'UTC'
+             FROM pg_inherits
+             JOIN pg_class child ON child.oid = pg_inherits.inhrelid
+             JOIN pg_class parent ON parent.oid = pg_inherits.inhparent
+             JOIN pg_namespace ns ON ns.oid = parent.relnamespace
+             WHERE ns.nspname = 'ledger' AND parent.relname = 'idempotency_keys'
+               AND child.relname ~ '^idempotency_keys_\\d{4}_\\d{2}_\\d{2}$')",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    first.map(codec::from_bigint).transpose()
 }
 
 fn compare<K: Ord + Debug, V: PartialEq + Debug>(
