@@ -889,7 +889,7 @@ fn an_engine_rebuilt_from_its_state_has_the_same_state_and_behaviour() {
 /// Recovery builds the engine without its keys and streams them in a row at a time
 /// (`without_keys`, `restore_key`): the result must be the engine `from_state` builds, a key
 /// older than the retention window (measured back from the recovered clock) must stay out, and
-/// a key's later record must replace an earlier one, as the live engine kept only the later.
+/// of two records of a key the later sequence must be kept, in whichever order they come.
 #[test]
 fn an_engine_given_its_keys_one_at_a_time_equals_one_rebuilt_from_the_whole_state() {
     use diboas_ledger::engine::idempotency::IdempotencyRecord;
@@ -915,12 +915,14 @@ fn an_engine_given_its_keys_one_at_a_time_equals_one_rebuilt_from_the_whole_stat
 
     let streamed = Engine::without_keys(config, MemoryJournal::default(), &state, latest_ms);
     assert!(streamed.state().idempotency.is_empty(), "keys come only through restore_key");
-    // An earlier record of "t-1", still inside the window: the later one must replace it.
+    // An earlier record of "t-1" (a lower sequence), still inside the window, coming before and
+    // after the key's own: recovery streams keys in no order, and the later sequence must win.
     let earlier = IdempotencyRecord::new(&reserve(usd(2), 9, 1), Ok(Receipt::Done), 1, latest_ms - 1);
     streamed.restore_key(&key("t-1"), &earlier);
     for (key, record) in &state.idempotency {
         streamed.restore_key(key, record);
     }
+    streamed.restore_key(&key("t-1"), &earlier);
     // Recorded exactly one window before the recovered clock: the live engine may have forgotten it.
     let forgotten =
         IdempotencyRecord::new(&reserve(usd(2), 8, 1), Ok(Receipt::Done), 1, latest_ms - config.retention_ms);

@@ -602,15 +602,18 @@ impl<S: JournalSink> Engine<S> {
 
     /// Brings back one idempotency key of the state being recovered (see
     /// [`Engine::without_keys`]), unless it is older than the retention window measured back
-    /// from the recovered clock (the live engine may already have forgotten it). A key seen
-    /// again replaces its earlier record, as the live engine kept only the later one. Call
-    /// before the engine takes requests.
+    /// from the recovered clock (the live engine may already have forgotten it). Keys may come
+    /// in any order: of two records of one key (used again after the live engine forgot it),
+    /// the one with the later sequence is kept, as the live engine kept it. Call before the
+    /// engine takes requests.
     pub fn restore_key(&self, key: &IdempotencyKey, record: &IdempotencyRecord) {
         let key_hash = self.key_hasher.hash(key);
         let index = self.map.of_key(key_hash);
         let mut shards = LockedShards::lock(&self.shards, [index].into_iter().collect());
         let shard = shards.get(index);
-        if record.recorded_at_ms > shard.clock_ms.saturating_sub(self.config.retention_ms) {
+        let forgotten = record.recorded_at_ms <= shard.clock_ms.saturating_sub(self.config.retention_ms);
+        let superseded = shard.idempotency.get(key, key_hash).is_some_and(|kept| kept.sequence > record.sequence);
+        if !forgotten && !superseded {
             shard.idempotency.replace(key, key_hash, record.borrowed());
         }
     }

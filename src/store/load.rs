@@ -4,8 +4,11 @@
 //! snapshot at the checkpoint's sequence. The caller checks the invariants before starting an
 //! engine on it.
 
+use std::collections::btree_map::Entry;
+
 use futures_util::TryStreamExt;
 use rust_decimal::Decimal;
+use serde::Deserialize;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
@@ -15,7 +18,7 @@ use crate::engine::Engine;
 use crate::engine::account::{AccountConfig, Balance, OutflowLimits, SystemAccount, UserAccount};
 use crate::engine::idempotency::{IdempotencyKey, IdempotencyRecord};
 use crate::engine::limits::OutflowUsage;
-use crate::engine::record::{JournalRecord, JournalSink, Origin};
+use crate::engine::record::{JournalSink, Origin};
 use crate::engine::reservation::{Reservation, ReservationStatus};
 use crate::engine::state::{AccountView, EngineState};
 
@@ -119,8 +122,14 @@ pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>)
     };
     let mut state = read_state_without_keys(tx, cutoff_ms).await?;
     let idempotency = &mut state.idempotency;
-    stream_keys(tx, cutoff_ms, |key, record| {
-        idempotency.insert(key, record);
+    stream_keys(tx, cutoff_ms, |key, record| match idempotency.entry(key) {
+        Entry::Occupied(mut kept) if kept.get().sequence < record.sequence => {
+            kept.insert(record);
+        }
+        Entry::Occupied(_) => {}
+        Entry::Vacant(slot) => {
+            slot.insert(record);
+        }
     })
     .await?;
     Ok(state)
@@ -212,12 +221,22 @@ async fn read_state_without_keys(tx: &mut PgConnection, cutoff_ms: i64) -> Resul
     Ok(state)
 }
 
-/// Hands `each` every idempotency key recorded after `cutoff_ms`, with its first outcome, in
-/// sequence order; returns how many. The operation and first outcome of each key live in its
-/// journal record. A key the engine forgot and then saw again has a row for each time; in
-/// sequence order the later one comes last and is the one to keep, as the engine keeps it.
-/// Streamed a row at a time: a full key store is tens of millions of keys, and each row
-/// carries its whole journal record.
+/// The parts of a journal record a key's recovery needs: its sequence and its request (key,
+/// operation, first outcome). Its effects, often most of the record, are skipped as they are
+/// read rather than built.
+#[derive(Deserialize)]
+struct KeyedRecord {
+    sequence: u64,
+    origin: Origin,
+}
+
+/// Hands `each` every idempotency key recorded after `cutoff_ms`, with its first outcome, in no
+/// particular order; returns how many. The operation and first outcome of each key live in its
+/// journal record. A key the engine forgot and then saw again has a row for each time, and the
+/// one with the later sequence is the one to keep, as the engine keeps it: `each` decides. No
+/// `ORDER BY`: sorting a million joined rows (each with its whole record) went to disk and made
+/// the query three times slower than the join alone (docs/BENCHMARKS.md, "Session 17").
+/// Streamed a row at a time: a full key store is tens of millions of keys.
 async fn stream_keys(
     tx: &mut PgConnection,
     cutoff_ms: i64,
@@ -227,15 +246,14 @@ async fn stream_keys(
     let mut keys = sqlx::query_as::<_, (String, i64, i64, String)>(
         "SELECT k.key, k.sequence, k.recorded_at_ms, j.record::text
          FROM ledger.idempotency_keys k JOIN ledger.journal j ON j.sequence = k.sequence
-         WHERE k.recorded_at_ms > $1
-         ORDER BY k.sequence",
+         WHERE k.recorded_at_ms > $1",
     )
     .bind(cutoff_ms)
     .fetch(&mut *tx);
     while let Some((key, sequence, recorded_at_ms, text)) = keys.try_next().await? {
         let corrupt = |what: &str| StoreError::Corrupt(format!("idempotency key {key:?}: {what}"));
         let parsed_key = IdempotencyKey::new(&key).map_err(|error| corrupt(&error.to_string()))?;
-        let record: JournalRecord = serde_json::from_str(&text)
+        let record: KeyedRecord = serde_json::from_str(&text)
             .map_err(|error| corrupt(&format!("its journal record does not parse: {error}")))?;
         let Origin::Request { key: recorded_key, operation, outcome, .. } = record.origin else {
             return Err(corrupt("its journal record is not a request"));
