@@ -9,8 +9,9 @@ use sqlx::PgPool;
 use super::views;
 use crate::audit::retention;
 
-/// The shortest interval accepted: a full refresh re-reads the journal, so more often than this
-/// would only load PostgreSQL (and a zero interval is not a timer).
+/// The shortest interval accepted: a refresh re-reads the balances and transactions tables for
+/// their materialized views, so more often than this would only load PostgreSQL (and a zero
+/// interval is not a timer).
 pub const MIN_INTERVAL_MS: u64 = 1_000;
 
 /// Refreshes and retention every `interval` (at least [`MIN_INTERVAL_MS`]), until the task is aborted.
@@ -28,7 +29,10 @@ pub async fn run_forever(pool: PgPool, interval: Duration) {
 /// One round: refresh the views, apply retention.
 pub async fn run_once(pool: &PgPool) -> Result<retention::RetentionReport, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    views::refresh(&mut conn).await?;
+    let counted = views::refresh(&mut conn).await?;
+    if counted > 0 {
+        tracing::debug!(counted, "journal records counted into the operation totals");
+    }
     let report = retention::apply(&mut conn, chrono::Utc::now()).await?;
     if report != retention::RetentionReport::default() {
         tracing::info!(archived = report.archived, dropped = report.dropped, "audit retention applied");
