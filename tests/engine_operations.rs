@@ -878,7 +878,8 @@ fn an_engine_rebuilt_from_its_state_has_the_same_state_and_behaviour() {
     let state = h.engine.state();
 
     let rebuilt =
-        Engine::from_state(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default(), &state);
+        Engine::from_state(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default(), &state)
+            .unwrap();
     assert_eq!(rebuilt.state(), state);
     let retry = rebuilt.execute(transfer);
     assert_eq!((retry.result, retry.sequence, retry.replayed), (first.result, first.sequence, true));
@@ -918,22 +919,48 @@ fn an_engine_given_its_keys_one_at_a_time_equals_one_rebuilt_from_the_whole_stat
     // An earlier record of "t-1" (a lower sequence), still inside the window, coming before and
     // after the key's own: recovery streams keys in no order, and the later sequence must win.
     let earlier = IdempotencyRecord::new(&reserve(usd(2), 9, 1), Ok(Receipt::Done), 1, latest_ms - 1);
-    streamed.restore_key(&key("t-1"), &earlier);
+    streamed.restore_key(&key("t-1"), &earlier).unwrap();
     for (key, record) in &state.idempotency {
-        streamed.restore_key(key, record);
+        streamed.restore_key(key, record).unwrap();
     }
-    streamed.restore_key(&key("t-1"), &earlier);
+    streamed.restore_key(&key("t-1"), &earlier).unwrap();
     // Recorded exactly one window before the recovered clock: the live engine may have forgotten it.
     let forgotten =
         IdempotencyRecord::new(&reserve(usd(2), 8, 1), Ok(Receipt::Done), 1, latest_ms - config.retention_ms);
-    streamed.restore_key(&key("forgotten"), &forgotten);
+    streamed.restore_key(&key("forgotten"), &forgotten).unwrap();
 
-    let rebuilt = Engine::from_state(config, MemoryJournal::default(), &state);
+    let rebuilt = Engine::from_state(config, MemoryJournal::default(), &state).unwrap();
     assert_eq!(streamed.state(), rebuilt.state());
     assert_eq!(streamed.state(), state);
     assert!(!streamed.remembers_key(&key("forgotten")));
     let retry = streamed.execute(transfer);
     assert_eq!((retry.result, retry.sequence, retry.replayed), (first.result, first.sequence, true));
+}
+
+/// A database holding more keys within the window than the engine is configured to remember
+/// refuses recovery with a clear error (it used to panic deep in the key store).
+#[test]
+fn restoring_more_keys_than_a_shard_holds_is_refused() {
+    use diboas_ledger::engine::idempotency::IdempotencyRecord;
+    use diboas_ledger::engine::record::MemoryJournal;
+
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    let state = h.engine.state();
+    assert!(state.idempotency.len() >= 2);
+    let small =
+        diboas_ledger::engine::EngineConfig { shard_count: 1, idempotency_capacity_per_shard: 1, ..*h.engine.config() };
+    assert!(matches!(
+        Engine::from_state(small, MemoryJournal::default(), &state),
+        Err(EngineError::IdempotencyCapacityExhausted)
+    ));
+
+    let engine = Engine::without_keys(small, MemoryJournal::default(), &state, state.latest_ms());
+    let record = |sequence| IdempotencyRecord::new(&reserve(usd(1), 1, 1), Ok(Receipt::Done), sequence, h.now_ms);
+    engine.restore_key(&key("first"), &record(1)).unwrap();
+    engine.restore_key(&key("first"), &record(2)).unwrap();
+    assert_eq!(engine.restore_key(&key("second"), &record(3)), Err(EngineError::IdempotencyCapacityExhausted));
+    assert!(engine.remembers_key(&key("first")) && !engine.remembers_key(&key("second")));
 }
 
 /// A journal that accepts `remaining` records, then refuses.
@@ -1044,7 +1071,8 @@ fn an_engine_rebuilt_from_its_state_expires_the_reservations_it_restored() {
         *h.engine.config(),
         diboas_ledger::engine::record::MemoryJournal::default(),
         &h.engine.state(),
-    );
+    )
+    .unwrap();
 
     assert_eq!(rebuilt.sweep(h.now_ms + 59_999).unwrap().expired, 0, "not one ms early");
     assert_eq!(rebuilt.sweep(h.now_ms + 60_000).unwrap().expired, 1);

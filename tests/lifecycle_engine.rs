@@ -386,7 +386,7 @@ fn the_journal_replays_to_the_same_transactions_and_the_engine_forgets_finished_
     assert_eq!(replay.state(), h.engine.state());
 
     // A recovered engine (from the state) keeps them too, and forgets finished ones after retention.
-    let recovered = Engine::from_state(*h.engine.config(), MemoryJournal::default(), &h.engine.state());
+    let recovered = Engine::from_state(*h.engine.config(), MemoryJournal::default(), &h.engine.state()).unwrap();
     assert_eq!(recovered.state(), h.engine.state());
     let later_ms = h.now_ms + h.engine.config().retention_ms + 1;
     recovered.sweep(later_ms).unwrap();

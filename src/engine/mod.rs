@@ -531,23 +531,25 @@ impl<S: JournalSink> Engine<S> {
         state
     }
 
-    /// An engine holding `state`, as recovery rebuilds it from the database's projections.
-    /// System balances land in shard 0; only their sums are state.
-    pub fn from_state(config: EngineConfig, sink: S, state: &EngineState) -> Engine<S> {
+    /// An engine holding `state` (what [`Engine::state`] gave). System balances land in shard 0;
+    /// only their sums are state. Refused (`IdempotencyCapacityExhausted`) if `config` holds
+    /// fewer keys a shard than `state` brings.
+    pub fn from_state(config: EngineConfig, sink: S, state: &EngineState) -> Result<Engine<S>, EngineError> {
         let engine = Engine::without_keys(config, sink, state, state.latest_ms());
         let mut keys: Vec<_> = state.idempotency.iter().collect();
         keys.sort_by_key(|(_, record)| record.recorded_at_ms);
         for (key, record) in keys {
-            engine.restore_key(key, record);
+            engine.restore_key(key, record)?;
         }
-        engine
+        Ok(engine)
     }
 
     /// [`Engine::from_state`] without `state`'s idempotency keys, whose clocks start at
     /// `latest_ms` (the latest moment the whole state has seen, keys included: see
     /// [`EngineState::latest_ms`]). Recovery streams the keys in afterwards
     /// ([`Engine::restore_key`]) rather than hold tens of millions of them in `state` beside
-    /// the engine's own store: about three times the store's memory at the peak of start-up.
+    /// the engine's own store (measured: 727 MB at the peak of start-up against 311 MB, with a
+    /// million keys; docs/BENCHMARKS.md, "Session 17").
     pub fn without_keys(config: EngineConfig, sink: S, state: &EngineState, latest_ms: i64) -> Engine<S> {
         let engine = Engine::new(config, sink);
         engine.sequencer.lock().next_sequence = state.next_sequence.max(1);
@@ -606,16 +608,24 @@ impl<S: JournalSink> Engine<S> {
     /// in any order: of two records of one key (used again after the live engine forgot it),
     /// the one with the later sequence is kept, as the live engine kept it. Call before the
     /// engine takes requests.
-    pub fn restore_key(&self, key: &IdempotencyKey, record: &IdempotencyRecord) {
+    ///
+    /// Refuses a new key its shard has no room for (`IdempotencyCapacityExhausted`): the
+    /// database holds more keys within the window than this engine is configured to remember.
+    pub fn restore_key(&self, key: &IdempotencyKey, record: &IdempotencyRecord) -> Result<(), EngineError> {
         let key_hash = self.key_hasher.hash(key);
         let index = self.map.of_key(key_hash);
         let mut shards = LockedShards::lock(&self.shards, [index].into_iter().collect());
-        let shard = shards.get(index);
-        let forgotten = record.recorded_at_ms <= shard.clock_ms.saturating_sub(self.config.retention_ms);
-        let superseded = shard.idempotency.get(key, key_hash).is_some_and(|kept| kept.sequence > record.sequence);
-        if !forgotten && !superseded {
-            shard.idempotency.replace(key, key_hash, record.borrowed());
+        let cutoff_ms = shards.get(index).clock_ms.saturating_sub(self.config.retention_ms);
+        let store = &mut shards.get(index).idempotency;
+        let kept = store.get(key, key_hash).map(|kept| kept.sequence);
+        if record.recorded_at_ms <= cutoff_ms || kept.is_some_and(|sequence| sequence > record.sequence) {
+            return Ok(());
         }
+        if kept.is_none() && (store.len() >= self.config.idempotency_capacity_per_shard || !store.has_room()) {
+            return Err(EngineError::IdempotencyCapacityExhausted);
+        }
+        store.replace(key, key_hash, record.borrowed());
+        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 //! snapshot at the checkpoint's sequence. The caller checks the invariants before starting an
 //! engine on it.
 
+use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 
 use futures_util::TryStreamExt;
@@ -57,8 +58,8 @@ pub async fn load_state(conn: &mut PgConnection, retention_ms: Option<i64>) -> R
 /// idempotency keys first ([`Recovery::state`], for the caller to check and build an engine
 /// from with `Engine::without_keys`), then the keys streamed a row at a time into that engine
 /// ([`Recovery::restore_keys`]). A full key store is tens of millions of keys: held in an
-/// `EngineState` beside the engine's own store, they took about three times its memory at the
-/// peak of start-up.
+/// `EngineState` beside the engine's own store as well, a million of them took start-up's peak
+/// from 311 MB to 727 MB (docs/BENCHMARKS.md, "Session 17").
 pub struct Recovery<'c> {
     tx: sqlx::Transaction<'c, sqlx::Postgres>,
     state: EngineState,
@@ -95,7 +96,12 @@ impl Recovery<'_> {
     pub async fn restore_keys<S: JournalSink>(self, engine: &Engine<S>) -> Result<usize, StoreError> {
         let Recovery { mut tx, state, cutoff_ms, .. } = self;
         drop(state);
-        let keys = stream_keys(&mut tx, cutoff_ms, |key, record| engine.restore_key(&key, &record)).await?;
+        let keys = stream_keys(&mut tx, cutoff_ms, |key, record| {
+            engine
+                .restore_key(&key, &record)
+                .map_err(|_| StoreError::KeyCapacity { keys_per_shard: engine.config().idempotency_capacity_per_shard })
+        })
+        .await?;
         tx.commit().await?;
         Ok(keys)
     }
@@ -122,7 +128,18 @@ pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>)
     };
     let mut state = read_state_without_keys(tx, cutoff_ms).await?;
     let idempotency = &mut state.idempotency;
-    stream_keys(tx, cutoff_ms, |key, record| match idempotency.entry(key) {
+    stream_keys(tx, cutoff_ms, |key, record| {
+        keep_later(idempotency, key, record);
+        Ok(())
+    })
+    .await?;
+    Ok(state)
+}
+
+/// Records `record` under `key` unless `keys` holds a later one (a higher sequence): of two uses
+/// of a key, the live engine remembers the later.
+fn keep_later(keys: &mut BTreeMap<IdempotencyKey, IdempotencyRecord>, key: IdempotencyKey, record: IdempotencyRecord) {
+    match keys.entry(key) {
         Entry::Occupied(mut kept) if kept.get().sequence < record.sequence => {
             kept.insert(record);
         }
@@ -130,9 +147,7 @@ pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>)
         Entry::Vacant(slot) => {
             slot.insert(record);
         }
-    })
-    .await?;
-    Ok(state)
+    }
 }
 
 /// Everything but the idempotency keys, leaving out what closed or finished at or before
@@ -224,10 +239,15 @@ async fn read_state_without_keys(tx: &mut PgConnection, cutoff_ms: i64) -> Resul
 /// The parts of a journal record a key's recovery needs: its sequence and its request (key,
 /// operation, first outcome). Its effects, often most of the record, are skipped as they are
 /// read rather than built.
+/// `at_ms` and `effects` are required, as in a whole record, but never built.
 #[derive(Deserialize)]
 struct KeyedRecord {
     sequence: u64,
     origin: Origin,
+    #[expect(dead_code, reason = "required, so that a record without it is refused as corrupt")]
+    at_ms: i64,
+    #[expect(dead_code, reason = "required, so that a record without it is refused as corrupt")]
+    effects: serde::de::IgnoredAny,
 }
 
 /// Hands `each` every idempotency key recorded after `cutoff_ms`, with its first outcome, in no
@@ -235,12 +255,12 @@ struct KeyedRecord {
 /// journal record. A key the engine forgot and then saw again has a row for each time, and the
 /// one with the later sequence is the one to keep, as the engine keeps it: `each` decides. No
 /// `ORDER BY`: sorting a million joined rows (each with its whole record) went to disk and made
-/// the query three times slower than the join alone (docs/BENCHMARKS.md, "Session 17").
+/// the query more than twice as slow as the join alone (docs/BENCHMARKS.md, "Session 17").
 /// Streamed a row at a time: a full key store is tens of millions of keys.
 async fn stream_keys(
     tx: &mut PgConnection,
     cutoff_ms: i64,
-    mut each: impl FnMut(IdempotencyKey, IdempotencyRecord),
+    mut each: impl FnMut(IdempotencyKey, IdempotencyRecord) -> Result<(), StoreError>,
 ) -> Result<usize, StoreError> {
     let mut count = 0;
     let mut keys = sqlx::query_as::<_, (String, i64, i64, String)>(
@@ -261,8 +281,29 @@ async fn stream_keys(
         if recorded_key != parsed_key || record.sequence != codec::from_bigint(sequence)? {
             return Err(corrupt("its journal record belongs to another request"));
         }
-        each(parsed_key, IdempotencyRecord::new(&operation, outcome, record.sequence, recorded_at_ms));
+        each(parsed_key, IdempotencyRecord::new(&operation, outcome, record.sequence, recorded_at_ms))?;
         count += 1;
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::operation::{Operation, Receipt};
+
+    /// Keys stream in no order: the later of two uses of a key wins whichever comes first.
+    #[test]
+    fn the_later_use_of_a_key_is_kept_in_either_order() {
+        let key = IdempotencyKey::new("k").unwrap();
+        let operation = Operation::Release { user_id: Uuid::nil(), reservation_id: Uuid::nil() };
+        let record = |sequence| IdempotencyRecord::new(&operation, Ok(Receipt::Done), sequence, 0);
+        for order in [[1, 9], [9, 1]] {
+            let mut keys = BTreeMap::new();
+            for sequence in order {
+                keep_later(&mut keys, key, record(sequence));
+            }
+            assert_eq!(keys.get(&key).map(|kept| kept.sequence), Some(9), "order {order:?}");
+        }
+    }
 }
