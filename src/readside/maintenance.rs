@@ -1,5 +1,6 @@
-//! The read side's background task inside `serve`: every interval it refreshes the summary
-//! views and applies the audit retention (which does nothing until a month passes its limit).
+//! The read side's background task inside `serve`: every interval it brings the summary views up
+//! to date (a slow materialized view less often: `views::RefreshPacing`) and applies the audit
+//! retention (which does nothing until a month passes its limit).
 //! Failures are logged and retried at the next tick; they never touch the ledger.
 
 use std::time::Duration;
@@ -18,18 +19,27 @@ pub const MIN_INTERVAL_MS: u64 = 1_000;
 pub async fn run_forever(pool: PgPool, interval: Duration) {
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(MIN_INTERVAL_MS)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pacing = views::RefreshPacing::default();
     loop {
         ticker.tick().await;
-        if let Err(error) = run_once(&pool).await {
+        if let Err(error) = run_paced(&pool, &mut pacing).await {
             tracing::warn!(%error, "read-side maintenance failed; retrying at the next tick");
         }
     }
 }
 
-/// One round: refresh the views, apply retention.
+/// One round: refresh every view, apply retention (`diboas-ledger retention`).
 pub async fn run_once(pool: &PgPool) -> Result<retention::RetentionReport, sqlx::Error> {
+    run_paced(pool, &mut views::RefreshPacing::default()).await
+}
+
+/// One round of the task: refresh the views `pacing` says are due, apply retention.
+async fn run_paced(
+    pool: &PgPool,
+    pacing: &mut views::RefreshPacing,
+) -> Result<retention::RetentionReport, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    let counted = views::refresh(&mut conn).await?;
+    let counted = views::refresh_paced(&mut conn, pacing).await?;
     if counted > 0 {
         tracing::debug!(counted, "journal records counted into the operation totals");
     }
