@@ -857,6 +857,25 @@ fn a_sweep_says_when_more_reservations_are_due_than_it_expired() {
     h.engine.state().check_invariants().unwrap();
 }
 
+/// A request under `key_text` to move `minor` from one user account to another.
+fn transfer_request(
+    key_text: &str,
+    now_ms: i64,
+    from: diboas_ledger::engine::account::UserAccount,
+    to: diboas_ledger::engine::account::UserAccount,
+    minor: i128,
+) -> Request {
+    Request {
+        key: key(key_text),
+        now_ms,
+        operation: Operation::Transfer {
+            from: AccountRef::User(from),
+            to: AccountRef::User(to),
+            amount: amount(minor),
+        },
+    }
+}
+
 #[test]
 fn an_engine_rebuilt_from_its_state_has_the_same_state_and_behaviour() {
     let mut h = Harness::new();
@@ -865,15 +884,7 @@ fn an_engine_rebuilt_from_its_state_has_the_same_state_and_behaviour() {
     h.ok(reserve(usd(1), 1, 100));
     h.ok(reserve(usd(1), 2, 200));
     h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(2) });
-    let transfer = Request {
-        key: key("t-1"),
-        now_ms: h.now_ms,
-        operation: Operation::Transfer {
-            from: AccountRef::User(usd(2)),
-            to: AccountRef::User(usd(1)),
-            amount: amount(30),
-        },
-    };
+    let transfer = transfer_request("t-1", h.now_ms, usd(2), usd(1), 30);
     let first = h.engine.execute(transfer.clone());
     let state = h.engine.state();
 
@@ -900,15 +911,7 @@ fn an_engine_given_its_keys_one_at_a_time_equals_one_rebuilt_from_the_whole_stat
     h.open_funded(usd(1), 1_000);
     h.open(usd(2), AccountConfig::default());
     h.ok(reserve(usd(1), 1, 100));
-    let transfer = Request {
-        key: key("t-1"),
-        now_ms: h.now_ms,
-        operation: Operation::Transfer {
-            from: AccountRef::User(usd(1)),
-            to: AccountRef::User(usd(2)),
-            amount: amount(30),
-        },
-    };
+    let transfer = transfer_request("t-1", h.now_ms, usd(1), usd(2), 30);
     let first = h.engine.execute(transfer.clone());
     let state = h.engine.state();
     let config = *h.engine.config();
