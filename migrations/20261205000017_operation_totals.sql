@@ -31,8 +31,8 @@ CREATE TABLE ledger.operation_totals_cursor (
 INSERT INTO ledger.operation_totals_cursor (counted_through) VALUES (0);
 
 -- Counts the next committed journal records, at most `max_records` of them, into the totals and
--- moves the cursor past them, in the caller's transaction; returns how many sequences it moved
--- (0: caught up). The cursor row is locked first, so two callers take turns rather than count a
+-- moves the cursor past them, in the caller's transaction; returns the sequence the totals now
+-- count through (the checkpoint's, once caught up). The cursor row is locked first, so two callers take turns rather than count a
 -- record twice. Only committed records are counted: the writer moves the checkpoint in the
 -- transaction that appends the records, so every sequence up to it is visible here.
 CREATE FUNCTION ledger.count_operations(max_records bigint) RETURNS bigint LANGUAGE plpgsql AS $$
@@ -44,9 +44,11 @@ BEGIN
         RAISE EXCEPTION 'max_records must be at least 1, not %', max_records;
     END IF;
     SELECT counted_through INTO since FROM ledger.operation_totals_cursor FOR UPDATE;
-    SELECT LEAST(committed_sequence, since + max_records) INTO through FROM ledger.checkpoint;
+    -- The cursor never passes the checkpoint, so `committed_sequence - since` cannot be negative,
+    -- and this sum cannot overflow whatever `max_records` is.
+    SELECT since + LEAST(max_records, committed_sequence - since) INTO through FROM ledger.checkpoint;
     IF through <= since THEN
-        RETURN 0;
+        RETURN since;
     END IF;
     INSERT INTO ledger.operation_totals AS totals
         (user_id, domain, asset, operation, outcome, operations, amount_minor, fees_minor)
@@ -83,7 +85,7 @@ BEGIN
         amount_minor = totals.amount_minor + EXCLUDED.amount_minor,
         fees_minor = totals.fees_minor + EXCLUDED.fees_minor;
     UPDATE ledger.operation_totals_cursor SET counted_through = through;
-    RETURN through - since;
+    RETURN through;
 END
 $$;
 

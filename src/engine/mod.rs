@@ -532,8 +532,8 @@ impl<S: JournalSink> Engine<S> {
     }
 
     /// An engine holding `state` (what [`Engine::state`] gave). System balances land in shard 0;
-    /// only their sums are state. Refused (`IdempotencyCapacityExhausted`) if `config` holds
-    /// fewer keys a shard than `state` brings.
+    /// only their sums are state. Refused (`IdempotencyCapacityExhausted`) only if a shard's key
+    /// store runs out of room altogether (see [`Engine::restore_key`]).
     pub fn from_state(config: EngineConfig, sink: S, state: &EngineState) -> Result<Engine<S>, EngineError> {
         let engine = Engine::without_keys(config, sink, state, state.latest_ms());
         let mut keys: Vec<_> = state.idempotency.iter().collect();
@@ -609,8 +609,11 @@ impl<S: JournalSink> Engine<S> {
     /// the one with the later sequence is kept, as the live engine kept it. Call before the
     /// engine takes requests.
     ///
-    /// Refuses a new key its shard has no room for (`IdempotencyCapacityExhausted`): the
-    /// database holds more keys within the window than this engine is configured to remember.
+    /// Every key the live engine held is brought back, even past `idempotency_capacity_per_shard`:
+    /// keys land in other shards than before (the key hasher is seeded per engine), so a shard
+    /// the live engine kept just under its capacity may receive more here. Such a shard refuses
+    /// new keys until old ones age out, as it would live. Refused (`IdempotencyCapacityExhausted`)
+    /// only when the shard's store has no room left at all (its 32-bit positions).
     pub fn restore_key(&self, key: &IdempotencyKey, record: &IdempotencyRecord) -> Result<(), EngineError> {
         let key_hash = self.key_hasher.hash(key);
         let index = self.map.of_key(key_hash);
@@ -621,7 +624,8 @@ impl<S: JournalSink> Engine<S> {
         if record.recorded_at_ms <= cutoff_ms || kept.is_some_and(|sequence| sequence > record.sequence) {
             return Ok(());
         }
-        if kept.is_none() && (store.len() >= self.config.idempotency_capacity_per_shard || !store.has_room()) {
+        // Checked for a replaced key too: the entry it replaces stays in the generation, unindexed.
+        if !store.has_room() {
             return Err(EngineError::IdempotencyCapacityExhausted);
         }
         store.replace(key, key_hash, record.borrowed());

@@ -20,9 +20,12 @@ pub async fn run_forever(pool: PgPool, interval: Duration) {
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(MIN_INTERVAL_MS)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pacing = views::RefreshPacing::default();
+    // Counting operations may take half of each interval; more, and the task would fall behind
+    // its own ticks.
+    let counting_budget = interval.max(Duration::from_millis(MIN_INTERVAL_MS)) / 2;
     loop {
         ticker.tick().await;
-        if let Err(error) = run_paced(&pool, &mut pacing).await {
+        if let Err(error) = run_paced(&pool, &mut pacing, Some(counting_budget)).await {
             tracing::warn!(%error, "read-side maintenance failed; retrying at the next tick");
         }
     }
@@ -30,16 +33,18 @@ pub async fn run_forever(pool: PgPool, interval: Duration) {
 
 /// One round: refresh every view, apply retention (`diboas-ledger retention`).
 pub async fn run_once(pool: &PgPool) -> Result<retention::RetentionReport, sqlx::Error> {
-    run_paced(pool, &mut views::RefreshPacing::default()).await
+    run_paced(pool, &mut views::RefreshPacing::default(), None).await
 }
 
-/// One round of the task: refresh the views `pacing` says are due, apply retention.
+/// One round of the task: refresh the views `pacing` says are due, count operations for up to
+/// `counting_budget`, apply retention.
 async fn run_paced(
     pool: &PgPool,
     pacing: &mut views::RefreshPacing,
+    counting_budget: Option<Duration>,
 ) -> Result<retention::RetentionReport, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    let counted = views::refresh_paced(&mut conn, pacing).await?;
+    let counted = views::refresh_paced(&mut conn, pacing, counting_budget).await?;
     if counted > 0 {
         tracing::debug!(counted, "journal records counted into the operation totals");
     }

@@ -97,9 +97,7 @@ impl Recovery<'_> {
         let Recovery { mut tx, state, cutoff_ms, .. } = self;
         drop(state);
         let keys = stream_keys(&mut tx, cutoff_ms, |key, record| {
-            engine
-                .restore_key(&key, &record)
-                .map_err(|_| StoreError::KeyCapacity { keys_per_shard: engine.config().idempotency_capacity_per_shard })
+            engine.restore_key(&key, &record).map_err(|_| StoreError::KeyCapacity)
         })
         .await?;
         tx.commit().await?;

@@ -38,10 +38,11 @@ pub enum StoreError {
     /// The database holds something the engine could not have written.
     #[error("the database is inconsistent: {0}")]
     Corrupt(String),
-    /// Recovery found more idempotency keys within the retention window than the engine is
-    /// configured to remember in one shard.
-    #[error("the idempotency key store ({keys_per_shard} keys a shard) is too small for the keys to recover")]
-    KeyCapacity { keys_per_shard: usize },
+    /// A shard's idempotency key store ran out of room (its 32-bit positions) for the keys
+    /// recovery brings back: far more keys within the retention window than any configured
+    /// capacity allows.
+    #[error("a shard's idempotency key store ran out of room for the keys to recover")]
+    KeyCapacity,
 }
 
 impl StoreError {
@@ -49,7 +50,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Database(error) => is_unavailable(error),
-            StoreError::Migrate(_) | StoreError::Corrupt(_) | StoreError::KeyCapacity { .. } => false,
+            StoreError::Migrate(_) | StoreError::Corrupt(_) | StoreError::KeyCapacity => false,
         }
     }
 }
