@@ -96,10 +96,7 @@ impl Recovery<'_> {
     pub async fn restore_keys<S: JournalSink>(self, engine: &Engine<S>) -> Result<usize, StoreError> {
         let Recovery { mut tx, state, cutoff_ms, .. } = self;
         drop(state);
-        let keys = stream_keys(&mut tx, cutoff_ms, |key, record| {
-            engine.restore_key(&key, &record).map_err(|_| StoreError::KeyCapacity)
-        })
-        .await?;
+        let keys = stream_keys(&mut tx, cutoff_ms, |rows| restore_in_parallel(engine, rows)).await?;
         tx.commit().await?;
         Ok(keys)
     }
@@ -126,8 +123,11 @@ pub(super) async fn read_state(tx: &mut PgConnection, retention_ms: Option<i64>)
     };
     let mut state = read_state_without_keys(tx, cutoff_ms).await?;
     let idempotency = &mut state.idempotency;
-    stream_keys(tx, cutoff_ms, |key, record| {
-        keep_later(idempotency, key, record);
+    stream_keys(tx, cutoff_ms, |rows| {
+        for row in rows {
+            let (key, record) = parse_key_row(row)?;
+            keep_later(idempotency, key, record);
+        }
         Ok(())
     })
     .await?;
@@ -248,47 +248,139 @@ struct KeyedRecord {
     effects: serde::de::IgnoredAny,
 }
 
-/// Hands `each` every idempotency key recorded after `cutoff_ms`, with its first outcome, in no
-/// particular order; returns how many. The operation and first outcome of each key live in its
-/// journal record. A key the engine forgot and then saw again has a row for each time, and the
-/// one with the later sequence is the one to keep, as the engine keeps it: `each` decides. No
-/// `ORDER BY`: sorting a million joined rows (each with its whole record) went to disk and made
-/// the query more than twice as slow as the join alone (docs/BENCHMARKS.md, "Session 17").
-/// Streamed a row at a time: a full key store is tens of millions of keys.
+/// Key rows handed on at a time: one batch of work for the threads that parse them.
+const KEY_ROWS_PER_CHUNK: usize = 4_096;
+
+/// The most threads recovery parses key rows on.
+const MAX_KEY_PARSING_THREADS: usize = 8;
+
+/// One idempotency key's row: the key, its sequence, when it was recorded, its journal record.
+type KeyRow = (String, i64, i64, String);
+
+/// Hands `each` every idempotency key row recorded after `cutoff_ms`, [`KEY_ROWS_PER_CHUNK`] at a
+/// time, in no particular order; returns how many. The operation and first outcome of each key
+/// live in its journal record ([`parse_key_row`]). A key the engine forgot and then saw again
+/// has a row for each time, and the one with the later sequence is the one to keep, as the
+/// engine keeps it: `each` decides. No `ORDER BY`: sorting a million joined rows (each with its
+/// whole record) went to disk and made the query more than twice as slow as the join alone
+/// (docs/BENCHMARKS.md, "Session 17"). Streamed: a full key store is tens of millions of keys.
 async fn stream_keys(
     tx: &mut PgConnection,
     cutoff_ms: i64,
-    mut each: impl FnMut(IdempotencyKey, IdempotencyRecord) -> Result<(), StoreError>,
+    mut each: impl FnMut(Vec<KeyRow>) -> Result<(), StoreError>,
 ) -> Result<usize, StoreError> {
     let mut count = 0;
-    let mut keys = sqlx::query_as::<_, (String, i64, i64, String)>(
+    let mut keys = sqlx::query_as::<_, KeyRow>(
         "SELECT k.key, k.sequence, k.recorded_at_ms, j.record::text
          FROM ledger.idempotency_keys k JOIN ledger.journal j ON j.sequence = k.sequence
          WHERE k.recorded_at_ms > $1",
     )
     .bind(cutoff_ms)
     .fetch(&mut *tx);
-    while let Some((key, sequence, recorded_at_ms, text)) = keys.try_next().await? {
-        let corrupt = |what: &str| StoreError::Corrupt(format!("idempotency key {key:?}: {what}"));
-        let parsed_key = IdempotencyKey::new(&key).map_err(|error| corrupt(&error.to_string()))?;
-        let record: KeyedRecord = serde_json::from_str(&text)
-            .map_err(|error| corrupt(&format!("its journal record does not parse: {error}")))?;
-        let Origin::Request { key: recorded_key, operation, outcome, .. } = record.origin else {
-            return Err(corrupt("its journal record is not a request"));
-        };
-        if recorded_key != parsed_key || record.sequence != codec::from_bigint(sequence)? {
-            return Err(corrupt("its journal record belongs to another request"));
-        }
-        each(parsed_key, IdempotencyRecord::new(&operation, outcome, record.sequence, recorded_at_ms))?;
+    let mut chunk = Vec::with_capacity(KEY_ROWS_PER_CHUNK);
+    while let Some(row) = keys.try_next().await? {
+        chunk.push(row);
         count += 1;
+        if chunk.len() == KEY_ROWS_PER_CHUNK {
+            each(std::mem::replace(&mut chunk, Vec::with_capacity(KEY_ROWS_PER_CHUNK)))?;
+        }
     }
+    each(chunk)?;
     Ok(count)
+}
+
+/// A key row as the key and what the store remembers of it, checked against its journal record.
+fn parse_key_row(
+    (key, sequence, recorded_at_ms, text): KeyRow,
+) -> Result<(IdempotencyKey, IdempotencyRecord), StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("idempotency key {key:?}: {what}"));
+    let parsed_key = IdempotencyKey::new(&key).map_err(|error| corrupt(&error.to_string()))?;
+    let record: KeyedRecord =
+        serde_json::from_str(&text).map_err(|error| corrupt(&format!("its journal record does not parse: {error}")))?;
+    let Origin::Request { key: recorded_key, operation, outcome, .. } = record.origin else {
+        return Err(corrupt("its journal record is not a request"));
+    };
+    if recorded_key != parsed_key || record.sequence != codec::from_bigint(sequence)? {
+        return Err(corrupt("its journal record belongs to another request"));
+    }
+    Ok((parsed_key, IdempotencyRecord::new(&operation, outcome, record.sequence, recorded_at_ms)))
+}
+
+/// Parses `rows` and restores their keys into `engine` on up to [`MAX_KEY_PARSING_THREADS`]
+/// threads: parsing the journal records is most of recovery's own work (3.5 s of CPU a million
+/// keys), and keys may be restored in any order. Blocks the calling thread until done; recovery
+/// runs before the server takes requests.
+fn restore_in_parallel<S: JournalSink>(engine: &Engine<S>, rows: Vec<KeyRow>) -> Result<(), StoreError> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from).clamp(1, MAX_KEY_PARSING_THREADS);
+    let restore = |part: Vec<KeyRow>| -> Result<(), StoreError> {
+        for row in part {
+            let (key, record) = parse_key_row(row)?;
+            engine.restore_key(&key, &record).map_err(|_| StoreError::KeyCapacity)?;
+        }
+        Ok(())
+    };
+    let mut parts: Vec<Vec<KeyRow>> = Vec::with_capacity(threads);
+    let mut rows = rows.into_iter();
+    let per_thread = rows.len().div_ceil(threads).max(1);
+    loop {
+        let part: Vec<KeyRow> = rows.by_ref().take(per_thread).collect();
+        if part.is_empty() {
+            break;
+        }
+        parts.push(part);
+    }
+    let Some(own) = parts.pop() else { return Ok(()) };
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = parts.into_iter().map(|part| scope.spawn(move || restore(part))).collect();
+        let mut result = restore(own);
+        for helper in helpers {
+            let helped = helper.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            result = result.and(helped);
+        }
+        result
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::operation::{Operation, Receipt};
+
+    /// Rows cut over several threads, the later of two uses of a key among them: every key is
+    /// restored, with its later record; one corrupt row fails the whole restore.
+    #[test]
+    fn keys_restored_in_parallel_are_all_there_and_a_corrupt_row_fails_the_restore() {
+        use crate::engine::record::{JournalRecord, MemoryJournal};
+        use crate::engine::{EngineConfig, state::EngineState};
+
+        let operation = Operation::Release { user_id: Uuid::nil(), reservation_id: Uuid::nil() };
+        let row = |key: &str, sequence: u64| -> KeyRow {
+            let record = JournalRecord {
+                sequence,
+                at_ms: 1_000,
+                origin: Origin::Request {
+                    key: IdempotencyKey::new(key).unwrap(),
+                    operation: operation.clone(),
+                    outcome: Ok(Receipt::Done),
+                    context: None,
+                },
+                effects: Vec::new(),
+            };
+            (key.to_owned(), sequence as i64, 1_000, serde_json::to_string(&record).unwrap())
+        };
+        let state = EngineState { next_sequence: 10_002, ..EngineState::default() };
+        let engine = Engine::without_keys(EngineConfig::default(), MemoryJournal::default(), &state, 1_000);
+        let mut rows: Vec<KeyRow> = (1..=9_999).map(|n| row(&format!("key-{n}"), n)).collect();
+        rows.insert(17, row("key-5", 10_001));
+        restore_in_parallel(&engine, rows).unwrap();
+        let restored = engine.state().idempotency;
+        assert_eq!(restored.len(), 9_999);
+        assert_eq!(restored.get(&IdempotencyKey::new("key-5").unwrap()).map(|kept| kept.sequence), Some(10_001));
+
+        let mut rows: Vec<KeyRow> = (1..=100).map(|n| row(&format!("other-{n}"), n)).collect();
+        rows[60].3.truncate(20);
+        assert!(matches!(restore_in_parallel(&engine, rows), Err(StoreError::Corrupt(_))));
+    }
 
     /// Keys stream in no order: the later of two uses of a key wins whichever comes first.
     #[test]
