@@ -536,9 +536,7 @@ impl<S: JournalSink> Engine<S> {
     /// store runs out of room altogether (see [`Engine::restore_key`]).
     pub fn from_state(config: EngineConfig, sink: S, state: &EngineState) -> Result<Engine<S>, EngineError> {
         let engine = Engine::without_keys(config, sink, state, state.latest_ms());
-        let mut keys: Vec<_> = state.idempotency.iter().collect();
-        keys.sort_by_key(|(_, record)| record.recorded_at_ms);
-        for (key, record) in keys {
+        for (key, record) in &state.idempotency {
             engine.restore_key(key, record)?;
         }
         Ok(engine)
