@@ -365,6 +365,13 @@ enum CommandError {
 }
 
 fn main() -> ExitCode {
+    if let Some(missing) = missing_cpu_feature() {
+        eprintln!(
+            "error: this build needs a CPU with {missing} (.cargo/config.toml targets x86-64-v3); \
+             rebuild with RUSTFLAGS=\"\" to run on this one"
+        );
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     // Logs go to stderr: stdout is the commands' own output (`verify`'s report, `token`'s entry).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -388,6 +395,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A CPU feature this binary was compiled to use that the CPU running it lacks: said plainly
+/// here rather than as an illegal instruction somewhere later.
+fn missing_cpu_feature() -> Option<&'static str> {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        return Some("AVX2");
+    }
+    None
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
