@@ -5,7 +5,8 @@
 //! journal entry) behind one global `Mutex<HashMap>`, which is what a first implementation
 //! would write. The engine's journal sinks here keep records in memory (single thread) or drop
 //! them (several threads), so the figures are the engine itself; the journal's cost is measured
-//! by the journal benchmark.
+//! by the journal benchmark. One group (`reserve_commit_journal_channel`) hands records to the
+//! production sink, the journal's bounded channel, to show what the engine costs in front of it.
 //!
 //! The single-thread cases build their requests (keys included) before the clock starts, for
 //! both sides (`iter_batched`): building and validating a request is the API layer's work, not
@@ -481,9 +482,76 @@ fn multi_thread(c: &mut Criterion) {
     }
 }
 
+/// The journal channel as it was before session 18, for comparison: records inline in its
+/// slots instead of boxed (see the production sink in `engine::record`).
+struct InlineChannel(crossbeam_channel::Sender<JournalRecord>);
+
+impl JournalSink for InlineChannel {
+    fn append(&mut self, record: JournalRecord) -> Result<(), JournalClosed> {
+        self.0.send(record).map_err(|refused| JournalClosed { record: Box::new(refused.0) })
+    }
+}
+
+/// Reserve + commit into the production sink, a bounded channel at the journal's default
+/// capacity, drained in the untimed setup as the journal writer would drain it; beside the same
+/// channel carrying records inline. The `HeldJournal` cases above are the engine's lower bound;
+/// this is what the engine costs in front of the journal.
+fn journal_channel(c: &mut Criterion) {
+    let capacity = diboas_ledger::journal::JournalConfig::default().channel_capacity;
+    let (boxed_sender, boxed_records) = crossbeam_channel::bounded::<Box<JournalRecord>>(capacity);
+    let boxed = Sharded::new(UNIFORM_USERS, boxed_sender);
+    let (inline_sender, inline_records) = crossbeam_channel::bounded::<JournalRecord>(capacity);
+    let inline = Sharded::new(UNIFORM_USERS, InlineChannel(inline_sender));
+    let mut caller = Caller::new(1, true);
+    let mut next_id = 1_u64 << 40;
+    let mut pair = |caller: &mut Caller, from: u128, to: u128| {
+        next_id += 1;
+        let reservation_id = Uuid::from_u64_pair(0, next_id);
+        let reserve = Operation::Reserve { reservation_id, account: usd(from), amount: amount(5), ttl_ms: None };
+        let commit = Operation::Commit {
+            user_id: usd(from).user_id,
+            reservation_id,
+            destination: AccountRef::User(usd(to)),
+            amount: None,
+        };
+        (prepare(caller, reserve), prepare(caller, commit))
+    };
+    let mut group = c.benchmark_group("reserve_commit_journal_channel");
+    group.throughput(Throughput::Elements(1));
+    let (_, (boxed_from, boxed_to)) = shard_pairs(&boxed.engine);
+    group.bench_function("boxed", |b| {
+        b.iter_batched(
+            || {
+                boxed_records.try_iter().for_each(drop);
+                pair(&mut caller, boxed_from, boxed_to)
+            },
+            |(reserve, commit)| {
+                boxed.execute(reserve);
+                boxed.execute(commit);
+            },
+            PREPARED_PER_BATCH,
+        )
+    });
+    let (_, (inline_from, inline_to)) = shard_pairs(&inline.engine);
+    group.bench_function("inline", |b| {
+        b.iter_batched(
+            || {
+                inline_records.try_iter().for_each(drop);
+                pair(&mut caller, inline_from, inline_to)
+            },
+            |(reserve, commit)| {
+                inline.execute(reserve);
+                inline.execute(commit);
+            },
+            PREPARED_PER_BATCH,
+        )
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = single_thread, multi_thread
+    targets = single_thread, multi_thread, journal_channel
 }
 criterion_main!(benches);

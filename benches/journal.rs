@@ -205,14 +205,14 @@ async fn journal_alone(options: &PgConnectOptions) -> Result<f64, BenchError> {
         assert!(outcome.result.is_ok(), "{outcome:?}");
     };
     setup_operations().for_each(&mut execute);
-    let setup: Vec<JournalRecord> = receiver.try_iter().collect();
+    let setup: Vec<JournalRecord> = receiver.try_iter().map(|record| *record).collect();
     let mut random = XorShift(0x2545_f491_4f6c_dd1d);
     for (_, count, accounts) in JOURNAL_RUNS {
         for _ in 0..count {
             execute(transfer(&mut random, accounts));
         }
     }
-    let mut records: Vec<JournalRecord> = receiver.try_iter().collect();
+    let mut records: Vec<JournalRecord> = receiver.try_iter().map(|record| *record).collect();
 
     let mut conn = PgConnection::connect_with(options).await?;
     let mut committed = 0;

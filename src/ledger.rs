@@ -94,7 +94,7 @@ impl LedgerError {
 
 /// One engine and the writer journaling it. Replaced as a whole after a storage failure.
 struct Generation {
-    engine: Engine<Sender<JournalRecord>>,
+    engine: Engine<Sender<Box<JournalRecord>>>,
     durability: watch::Receiver<Durability>,
     writer: Mutex<Option<Writer>>,
 }

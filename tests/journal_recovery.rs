@@ -513,7 +513,7 @@ async fn a_batch_that_does_not_fit_the_database_is_refused_whole(pool: PgPool) {
     for (index, operation) in [open(alice), deposit(alice, 100), deposit(alice, 200)].into_iter().enumerate() {
         assert!(engine.execute(request(&format!("op-{index}"), at_ms, operation)).result.is_ok());
     }
-    let records: Vec<_> = receiver.try_iter().collect();
+    let records: Vec<_> = receiver.try_iter().map(|record| *record).collect();
     let batch_of = |range: std::ops::Range<usize>| {
         let mut batch = Batch::default();
         for record in &records[range] {

@@ -147,7 +147,7 @@ impl Writer {
     /// checkpoint the engine was loaded at; progress and failure are published on `durability`.
     pub fn start(
         options: PgConnectOptions,
-        receiver: Receiver<JournalRecord>,
+        receiver: Receiver<Box<JournalRecord>>,
         committed_sequence: u64,
         config: JournalConfig,
         durability: watch::Sender<Durability>,
@@ -262,7 +262,7 @@ enum Handover {
 /// `records`, which closes the journal to the engine. A batcher that ends any other way (a
 /// panic) is noticed by the committer as a hand-over channel closed without `Last`.
 fn fill_batches(
-    records: &Receiver<JournalRecord>,
+    records: &Receiver<Box<JournalRecord>>,
     wants: &Receiver<()>,
     batches: &Sender<Handover>,
     limits: BatchLimits,
@@ -289,7 +289,7 @@ fn fill_batches(
                 }
             }
             recv(source) -> record => {
-                let handover = match record.map(|record| next.push(record)) {
+                let handover = match record.map(|record| next.push(*record)) {
                     Ok(Ok(())) => continue,
                     Ok(Err(error)) => Handover::Failed(error),
                     Err(_) => Handover::Last(std::mem::take(&mut next)),
@@ -318,19 +318,19 @@ fn finish(wants: &Receiver<()>, reported_failure: bool) {
 /// already queued, within `limits`. `Ok(false)`: the engine is gone, so `next` is the last batch
 /// (possibly empty).
 fn fill_for_handover(
-    records: &Receiver<JournalRecord>,
+    records: &Receiver<Box<JournalRecord>>,
     next: &mut Batch,
     limits: BatchLimits,
 ) -> Result<bool, JournalError> {
     if next.is_empty() {
         match records.recv() {
-            Ok(record) => next.push(record)?,
+            Ok(record) => next.push(*record)?,
             Err(_) => return Ok(false),
         }
     }
     while !limits.is_full(next) {
         match records.try_recv() {
-            Ok(record) => next.push(record)?,
+            Ok(record) => next.push(*record)?,
             Err(TryRecvError::Empty) => break,
             Err(TryRecvError::Disconnected) => return Ok(false),
         }
@@ -418,8 +418,8 @@ mod tests {
 
     use super::*;
 
-    fn record(sequence: u64) -> JournalRecord {
-        JournalRecord { sequence, at_ms: 0, origin: Origin::ExpirySweep, effects: Vec::new() }
+    fn record(sequence: u64) -> Box<JournalRecord> {
+        Box::new(JournalRecord { sequence, at_ms: 0, origin: Origin::ExpirySweep, effects: Vec::new() })
     }
 
     /// Plays the committer: asks for batches until the batcher has handed over its last one.
@@ -436,7 +436,7 @@ mod tests {
     /// end, the committer's two ends and the thread.
     fn start_batcher(
         max_records: usize,
-    ) -> (Sender<JournalRecord>, Sender<()>, Receiver<Handover>, std::thread::JoinHandle<()>) {
+    ) -> (Sender<Box<JournalRecord>>, Sender<()>, Receiver<Handover>, std::thread::JoinHandle<()>) {
         let (records_sender, records) = crossbeam_channel::bounded(64);
         let (wants_sender, wants) = crossbeam_channel::bounded(1);
         let (batches_sender, batches) = crossbeam_channel::bounded(1);
