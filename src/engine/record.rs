@@ -81,9 +81,10 @@ pub trait JournalSink: Send {
 ///
 /// Records travel boxed. Carried inline, each took a 392-byte slot of a ring of
 /// `channel_capacity` slots (25 MB at the default), and the engine wrote every record into a slot
-/// that was out of cache, under the sequencer's lock. Boxed, a slot is 8 bytes and the record goes
-/// to memory the allocator has just handed out: reserve + commit 752-771 ns against 822-862 ns
-/// (`reserve_commit_journal_channel` in benches/engine.rs; docs/BENCHMARKS.md, "Session 18").
+/// that was out of cache, under the sequencer's lock. Boxed, a slot is 16 bytes (its stamp and
+/// the pointer; a 1 MB ring) and the record goes to memory the allocator hands out: reserve +
+/// commit 733-799 ns against 808-872 ns (`reserve_commit_journal_channel` in
+/// benches/engine.rs; docs/BENCHMARKS.md, "Session 18").
 impl JournalSink for crossbeam_channel::Sender<Box<JournalRecord>> {
     fn append(&mut self, record: JournalRecord) -> Result<(), JournalClosed> {
         self.send(Box::new(record)).map_err(|refused| JournalClosed { record: refused.0 })
