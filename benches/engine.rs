@@ -502,54 +502,58 @@ impl JournalSink for InlineChannel {
 fn journal_channel(c: &mut Criterion) {
     let capacity = diboas_ledger::journal::JournalConfig::default().channel_capacity;
     let (boxed_sender, boxed_records) = crossbeam_channel::bounded::<Box<JournalRecord>>(capacity);
-    let boxed = Sharded::new(UNIFORM_USERS, boxed_sender);
     let (inline_sender, inline_records) = crossbeam_channel::bounded::<JournalRecord>(capacity);
-    let inline = Sharded::new(UNIFORM_USERS, InlineChannel(inline_sender));
     let mut caller = Caller::new(1, true);
-    let mut next_id = 1_u64 << 40;
-    let mut pair = |caller: &mut Caller, from: u128, to: u128| {
-        next_id += 1;
-        let reservation_id = Uuid::from_u64_pair(0, next_id);
-        let reserve = Operation::Reserve { reservation_id, account: usd(from), amount: amount(5), ttl_ms: None };
-        let commit = Operation::Commit {
-            user_id: usd(from).user_id,
-            reservation_id,
-            destination: AccountRef::User(usd(to)),
-            amount: None,
-        };
-        (prepare(caller, reserve), prepare(caller, commit))
-    };
     let mut group = c.benchmark_group("reserve_commit_journal_channel");
     group.throughput(Throughput::Elements(1));
-    let (_, (boxed_from, boxed_to)) = shard_pairs(&boxed.engine);
-    group.bench_function("boxed", |b| {
-        b.iter_batched(
-            || {
-                drop_on_another_thread(boxed_records.try_iter().collect());
-                pair(&mut caller, boxed_from, boxed_to)
-            },
-            |(reserve, commit)| {
-                boxed.execute(reserve);
-                boxed.execute(commit);
-            },
-            PREPARED_PER_BATCH,
-        )
-    });
-    let (_, (inline_from, inline_to)) = shard_pairs(&inline.engine);
-    group.bench_function("inline", |b| {
-        b.iter_batched(
-            || {
-                drop_on_another_thread(inline_records.try_iter().collect());
-                pair(&mut caller, inline_from, inline_to)
-            },
-            |(reserve, commit)| {
-                inline.execute(reserve);
-                inline.execute(commit);
-            },
-            PREPARED_PER_BATCH,
-        )
-    });
+    let mut next_id = 1_u64 << 40;
+    bench_into_channel(
+        &mut group,
+        "boxed",
+        Sharded::new(UNIFORM_USERS, boxed_sender),
+        &boxed_records,
+        &mut caller,
+        &mut next_id,
+    );
+    let inline = Sharded::new(UNIFORM_USERS, InlineChannel(inline_sender));
+    bench_into_channel(&mut group, "inline", inline, &inline_records, &mut caller, &mut next_id);
     group.finish();
+}
+
+/// One case of `journal_channel`: reserve + commit across shards into `sharded`, whose sink
+/// feeds `records`.
+fn bench_into_channel<S: JournalSink, T: Send>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    sharded: Sharded<S>,
+    records: &crossbeam_channel::Receiver<T>,
+    caller: &mut Caller,
+    next_id: &mut u64,
+) {
+    let (_, (from, to)) = shard_pairs(&sharded.engine);
+    group.bench_function(name, |b| {
+        b.iter_batched(
+            || {
+                drop_on_another_thread(records.try_iter().collect());
+                *next_id += 1;
+                let reservation_id = Uuid::from_u64_pair(0, *next_id);
+                let reserve =
+                    Operation::Reserve { reservation_id, account: usd(from), amount: amount(5), ttl_ms: None };
+                let commit = Operation::Commit {
+                    user_id: usd(from).user_id,
+                    reservation_id,
+                    destination: AccountRef::User(usd(to)),
+                    amount: None,
+                };
+                (prepare(caller, reserve), prepare(caller, commit))
+            },
+            |(reserve, commit)| {
+                sharded.execute(reserve);
+                sharded.execute(commit);
+            },
+            PREPARED_PER_BATCH,
+        )
+    });
 }
 
 /// Drops `records` on a thread of their own and waits for it: the journal's batcher frees the
