@@ -86,6 +86,18 @@ fn amount(minor: i128) -> Amount {
     Amount::from_minor(minor).unwrap_or_else(|error| panic!("{error}"))
 }
 
+/// Reserves 5 minor units of `from` under `reservation_id`, then commits all of it to `to`.
+fn reserve_and_commit(reservation_id: Uuid, from: u128, to: u128) -> (Operation, Operation) {
+    let reserve = Operation::Reserve { reservation_id, account: usd(from), amount: amount(5), ttl_ms: None };
+    let commit = Operation::Commit {
+        user_id: usd(from).user_id,
+        reservation_id,
+        destination: AccountRef::User(usd(to)),
+        amount: None,
+    };
+    (reserve, commit)
+}
+
 /// A unique key per request without formatting: the counter's hex digits.
 fn key_for(counter: u64) -> IdempotencyKey {
     let mut text = [b'0'; 17];
@@ -340,15 +352,7 @@ fn single_thread(c: &mut Criterion) {
         b.iter_batched(
             || {
                 next_id += 1;
-                let reservation_id = Uuid::from_u64_pair(0, next_id);
-                let reserve =
-                    Operation::Reserve { reservation_id, account: usd(cross_a), amount: amount(5), ttl_ms: None };
-                let commit = Operation::Commit {
-                    user_id: usd(cross_a).user_id,
-                    reservation_id,
-                    destination: AccountRef::User(usd(cross_b)),
-                    amount: None,
-                };
+                let (reserve, commit) = reserve_and_commit(Uuid::from_u64_pair(0, next_id), cross_a, cross_b);
                 (held(&mut caller, reserve), prepare(&mut caller, commit))
             },
             |(reserve, commit)| {
@@ -536,15 +540,7 @@ fn bench_into_channel<S: JournalSink, T: Send>(
             || {
                 drop_on_another_thread(records.try_iter().collect());
                 *next_id += 1;
-                let reservation_id = Uuid::from_u64_pair(0, *next_id);
-                let reserve =
-                    Operation::Reserve { reservation_id, account: usd(from), amount: amount(5), ttl_ms: None };
-                let commit = Operation::Commit {
-                    user_id: usd(from).user_id,
-                    reservation_id,
-                    destination: AccountRef::User(usd(to)),
-                    amount: None,
-                };
+                let (reserve, commit) = reserve_and_commit(Uuid::from_u64_pair(0, *next_id), from, to);
                 (prepare(caller, reserve), prepare(caller, commit))
             },
             |(reserve, commit)| {
