@@ -13,6 +13,7 @@ use diboas_ledger::engine::account::{
 use diboas_ledger::engine::asset::Asset;
 use diboas_ledger::engine::error::EngineError;
 use diboas_ledger::engine::lifecycle::is_legal;
+use diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
 use diboas_ledger::engine::operation::{Operation, Receipt};
 use diboas_ledger::engine::record::MemoryJournal;
 use diboas_ledger::engine::transaction::{
@@ -322,6 +323,20 @@ fn bad_transactions_are_refused_at_initiation() {
     fees_eat_deposit.fees = vec![fee(FeeTier::Provider, 10_000)];
     assert!(matches!(
         h.refused(Operation::InitiateTransaction { transaction: Box::new(fees_eat_deposit) }),
+        EngineError::InvalidTransaction { .. }
+    ));
+    // Fee lines whose sum would wrap past i128::MAX back to a small number.
+    let mut wrapping_fees = spec(TxType::SendMoney, 5);
+    wrapping_fees.fees =
+        vec![fee(FeeTier::Platform, i128::MAX), fee(FeeTier::Network, i128::MAX), fee(FeeTier::Provider, 2)];
+    assert!(matches!(
+        h.refused(Operation::InitiateTransaction { transaction: Box::new(wrapping_fees) }),
+        EngineError::InvalidTransaction { .. }
+    ));
+    let mut fees_past_maximum = spec(TxType::SendMoney, 6);
+    fees_past_maximum.fees = vec![fee(FeeTier::Platform, MAX_AMOUNT_MINOR), fee(FeeTier::Network, 1)];
+    assert!(matches!(
+        h.refused(Operation::InitiateTransaction { transaction: Box::new(fees_past_maximum) }),
         EngineError::InvalidTransaction { .. }
     ));
     h.ok(Operation::InitiateTransaction { transaction: Box::new(spec(TxType::SendMoney, 4)) });

@@ -67,8 +67,10 @@ fn check_shape(spec: &NewTransaction) -> Result<(), EngineError> {
     if spec.principal_minor <= 0 || spec.principal_minor > MAX_AMOUNT_MINOR {
         return Err(invalid("the principal must be positive and at most the maximum amount"));
     }
-    if spec.fees.len() > MAX_FEE_LINES || spec.fees.iter().any(|line| line.amount_minor < 0) {
-        return Err(invalid("fees must be at most one line per tier and never negative"));
+    if spec.fees.len() > MAX_FEE_LINES
+        || spec.fees.iter().any(|line| !(0..=MAX_AMOUNT_MINOR).contains(&line.amount_minor))
+    {
+        return Err(invalid("fees must be at most one line per tier, each from zero to the maximum amount"));
     }
     if spec.reserve_minor() > MAX_AMOUNT_MINOR {
         return Err(invalid("principal plus fees exceed the maximum amount"));

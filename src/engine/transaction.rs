@@ -299,8 +299,10 @@ pub struct Transaction {
 }
 
 impl NewTransaction {
+    /// The fee lines summed, saturating: lines come from the caller, and a sum that wrapped
+    /// could pass the engine's `principal + fees <= MAX_AMOUNT_MINOR` check.
     pub fn fees_total_minor(&self) -> i128 {
-        self.fees.iter().map(|line| line.amount_minor).sum()
+        self.fees.iter().fold(0, |total_minor, line| total_minor.saturating_add(line.amount_minor))
     }
 
     /// The user account debited and reserved, if the principal leaves one.
@@ -313,6 +315,6 @@ impl NewTransaction {
 
     /// What the user account on the paying side is reserved for: principal plus fees.
     pub fn reserve_minor(&self) -> i128 {
-        self.principal_minor + self.fees_total_minor()
+        self.principal_minor.saturating_add(self.fees_total_minor())
     }
 }
