@@ -12,6 +12,7 @@ use diboas_ledger::engine::error::{EngineError, LimitKind};
 use diboas_ledger::engine::operation::{
     DEFAULT_RESERVATION_TTL_MS, MAX_RESERVATION_TTL_MS, Operation, Receipt, Request,
 };
+use diboas_ledger::engine::record::{JournalClosed, JournalRecord, JournalSink};
 use diboas_ledger::engine::reservation::ReservationStatus;
 use rust_decimal::Decimal;
 use support::*;
@@ -1098,4 +1099,47 @@ fn an_idempotency_capacity_past_the_position_space_is_refused_at_start() {
         ..diboas_ledger::engine::EngineConfig::default()
     };
     Engine::new(config, diboas_ledger::engine::record::MemoryJournal::default());
+}
+
+/// Set in the child process that `a_panic_while_shards_are_locked_aborts_the_process` starts.
+const PANIC_CHILD_ENV: &str = "DIBOAS_ENGINE_PANIC_CHILD";
+
+/// A sink that fails the way a bug would: by panicking after the rules applied their effects.
+struct PanickingJournal;
+
+impl JournalSink for PanickingJournal {
+    fn append(&mut self, _record: JournalRecord) -> Result<(), JournalClosed> {
+        panic!("the journal sink broke mid-append");
+    }
+}
+
+/// A panic with shard locks held must not unwind: the locks would be released over effects that
+/// no record describes. The child process runs the engine into a panicking sink; the parent checks
+/// that it died of SIGABRT rather than unwinding back to the caller with the account opened.
+#[test]
+fn a_panic_while_shards_are_locked_aborts_the_process() {
+    use std::os::unix::process::ExitStatusExt;
+
+    if std::env::var_os(PANIC_CHILD_ENV).is_some() {
+        let engine = Engine::new(diboas_ledger::engine::EngineConfig::default(), PanickingJournal);
+        let open = Operation::OpenAccount { account: usd(1), config: AccountConfig::default() };
+        let request = Request { key: key("open"), now_ms: START_MS, operation: open };
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.execute(request)));
+        // Reached only when the panic unwound out of the engine.
+        eprintln!(
+            "unwound ({}); accounts applied without a record: {}",
+            unwound.is_err(),
+            engine.accounts_of(usd(1).user_id).len()
+        );
+        std::process::exit(3);
+    }
+    let test_binary = std::env::current_exe().unwrap();
+    let child = std::process::Command::new(test_binary)
+        .args(["--exact", "a_panic_while_shards_are_locked_aborts_the_process", "--nocapture", "--test-threads=1"])
+        .env(PANIC_CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&child.stderr);
+    assert!(stderr.contains("the journal sink broke mid-append"), "the child never reached the sink: {stderr}");
+    assert_eq!(child.status.signal(), Some(6), "the child should have aborted (SIGABRT): {:?}, {stderr}", child.status);
 }

@@ -261,8 +261,19 @@ pub(crate) struct LockedShards<'a> {
 /// Publishes where the locked shards' closed-reservation indexes are before their locks are
 /// released, if one may have moved (filing, rotation, a restore), so the move is published before
 /// the next holder starts. Requests that file nothing skip the check, and the lines it reads.
+///
+/// A panic while the locks are held aborts the process instead of unwinding. Effects apply as the
+/// rules emit them, so a panic part-way (a broken invariant in an effect, a sink that panics)
+/// would otherwise release the locks over changes no journal record describes, and the server
+/// would go on serving a state its journal cannot rebuild (promises 2 and 7). parking_lot's
+/// mutexes do not poison, so nothing else would stop the next request. Aborting is the
+/// fail-stop answer: a restart recovers the state from the journal, which holds only what was
+/// acknowledged.
 impl Drop for LockedShards<'_> {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            std::process::abort();
+        }
         if !self.closed_changed {
             return;
         }
