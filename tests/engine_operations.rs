@@ -568,6 +568,50 @@ fn a_known_key_or_a_full_store_undoes_everything_the_rules_did() {
     assert_eq!(subject.engine.sink().drain(), twin.engine.sink().drain());
 }
 
+/// A linked batch's receipts are kept whole with its key, one per operation: the store's
+/// capacity counts them by size, so a few large batches fill a shard as many small keys would,
+/// and memory stays bounded by the capacity.
+#[test]
+fn large_batch_outcomes_count_against_the_idempotency_capacity_by_their_size() {
+    let capacity = 1_000;
+    let mut h = Harness::with_config(diboas_ledger::engine::EngineConfig {
+        shard_count: 1,
+        idempotency_capacity_per_shard: capacity,
+        retention_ms: 1_000,
+    });
+    h.open_funded(usd(1), 1_000_000_000);
+    h.open(usd(2), AccountConfig::default());
+    let transfer =
+        Operation::Transfer { from: AccountRef::User(usd(1)), to: AccountRef::User(usd(2)), amount: amount(1) };
+    let batch = Operation::LinkedBatch { operations: vec![transfer; 2_000] };
+    let mut batches = 0;
+    loop {
+        let outcome = h.run(batch.clone());
+        match outcome.result {
+            Ok(_) => batches += 1,
+            Err(error) => {
+                assert_eq!(error, EngineError::IdempotencyCapacityExhausted);
+                break;
+            }
+        }
+        assert!(batches < capacity, "batches of 2,000 receipts never filled a store of {capacity} keys");
+    }
+    let fill = h.engine.idempotency_fill();
+    assert!(fill.keys < 10, "refused after {} keys", fill.keys);
+    assert!(fill.fullest_shard_keys >= capacity, "{fill:?}");
+    assert_eq!(
+        h.refused(Operation::SetFrozen { account: usd(1), frozen: true }),
+        EngineError::IdempotencyCapacityExhausted
+    );
+    // The store empties as its generations retire, and takes keys again.
+    for _ in 0..2 {
+        h.now_ms += 1_000;
+        h.engine.sweep(h.now_ms).unwrap();
+    }
+    assert_eq!(h.engine.idempotency_fill().fullest_shard_keys, 0);
+    h.ok(Operation::SetFrozen { account: usd(1), frozen: true });
+}
+
 #[test]
 fn a_full_idempotency_store_refuses_instead_of_forgetting() {
     let mut h = Harness::with_config(diboas_ledger::engine::EngineConfig {

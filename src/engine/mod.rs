@@ -97,6 +97,8 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct IdempotencyFill {
     pub keys: usize,
+    /// The fullest shard's load: its keys, a large outcome (a linked batch's receipts) counting
+    /// as several. New keys are refused once it reaches `idempotency_capacity_per_shard`.
     pub fullest_shard_keys: usize,
 }
 
@@ -274,7 +276,7 @@ impl<S: JournalSink> Engine<S> {
                 Some(Outcome { sequence: Some(first.sequence), result: first.outcome(), replayed: true })
             }
             Some(_) => Some(refused(EngineError::IdempotencyConflict { key: key.as_str().to_owned() })),
-            None if store.len() >= self.config.idempotency_capacity_per_shard || !store.has_room() => {
+            None if store.load() >= self.config.idempotency_capacity_per_shard || !store.has_room() => {
                 Some(refused(EngineError::IdempotencyCapacityExhausted))
             }
             None => None,
@@ -478,15 +480,16 @@ impl<S: JournalSink> Engine<S> {
         self.map.of_user(user_id)
     }
 
-    /// How full the idempotency store is: the keys held in all and in the fullest shard. New keys
-    /// are refused once a shard holds `idempotency_capacity_per_shard` (for operators: alert
-    /// before the fullest shard gets there). Locks one shard at a time.
+    /// How full the idempotency store is: the keys held in all, and the fullest shard's load (its
+    /// keys, a large outcome counting as several). New keys are refused once a shard's load
+    /// reaches `idempotency_capacity_per_shard` (for operators: alert before the fullest shard
+    /// gets there). Locks one shard at a time.
     pub fn idempotency_fill(&self) -> IdempotencyFill {
         let mut fill = IdempotencyFill::default();
         for cell in self.shards.iter() {
-            let keys = cell.read().idempotency.len();
-            fill.keys += keys;
-            fill.fullest_shard_keys = fill.fullest_shard_keys.max(keys);
+            let shard = cell.read();
+            fill.keys += shard.idempotency.len();
+            fill.fullest_shard_keys = fill.fullest_shard_keys.max(shard.idempotency.load());
         }
         fill
     }

@@ -123,7 +123,7 @@ impl Metrics {
         registry.register("idempotency_keys", "Idempotency keys held in memory", idempotency_keys.clone());
         registry.register(
             "idempotency_fullest_shard_keys",
-            "Idempotency keys held by the fullest shard",
+            "Idempotency keys held by the fullest shard, a large outcome (a linked batch's receipts) counting as several",
             idempotency_fullest_shard_keys.clone(),
         );
         registry.register(

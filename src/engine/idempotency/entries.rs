@@ -12,6 +12,11 @@
 //! outcome (refusals, conversions, batches, transactions) is kept whole beside the chunks and the
 //! entry holds its index.
 //!
+//! An outcome kept whole may be large: a linked batch's receipts, one per operation, up to
+//! `MAX_BATCH_OPERATIONS`. So the store's capacity counts it as one key more for every
+//! [`HELD_BYTES_PER_KEY`] bytes it holds ([`EntryArena::extra_keys`]): the key capacity then
+//! bounds memory, whatever the outcomes' sizes.
+//!
 //! Chunks are allocated at their full size and never move, so growing a generation never copies
 //! entries while the shard is locked. After each append the memory of the next entry is
 //! prefetched, so the shard's next new key finds those lines in cache.
@@ -31,6 +36,10 @@ const MAX_OUTCOME_BYTES: usize = 1 + 32;
 
 /// The longest entry: a 64-byte key and the longest outcome.
 pub(crate) const MAX_ENTRY_BYTES: usize = 1 + MAX_IDEMPOTENCY_KEY_LEN + 3 * 8 + MAX_OUTCOME_BYTES;
+
+/// What an outcome kept whole (`others`) may hold before it counts as a further key against the
+/// store's capacity: about what an inline entry and its index slot take.
+pub(crate) const HELD_BYTES_PER_KEY: usize = 96;
 
 /// Positions are 32-bit byte offsets with `u32::MAX` kept free (the index stores `position + 1`).
 /// A generation stops short of that; `MAX_IDEMPOTENCY_CAPACITY_PER_SHARD` keeps a full
@@ -83,12 +92,21 @@ pub(super) struct EntryArena {
     others: Vec<Result<Receipt, EngineError>>,
     /// Bytes taken, counting the unused tail each full chunk was left with.
     bytes: usize,
+    /// What `others` holds, in keys beyond one per entry (see [`HELD_BYTES_PER_KEY`]).
+    extra_keys: usize,
 }
 
 impl EntryArena {
     /// Whether one more entry of any size fits below [`MAX_BYTES`].
     pub fn has_room(&self) -> bool {
         self.bytes + CHUNK_BYTES <= MAX_BYTES
+    }
+
+    /// The keys the outcomes kept whole count for beyond their own entries: their bytes over
+    /// [`HELD_BYTES_PER_KEY`]. Entries no longer indexed (a key moved on in a replay) still
+    /// count, as their outcomes are still held.
+    pub fn extra_keys(&self) -> usize {
+        self.extra_keys
     }
 
     /// Chunks allocated so far.
@@ -128,6 +146,7 @@ impl EntryArena {
             other => {
                 entry.put([TAG_OTHER]);
                 entry.put((self.others.len() as u32).to_le_bytes());
+                self.extra_keys += held_bytes(other) / HELD_BYTES_PER_KEY;
                 self.others.push(other.clone());
             }
         }
@@ -183,6 +202,34 @@ impl EntryArena {
             unknown => unreachable!("idempotency entry with outcome tag {unknown}: the arena only writes known tags"),
         };
         StoredRecord { fingerprint, sequence, recorded_at_ms, outcome }
+    }
+}
+
+/// The memory an outcome kept whole takes: its slot in `others` and what it owns on the heap.
+fn held_bytes(outcome: &Result<Receipt, EngineError>) -> usize {
+    std::mem::size_of::<Result<Receipt, EngineError>>()
+        + match outcome {
+            Ok(receipt) => receipt_heap_bytes(receipt),
+            Err(error) => error_heap_bytes(error),
+        }
+}
+
+fn receipt_heap_bytes(receipt: &Receipt) -> usize {
+    match receipt {
+        Receipt::Batch { receipts } => {
+            receipts.len() * std::mem::size_of::<Receipt>() + receipts.iter().map(receipt_heap_bytes).sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
+fn error_heap_bytes(error: &EngineError) -> usize {
+    match error {
+        EngineError::BatchOperationFailed { cause, .. } => std::mem::size_of::<EngineError>() + error_heap_bytes(cause),
+        EngineError::IdempotencyConflict { key: text }
+        | EngineError::InvalidAccountConfig { reason: text }
+        | EngineError::InvalidTransaction { reason: text } => text.len(),
+        _ => 0,
     }
 }
 
@@ -255,6 +302,32 @@ mod tests {
             assert_eq!(record.recorded_at_ms, -(n as i64));
             assert_eq!(record.outcome.to_owned(), outcome);
         }
+    }
+
+    /// A batch's receipts count against the capacity by their size; an inline receipt, or a
+    /// small outcome kept whole, counts as its own key only.
+    #[test]
+    fn outcomes_kept_whole_count_as_keys_by_their_size() {
+        let append = |arena: &mut EntryArena, text: &str, outcome: Result<Receipt, EngineError>| {
+            let first = FirstOutcome {
+                fingerprint: OperationFingerprint(1),
+                sequence: 2,
+                recorded_at_ms: 3,
+                outcome: &outcome,
+            };
+            arena.append(&key(text), first);
+        };
+        let mut arena = EntryArena::default();
+        append(&mut arena, "inline", Ok(Receipt::Done));
+        append(&mut arena, "small", Err(EngineError::SameAccount));
+        assert_eq!(arena.extra_keys(), 0);
+        let receipts = vec![Receipt::Committed { committed_minor: 1, released_minor: 0 }; 8_192];
+        let batch_bytes = held_bytes(&Ok(Receipt::Batch { receipts: receipts.clone() }));
+        assert!(batch_bytes >= 8_192 * std::mem::size_of::<Receipt>());
+        append(&mut arena, "batch", Ok(Receipt::Batch { receipts }));
+        assert_eq!(arena.extra_keys(), batch_bytes / HELD_BYTES_PER_KEY);
+        let nested = Ok(Receipt::Batch { receipts: vec![Receipt::Batch { receipts: vec![Receipt::Done; 1_000] }] });
+        assert!(held_bytes(&nested) >= 1_000 * std::mem::size_of::<Receipt>());
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! check and the operation are one atomic step.
 //!
 //! Limits: a key is 1..=64 printable ASCII bytes, stored inline (no allocation); each shard
-//! holds at most a configured number of keys; a full store refuses new operations rather than
-//! forget a live key. Keys are kept in two generations: new keys go into the current one, and
+//! holds at most a configured number of keys, a large outcome counting as several (see `load`);
+//! a full store refuses new operations rather than forget a live key. Keys are kept in two generations: new keys go into the current one, and
 //! once per retention window the sweep retires the previous generation whole and the current
 //! one becomes previous. Dropping a whole map is far cheaper than evicting keys one by one, at
 //! the price of a looser window: a key is remembered for at least the retention window and at
@@ -199,6 +199,12 @@ impl generations::Generation for Generation {
 }
 
 impl Generation {
+    /// The keys this generation counts for against the store's capacity: its live keys, and as
+    /// many more as its large outcomes take (see `entries::HELD_BYTES_PER_KEY`).
+    fn load(&self) -> usize {
+        self.index.len() + self.entries.extra_keys()
+    }
+
     fn position(&self, key: &IdempotencyKey, hash: KeyHash) -> Option<u32> {
         let key = key.as_bytes();
         self.index.find(hash.0, |position| self.entries.key(position) == key)
@@ -251,6 +257,13 @@ impl IdempotencyStore {
 
     pub(crate) fn len(&self) -> usize {
         self.generations.current.len() + self.generations.previous.len()
+    }
+
+    /// What the store counts against its capacity: its keys, plus one for every
+    /// `HELD_BYTES_PER_KEY` bytes of outcomes kept whole (a linked batch's receipts), so that
+    /// the capacity bounds the store's memory and not only its number of keys.
+    pub(crate) fn load(&self) -> usize {
+        self.generations.current.load() + self.generations.previous.load()
     }
 
     /// Whether one more key can be recorded. The engine's capacity check keeps a generation far
