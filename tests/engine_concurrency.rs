@@ -4,6 +4,9 @@
 //! Afterwards money is conserved, the journal's sequence is gap-free and in order, every
 //! acknowledged sequence is in it exactly once, and replaying it into a fresh engine gives an
 //! identical state (order-sensitive: the accounts' usage counters are journaled as values).
+//!
+//! Beside it: outflow limits under threads racing to spend the same limited accounts, and linked
+//! batches locking many shards at once (the heap lock path), some failing, from several threads.
 
 mod support;
 
@@ -15,6 +18,7 @@ use diboas_ledger::engine::account::{
     AccountConfig, AccountRef, FeeTier, OutflowLimits, Provider, SystemAccount, SystemKind,
 };
 use diboas_ledger::engine::asset::Asset;
+use diboas_ledger::engine::error::{EngineError, LimitKind};
 use diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
 use diboas_ledger::engine::operation::{Operation, Request};
 use diboas_ledger::engine::record::MemoryJournal;
@@ -155,6 +159,192 @@ fn hot_accounts_under_concurrent_load_stay_consistent_and_replayable() {
         .collect();
     assert_eq!(acknowledged, request_sequences, "every acknowledged change is journaled exactly once");
 
+    let replayed = Engine::new(*engine.config(), MemoryJournal::default());
+    for record in &records {
+        replayed.apply_record(record).unwrap();
+    }
+    assert_eq!(replayed.state(), state, "replaying the journal rebuilds the same state");
+}
+
+/// Opens `account` with `config` and deposits `minor` into it, under keys of its own.
+fn open_funded(engine: &Engine<MemoryJournal>, user: u128, config: AccountConfig, minor: i128) {
+    let open = Operation::OpenAccount { account: usd(user), config };
+    engine.execute(Request { key: key(&format!("open-{user}")), now_ms: START_MS, operation: open }).result.unwrap();
+    let deposit = Operation::Deposit { account: usd(user), amount: amount(minor), provider: Provider::Stripe };
+    engine.execute(Request { key: key(&format!("fund-{user}")), now_ms: START_MS, operation: deposit }).result.unwrap();
+}
+
+/// Outflow limits are checked and counted atomically with the outflow: threads racing to spend
+/// two limited accounts (one held by a daily limit, one by a monthly and a per-transaction
+/// limit) through withdrawals, transfers and reservations never get more through than the
+/// limit, and every refusal names the limit that a request of its size would still break at
+/// the end.
+#[test]
+fn outflow_limits_hold_under_concurrent_spending() {
+    const DAILY: u128 = 0;
+    const MONTHLY: u128 = 1;
+    const PAYEE: u128 = 2;
+    let (daily_minor, monthly_minor, per_transaction_minor) = (200_000, 150_000, 4_000);
+    let engine =
+        Arc::new(Engine::new(EngineConfig { shard_count: 8, ..EngineConfig::default() }, MemoryJournal::default()));
+    let daily = OutflowLimits { daily_minor: Some(daily_minor), ..OutflowLimits::default() };
+    let monthly = OutflowLimits {
+        per_transaction_minor: Some(per_transaction_minor),
+        daily_minor: Some(MAX_AMOUNT_MINOR),
+        monthly_minor: Some(monthly_minor),
+    };
+    open_funded(&engine, DAILY, AccountConfig { limits: daily, ..AccountConfig::default() }, 10_000_000);
+    open_funded(&engine, MONTHLY, AccountConfig { limits: monthly, ..AccountConfig::default() }, 10_000_000);
+    open_funded(&engine, PAYEE, AccountConfig::default(), 1);
+
+    let workers: Vec<_> = (0..THREADS)
+        .map(|thread_index| {
+            let engine = Arc::clone(&engine);
+            thread::spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(100 + thread_index as u64);
+                // (user, amount, refusal) of every outflow tried.
+                let mut tried = Vec::new();
+                for n in 0..2_000 {
+                    let user = if rng.random_bool(0.5) { DAILY } else { MONTHLY };
+                    let minor = rng.random_range(1..5_000);
+                    let operation = match n % 3 {
+                        0 => {
+                            Operation::Withdraw { account: usd(user), amount: amount(minor), provider: Provider::Ramp }
+                        }
+                        1 => Operation::Transfer {
+                            from: AccountRef::User(usd(user)),
+                            to: AccountRef::User(usd(PAYEE)),
+                            amount: amount(minor),
+                        },
+                        _ => Operation::Reserve {
+                            reservation_id: Uuid::from_u128(((thread_index as u128) << 64) | n as u128),
+                            account: usd(user),
+                            amount: amount(minor),
+                            ttl_ms: None,
+                        },
+                    };
+                    let request = Request { key: key(&format!("t{thread_index}-{n}")), now_ms: START_MS, operation };
+                    tried.push((user, minor, engine.execute(request).result.err()));
+                }
+                tried
+            })
+        })
+        .collect();
+    let tried: Vec<(u128, i128, Option<EngineError>)> =
+        workers.into_iter().flat_map(|worker| worker.join().unwrap()).collect();
+
+    let state = engine.state();
+    state.check_invariants().unwrap();
+    let usage = |user| state.accounts.values().find(|view| view.account == usd(user)).unwrap().usage;
+    let spent = |user| tried.iter().filter(|(who, _, refusal)| *who == user && refusal.is_none()).map(|t| t.1).sum();
+    let (daily_spent, monthly_spent): (i128, i128) = (spent(DAILY), spent(MONTHLY));
+    assert_eq!(usage(DAILY).day_used_minor, daily_spent);
+    assert_eq!(usage(MONTHLY).month_used_minor, monthly_spent);
+    assert!(daily_spent <= daily_minor, "{daily_spent} went out under a daily limit of {daily_minor}");
+    assert!(monthly_spent <= monthly_minor, "{monthly_spent} went out under a monthly limit of {monthly_minor}");
+    let mut refusals = 0;
+    for (user, minor, refusal) in &tried {
+        let Some(refusal) = refusal else { continue };
+        refusals += 1;
+        let (expected, headroom) = match (*user, *minor > per_transaction_minor) {
+            (DAILY, _) => (LimitKind::Daily, daily_minor - daily_spent),
+            (_, true) => (LimitKind::PerTransaction, per_transaction_minor),
+            (_, false) => (LimitKind::Monthly, monthly_minor - monthly_spent),
+        };
+        assert!(
+            matches!(refusal, EngineError::LimitExceeded { limit, .. } if *limit == expected),
+            "{minor} from user {user}: {refusal:?}, expected {expected:?}"
+        );
+        assert!(*minor > headroom, "{minor} refused with {headroom} left under the {expected:?} limit");
+    }
+    assert!(refusals > 0 && daily_spent > daily_minor / 2 && monthly_spent > monthly_minor / 2);
+}
+
+/// Linked batches that each lock more shards than the inline lock set holds (the heap path),
+/// run from several threads at once, some failing at their last transfer: nothing deadlocks,
+/// and the balances end exactly where the successful batches alone would take them.
+#[test]
+fn batches_across_many_shards_are_atomic_under_concurrency() {
+    const USERS: u128 = 48;
+    const START_MINOR: i128 = 1_000_000;
+    let engine =
+        Arc::new(Engine::new(EngineConfig { shard_count: 64, ..EngineConfig::default() }, MemoryJournal::default()));
+    for user in 0..USERS {
+        open_funded(&engine, user, AccountConfig::default(), START_MINOR);
+    }
+    let workers: Vec<_> = (0..THREADS)
+        .map(|thread_index| {
+            let engine = Arc::clone(&engine);
+            thread::spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(200 + thread_index as u64);
+                let mut deltas = vec![0_i128; USERS as usize];
+                let (mut applied, mut failed, mut wide) = (0, 0, 0);
+                for n in 0..1_500 {
+                    let mut transfers = Vec::new();
+                    for _ in 0..rng.random_range(6..12) {
+                        let from = rng.random_range(0..USERS);
+                        let to = (from + rng.random_range(1..USERS)) % USERS;
+                        transfers.push((from, to, rng.random_range(1..100)));
+                    }
+                    // One batch in four ends with a transfer no account can fund.
+                    let fails = rng.random_range(0..4) == 0;
+                    if fails {
+                        transfers.push((0, 1, 100 * START_MINOR));
+                    }
+                    let mut shards: Vec<u32> = transfers
+                        .iter()
+                        .flat_map(|&(from, to, _)| {
+                            [engine.shard_of(usd(from).user_id), engine.shard_of(usd(to).user_id)]
+                        })
+                        .collect();
+                    shards.sort_unstable();
+                    shards.dedup();
+                    wide += usize::from(shards.len() > 4);
+                    let operations = transfers
+                        .iter()
+                        .map(|&(from, to, minor)| Operation::Transfer {
+                            from: AccountRef::User(usd(from)),
+                            to: AccountRef::User(usd(to)),
+                            amount: amount(minor),
+                        })
+                        .collect();
+                    let operation = Operation::LinkedBatch { operations };
+                    let request = Request { key: key(&format!("b{thread_index}-{n}")), now_ms: START_MS, operation };
+                    match engine.execute(request).result {
+                        Ok(_) => {
+                            assert!(!fails, "a batch with an unfundable transfer went through");
+                            applied += 1;
+                            for (from, to, minor) in transfers {
+                                deltas[from as usize] -= minor;
+                                deltas[to as usize] += minor;
+                            }
+                        }
+                        Err(EngineError::BatchOperationFailed { index, .. }) if fails => {
+                            assert_eq!(index, transfers.len() - 1, "the failing transfer is the last");
+                            failed += 1;
+                        }
+                        Err(error) => panic!("batch {n} of thread {thread_index}: {error:?}"),
+                    }
+                }
+                assert!(applied > 0 && failed > 0);
+                assert!(wide > 1_000, "only {wide} batches locked more than four shards");
+                deltas
+            })
+        })
+        .collect();
+    let mut expected = vec![START_MINOR; USERS as usize];
+    for deltas in workers.into_iter().map(|worker| worker.join().unwrap()) {
+        for (balance, delta) in expected.iter_mut().zip(deltas) {
+            *balance += delta;
+        }
+    }
+    let state = engine.state();
+    state.check_invariants().unwrap();
+    for user in 0..USERS {
+        let view = state.accounts.values().find(|view| view.account == usd(user)).unwrap();
+        assert_eq!(view.balance.available_minor, expected[user as usize], "user {user}");
+    }
+    let records = engine.sink().drain();
     let replayed = Engine::new(*engine.config(), MemoryJournal::default());
     for record in &records {
         replayed.apply_record(record).unwrap();
