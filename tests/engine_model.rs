@@ -3,21 +3,21 @@
 //! deliberately simple reference model. After every step the two must agree on each outcome,
 //! every balance, every reservation and every system account, and the engine's invariants must
 //! hold (each asset sums to zero, reserved = sum of active reservations, available >= -overdraft).
-//! At the end, replaying the journal into a fresh engine must rebuild the identical state.
+//! A retry must repeat its key's first answer exactly (sequence, receipt or error). At the end, replaying the journal into a fresh engine must rebuild the identical state.
 
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use diboas_ledger::engine::account::{
     AccountConfig, AccountRef, Domain, FeeTier, OutflowLimits, Provider, SystemAccount, SystemKind, UserAccount,
 };
 use diboas_ledger::engine::asset::Asset;
 use diboas_ledger::engine::error::EngineError;
-use diboas_ledger::engine::operation::{Operation, Request};
+use diboas_ledger::engine::operation::{Operation, Receipt, Request};
 use diboas_ledger::engine::record::MemoryJournal;
 use diboas_ledger::engine::reservation::ReservationStatus;
-use diboas_ledger::engine::{Engine, EngineConfig};
+use diboas_ledger::engine::{Engine, EngineConfig, Outcome};
 use proptest::prelude::*;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 use rust_decimal::Decimal;
@@ -442,6 +442,16 @@ impl ReferenceStateMachine for LedgerModel {
 
 struct EngineUnderTest {
     engine: Engine<MemoryJournal>,
+    /// Each key's first answer (sequence and result), which every retry must repeat exactly: the
+    /// model checks only the kind of outcome, this checks the receipt and the error in full.
+    first_answers: HashMap<String, (Option<u64>, Result<Receipt, EngineError>)>,
+}
+
+impl EngineUnderTest {
+    fn assert_first_answer(&self, text: &str, outcome: &Outcome) {
+        let (sequence, result) = &self.first_answers[text];
+        assert_eq!((&outcome.sequence, &outcome.result), (sequence, result), "the retry of {text} answered otherwise");
+    }
 }
 
 impl StateMachineTest for EngineUnderTest {
@@ -451,14 +461,16 @@ impl StateMachineTest for EngineUnderTest {
     fn init_test(model: &Model) -> EngineUnderTest {
         let config = EngineConfig { shard_count: 4, ..EngineConfig::default() };
         let engine = Engine::new(config, MemoryJournal::default());
+        let mut first_answers = HashMap::new();
         for (text, operation, expected) in &model.keys {
             let outcome = engine.execute(Request { key: key(text), now_ms: START_MS, operation: operation.clone() });
             assert_outcome(&outcome.result, expected);
+            first_answers.insert(text.clone(), (outcome.sequence, outcome.result));
         }
-        EngineUnderTest { engine }
+        EngineUnderTest { engine, first_answers }
     }
 
-    fn apply(sut: EngineUnderTest, model: &Model, transition: Transition) -> EngineUnderTest {
+    fn apply(mut sut: EngineUnderTest, model: &Model, transition: Transition) -> EngineUnderTest {
         // `model` is the state after the transition; compare outcomes with what it recorded.
         match transition {
             Transition::Submit { key: text, operation } => {
@@ -466,6 +478,7 @@ impl StateMachineTest for EngineUnderTest {
                 let (_, _, expected) = model.keys.last().unwrap();
                 assert_outcome(&outcome.result, expected);
                 assert!(!outcome.replayed);
+                sut.first_answers.insert(text, (outcome.sequence, outcome.result));
             }
             Transition::Retry { nth } => {
                 let (text, operation, expected) = &model.keys[nth % model.keys.len()];
@@ -474,6 +487,7 @@ impl StateMachineTest for EngineUnderTest {
                 let outcome = sut.engine.execute(request);
                 assert!(outcome.replayed, "a retry is answered from the idempotency store");
                 assert_outcome(&outcome.result, expected);
+                sut.assert_first_answer(text, &outcome);
                 assert_eq!(sut.engine.sink().len(), journal_len, "a retry journals nothing");
             }
             Transition::Conflict { nth, operation } => {
@@ -482,6 +496,7 @@ impl StateMachineTest for EngineUnderTest {
                     sut.engine.execute(Request { key: key(text), now_ms: model.now_ms, operation: operation.clone() });
                 if operation == *first {
                     assert!(outcome.replayed);
+                    sut.assert_first_answer(text, &outcome);
                 } else {
                     assert!(matches!(outcome.result, Err(EngineError::IdempotencyConflict { .. })));
                 }
@@ -528,10 +543,7 @@ impl StateMachineTest for EngineUnderTest {
     }
 }
 
-fn assert_outcome(
-    actual: &Result<diboas_ledger::engine::operation::Receipt, EngineError>,
-    expected: &Result<(), String>,
-) {
+fn assert_outcome(actual: &Result<Receipt, EngineError>, expected: &Result<(), String>) {
     match (actual, expected) {
         (Ok(_), Ok(())) => {}
         (Err(EngineError::BatchOperationFailed { index, .. }), Err(name)) => {
