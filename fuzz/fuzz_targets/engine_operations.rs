@@ -12,7 +12,8 @@ use diboas_ledger::engine::account::{
 use diboas_ledger::engine::asset::Asset;
 use diboas_ledger::engine::idempotency::IdempotencyKey;
 use diboas_ledger::engine::money::{Amount, MAX_AMOUNT_MINOR};
-use diboas_ledger::engine::operation::{Operation, Request};
+use diboas_ledger::engine::error::EngineError;
+use diboas_ledger::engine::operation::{Operation, Receipt, Request};
 use diboas_ledger::engine::record::MemoryJournal;
 use diboas_ledger::engine::transaction::{
     ComplianceRecord, FeeLine, FeeMethod, Fill, KycStatus, NewTransaction, RiskLevel, TxStatus, TxType,
@@ -184,7 +185,8 @@ fuzz_target!(|data: &[u8]| {
     // Callers' clocks disagree, so time may step back; the engine dates changes no earlier than
     // the latest time a shard has seen, which is at most `latest_ms`.
     let mut latest_ms = now_ms;
-    let mut sent: Vec<(Request, Result<(), ()>)> = Vec::new();
+    // Every request sent, with its first answer (sequence and result).
+    let mut sent: Vec<(Request, Option<u64>, std::result::Result<Receipt, EngineError>)> = Vec::new();
     for index in 0..MAX_REQUESTS {
         if u.is_empty() {
             break;
@@ -199,13 +201,17 @@ fuzz_target!(|data: &[u8]| {
             2 => now_ms -= i64::from(u.int_in_range(0..=7_200_000_u32).unwrap_or(0)),
             1 if !sent.is_empty() => {
                 let nth = u.choose_index(sent.len()).unwrap_or(0);
-                let (request, first) = &sent[nth];
+                let (request, first_sequence, first_result) = &sent[nth];
                 let retry = engine.execute(Request { now_ms, ..request.clone() });
                 // Within the retention window the first outcome must come back; after it the key
                 // may have been forgotten and the request is then a new one.
                 if latest_ms - request.now_ms < engine.config().retention_ms {
                     assert!(retry.replayed, "a retry within the retention window is answered from the store");
-                    assert_eq!(retry.result.is_ok(), first.is_ok(), "a retry returns the first outcome");
+                    assert_eq!(
+                        (&retry.sequence, &retry.result),
+                        (first_sequence, first_result),
+                        "a retry returns the first answer exactly"
+                    );
                 }
             }
             _ => {
@@ -213,7 +219,7 @@ fuzz_target!(|data: &[u8]| {
                 let key = IdempotencyKey::new(&format!("fuzz-{index}")).unwrap_or_else(|_| unreachable!("valid key"));
                 let request = Request { key, now_ms, operation };
                 let outcome = engine.execute(request.clone());
-                sent.push((request, outcome.result.map(|_| ()).map_err(|_| ())));
+                sent.push((request, outcome.sequence, outcome.result));
             }
         }
         engine.state().check_invariants().unwrap_or_else(|violation| panic!("invariant broken: {violation}"));
