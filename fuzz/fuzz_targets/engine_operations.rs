@@ -10,9 +10,9 @@ use diboas_ledger::engine::account::{
     AccountConfig, AccountRef, Domain, FeeTier, OutflowLimits, Provider, SystemAccount, SystemKind, UserAccount,
 };
 use diboas_ledger::engine::asset::Asset;
+use diboas_ledger::engine::error::EngineError;
 use diboas_ledger::engine::idempotency::IdempotencyKey;
 use diboas_ledger::engine::money::{Amount, MAX_AMOUNT_MINOR};
-use diboas_ledger::engine::error::EngineError;
 use diboas_ledger::engine::operation::{Operation, Receipt, Request};
 use diboas_ledger::engine::record::MemoryJournal;
 use diboas_ledger::engine::transaction::{

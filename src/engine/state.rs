@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::account::{AccountConfig, Balance, SystemAccount, UserAccount};
 use super::asset::Asset;
+use super::error::LimitKind;
 use super::idempotency::{IdempotencyKey, IdempotencyRecord};
 use super::limits::OutflowUsage;
 use super::money::MAX_AMOUNT_MINOR;
@@ -57,10 +58,30 @@ pub enum InvariantViolation {
     BelowOverdraft { account: UserAccount, available_minor: i128, overdraft_minor: i128 },
     #[error("a balance component of {account:?} is out of range")]
     OutOfRange { account: UserAccount },
+    #[error("{account:?} counts {used_minor} of outflow in a window its {limit:?} limit of {limit_minor} bounds")]
+    UsagePastLimit { account: UserAccount, limit: LimitKind, used_minor: i128, limit_minor: i128 },
     #[error("reservation {reservation_id} belongs to an account that does not exist")]
     OrphanReservation { reservation_id: Uuid },
     #[error("transaction {transaction_id}'s reservation does not match its status or amount")]
     TransactionReservationMismatch { transaction_id: Uuid },
+}
+
+/// An account's outflow counters stay within its limits: limits are fixed when the account opens
+/// and every outflow is checked against them as it is counted, so a counter past its limit (or
+/// below zero) means an outflow went through unchecked or a refund was counted twice.
+fn check_usage(view: &AccountView) -> Result<(), InvariantViolation> {
+    let limits = view.config.limits;
+    let windows = [
+        (LimitKind::Daily, limits.daily_minor, view.usage.day_used_minor),
+        (LimitKind::Monthly, limits.monthly_minor, view.usage.month_used_minor),
+    ];
+    for (limit, limit_minor, used_minor) in windows {
+        let limit_minor = limit_minor.unwrap_or(MAX_AMOUNT_MINOR);
+        if !(0..=limit_minor).contains(&used_minor) {
+            return Err(InvariantViolation::UsagePastLimit { account: view.account, limit, used_minor, limit_minor });
+        }
+    }
+    Ok(())
 }
 
 impl EngineState {
@@ -100,6 +121,7 @@ impl EngineState {
             if balance.available_minor.abs() > MAX_AMOUNT_MINOR || balance.reserved_minor > MAX_AMOUNT_MINOR {
                 return Err(InvariantViolation::OutOfRange { account: view.account });
             }
+            check_usage(view)?;
         }
         self.check_transactions()?;
         for asset in Asset::all() {
@@ -173,5 +195,35 @@ impl EngineState {
     /// The summed balance of a system account (zero if it never moved).
     pub fn system_balance_minor(&self, account: &SystemAccount) -> i128 {
         self.system_minor.get(account).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::account::{Domain, OutflowLimits};
+
+    /// One account with a daily limit of 100 and `day_used_minor` counted today.
+    fn with_daily_usage(day_used_minor: i128) -> EngineState {
+        let account = UserAccount { user_id: Uuid::from_u128(1), domain: Domain::Banking, asset: Asset::USD };
+        let limits = OutflowLimits { daily_minor: Some(100), ..OutflowLimits::default() };
+        let view = AccountView {
+            account,
+            config: AccountConfig { limits, ..AccountConfig::default() },
+            balance: Balance::default(),
+            usage: OutflowUsage { day_used_minor, ..OutflowUsage::default() },
+        };
+        EngineState { accounts: BTreeMap::from([(account, view)]), ..EngineState::default() }
+    }
+
+    #[test]
+    fn outflow_counters_past_their_limit_or_below_zero_break_an_invariant() {
+        assert_eq!(with_daily_usage(100).check_invariants(), Ok(()));
+        for used_minor in [101, -1] {
+            assert!(matches!(
+                with_daily_usage(used_minor).check_invariants(),
+                Err(InvariantViolation::UsagePastLimit { limit: LimitKind::Daily, limit_minor: 100, .. })
+            ));
+        }
     }
 }
