@@ -10,7 +10,7 @@ use diboas_ledger::engine::account::{
 use diboas_ledger::engine::asset::Asset;
 use diboas_ledger::engine::error::{EngineError, LimitKind};
 use diboas_ledger::engine::operation::{
-    DEFAULT_RESERVATION_TTL_MS, MAX_RESERVATION_TTL_MS, Operation, Receipt, Request,
+    DEFAULT_RESERVATION_TTL_MS, MAX_ACTIVE_RESERVATIONS_PER_USER, MAX_RESERVATION_TTL_MS, Operation, Receipt, Request,
 };
 use diboas_ledger::engine::record::{JournalClosed, JournalRecord, JournalSink};
 use diboas_ledger::engine::reservation::ReservationStatus;
@@ -179,6 +179,29 @@ fn reserve_commit_and_release_keep_reserved_equal_to_active_reservations() {
         h.refused(whole),
         EngineError::ReservationNotActive { reservation_id: Uuid::from_u128(10), status: ReservationStatus::Completed }
     );
+}
+
+/// A user holds at most `MAX_ACTIVE_RESERVATIONS_PER_USER` Active reservations, across all of
+/// their accounts; closing one makes room, and other users are not affected.
+#[test]
+fn a_user_holds_at_most_the_maximum_of_active_reservations() {
+    let mut h = Harness::new();
+    let investing = user_account(1, Domain::Investing, Asset::USD);
+    h.open_funded(usd(1), 1_000_000);
+    h.open_funded(investing, 1_000_000);
+    h.open_funded(usd(2), 1_000);
+    for id in 0..MAX_ACTIVE_RESERVATIONS_PER_USER as u128 {
+        let account = if id % 2 == 0 { usd(1) } else { investing };
+        assert!(h.run(reserve(account, id, 1)).result.is_ok(), "reservation {id}");
+    }
+    let full =
+        EngineError::TooManyActiveReservations { user_id: Uuid::from_u128(1), max: MAX_ACTIVE_RESERVATIONS_PER_USER };
+    assert_eq!(h.refused(reserve(usd(1), 1 << 20, 1)), full);
+    assert_eq!(h.refused(reserve(investing, 1 << 20, 1)), full);
+    h.ok(reserve(usd(2), 1 << 20, 1));
+    h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(0) });
+    h.ok(reserve(usd(1), 1 << 20, 1));
+    assert_eq!(h.refused(reserve(usd(1), (1 << 20) + 1, 1)), full);
 }
 
 #[test]

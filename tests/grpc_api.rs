@@ -449,6 +449,38 @@ async fn batch_entries_are_independent_and_linked_groups_all_or_nothing(pool: Pg
     server.stop().await;
 }
 
+/// Past `MAX_ACTIVE_RESERVATIONS_PER_USER` active reservations a reserve is refused with
+/// FAILED_PRECONDITION `TOO_MANY_ACTIVE_RESERVATIONS`, naming the user and the maximum.
+#[sqlx::test]
+async fn too_many_active_reservations_are_refused_with_their_reason(pool: PgPool) {
+    use diboas_ledger::engine::operation::MAX_ACTIVE_RESERVATIONS_PER_USER;
+
+    let server = TestServer::start(prepared(&pool).await).await;
+    let mut client = server.client.clone();
+    let alice = usd(1);
+    funded(&mut client, &alice, "100.00").await;
+    let reserve = |id: usize| pb::Reserve {
+        reservation_id: uuid::Uuid::from_u128(0x0c0c_0000_0000_4000_8000_0000_0000_0000 | id as u128).to_string(),
+        account: Some(alice.clone()),
+        amount: "0.01".into(),
+        ttl_ms: None,
+    };
+    let entries = (0..MAX_ACTIVE_RESERVATIONS_PER_USER)
+        .map(|id| entry(&format!("many-{id}"), single(pb::operation::Kind::Reserve(reserve(id)))))
+        .collect();
+    let response = client.submit_batch(pb::SubmitBatchRequest { entries }).await.unwrap().into_inner();
+    assert!(response.results.iter().all(|result| matches!(result.result, Some(pb::batch_result::Result::Receipt(_)))));
+    let request = pb::ReserveRequest {
+        idempotency_key: "one-too-many".into(),
+        operation: Some(reserve(MAX_ACTIVE_RESERVATIONS_PER_USER)),
+    };
+    let refused = client.reserve(request).await.unwrap_err();
+    assert_refused(&refused, Code::FailedPrecondition, "TOO_MANY_ACTIVE_RESERVATIONS");
+    let info = refused.get_details_error_info().unwrap();
+    assert_eq!(info.metadata["max"], MAX_ACTIVE_RESERVATIONS_PER_USER.to_string());
+    assert_eq!(info.metadata["user_id"], alice.user_id);
+}
+
 #[sqlx::test]
 async fn balances_survive_a_restart(pool: PgPool) {
     let options = prepared(&pool).await;

@@ -158,6 +158,11 @@ fn classify(error: &EngineError) -> (Code, &'static str, Metadata) {
             "RESERVATION_ALREADY_EXISTS",
             vec![("user_id", user_id.to_string()), ("reservation_id", reservation_id.to_string())],
         ),
+        E::TooManyActiveReservations { user_id, max } => (
+            Code::FailedPrecondition,
+            "TOO_MANY_ACTIVE_RESERVATIONS",
+            vec![("user_id", user_id.to_string()), ("max", max.to_string())],
+        ),
         E::ReservationNotActive { reservation_id, status } => (
             Code::FailedPrecondition,
             "RESERVATION_NOT_ACTIVE",

@@ -23,6 +23,12 @@ pub const DEFAULT_RESERVATION_TTL_MS: i64 = 30 * 60 * 1_000;
 /// The longest a reservation may live: 7 days.
 pub const MAX_RESERVATION_TTL_MS: i64 = 7 * 24 * 60 * 60 * 1_000;
 
+/// The most Active reservations one user may hold at once (transactions' included). Reservations
+/// live up to `MAX_RESERVATION_TTL_MS`, far longer than the idempotency keys that bound how fast
+/// they arrive, so without this one caller could pile up reservations without end; and a user's
+/// active reservations sit in one map the user's every request touches.
+pub const MAX_ACTIVE_RESERVATIONS_PER_USER: usize = 4_096;
+
 /// Commission on a conversion is given in basis points, at most 100% (10 000).
 pub const MAX_COMMISSION_BPS: u32 = 10_000;
 

@@ -14,7 +14,8 @@ use super::error::EngineError;
 use super::lifecycle;
 use super::money::{Amount, MAX_AMOUNT_MINOR};
 use super::operation::{
-    DEFAULT_RESERVATION_TTL_MS, MAX_BATCH_OPERATIONS, MAX_COMMISSION_BPS, MAX_RESERVATION_TTL_MS, Operation, Receipt,
+    DEFAULT_RESERVATION_TTL_MS, MAX_ACTIVE_RESERVATIONS_PER_USER, MAX_BATCH_OPERATIONS, MAX_COMMISSION_BPS,
+    MAX_RESERVATION_TTL_MS, Operation, Receipt,
 };
 use super::prefetch::prefetch_bytes_for_write;
 use super::reservation::{Reservation, ReservationStatus};
@@ -398,6 +399,11 @@ impl<'s> ReservationView<'s> {
         }
     }
 
+    /// The user's Active reservations.
+    fn active_reservations(&self) -> usize {
+        self.user.map_or(0, |user| user.reservations.len())
+    }
+
     /// A transaction's reservation moves only with the transaction: the plain reservation
     /// operations may neither take its id nor commit or release it.
     fn refuse_if_transaction(&self) -> Result<(), EngineError> {
@@ -458,6 +464,12 @@ pub(super) fn reserve(
     let reserved_minor = view.account(account)?.balance.reserved_minor;
     if view.reservation.is_some() {
         return Err(EngineError::ReservationAlreadyExists { user_id: account.user_id, reservation_id });
+    }
+    if view.active_reservations() >= MAX_ACTIVE_RESERVATIONS_PER_USER {
+        return Err(EngineError::TooManyActiveReservations {
+            user_id: account.user_id,
+            max: MAX_ACTIVE_RESERVATIONS_PER_USER,
+        });
     }
     if reserved_minor + amount.minor() > MAX_AMOUNT_MINOR {
         return Err(EngineError::BalanceOverflow { account: AccountRef::User(*account) });
