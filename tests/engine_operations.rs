@@ -202,6 +202,10 @@ fn a_user_holds_at_most_the_maximum_of_active_reservations() {
     h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(0) });
     h.ok(reserve(usd(1), 1 << 20, 1));
     assert_eq!(h.refused(reserve(usd(1), (1 << 20) + 1, 1)), full);
+    // Expiry makes room too: every reservation above lives the default 30 minutes.
+    h.now_ms += DEFAULT_RESERVATION_TTL_MS;
+    while h.engine.sweep(h.now_ms).unwrap().more_due {}
+    h.ok(reserve(usd(1), (1 << 20) + 1, 1));
 }
 
 #[test]
@@ -906,12 +910,14 @@ fn a_sweep_says_when_more_reservations_are_due_than_it_expired() {
         shard_count: 1,
         ..diboas_ledger::engine::EngineConfig::default()
     });
+    // Two users of the one shard: one user holds at most MAX_ACTIVE_RESERVATIONS_PER_USER.
     h.open_funded(usd(1), 1_000_000);
+    h.open_funded(usd(2), 1_000_000);
     let due = diboas_ledger::engine::MAX_EXPIRIES_PER_SHARD_SWEEP as u128 + 10;
     for id in 0..due {
         let op = Operation::Reserve {
             reservation_id: Uuid::from_u128(id),
-            account: usd(1),
+            account: usd(1 + id % 2),
             amount: amount(1),
             ttl_ms: Some(1_000),
         };
@@ -921,7 +927,9 @@ fn a_sweep_says_when_more_reservations_are_due_than_it_expired() {
     assert_eq!((first.expired, first.more_due), (diboas_ledger::engine::MAX_EXPIRIES_PER_SHARD_SWEEP, true));
     let second = h.engine.sweep(h.now_ms + 1_000).unwrap();
     assert_eq!((second.expired, second.more_due), (10, false));
-    assert_eq!(h.balance(usd(1)), Balance { available_minor: 1_000_000, reserved_minor: 0 });
+    for user in [1, 2] {
+        assert_eq!(h.balance(usd(user)), Balance { available_minor: 1_000_000, reserved_minor: 0 });
+    }
     h.engine.state().check_invariants().unwrap();
 }
 

@@ -14,7 +14,7 @@ use diboas_ledger::engine::asset::Asset;
 use diboas_ledger::engine::error::EngineError;
 use diboas_ledger::engine::lifecycle::is_legal;
 use diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
-use diboas_ledger::engine::operation::{Operation, Receipt};
+use diboas_ledger::engine::operation::{MAX_ACTIVE_RESERVATIONS_PER_USER, Operation, Receipt};
 use diboas_ledger::engine::record::MemoryJournal;
 use diboas_ledger::engine::transaction::{
     AmlStatus, ComplianceRecord, FeeLine, FeeMethod, Fill, KycStatus, NewTransaction, ProviderRef, RiskLevel, TxStatus,
@@ -303,6 +303,32 @@ fn insufficient_funds_refuses_the_reservation_and_the_transaction_stays_validati
     assert_eq!(status_of(&h, 1), TxStatus::Validating);
 }
 
+/// A transaction's reservation counts toward the user's active reservations: at the cap, the
+/// move to BalanceReserved is refused and the transaction stays validating.
+#[test]
+fn a_user_at_the_reservation_cap_cannot_reserve_for_a_transaction() {
+    let mut h = harness();
+    for id in 0..MAX_ACTIVE_RESERVATIONS_PER_USER as u128 {
+        let reserve = Operation::Reserve {
+            reservation_id: Uuid::from_u128(1_000_000 + id),
+            account: usd(ALICE),
+            amount: amount(1),
+            ttl_ms: None,
+        };
+        assert!(h.run(reserve).result.is_ok(), "reservation {id}");
+    }
+    h.ok(Operation::InitiateTransaction { transaction: Box::new(spec(TxType::SendMoney, 1)) });
+    h.ok(to(ALICE, 1, TxStatus::Validating, Some(BOB)));
+    assert_eq!(
+        h.refused(to(ALICE, 1, TxStatus::BalanceReserved, Some(BOB))),
+        EngineError::TooManyActiveReservations {
+            user_id: Uuid::from_u128(ALICE),
+            max: MAX_ACTIVE_RESERVATIONS_PER_USER
+        }
+    );
+    assert_eq!(status_of(&h, 1), TxStatus::Validating);
+}
+
 #[test]
 fn bad_transactions_are_refused_at_initiation() {
     let mut h = harness();
@@ -329,6 +355,7 @@ fn bad_transactions_are_refused_at_initiation() {
     let mut wrapping_fees = spec(TxType::SendMoney, 5);
     wrapping_fees.fees =
         vec![fee(FeeTier::Platform, i128::MAX), fee(FeeTier::Network, i128::MAX), fee(FeeTier::Provider, 2)];
+    assert!(wrapping_fees.reserve_minor() > MAX_AMOUNT_MINOR, "the sum saturates instead of wrapping");
     assert!(matches!(
         h.refused(Operation::InitiateTransaction { transaction: Box::new(wrapping_fees) }),
         EngineError::InvalidTransaction { .. }

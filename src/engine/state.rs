@@ -67,8 +67,9 @@ pub enum InvariantViolation {
 }
 
 /// An account's outflow counters stay within its limits: limits are fixed when the account opens
-/// and every outflow is checked against them as it is counted, so a counter past its limit (or
-/// below zero) means an outflow went through unchecked or a refund was counted twice.
+/// and every outflow is checked against them as it is counted, so a counter past its limit means
+/// an outflow went through unchecked (or a journal or snapshot whose counters drifted). Refunds
+/// stop at zero, so a negative counter means one was written some other way.
 fn check_usage(view: &AccountView) -> Result<(), InvariantViolation> {
     let limits = view.config.limits;
     let windows = [
