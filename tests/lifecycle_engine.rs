@@ -14,7 +14,9 @@ use diboas_ledger::engine::asset::Asset;
 use diboas_ledger::engine::error::EngineError;
 use diboas_ledger::engine::lifecycle::is_legal;
 use diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
-use diboas_ledger::engine::operation::{MAX_ACTIVE_RESERVATIONS_PER_USER, Operation, Receipt};
+use diboas_ledger::engine::operation::{
+    MAX_ACTIVE_RESERVATIONS_PER_USER, MAX_UNFINISHED_TRANSACTIONS_PER_USER, Operation, Receipt, Request,
+};
 use diboas_ledger::engine::record::MemoryJournal;
 use diboas_ledger::engine::transaction::{
     AmlStatus, ComplianceRecord, FeeLine, FeeMethod, Fill, KycStatus, NewTransaction, ProviderRef, RiskLevel, TxStatus,
@@ -301,6 +303,49 @@ fn insufficient_funds_refuses_the_reservation_and_the_transaction_stays_validati
         EngineError::InsufficientFunds { .. }
     ));
     assert_eq!(status_of(&h, 1), TxStatus::Validating);
+}
+
+/// A user has at most `MAX_UNFINISHED_TRANSACTIONS_PER_USER` unfinished transactions: the next
+/// is refused until one finishes (fails here), and finished ones do not count; the count survives
+/// a replay of the journal and a rebuild from the state.
+#[test]
+fn a_user_has_at_most_the_maximum_of_unfinished_transactions() {
+    let mut h = harness();
+    for id in 0..MAX_UNFINISHED_TRANSACTIONS_PER_USER as u128 {
+        let initiate = Operation::InitiateTransaction { transaction: Box::new(spec(TxType::SendMoney, 10_000 + id)) };
+        assert!(h.run(initiate).result.is_ok(), "transaction {id}");
+    }
+    let full = EngineError::TooManyUnfinishedTransactions {
+        user_id: Uuid::from_u128(ALICE),
+        max: MAX_UNFINISHED_TRANSACTIONS_PER_USER,
+    };
+    let next = || Operation::InitiateTransaction { transaction: Box::new(spec(TxType::SendMoney, 1)) };
+    assert_eq!(h.refused(next()), full);
+    drive_on(&mut h, 10_000, &[TxStatus::Failed], Some(BOB));
+    h.ok(next());
+    assert_eq!(h.refused(Operation::InitiateTransaction { transaction: Box::new(spec(TxType::SendMoney, 2)) }), full);
+    // Another user is not affected.
+    let mut bobs = spec(TxType::SendMoney, 3);
+    bobs.user_id = Uuid::from_u128(BOB);
+    bobs.payer = AccountRef::User(usd(BOB));
+    bobs.payee = AccountRef::User(usd(ALICE));
+    h.ok(Operation::InitiateTransaction { transaction: Box::new(bobs) });
+    // A replayed engine and a rebuilt one count the same (`Engine::state` checks the count).
+    let records = h.engine.sink().drain();
+    let replayed = replayed(&records);
+    assert_eq!(replayed.state(), h.engine.state());
+    let rebuilt = Engine::from_state(*h.engine.config(), MemoryJournal::default(), &h.engine.state()).unwrap();
+    let request = |engine: &Engine<MemoryJournal>| {
+        engine
+            .execute(Request {
+                key: key("after-rebuild"),
+                now_ms: h.now_ms,
+                operation: Operation::InitiateTransaction { transaction: Box::new(spec(TxType::SendMoney, 4)) },
+            })
+            .result
+    };
+    assert_eq!(request(&rebuilt), Err(full.clone()));
+    assert_eq!(request(&replayed), Err(full));
 }
 
 /// A transaction's reservation counts toward the user's active reservations: at the cap, the

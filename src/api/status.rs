@@ -163,6 +163,11 @@ fn classify(error: &EngineError) -> (Code, &'static str, Metadata) {
             "TOO_MANY_ACTIVE_RESERVATIONS",
             vec![("user_id", user_id.to_string()), ("max", max.to_string())],
         ),
+        E::TooManyUnfinishedTransactions { user_id, max } => (
+            Code::FailedPrecondition,
+            "TOO_MANY_UNFINISHED_TRANSACTIONS",
+            vec![("user_id", user_id.to_string()), ("max", max.to_string())],
+        ),
         E::ReservationNotActive { reservation_id, status } => (
             Code::FailedPrecondition,
             "RESERVATION_NOT_ACTIVE",

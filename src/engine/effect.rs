@@ -223,19 +223,18 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
         Effect::TransactionCreated { transaction } => {
             let user_id = transaction.spec.user_id;
             let shard = shards.get(map.of_user(user_id));
-            let previous = shard
-                .users
-                .entry(user_id)
-                .or_default()
-                .transactions
-                .insert(transaction.spec.id, (**transaction).clone());
+            let user = shard.users.entry(user_id).or_default();
+            let previous = user.transactions.insert(transaction.spec.id, (**transaction).clone());
+            user.unfinished_transactions += unfinished(transaction.status);
+            user.unfinished_transactions -= previous.as_ref().map_or(0, |previous| unfinished(previous.status));
             // Only a journal replay reuses an id, after the live engine forgot the finished original.
             if previous.is_some() {
                 shard.finished.retain(|(_, user, id)| (*user, *id) != (user_id, transaction.spec.id));
             }
         }
         Effect::TransactionStatusChanged { change } => {
-            let transaction = transaction_mut(shards, map, change.user_id, change.transaction_id);
+            let (transaction, unfinished_transactions) =
+                transaction_mut(shards, map, change.user_id, change.transaction_id);
             debug_assert_eq!(transaction.status, change.from);
             transaction.status = change.to;
             transaction.updated_at_ms = change.at_ms;
@@ -245,6 +244,8 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
             if let Some(fill) = &change.fill {
                 transaction.fill = Some(fill.clone());
             }
+            // Finishing takes one off; a compensation reopens a completed transaction and adds one.
+            *unfinished_transactions = *unfinished_transactions + unfinished(change.to) - unfinished(change.from);
             if change.to.is_finished() {
                 shards.get(map.of_user(change.user_id)).finished.push_back((
                     change.at_ms,
@@ -259,18 +260,23 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
     }
 }
 
+/// 1 for a status a transaction is unfinished in, for counting them.
+fn unfinished(status: TxStatus) -> usize {
+    usize::from(!status.is_finished())
+}
+
+/// The transaction an effect names, with its user's count of unfinished transactions.
 fn transaction_mut<'s>(
     shards: &'s mut LockedShards<'_>,
     map: ShardMap,
     user_id: Uuid,
     transaction_id: Uuid,
-) -> &'s mut Transaction {
-    shards
-        .get(map.of_user(user_id))
-        .users
-        .get_mut(&user_id)
-        .and_then(|user| user.transactions.get_mut(&transaction_id))
-        .unwrap_or_else(|| panic!("effect on a transaction that does not exist: {transaction_id}"))
+) -> (&'s mut Transaction, &'s mut usize) {
+    let missing = || -> ! { panic!("effect on a transaction that does not exist: {transaction_id}") };
+    let UserState { transactions, unfinished_transactions, .. } =
+        shards.get(map.of_user(user_id)).users.get_mut(&user_id).unwrap_or_else(|| missing());
+    let transaction = transactions.get_mut(&transaction_id).unwrap_or_else(|| missing());
+    (transaction, unfinished_transactions)
 }
 
 /// Undoes `effect`, which must be the most recent effect applied to the state it touches.
@@ -319,16 +325,20 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
             let user_id = transaction.spec.user_id;
             let shard = shards.get(map.of_user(user_id));
             if let Some(user) = shard.users.get_mut(&user_id) {
-                user.transactions.remove(&transaction.spec.id);
+                if let Some(removed) = user.transactions.remove(&transaction.spec.id) {
+                    user.unfinished_transactions -= unfinished(removed.status);
+                }
                 if user.is_empty() {
                     shard.users.remove(&user_id);
                 }
             }
         }
         Effect::TransactionStatusChanged { change } => {
-            let transaction = transaction_mut(shards, map, change.user_id, change.transaction_id);
+            let (transaction, unfinished_transactions) =
+                transaction_mut(shards, map, change.user_id, change.transaction_id);
             transaction.status = change.from;
             transaction.updated_at_ms = change.previous_updated_at_ms;
+            *unfinished_transactions = *unfinished_transactions + unfinished(change.from) - unfinished(change.to);
             if change.aml.is_some() {
                 transaction.aml = None;
             }

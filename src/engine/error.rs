@@ -62,6 +62,8 @@ pub enum EngineError {
     ReservationAlreadyExists { user_id: Uuid, reservation_id: Uuid },
     #[error("user {user_id} already holds the most active reservations allowed ({max})")]
     TooManyActiveReservations { user_id: Uuid, max: usize },
+    #[error("user {user_id} already has the most unfinished transactions allowed ({max})")]
+    TooManyUnfinishedTransactions { user_id: Uuid, max: usize },
     #[error("reservation {reservation_id} is {status:?}, not active")]
     ReservationNotActive { reservation_id: Uuid, status: ReservationStatus },
     #[error("reservation {reservation_id} expired at {expires_at_ms} ms and is being released")]

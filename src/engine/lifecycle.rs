@@ -15,7 +15,7 @@ use super::account::{AccountRef, SystemKind, UserAccount};
 use super::effect::{Effect, Slot, StatusChange};
 use super::error::EngineError;
 use super::money::{Amount, MAX_AMOUNT_MINOR};
-use super::operation::{MAX_RESERVATION_TTL_MS, Receipt};
+use super::operation::{MAX_RESERVATION_TTL_MS, MAX_UNFINISHED_TRANSACTIONS_PER_USER, Receipt};
 use super::reservation::ReservationStatus;
 use super::rules::{self, ReservationHolder, Tx};
 use super::transaction::{
@@ -127,6 +127,12 @@ pub(crate) fn initiate(tx: &mut Tx<'_, '_>, spec: &NewTransaction) -> Result<Rec
     if find(tx, spec.user_id, spec.id).is_some() {
         return Err(EngineError::TransactionAlreadyExists { transaction_id: spec.id });
     }
+    if unfinished_transactions(tx, spec.user_id) >= MAX_UNFINISHED_TRANSACTIONS_PER_USER {
+        return Err(EngineError::TooManyUnfinishedTransactions {
+            user_id: spec.user_id,
+            max: MAX_UNFINISHED_TRANSACTIONS_PER_USER,
+        });
+    }
     // The transaction's reservation will take its id: it must be free.
     if tx.reservation(spec.user_id, spec.id).is_some() {
         return Err(EngineError::ReservationAlreadyExists { user_id: spec.user_id, reservation_id: spec.id });
@@ -151,6 +157,10 @@ fn find(tx: &mut Tx<'_, '_>, user_id: Uuid, transaction_id: Uuid) -> Option<Tran
         .get(&user_id)
         .and_then(|user| user.transactions.get(&transaction_id))
         .cloned()
+}
+
+fn unfinished_transactions(tx: &mut Tx<'_, '_>, user_id: Uuid) -> usize {
+    tx.shards.get(tx.map.of_user(user_id)).users.get(&user_id).map_or(0, |user| user.unfinished_transactions)
 }
 
 fn compliance(tx: &mut Tx<'_, '_>, user_id: Uuid) -> Option<ComplianceRecord> {

@@ -515,6 +515,11 @@ impl<S: JournalSink> Engine<S> {
                 for transaction in user.transactions.values() {
                     state.transactions.insert((*user_id, transaction.spec.id), transaction.clone());
                 }
+                debug_assert_eq!(
+                    user.unfinished_transactions,
+                    user.transactions.values().filter(|transaction| !transaction.status.is_finished()).count(),
+                    "the count of {user_id}'s unfinished transactions drifted from its transactions"
+                );
                 if let Some(record) = user.compliance {
                     state.compliance.insert(*user_id, record);
                 }
@@ -582,10 +587,12 @@ impl<S: JournalSink> Engine<S> {
         }
         let mut finished: Vec<&Transaction> = Vec::new();
         for ((user_id, transaction_id), transaction) in &state.transactions {
-            let shard = shards.get(engine.map.of_user(*user_id));
-            shard.users.entry(*user_id).or_default().transactions.insert(*transaction_id, transaction.clone());
+            let user = shards.get(engine.map.of_user(*user_id)).users.entry(*user_id).or_default();
+            user.transactions.insert(*transaction_id, transaction.clone());
             if transaction.status.is_finished() {
                 finished.push(transaction);
+            } else {
+                user.unfinished_transactions += 1;
             }
         }
         finished.sort_by_key(|transaction| transaction.updated_at_ms);

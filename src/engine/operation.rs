@@ -29,6 +29,11 @@ pub const MAX_RESERVATION_TTL_MS: i64 = 7 * 24 * 60 * 60 * 1_000;
 /// active reservations sit in one map the user's every request touches.
 pub const MAX_ACTIVE_RESERVATIONS_PER_USER: usize = 4_096;
 
+/// The most unfinished transactions one user may have at once. A transaction waits on its
+/// provider for as long as it takes, so nothing else bounds how many stay in memory; a
+/// finished one is forgotten after the retention window.
+pub const MAX_UNFINISHED_TRANSACTIONS_PER_USER: usize = 4_096;
+
 /// Commission on a conversion is given in basis points, at most 100% (10 000).
 pub const MAX_COMMISSION_BPS: u32 = 10_000;
 

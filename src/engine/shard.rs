@@ -48,6 +48,9 @@ pub(crate) struct UserState {
     pub reservations: HashMap<Uuid, Reservation, IdHashState>,
     /// Unfinished transactions, and finished ones still within the retention window.
     pub transactions: HashMap<Uuid, Transaction, IdHashState>,
+    /// How many of `transactions` are unfinished, kept by the transaction effects (and their
+    /// undoing) so the cap on them (`MAX_UNFINISHED_TRANSACTIONS_PER_USER`) costs no scan.
+    pub unfinished_transactions: usize,
     pub compliance: Option<ComplianceRecord>,
 }
 
