@@ -225,8 +225,8 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
             let shard = shards.get(map.of_user(user_id));
             let user = shard.users.entry(user_id).or_default();
             let previous = user.transactions.insert(transaction.spec.id, (**transaction).clone());
-            user.unfinished_transactions += unfinished(transaction.status);
-            user.unfinished_transactions -= previous.as_ref().map_or(0, |previous| unfinished(previous.status));
+            let replaced = previous.as_ref().map_or(0, |previous| unfinished(previous.status));
+            recount(&mut user.unfinished_transactions, unfinished(transaction.status), replaced);
             // Only a journal replay reuses an id, after the live engine forgot the finished original.
             if previous.is_some() {
                 shard.finished.retain(|(_, user, id)| (*user, *id) != (user_id, transaction.spec.id));
@@ -245,7 +245,7 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
                 transaction.fill = Some(fill.clone());
             }
             // Finishing takes one off; a compensation reopens a completed transaction and adds one.
-            *unfinished_transactions = *unfinished_transactions + unfinished(change.to) - unfinished(change.from);
+            recount(unfinished_transactions, unfinished(change.to), unfinished(change.from));
             if change.to.is_finished() {
                 shards.get(map.of_user(change.user_id)).finished.push_back((
                     change.at_ms,
@@ -263,6 +263,16 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
 /// 1 for a status a transaction is unfinished in, for counting them.
 fn unfinished(status: TxStatus) -> usize {
     usize::from(!status.is_finished())
+}
+
+/// Adds `added` to a count of unfinished transactions and takes `removed` off. A count that would
+/// go below zero has drifted from the transactions it counts: a bug, which must stop the engine
+/// (the panic aborts under the shard locks, and a restart counts afresh) rather than wrap in a
+/// release build and refuse the user's transactions for good.
+fn recount(count: &mut usize, added: usize, removed: usize) {
+    *count = (*count + added)
+        .checked_sub(removed)
+        .unwrap_or_else(|| panic!("a count of unfinished transactions went below zero"));
 }
 
 /// The transaction an effect names, with its user's count of unfinished transactions.
@@ -326,7 +336,7 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
             let shard = shards.get(map.of_user(user_id));
             if let Some(user) = shard.users.get_mut(&user_id) {
                 if let Some(removed) = user.transactions.remove(&transaction.spec.id) {
-                    user.unfinished_transactions -= unfinished(removed.status);
+                    recount(&mut user.unfinished_transactions, 0, unfinished(removed.status));
                 }
                 if user.is_empty() {
                     shard.users.remove(&user_id);
@@ -338,7 +348,7 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
                 transaction_mut(shards, map, change.user_id, change.transaction_id);
             transaction.status = change.from;
             transaction.updated_at_ms = change.previous_updated_at_ms;
-            *unfinished_transactions = *unfinished_transactions + unfinished(change.from) - unfinished(change.to);
+            recount(unfinished_transactions, unfinished(change.from), unfinished(change.to));
             if change.aml.is_some() {
                 transaction.aml = None;
             }
