@@ -599,3 +599,46 @@ async fn a_dispute_after_completion_is_undone_by_reverse_postings(pool: PgPool) 
     server.stop().await;
     assert_conserved_and_verified(&options, &pool).await;
 }
+
+/// A new transaction while the user has `MAX_UNFINISHED_TRANSACTIONS_PER_USER` unfinished ones is
+/// refused with FAILED_PRECONDITION `TOO_MANY_UNFINISHED_TRANSACTIONS`, naming the user and the
+/// maximum.
+#[sqlx::test]
+async fn too_many_unfinished_transactions_are_refused_with_their_reason(pool: PgPool) {
+    use diboas_ledger::engine::operation::MAX_UNFINISHED_TRANSACTIONS_PER_USER;
+    use futures_util::future::join_all;
+
+    let options = prepared(&pool).await;
+    fee_schedule(
+        &pool,
+        "add_money",
+        "USD",
+        "2020-01-01T00:00:00Z",
+        r#"[{"tier":"platform","category":"service","method":"flat","amount_minor":1}]"#,
+    )
+    .await;
+    let server = TestServer::start(options).await;
+    let mut client = TransactionsClient::new(server.channel.clone());
+    server.client.clone().open_account(open("open-1", &usd(1))).await.expect("open");
+    verified(&mut client, 1).await;
+    let add_money = |n: usize| {
+        let mut request = initiate(n as u128, 1, pb::Domain::Banking, "add_money", "10.00", "USD");
+        request.provider = pb::Provider::Stripe.into();
+        request
+    };
+    // 64 calls at a time: each waits for its journal batch, so one at a time would take long.
+    for chunk in (0..MAX_UNFINISHED_TRANSACTIONS_PER_USER).collect::<Vec<_>>().chunks(64) {
+        let calls = chunk.iter().map(|&n| {
+            let mut client = client.clone();
+            async move { client.initiate_transaction(add_money(n)).await }
+        });
+        for outcome in join_all(calls).await {
+            outcome.expect("initiate under the cap");
+        }
+    }
+    let refused = client.initiate_transaction(add_money(MAX_UNFINISHED_TRANSACTIONS_PER_USER)).await.unwrap_err();
+    assert_refused(&refused, Code::FailedPrecondition, "TOO_MANY_UNFINISHED_TRANSACTIONS");
+    let info = tonic_types::StatusExt::get_details_error_info(&refused).expect("ErrorInfo");
+    assert_eq!(info.metadata["max"], MAX_UNFINISHED_TRANSACTIONS_PER_USER.to_string());
+    assert_eq!(info.metadata["user_id"], user(1));
+}
