@@ -9,9 +9,9 @@
 //!
 //! Limits: a key is 1..=64 printable ASCII bytes, stored inline (no allocation); each shard
 //! holds at most a configured number of keys, a large outcome counting as several (see `load`);
-//! a full store refuses new operations rather than forget a live key. Keys are kept in two generations: new keys go into the current one, and
-//! once per retention window the sweep retires the previous generation whole and the current
-//! one becomes previous. Dropping a whole map is far cheaper than evicting keys one by one, at
+//! a full store refuses new operations rather than forget a live key. Keys are kept in two
+//! generations: new keys go into the current one, and once per retention window the sweep
+//! retires the previous generation whole and the current one becomes previous. Dropping a whole map is far cheaper than evicting keys one by one, at
 //! the price of a looser window: a key is remembered for at least the retention window and at
 //! most twice it (plus the sweep interval).
 //!
