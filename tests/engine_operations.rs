@@ -8,6 +8,7 @@ use diboas_ledger::engine::account::{
     AccountConfig, AccountRef, Balance, Domain, FeeTier, OutflowLimits, Provider, SystemAccount, SystemKind,
 };
 use diboas_ledger::engine::asset::Asset;
+use diboas_ledger::engine::effect::Effect;
 use diboas_ledger::engine::error::{EngineError, LimitKind};
 use diboas_ledger::engine::operation::{
     DEFAULT_RESERVATION_TTL_MS, MAX_ACTIVE_RESERVATIONS_PER_USER, MAX_RESERVATION_TTL_MS, Operation, Receipt, Request,
@@ -818,6 +819,46 @@ fn replay_accepts_keys_and_reservation_ids_reused_after_the_retention_window() {
     let mut duplicated = records[records.len() - 1].clone();
     duplicated.sequence = replayed.last_sequence() + 1;
     assert!(matches!(replayed.apply_record(&duplicated), Err(diboas_ledger::engine::ReplayError::Inconsistent { .. })));
+}
+
+#[test]
+fn a_record_refused_after_its_reused_reservation_id_was_forgotten_leaves_the_replay_as_it_was() {
+    // Found in review: a replay forgets a reused id's closed reservation before it opens the new
+    // one; if a later effect of the same record then failed its check, the record's effects were
+    // undone but the forgotten reservation stayed forgotten.
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.ok(reserve(usd(1), 7, 10));
+    h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(7) });
+    let retention_ms = h.engine.config().retention_ms;
+    for _ in 0..2 {
+        h.now_ms += retention_ms;
+        h.engine.sweep(h.now_ms).unwrap();
+    }
+    h.ok(reserve(usd(1), 7, 20));
+    let records = h.engine.sink().drain();
+    let (reuse, earlier) = records.split_last().unwrap();
+    assert!(matches!(reuse.effects[..], [Effect::ReservationOpened { .. }]), "{:?}", reuse.effects);
+
+    let replayed = Engine::new(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default());
+    for record in earlier {
+        replayed.apply_record(record).unwrap();
+    }
+    let before = replayed.state();
+    let closed = replayed.reservation(Uuid::from_u128(1), Uuid::from_u128(7)).unwrap();
+    assert_eq!(closed.status, ReservationStatus::Released);
+
+    let refused = replayed.apply_record(&failing_after_its_effects(reuse));
+    assert!(matches!(refused, Err(diboas_ledger::engine::ReplayError::Inconsistent { .. })), "{refused:?}");
+    assert_eq!(replayed.state(), before, "the refused record changed the replay");
+    assert_eq!(replayed.reservation(Uuid::from_u128(1), Uuid::from_u128(7)), Some(closed));
+
+    // The record itself still replays, to the live engine's state.
+    replayed.apply_record(reuse).unwrap();
+    assert_eq!(
+        replayed.state().within_retention(h.now_ms, retention_ms),
+        h.engine.state().within_retention(h.now_ms, retention_ms)
+    );
 }
 
 #[test]

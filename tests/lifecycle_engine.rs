@@ -485,6 +485,47 @@ fn the_journal_replays_to_the_same_transactions_and_the_engine_forgets_finished_
     recovered.state().check_invariants().unwrap();
 }
 
+#[test]
+fn a_record_refused_after_its_reused_transaction_id_was_forgotten_leaves_the_replay_as_it_was() {
+    // Found in review: a replay that meets a transaction id the live engine had forgotten
+    // replaced the finished original; if a later effect of the same record then failed its
+    // check, undoing the creation deleted the original instead of restoring it.
+    let mut h = harness();
+    drive(&mut h, TxType::AddMoney, 4, TxStatus::Failed);
+    let retention_ms = h.engine.config().retention_ms;
+    for _ in 0..2 {
+        h.now_ms += retention_ms;
+        h.engine.sweep(h.now_ms).unwrap();
+    }
+    assert!(h.engine.transaction(Uuid::from_u128(ALICE), Uuid::from_u128(4)).is_none(), "forgotten live");
+    drive(&mut h, TxType::AddMoney, 4, TxStatus::Initiated);
+    let records = h.engine.sink().drain();
+    let (reuse, earlier) = records.split_last().unwrap();
+
+    let replay = Engine::new(*h.engine.config(), MemoryJournal::default());
+    for record in earlier {
+        replay.apply_record(record).unwrap();
+    }
+    let before = replay.state();
+    let original = replay.transaction(Uuid::from_u128(ALICE), Uuid::from_u128(4)).unwrap();
+    assert_eq!(original.status, TxStatus::Failed);
+
+    let refused = replay.apply_record(&failing_after_its_effects(reuse));
+    assert!(matches!(refused, Err(diboas_ledger::engine::ReplayError::Inconsistent { .. })), "{refused:?}");
+    assert_eq!(replay.state(), before, "the refused record changed the replay");
+
+    // The record itself still replays, to the live engine's state, and the engine forgets the
+    // new transaction's predecessor for good: nothing of it is left to forget at the next sweep.
+    replay.apply_record(reuse).unwrap();
+    assert_eq!(
+        replay.state().within_retention(h.now_ms, retention_ms),
+        h.engine.state().within_retention(h.now_ms, retention_ms)
+    );
+    replay.sweep(h.now_ms + 2 * retention_ms).unwrap();
+    let kept = replay.transaction(Uuid::from_u128(ALICE), Uuid::from_u128(4)).map(|transaction| transaction.status);
+    assert_eq!(kept, Some(TxStatus::Initiated), "an unfinished transaction is never forgotten");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 

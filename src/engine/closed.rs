@@ -105,16 +105,32 @@ impl ClosedGeneration {
         self.chunks.iter().map(Vec::len).sum()
     }
 
-    fn remove(&mut self, hash: u64, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
+    /// Unindexes the entry of this reservation and says where it stays: its entry is kept in
+    /// its chunk until the generation retires, so [`ClosedGeneration::reindex`] can bring it back.
+    fn remove(&mut self, hash: u64, user_id: Uuid, reservation_id: Uuid) -> Option<(Reservation, u32)> {
         let position = self.index.find(hash, self.holds(user_id, reservation_id))?;
         let reservation = *self.entry(position);
         self.index.remove(hash, |candidate| candidate == position);
-        Some(reservation)
+        Some((reservation, position))
+    }
+
+    /// Indexes again an entry [`ClosedGeneration::remove`] unindexed.
+    fn reindex(&mut self, hash: u64, position: u32) {
+        self.index.insert(hash, position);
     }
 
     fn iter(&self) -> impl Iterator<Item = &Reservation> + '_ {
         self.index.positions().map(|position| self.entry(position))
     }
+}
+
+/// A closed reservation a journal replay forgot ([`ClosedReservations::remove`]), and where its
+/// entry stays, so a record that fails to replay can put it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ForgottenReservation {
+    pub reservation: Reservation,
+    in_previous: bool,
+    position: u32,
 }
 
 /// Hashes (user_id, reservation_id) for one store. Seeded per store, so ids chosen to collide in
@@ -180,18 +196,32 @@ impl ClosedReservations {
         let hash = self.hash(user_id, reservation_id);
         let popped = self.generations.current.pop_last(hash, user_id, reservation_id);
         debug_assert!(popped.is_some(), "an undone close is the latest one filed");
-        popped.or_else(|| self.remove(user_id, reservation_id))
+        popped.or_else(|| self.remove(user_id, reservation_id).map(|forgotten| forgotten.reservation))
     }
 
     /// Forgets the closed reservation `reservation_id` of `user_id`, from either generation. Its
     /// entry stays, unindexed, until the generation retires: only a journal replay that meets a
-    /// reused id does this, once per record.
-    pub fn remove(&mut self, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
+    /// reused id does this, once per record, and [`ClosedReservations::restore`] undoes it if
+    /// the record turns out not to replay.
+    pub fn remove(&mut self, user_id: Uuid, reservation_id: Uuid) -> Option<ForgottenReservation> {
         let hash = self.hash(user_id, reservation_id);
-        self.generations
-            .current
-            .remove(hash, user_id, reservation_id)
-            .or_else(|| self.generations.previous.remove(hash, user_id, reservation_id))
+        let (in_previous, (reservation, position)) =
+            match self.generations.current.remove(hash, user_id, reservation_id) {
+                Some(found) => (false, found),
+                None => (true, self.generations.previous.remove(hash, user_id, reservation_id)?),
+            };
+        Some(ForgottenReservation { reservation, in_previous, position })
+    }
+
+    /// Remembers again a reservation [`ClosedReservations::remove`] forgot, where it was. Call
+    /// before the store rotates, and before any other reservation with its id is filed.
+    pub fn restore(&mut self, forgotten: ForgottenReservation) {
+        let ForgottenReservation { reservation, in_previous, position } = forgotten;
+        debug_assert!(self.get(reservation.account.user_id, reservation.id).is_none(), "restored over a remembered id");
+        let hash = self.hash(reservation.account.user_id, reservation.id);
+        let generation = if in_previous { &mut self.generations.previous } else { &mut self.generations.current };
+        debug_assert_eq!(*generation.entry(position), reservation, "the forgotten entry stays where it was");
+        generation.reindex(hash, position);
     }
 
     /// See [`Generations::rotate`].
@@ -249,7 +279,10 @@ mod tests {
             store.insert(closed(id, 10));
         }
         for id in (0..count).step_by(3) {
-            assert_eq!(store.remove(user_id, Uuid::from_u128(id)).map(|r| r.id), Some(Uuid::from_u128(id)));
+            assert_eq!(
+                store.remove(user_id, Uuid::from_u128(id)).map(|forgotten| forgotten.reservation.id),
+                Some(Uuid::from_u128(id))
+            );
         }
         // An undone close that closes again later: a new entry under the same id.
         for id in (0..count).step_by(6) {
@@ -330,15 +363,26 @@ mod tests {
     }
 
     #[test]
-    fn remove_finds_either_generation() {
+    fn remove_finds_either_generation_and_restore_puts_it_back_there() {
         let mut store = ClosedReservations::default();
         store.insert(closed(1, 10));
         store.rotate(100, 50);
         store.insert(closed(2, 110));
         assert_eq!(store.iter().count(), 2);
         let user_id = Uuid::from_u128(1);
-        assert_eq!(store.remove(user_id, Uuid::from_u128(1)).map(|r| r.id), Some(Uuid::from_u128(1)));
-        assert_eq!(store.remove(user_id, Uuid::from_u128(2)).map(|r| r.id), Some(Uuid::from_u128(2)));
+        let first = store.remove(user_id, Uuid::from_u128(1)).expect("in the previous generation");
+        let second = store.remove(user_id, Uuid::from_u128(2)).expect("in the current generation");
+        assert_eq!((first.reservation, second.reservation), (closed(1, 10), closed(2, 110)));
         assert!(store.remove(user_id, Uuid::from_u128(2)).is_none());
+        assert_eq!(store.iter().count(), 0);
+
+        store.restore(second);
+        store.restore(first);
+        assert_eq!(store.get(user_id, Uuid::from_u128(1)), Some(&closed(1, 10)));
+        assert_eq!(store.get(user_id, Uuid::from_u128(2)), Some(&closed(2, 110)));
+        // Each went back to its own generation: the next rotation forgets the older one only.
+        store.rotate(200, 50);
+        assert!(store.get(user_id, Uuid::from_u128(1)).is_none());
+        assert_eq!(store.get(user_id, Uuid::from_u128(2)), Some(&closed(2, 110)));
     }
 }

@@ -222,15 +222,13 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
         }
         Effect::TransactionCreated { transaction } => {
             let user_id = transaction.spec.user_id;
-            let shard = shards.get(map.of_user(user_id));
-            let user = shard.users.entry(user_id).or_default();
+            let user = shards.get(map.of_user(user_id)).users.entry(user_id).or_default();
             let previous = user.transactions.insert(transaction.spec.id, (**transaction).clone());
+            // The rules refuse a remembered id, and a replay that meets a reused one forgets the
+            // first transaction before (`Engine::apply_record`).
+            debug_assert!(previous.is_none(), "a transaction was created twice");
             let replaced = previous.as_ref().map_or(0, |previous| unfinished(previous.status));
             recount(&mut user.unfinished_transactions, unfinished(transaction.status), replaced);
-            // Only a journal replay reuses an id, after the live engine forgot the finished original.
-            if previous.is_some() {
-                shard.finished.retain(|(_, user, id)| (*user, *id) != (user_id, transaction.spec.id));
-            }
         }
         Effect::TransactionStatusChanged { change } => {
             let (transaction, unfinished_transactions) =

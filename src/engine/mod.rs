@@ -44,6 +44,7 @@ use uuid::Uuid;
 
 use self::account::{AccountRef, Balance, SystemAccount, SystemKind, UserAccount};
 use self::asset::Asset;
+use self::closed::ForgottenReservation;
 use self::effect::Effect;
 use self::error::EngineError;
 use self::idempotency::{
@@ -386,19 +387,34 @@ impl<S: JournalSink> Engine<S> {
         {
             return Err(inconsistent("idempotency key recorded twice within the retention window"));
         }
+        // What the replay forgot for this record, to bring back if a later effect fails its check.
+        let mut forgotten: Vec<Forgotten> = Vec::new();
         for (applied, effect) in record.effects.iter().enumerate() {
             if let Err(reason) = replay_check(&mut shards, self.map, effect, forgotten_before_ms) {
                 for done in record.effects[..applied].iter().rev() {
                     effect::revert(&mut shards, self.map, done);
                 }
+                for item in forgotten.into_iter().rev() {
+                    item.restore(&mut shards, self.map);
+                }
                 return Err(inconsistent(reason));
             }
-            // The live engine reuses a reservation id only once it forgot the first reservation;
-            // a replay, which never forgets, drops that first one here (replay_check made sure it
-            // is older than the retention window).
-            if let Effect::ReservationOpened { reservation } = effect {
-                let user_id = reservation.account.user_id;
-                shards.closed_reservations_mut(self.map.of_user(user_id)).remove(user_id, reservation.id);
+            // The live engine reuses a reservation or transaction id only once it forgot the
+            // first one; a replay, which never forgets, drops that first one here (replay_check
+            // made sure it is older than the retention window).
+            match effect {
+                Effect::ReservationOpened { reservation } => {
+                    let user_id = reservation.account.user_id;
+                    let closed = shards.closed_reservations_mut(self.map.of_user(user_id));
+                    forgotten.extend(closed.remove(user_id, reservation.id).map(Forgotten::Reservation));
+                }
+                Effect::TransactionCreated { transaction } => {
+                    let user_id = transaction.spec.user_id;
+                    let shard = shards.get(self.map.of_user(user_id));
+                    forgotten
+                        .extend(forget_transaction(shard, user_id, transaction.spec.id).map(Forgotten::Transaction));
+                }
+                _ => {}
             }
             effect::apply(&mut shards, self.map, effect);
         }
@@ -671,6 +687,61 @@ fn forget_finished_transactions(shard: &mut Shard, cutoff_ms: i64) {
             user.transactions.remove(&transaction_id);
         }
     }
+}
+
+/// What a journal replay forgot to make room for a reused id (see [`Engine::apply_record`]).
+enum Forgotten {
+    Reservation(ForgottenReservation),
+    Transaction(Box<ForgottenTransaction>),
+}
+
+impl Forgotten {
+    /// Puts it back where it was, once the record's applied effects are undone.
+    fn restore(self, shards: &mut LockedShards<'_>, map: ShardMap) {
+        match self {
+            Forgotten::Reservation(forgotten) => {
+                let user_id = forgotten.reservation.account.user_id;
+                shards.closed_reservations_mut(map.of_user(user_id)).restore(forgotten);
+            }
+            Forgotten::Transaction(forgotten) => {
+                let user_id = forgotten.transaction.spec.user_id;
+                restore_transaction(shards.get(map.of_user(user_id)), *forgotten);
+            }
+        }
+    }
+}
+
+/// A finished transaction a replay forgot, and where its entries sat in the shard's queue of
+/// finished transactions (ascending), so that it can be put back exactly.
+struct ForgottenTransaction {
+    transaction: Transaction,
+    queued_at: Vec<(usize, (i64, Uuid, Uuid))>,
+}
+
+/// Forgets the finished transaction `transaction_id` of `user_id`, if the shard remembers it.
+fn forget_transaction(shard: &mut Shard, user_id: Uuid, transaction_id: Uuid) -> Option<Box<ForgottenTransaction>> {
+    let transaction = shard.users.get_mut(&user_id)?.transactions.remove(&transaction_id)?;
+    // Only a finished one can be forgotten (replay_check), so the count of unfinished ones holds.
+    debug_assert!(transaction.status.is_finished());
+    let queued_at = shard
+        .finished
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, user, id))| (*user, *id) == (user_id, transaction_id))
+        .map(|(at, entry)| (at, *entry))
+        .collect();
+    shard.finished.retain(|(_, user, id)| (*user, *id) != (user_id, transaction_id));
+    Some(Box::new(ForgottenTransaction { transaction, queued_at }))
+}
+
+fn restore_transaction(shard: &mut Shard, forgotten: ForgottenTransaction) {
+    let ForgottenTransaction { transaction, queued_at } = forgotten;
+    for (at, entry) in queued_at {
+        shard.finished.insert(at, entry);
+    }
+    let user_id = transaction.spec.user_id;
+    let previous = shard.users.entry(user_id).or_default().transactions.insert(transaction.spec.id, transaction);
+    debug_assert!(previous.is_none(), "restored over a transaction the record created and did not undo");
 }
 
 /// Checks that a journal effect can apply to the current state, so a corrupt journal is

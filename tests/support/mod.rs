@@ -6,11 +6,12 @@ use diboas_ledger::engine::account::{
     AccountConfig, AccountRef, Balance, Domain, Provider, SystemAccount, SystemKind, UserAccount,
 };
 use diboas_ledger::engine::asset::Asset;
+use diboas_ledger::engine::effect::{Effect, Slot};
 use diboas_ledger::engine::error::EngineError;
 use diboas_ledger::engine::idempotency::IdempotencyKey;
 use diboas_ledger::engine::money::Amount;
 use diboas_ledger::engine::operation::{Operation, Receipt, Request};
-use diboas_ledger::engine::record::MemoryJournal;
+use diboas_ledger::engine::record::{JournalRecord, MemoryJournal};
 use diboas_ledger::engine::state::EngineState;
 use diboas_ledger::engine::{Engine, EngineConfig, Outcome};
 use uuid::Uuid;
@@ -103,4 +104,12 @@ impl Harness {
     pub fn system_balance(&self, account: SystemAccount) -> i128 {
         self.engine.balance(&AccountRef::System(account)).unwrap().available_minor
     }
+}
+
+/// `record` with one more effect that fails its replay check (a posting from an account that
+/// does not exist): a record the replay refuses only after applying `record`'s own effects.
+pub fn failing_after_its_effects(record: &JournalRecord) -> JournalRecord {
+    let mut failing = record.clone();
+    failing.effects.push(Effect::Posting { from: Slot::User(usd(u128::MAX)), to: Slot::User(usd(1)), amount_minor: 1 });
+    failing
 }
