@@ -10,6 +10,10 @@
 //!
 //! Every operation is acknowledged only once durable, so "operations per second" here is always
 //! durable operations per second.
+//!
+//! Its reservations expire after a minute, and a unary reserve-commit whose commit fails is
+//! released at once (untallied), so an overloaded run does not leave funds reserved for the
+//! default 30 minutes nor fill a hot user's cap of active reservations.
 
 pub mod baseline;
 pub mod grpc_driver;
