@@ -7,8 +7,8 @@
 //! hasher call per field. Every other operation goes through its derived `Hash`. Each path
 //! starts from its own tag, so operations of different kinds never share an input.
 //!
-//! The fold's keys are drawn at random once per process, as a hasher's seeds are: with fixed
-//! keys a caller could choose an id whose word cancels a key and erases what came before it,
+//! The fold's keys, and the derived `Hash`'s seeds, are drawn at random once per process: with
+//! fixed ones a caller could choose an id whose word cancels one and erases what came before it,
 //! making two different operations share a fingerprint on purpose. Fingerprints are never
 //! persisted (recovery recomputes them), so they need not agree between processes.
 
@@ -36,6 +36,15 @@ fn keys() -> [u64; 3] {
         let random = foldhash::fast::RandomState::default();
         [random.hash_one(1_u8), random.hash_one(2_u8), random.hash_one(3_u8)]
     })
+}
+
+/// The hasher of the operations outside the fold, drawn once per process. A `RandomState`, not a
+/// `FixedState` with a secret seed: the latter keeps foldhash's public shared seeds, and an id
+/// equal to one of them zeroes a multiplication and erases the secret with everything hashed
+/// before it (see the module comment).
+fn derived_hasher() -> &'static foldhash::fast::RandomState {
+    static HASHER: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
+    HASHER.get_or_init(foldhash::fast::RandomState::default)
 }
 
 impl OperationFingerprint {
@@ -73,7 +82,7 @@ impl OperationFingerprint {
                 fold.word(0, reservation_id.as_u128());
             }
             other => {
-                let derived = foldhash::fast::FixedState::with_seed(keys[2]).hash_one(other);
+                let derived = derived_hasher().hash_one(other);
                 fold.word(7, u128::from(derived));
             }
         }
@@ -231,6 +240,35 @@ mod tests {
             };
             assert_ne!(OperationFingerprint::of(&reserve), OperationFingerprint::of(&commit));
         }
+    }
+
+    /// Found in review: the operations outside the fold went through `foldhash`'s `FixedState`,
+    /// whose shared seeds are public constants; only the starting value was secret. A reservation
+    /// id whose second half cancels the seed a 16-byte write multiplies by wiped everything
+    /// hashed before it, the secret included, so a caller could make two different linked
+    /// batches under one key share a fingerprint, and the second would be answered as a retry
+    /// of the first instead of refused.
+    #[test]
+    fn an_id_chosen_against_public_seeds_erases_nothing() {
+        // Bytes 8..16, read as a little-endian u64, equal foldhash 0.2's fixed `seeds[1]`.
+        let chosen = Uuid::from_u128(0x1709_47b5_b5d5_843f);
+        let user = UserAccount { user_id: Uuid::from_u128(1), domain: Domain::Banking, asset: Asset::USD };
+        let batch = |withdrawn_minor: i128| Operation::LinkedBatch {
+            operations: vec![
+                Operation::Withdraw {
+                    account: user,
+                    amount: Amount::from_minor(withdrawn_minor).unwrap(),
+                    provider: Provider::Ramp,
+                },
+                Operation::Reserve {
+                    reservation_id: chosen,
+                    account: user,
+                    amount: Amount::from_minor(100).unwrap(),
+                    ttl_ms: None,
+                },
+            ],
+        };
+        assert_ne!(OperationFingerprint::of(&batch(100)), OperationFingerprint::of(&batch(900_000)));
     }
 
     proptest! {
