@@ -13,9 +13,9 @@
 //! commit and the inbox update or through RetryProviderEvent, replays the same outcome instead of
 //! applying it twice.
 
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tonic::{Request as GrpcRequest, Response, Status};
 use uuid::Uuid;
@@ -318,11 +318,19 @@ impl TransactionsService {
     }
 }
 
-/// The idempotency key of applying provider event (source, event_id): 128 bits of two fixed
-/// hashes, so redelivery or retry of one event is recognised by the engine as the same request.
+/// The idempotency key of applying provider event (source, event_id): the first 128 bits of their
+/// SHA-256, so redelivery or retry of one event is recognised by the engine as the same request.
+/// A cryptographic hash, not a fast one with fixed seeds: whoever sends provider events must not
+/// be able to choose an event id whose key collides with another event's, which would then be
+/// answered as that event's retry and never applied. The source is length-prefixed so no
+/// (source, event_id) split of the same bytes shares a key.
 fn event_key(source: &str, event_id: &str) -> IdempotencyKey {
-    let hash = |seed: u64| foldhash::fast::FixedState::with_seed(seed).hash_one((source, event_id));
-    let text = format!("pe-{:016x}{:016x}", hash(0x7072_6f76_6964_6572), hash(0x6576_656e_745f_6964));
+    let mut hasher = Sha256::new();
+    hasher.update((source.len() as u64).to_le_bytes());
+    hasher.update(source.as_bytes());
+    hasher.update(event_id.as_bytes());
+    let digest = hasher.finalize();
+    let text = format!("pe-{}", hex::encode(&digest[..16]));
     // 35 printable ASCII bytes: always a valid key.
     IdempotencyKey::new(&text).unwrap_or_else(|_| unreachable!("a 35-byte hex key is valid"))
 }
@@ -421,5 +429,22 @@ impl pb::transactions_server::Transactions for TransactionsService {
         request: GrpcRequest<pb::RetryProviderEventRequest>,
     ) -> Result<Response<pb::ProviderEventResponse>, Status> {
         self.gate.handle("RetryProviderEvent", request, |body| self.retry_event(body)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::event_key;
+
+    #[test]
+    fn an_event_key_is_stable_and_names_one_source_and_event() {
+        let key = event_key("stripe", "evt_1");
+        assert_eq!(key, event_key("stripe", "evt_1"), "a redelivery is the same request");
+        assert_eq!(key.as_str().len(), 35);
+        assert!(key.as_str().starts_with("pe-"));
+        assert_ne!(key, event_key("stripe", "evt_2"));
+        assert_ne!(key, event_key("moonpay", "evt_1"));
+        // The same bytes split differently between source and event id are another event.
+        assert_ne!(event_key("ab", "c"), event_key("a", "bc"));
     }
 }
