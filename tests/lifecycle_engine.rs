@@ -15,9 +15,11 @@ use diboas_ledger::engine::error::EngineError;
 use diboas_ledger::engine::lifecycle::is_legal;
 use diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
 use diboas_ledger::engine::operation::{
-    MAX_ACTIVE_RESERVATIONS_PER_USER, MAX_UNFINISHED_TRANSACTIONS_PER_USER, Operation, Receipt, Request,
+    MAX_ACTIVE_RESERVATIONS_PER_USER, MAX_RESERVATION_TTL_MS, MAX_UNFINISHED_TRANSACTIONS_PER_USER, Operation, Receipt,
+    Request,
 };
 use diboas_ledger::engine::record::MemoryJournal;
+use diboas_ledger::engine::reservation::ReservationStatus;
 use diboas_ledger::engine::transaction::{
     AmlStatus, ComplianceRecord, FeeLine, FeeMethod, Fill, KycStatus, NewTransaction, ProviderRef, RiskLevel, TxStatus,
     TxType,
@@ -213,6 +215,95 @@ fn send_money_reserves_principal_and_fees_then_posts_each_fee_to_its_revenue_acc
     assert_eq!(h.balance(bob).total_minor(), start);
     assert_eq!(h.system_balance(system(SystemKind::FeeRevenue(FeeTier::Platform), Asset::USD)), 0);
     h.engine.state().check_invariants().unwrap();
+}
+
+/// The status of transaction `id`'s reservation (of Alice), if the engine has one.
+fn reservation_status(h: &Harness, id: u128) -> Option<ReservationStatus> {
+    h.engine.reservation(Uuid::from_u128(ALICE), Uuid::from_u128(id)).map(|reservation| reservation.status)
+}
+
+/// Moves the clock past every reservation's longest lifetime and sweeps.
+fn sweep_past_the_longest_lifetime(h: &mut Harness) {
+    h.now_ms += MAX_RESERVATION_TTL_MS + 1;
+    h.engine.sweep(h.now_ms).unwrap();
+    h.engine.state().check_invariants().unwrap();
+}
+
+#[test]
+fn a_transaction_with_its_provider_keeps_its_funds_reserved_past_the_reservations_lifetime() {
+    // Found in review: the sweep expired the reservation of a transaction already sent to its
+    // provider, which gave the funds back while the provider was paying them out. The user could
+    // spend them again, and the provider's confirmation was then refused: the money left twice
+    // and the first payout could never be booked.
+    let mut h = harness();
+    let alice = usd(ALICE);
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::SentToProvider);
+    drive(&mut h, TxType::SendMoney, 2, TxStatus::ProviderProcessing);
+    let held = h.balance(alice);
+    assert_eq!(held.reserved_minor, 2 * 10_180);
+    sweep_past_the_longest_lifetime(&mut h);
+    sweep_past_the_longest_lifetime(&mut h);
+    assert_eq!(h.balance(alice), held, "nothing was released");
+    assert_eq!(
+        (reservation_status(&h, 1), reservation_status(&h, 2)),
+        (Some(ReservationStatus::Active), Some(ReservationStatus::Active))
+    );
+    let everything =
+        Operation::Withdraw { account: alice, amount: amount(held.available_minor + 1), provider: Provider::Ramp };
+    assert!(matches!(h.refused(everything), EngineError::InsufficientFunds { .. }), "the held funds are not available");
+
+    // An engine rebuilt from a snapshot, or from the journal, holds them too.
+    let rebuilt = Engine::from_state(*h.engine.config(), MemoryJournal::default(), &h.engine.state()).unwrap();
+    let records = h.engine.sink().drain();
+    let replay = Engine::new(*h.engine.config(), MemoryJournal::default());
+    for record in &records {
+        replay.apply_record(record).unwrap();
+    }
+    for engine in [&rebuilt, &replay] {
+        engine.sweep(h.now_ms + MAX_RESERVATION_TTL_MS).unwrap();
+        let kept = engine.reservation(Uuid::from_u128(ALICE), Uuid::from_u128(1)).map(|reservation| reservation.status);
+        assert_eq!(kept, Some(ReservationStatus::Active));
+    }
+
+    // A completion that fails after closing the reservation (here: the rest of its linked batch)
+    // undoes the close, and the reservation still does not expire.
+    let missing =
+        Operation::Transfer { from: AccountRef::User(usd(404)), to: AccountRef::User(alice), amount: amount(1) };
+    let batch = Operation::LinkedBatch { operations: vec![to(ALICE, 1, TxStatus::Completed, Some(BOB)), missing] };
+    assert!(matches!(h.refused(batch), EngineError::BatchOperationFailed { index: 1, .. }));
+    sweep_past_the_longest_lifetime(&mut h);
+    assert_eq!(reservation_status(&h, 1), Some(ReservationStatus::Active));
+
+    // The provider's answer, however late, books the payout or gives the funds back.
+    drive_on(&mut h, 1, &[TxStatus::Completed], Some(BOB));
+    drive_on(&mut h, 2, &[TxStatus::Failed], Some(BOB));
+    assert_eq!(
+        (reservation_status(&h, 1), reservation_status(&h, 2)),
+        (Some(ReservationStatus::Completed), Some(ReservationStatus::Released))
+    );
+    assert_eq!(h.balance(alice), Balance { available_minor: held.total_minor() - 10_180, reserved_minor: 0 });
+}
+
+#[test]
+fn a_transaction_whose_reservation_expired_cannot_go_to_its_provider() {
+    let mut h = harness();
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::BalanceReserved);
+    let expires_at_ms = h.engine.reservation(Uuid::from_u128(ALICE), Uuid::from_u128(1)).unwrap().expires_at_ms;
+    h.now_ms = expires_at_ms;
+    // Due but not yet swept: refused, as a commit would be.
+    assert_eq!(
+        h.refused(to(ALICE, 1, TxStatus::SentToProvider, Some(BOB))),
+        EngineError::ReservationExpired { reservation_id: Uuid::from_u128(1), expires_at_ms }
+    );
+    h.engine.sweep(h.now_ms).unwrap();
+    assert_eq!(reservation_status(&h, 1), Some(ReservationStatus::Expired));
+    assert_eq!(
+        h.refused(to(ALICE, 1, TxStatus::SentToProvider, Some(BOB))),
+        EngineError::ReservationNotActive { reservation_id: Uuid::from_u128(1), status: ReservationStatus::Expired }
+    );
+    assert_eq!(h.balance(usd(ALICE)).total_minor(), START_MINOR, "the sweep gave everything back");
+    drive_on(&mut h, 1, &[TxStatus::Failed], Some(BOB));
+    assert_eq!(status_of(&h, 1), TxStatus::Failed);
 }
 
 fn drive_on(h: &mut Harness, id: u128, statuses: &[TxStatus], payee: Option<u128>) {

@@ -214,7 +214,11 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
             debug_assert!(reservation.status.can_become(*status));
             reservation.status = *status;
             reservation.closed_at_ms = Some(*closed_at_ms);
-            shard.expiry.remove(reservation.expires_at_ms, *user_id, *reservation_id);
+            let expiring = shard.expiry.remove(reservation.expires_at_ms, *user_id, *reservation_id);
+            debug_assert!(
+                expiring || held_at_provider(user, *reservation_id),
+                "an active reservation was neither in the expiry index nor held at a provider"
+            );
             shards.closed_reservations_mut(map.of_user(*user_id)).insert(reservation);
         }
         Effect::UsageChanged { account, after, .. } => {
@@ -251,10 +255,33 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
                     change.transaction_id,
                 ));
             }
+            if change.to.is_with_provider() && !change.from.is_with_provider() {
+                hold_at_provider(shards, map, change);
+            }
         }
         Effect::ComplianceSet { user_id, after, .. } => {
             shards.get(map.of_user(*user_id)).users.entry(*user_id).or_default().compliance = Some(*after);
         }
+    }
+}
+
+/// Whether `reservation_id` is the reservation of a transaction of `user` that is with its
+/// provider, which keeps the reservation out of the expiry index (`hold_at_provider`).
+pub(crate) fn held_at_provider(user: &UserState, reservation_id: Uuid) -> bool {
+    user.transactions.get(&reservation_id).is_some_and(|transaction| transaction.status.is_with_provider())
+}
+
+/// The transaction of `change` has just been handed to its provider: its reservation leaves the
+/// expiry index, so no sweep releases funds the provider may be paying out. The reservation stays
+/// Active until completion closes it or a failure releases it. The index is derived state, kept
+/// the same way in a replay (this effect) and a rebuild from a snapshot (`Engine::without_keys`).
+fn hold_at_provider(shards: &mut LockedShards<'_>, map: ShardMap, change: &StatusChange) {
+    let shard = shards.get(map.of_user(change.user_id));
+    let reservation =
+        shard.users.get(&change.user_id).and_then(|user| user.reservations.get(&change.transaction_id)).copied();
+    if let Some(reservation) = reservation {
+        let removed = shard.expiry.remove(reservation.expires_at_ms, change.user_id, change.transaction_id);
+        debug_assert!(removed, "an active reservation was not in the expiry index");
     }
 }
 
@@ -308,7 +335,8 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
         }
         Effect::ReservationOpened { reservation } => {
             let shard = shards.get(map.of_user(reservation.account.user_id));
-            shard.expiry.remove(reservation.expires_at_ms, reservation.account.user_id, reservation.id);
+            let removed = shard.expiry.remove(reservation.expires_at_ms, reservation.account.user_id, reservation.id);
+            debug_assert!(removed, "a reservation opened and not held at a provider is in the expiry index");
             let user = reservation_user(&mut shard.users, &reservation.account.user_id);
             shift_reserved(user, reservation, -1);
             user.reservations.remove(&reservation.id);
@@ -321,7 +349,10 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
             let shard = shards.get(map.of_user(*user_id));
             reservation.status = ReservationStatus::Active;
             reservation.closed_at_ms = None;
-            shard.expiry.insert(reservation.expires_at_ms, *user_id, *reservation_id);
+            let user = reservation_user(&mut shard.users, user_id);
+            if !held_at_provider(user, *reservation_id) {
+                shard.expiry.insert(reservation.expires_at_ms, *user_id, *reservation_id);
+            }
             let user = reservation_user(&mut shard.users, user_id);
             shift_reserved(user, &reservation, 1);
             user.reservations.insert(*reservation_id, reservation);
@@ -346,6 +377,7 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
                 transaction_mut(shards, map, change.user_id, change.transaction_id);
             transaction.status = change.from;
             transaction.updated_at_ms = change.previous_updated_at_ms;
+            let released_from_provider = change.to.is_with_provider() && !change.from.is_with_provider();
             recount(unfinished_transactions, unfinished(change.from), unfinished(change.to));
             if change.aml.is_some() {
                 transaction.aml = None;
@@ -356,6 +388,14 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
             if change.to.is_finished() {
                 let undone = shards.get(map.of_user(change.user_id)).finished.pop_back();
                 debug_assert_eq!(undone.map(|(_, _, id)| id), Some(change.transaction_id));
+            }
+            if released_from_provider {
+                let shard = shards.get(map.of_user(change.user_id));
+                let reservation =
+                    shard.users.get(&change.user_id).and_then(|user| user.reservations.get(&change.transaction_id));
+                if let Some(reservation) = reservation.copied() {
+                    shard.expiry.insert(reservation.expires_at_ms, change.user_id, change.transaction_id);
+                }
             }
         }
         Effect::ComplianceSet { user_id, before, .. } => {

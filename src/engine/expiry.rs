@@ -21,10 +21,10 @@ impl ExpiryIndex {
         debug_assert!(inserted, "a reservation entered the expiry index twice");
     }
 
-    /// A reservation stopped being Active (closed, or its opening undone).
-    pub fn remove(&mut self, expires_at_ms: i64, user_id: Uuid, reservation_id: Uuid) {
-        let removed = self.entries.remove(&(expires_at_ms, user_id, reservation_id));
-        debug_assert!(removed, "a reservation left the expiry index without being in it");
+    /// A reservation stopped being Active (closed, or its opening undone), or stopped expiring
+    /// (held at a provider). Returns whether it was in the index: a held one no longer is.
+    pub fn remove(&mut self, expires_at_ms: i64, user_id: Uuid, reservation_id: Uuid) -> bool {
+        self.entries.remove(&(expires_at_ms, user_id, reservation_id))
     }
 
     /// Every (expires_at_ms, user_id, reservation_id) due at `now_ms`, earliest first.

@@ -264,6 +264,19 @@ pub(crate) fn transition(
                 });
             }
         },
+        TxStatus::SentToProvider => {
+            // From here the provider may pay the money out, and the reservation stops expiring
+            // (`effect::hold_at_provider`): it must still hold the funds now.
+            if let Some(account) = spec.paying_account() {
+                let reservation = rules::active_reservation(tx, account.user_id, transaction_id)?;
+                if tx.now_ms >= reservation.expires_at_ms {
+                    return Err(EngineError::ReservationExpired {
+                        reservation_id: transaction_id,
+                        expires_at_ms: reservation.expires_at_ms,
+                    });
+                }
+            }
+        }
         TxStatus::Completed => {
             let fill = complete(tx, spec, change.fill)?;
             record.fill = fill;
@@ -304,13 +317,9 @@ fn complete(tx: &mut Tx<'_, '_>, spec: &NewTransaction, fill: Option<&Fill>) -> 
     };
     match spec.payer {
         AccountRef::User(account) => {
+            // Completion comes only from a status with the provider, where the reservation no
+            // longer expires: it is Active whatever its nominal expiry says.
             let reservation = rules::active_reservation(tx, account.user_id, spec.id)?;
-            if tx.now_ms >= reservation.expires_at_ms {
-                return Err(EngineError::ReservationExpired {
-                    reservation_id: spec.id,
-                    expires_at_ms: reservation.expires_at_ms,
-                });
-            }
             debug_assert_eq!(reservation.amount_minor, spec.reserve_minor());
             if tx.account(&account)?.config.frozen {
                 return Err(EngineError::AccountFrozen { account });

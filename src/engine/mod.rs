@@ -596,7 +596,15 @@ impl<S: JournalSink> Engine<S> {
                 None => {
                     let shard = shards.get(shard_index);
                     shard.users.entry(user_id).or_default().reservations.insert(reservation.id, *reservation);
-                    shard.expiry.insert(reservation.expires_at_ms, user_id, reservation.id);
+                    // A transaction's reservation stops expiring once the transaction is with its
+                    // provider (`effect::hold_at_provider`).
+                    let held = state
+                        .transactions
+                        .get(&(user_id, reservation.id))
+                        .is_some_and(|transaction| transaction.status.is_with_provider());
+                    if !held {
+                        shard.expiry.insert(reservation.expires_at_ms, user_id, reservation.id);
+                    }
                 }
                 Some(_) => shards.closed_reservations_mut(shard_index).insert(*reservation),
             }

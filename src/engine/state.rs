@@ -135,7 +135,8 @@ impl EngineState {
     }
 
     /// A transaction holding funds has an Active reservation of principal + fees (unless it
-    /// expired); no other transaction has an Active one.
+    /// expired before the transaction went to its provider; from then on it cannot); no other
+    /// transaction has an Active one.
     fn check_transactions(&self) -> Result<(), InvariantViolation> {
         for ((user_id, transaction_id), transaction) in &self.transactions {
             let holds_funds = matches!(
@@ -154,7 +155,8 @@ impl EngineState {
                     holds_funds && reservation.amount_minor == transaction.spec.reserve_minor()
                 }
                 (None, Some(_)) => false,
-                (_, None) => true,
+                (Some(_), None) => !transaction.status.is_with_provider(),
+                (None, None) => true,
             };
             if !consistent {
                 return Err(InvariantViolation::TransactionReservationMismatch { transaction_id: *transaction_id });

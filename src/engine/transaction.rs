@@ -77,6 +77,13 @@ impl TxStatus {
     pub fn is_finished(self) -> bool {
         matches!(self, TxStatus::Completed | TxStatus::Failed | TxStatus::Compensated)
     }
+
+    /// Whether the transaction has been handed to its provider and not yet completed or failed.
+    /// Its reservation then no longer expires: the provider may be paying the money out, so the
+    /// funds must stay held until completion posts them or a failure releases them.
+    pub fn is_with_provider(self) -> bool {
+        matches!(self, TxStatus::SentToProvider | TxStatus::ProviderProcessing | TxStatus::ProviderConfirming)
+    }
 }
 
 /// What the user asked for. The domain is implied by the type (Transfer exists in two).
