@@ -136,7 +136,7 @@ impl EngineState {
 
     /// A transaction holding funds has an Active reservation of principal + fees (unless it
     /// expired before the transaction went to its provider; from then on it cannot); no other
-    /// transaction has an Active one.
+    /// transaction has an Active one, bar one opened under its id after it finished.
     fn check_transactions(&self) -> Result<(), InvariantViolation> {
         for ((user_id, transaction_id), transaction) in &self.transactions {
             let holds_funds = matches!(
@@ -151,6 +151,14 @@ impl EngineState {
                 .get(&(*user_id, *transaction_id))
                 .filter(|reservation| reservation.status == ReservationStatus::Active);
             let consistent = match (transaction.spec.paying_account(), active) {
+                // Once the engine forgot a finished transaction, a caller may reserve under its
+                // id. A journal replay never forgets, so it holds both: the later reservation is
+                // not the transaction's.
+                (_, Some(reservation))
+                    if transaction.status.is_finished() && reservation.created_at_ms > transaction.updated_at_ms =>
+                {
+                    true
+                }
                 (Some(_), Some(reservation)) => {
                     holds_funds && reservation.amount_minor == transaction.spec.reserve_minor()
                 }
