@@ -8,7 +8,7 @@ use diboas_ledger::engine::account::{
     AccountConfig, AccountRef, Balance, Domain, FeeTier, OutflowLimits, Provider, SystemAccount, SystemKind,
 };
 use diboas_ledger::engine::asset::Asset;
-use diboas_ledger::engine::effect::Effect;
+use diboas_ledger::engine::effect::{Effect, Slot};
 use diboas_ledger::engine::error::{EngineError, LimitKind};
 use diboas_ledger::engine::operation::{
     DEFAULT_RESERVATION_TTL_MS, MAX_ACTIVE_RESERVATIONS_PER_USER, MAX_RESERVATION_TTL_MS, Operation, Receipt, Request,
@@ -859,6 +859,43 @@ fn a_record_refused_after_its_reused_reservation_id_was_forgotten_leaves_the_rep
         replayed.state().within_retention(h.now_ms, retention_ms),
         h.engine.state().within_retention(h.now_ms, retention_ms)
     );
+}
+
+#[test]
+fn a_corrupt_record_is_refused_and_moves_neither_state_nor_clocks() {
+    let mut h = Harness::new();
+    let (dollars, bitcoin) = (usd(1), user_account(1, Domain::Banking, Asset::BTC));
+    h.open(dollars, AccountConfig::default());
+    h.open(bitcoin, AccountConfig::default());
+    h.ok(Operation::Deposit { account: dollars, amount: amount(1_000), provider: Provider::Stripe });
+    let mut records = h.engine.sink().drain();
+    let deposit = records.pop().unwrap();
+    let replayed = Engine::new(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default());
+    for record in &records {
+        replayed.apply_record(record).unwrap();
+    }
+    let before = replayed.state();
+
+    // Dollars from provider clearing into a bitcoin account: the record's postings no longer
+    // balance per asset. Dated a day later, which must not move the shards' clocks either.
+    let mut corrupt = deposit.clone();
+    corrupt.at_ms += 24 * 60 * 60 * 1_000;
+    let Some(Effect::Posting { to, .. }) = corrupt.effects.first_mut() else { panic!("{:?}", corrupt.effects) };
+    *to = Slot::User(bitcoin);
+    let refused = replayed.apply_record(&corrupt);
+    assert!(
+        matches!(&refused, Err(diboas_ledger::engine::ReplayError::Inconsistent { reason, .. }) if reason.contains("different assets")),
+        "{refused:?}"
+    );
+    assert_eq!(replayed.state(), before);
+    replayed.apply_record(&deposit).unwrap();
+    assert_eq!(replayed.state(), h.engine.state());
+
+    // The clocks are where the valid records left them: a reservation made now expires after
+    // its own lifetime from now, not from the corrupt record's date.
+    let outcome =
+        replayed.execute(Request { key: key("after-replay"), now_ms: h.now_ms, operation: reserve(dollars, 1, 5) });
+    assert_eq!(outcome.result, Ok(Receipt::Reserved { expires_at_ms: h.now_ms + DEFAULT_RESERVATION_TTL_MS }));
 }
 
 #[test]

@@ -11,6 +11,7 @@ use diboas_ledger::engine::account::{
     AccountRef, Balance, Domain, FeeTier, Protocol, Provider, SystemAccount, SystemKind,
 };
 use diboas_ledger::engine::asset::Asset;
+use diboas_ledger::engine::effect::Effect;
 use diboas_ledger::engine::error::EngineError;
 use diboas_ledger::engine::lifecycle::is_legal;
 use diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
@@ -502,6 +503,19 @@ fn bad_transactions_are_refused_at_initiation() {
         h.refused(Operation::InitiateTransaction { transaction: Box::new(fees_past_maximum) }),
         EngineError::InvalidTransaction { .. }
     ));
+    // A trade whose bought asset would come from another asset's liquidity, or from a fee account.
+    for source in [
+        system(SystemKind::ExchangeLiquidity, Asset::USD),
+        system(SystemKind::FeeRevenue(FeeTier::Platform), Asset::BTC),
+    ] {
+        let mut trade = spec(TxType::BuyCrypto, 7);
+        let (_, to) = trade.receive.expect("a trade receives");
+        trade.receive = Some((source, to));
+        assert!(matches!(
+            h.refused(Operation::InitiateTransaction { transaction: Box::new(trade) }),
+            EngineError::InvalidTransaction { .. }
+        ));
+    }
     h.ok(Operation::InitiateTransaction { transaction: Box::new(spec(TxType::SendMoney, 4)) });
     assert_eq!(
         h.refused(Operation::InitiateTransaction { transaction: Box::new(spec(TxType::SendMoney, 4)) }),
@@ -574,6 +588,54 @@ fn the_journal_replays_to_the_same_transactions_and_the_engine_forgets_finished_
     assert_eq!(recovered.transaction(alice, Uuid::from_u128(3)).map(|t| t.status), Some(TxStatus::ProviderProcessing));
     assert!(recovered.transaction(alice, Uuid::from_u128(4)).is_none());
     recovered.state().check_invariants().unwrap();
+}
+
+#[test]
+fn a_record_whose_undoing_would_write_back_something_else_is_refused() {
+    // Undoing a status change writes back its `previous_updated_at_ms` (and clears the verdict
+    // and fill it set); undoing a compliance change writes back its `before`. A record whose
+    // values differ from the state it applies to would leave a refused record's undoing wrong.
+    let mut h = harness();
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::BalanceReserved);
+    let records = h.engine.sink().drain();
+    let replay_until = |last: usize| {
+        let replay = Engine::new(*h.engine.config(), MemoryJournal::default());
+        for record in &records[..last] {
+            replay.apply_record(record).unwrap();
+        }
+        replay
+    };
+    let corrupt_and_check = |index: usize, corrupt: &dyn Fn(&mut Effect)| {
+        let replay = replay_until(index);
+        let before = replay.state();
+        let mut record = records[index].clone();
+        record.effects.iter_mut().for_each(corrupt);
+        assert_ne!(record, records[index], "the record was corrupted");
+        let refused = replay.apply_record(&record);
+        assert!(matches!(refused, Err(diboas_ledger::engine::ReplayError::Inconsistent { .. })), "{refused:?}");
+        assert_eq!(replay.state(), before);
+        replay.apply_record(&records[index]).unwrap();
+    };
+    let with_effect =
+        |wanted: fn(&Effect) -> bool| records.iter().rposition(|record| record.effects.iter().any(wanted)).unwrap();
+
+    let status_change = with_effect(|effect| matches!(effect, Effect::TransactionStatusChanged { .. }));
+    corrupt_and_check(status_change, &|effect| {
+        if let Effect::TransactionStatusChanged { change } = effect {
+            change.previous_updated_at_ms -= 1;
+        }
+    });
+    corrupt_and_check(status_change, &|effect| {
+        if let Effect::TransactionStatusChanged { change } = effect {
+            change.from = TxStatus::Initiated;
+        }
+    });
+    let compliance = with_effect(|effect| matches!(effect, Effect::ComplianceSet { .. }));
+    corrupt_and_check(compliance, &|effect| {
+        if let Effect::ComplianceSet { before, after, .. } = effect {
+            *before = Some(*after);
+        }
+    });
 }
 
 #[test]

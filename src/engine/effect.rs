@@ -30,6 +30,15 @@ pub enum Slot {
     System { account: SystemAccount, shard: u32 },
 }
 
+impl Slot {
+    pub fn asset(self) -> super::asset::Asset {
+        match self {
+            Slot::User(account) => account.asset,
+            Slot::System { account, .. } => account.asset,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "effect", content = "data", rename_all = "snake_case")]
 pub enum Effect {

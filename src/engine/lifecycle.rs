@@ -98,10 +98,14 @@ fn check_shape(spec: &NewTransaction) -> Result<(), EngineError> {
         }
         _ => {}
     }
-    if let Some((_, to)) = spec.receive
-        && to.user_id != spec.user_id
-    {
-        return Err(invalid("the bought asset must arrive in the transaction's user account"));
+    if let Some((from, to)) = spec.receive {
+        if to.user_id != spec.user_id {
+            return Err(invalid("the bought asset must arrive in the transaction's user account"));
+        }
+        // The API builds this leg; the engine still refuses one that would post between assets.
+        if from.kind != SystemKind::ExchangeLiquidity || from.asset != to.asset {
+            return Err(invalid("the bought asset must come from its own exchange liquidity account"));
+        }
     }
     let too_long = |text: &str| text.len() > MAX_TEXT_LEN;
     if spec.details.len() > MAX_DETAILS

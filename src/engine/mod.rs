@@ -55,7 +55,7 @@ use self::record::{JournalRecord, JournalSink, Origin, RequestContext};
 use self::reservation::{Reservation, ReservationStatus};
 use self::shard::{LockPlan, LockedShards, Shard, ShardCell, ShardMap, UserState};
 use self::state::{AccountView, EngineState};
-use self::transaction::{ComplianceRecord, Transaction};
+use self::transaction::{ComplianceRecord, Transaction, TxStatus};
 
 pub use self::shard::MAX_SHARDS;
 
@@ -369,7 +369,6 @@ impl<S: JournalSink> Engine<S> {
             plan.add(self.map.of_key(hash));
         }
         let mut shards = LockedShards::lock(&self.shards, plan);
-        shards.advance_clock(record.at_ms);
         let mut sequencer = self.sequencer.lock();
         if record.sequence != sequencer.next_sequence {
             return Err(ReplayError::OutOfOrder { expected: sequencer.next_sequence, found: record.sequence });
@@ -418,6 +417,8 @@ impl<S: JournalSink> Engine<S> {
             }
             effect::apply(&mut shards, self.map, effect);
         }
+        // Only now, so that a refused record leaves the clocks as they were too.
+        shards.advance_clock(record.at_ms);
         let mut retired_keys = None;
         if let (Origin::Request { key, operation, outcome, .. }, Some(key_hash)) = (&record.origin, key_hash) {
             let store = &mut shards.get(self.map.of_key(key_hash)).idempotency;
@@ -813,10 +814,16 @@ fn replay_check(
             if *amount_minor <= 0 || !slot_exists(from, &mut account_exists) || !slot_exists(to, &mut account_exists) {
                 return Err("posting with a missing account or a non-positive amount");
             }
+            if from.asset() != to.asset() {
+                return Err("posting between accounts of different assets");
+            }
         }
         Effect::ReservationOpened { reservation } => {
-            if !account_exists(&reservation.account) || reservation.status != ReservationStatus::Active {
-                return Err("reservation opened on a missing account or not active");
+            if !account_exists(&reservation.account)
+                || reservation.status != ReservationStatus::Active
+                || reservation.amount_minor <= 0
+            {
+                return Err("reservation opened on a missing account, not active, or of a non-positive amount");
             }
             let user_id = reservation.account.user_id;
             let still_remembered =
@@ -828,6 +835,9 @@ fn replay_check(
             }
         }
         Effect::TransactionCreated { transaction } => {
+            if transaction.status != TxStatus::Initiated {
+                return Err("transaction created in another status than Initiated");
+            }
             let user_id = transaction.spec.user_id;
             let still_remembered = shards
                 .get(map.of_user(user_id))
@@ -846,13 +856,24 @@ fn replay_check(
                 .get(&change.user_id)
                 .and_then(|user| user.transactions.get(&change.transaction_id))
                 .is_some_and(|transaction| {
-                    transaction.status == change.from && lifecycle::is_legal(change.from, change.to)
+                    // What undoing the change writes back must be what is there now.
+                    transaction.status == change.from
+                        && lifecycle::is_legal(change.from, change.to)
+                        && transaction.updated_at_ms == change.previous_updated_at_ms
+                        && (change.aml.is_none() || transaction.aml.is_none())
+                        && (change.fill.is_none() || transaction.fill.is_none())
                 });
             if !matches {
-                return Err("status change of a missing transaction, from another status, or illegal");
+                return Err("status change of a missing transaction, from another status or time, illegal, or \
+                     setting a verdict or fill it already has");
             }
         }
-        Effect::ComplianceSet { .. } => {}
+        Effect::ComplianceSet { user_id, before, .. } => {
+            let current = shards.get(map.of_user(*user_id)).users.get(user_id).and_then(|user| user.compliance);
+            if current != *before {
+                return Err("compliance record differs from the record's `before`");
+            }
+        }
         Effect::ReservationClosed { user_id, reservation_id, status, .. } => {
             let active = shards
                 .get(map.of_user(*user_id))
