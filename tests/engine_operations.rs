@@ -830,20 +830,14 @@ fn a_record_refused_after_its_reused_reservation_id_was_forgotten_leaves_the_rep
     h.open_funded(usd(1), 1_000);
     h.ok(reserve(usd(1), 7, 10));
     h.ok(Operation::Release { user_id: Uuid::from_u128(1), reservation_id: Uuid::from_u128(7) });
+    h.forget_the_past();
     let retention_ms = h.engine.config().retention_ms;
-    for _ in 0..2 {
-        h.now_ms += retention_ms;
-        h.engine.sweep(h.now_ms).unwrap();
-    }
     h.ok(reserve(usd(1), 7, 20));
     let records = h.engine.sink().drain();
     let (reuse, earlier) = records.split_last().unwrap();
     assert!(matches!(reuse.effects[..], [Effect::ReservationOpened { .. }]), "{:?}", reuse.effects);
 
-    let replayed = Engine::new(*h.engine.config(), diboas_ledger::engine::record::MemoryJournal::default());
-    for record in earlier {
-        replayed.apply_record(record).unwrap();
-    }
+    let replayed = h.replayed(earlier);
     let before = replayed.state();
     let closed = replayed.reservation(Uuid::from_u128(1), Uuid::from_u128(7)).unwrap();
     assert_eq!(closed.status, ReservationStatus::Released);

@@ -646,11 +646,8 @@ fn a_reservation_under_a_forgotten_transactions_id_replays_without_a_false_alarm
     // called that a transaction holding a reservation it should not.
     let mut h = harness();
     drive(&mut h, TxType::SendMoney, 5, TxStatus::Completed);
+    h.forget_the_past();
     let retention_ms = h.engine.config().retention_ms;
-    for _ in 0..2 {
-        h.now_ms += retention_ms;
-        h.engine.sweep(h.now_ms).unwrap();
-    }
     let reserve = Operation::Reserve {
         reservation_id: Uuid::from_u128(5),
         account: usd(ALICE),
@@ -659,10 +656,7 @@ fn a_reservation_under_a_forgotten_transactions_id_replays_without_a_false_alarm
     };
     h.ok(reserve);
     let records = h.engine.sink().drain();
-    let replay = Engine::new(*h.engine.config(), MemoryJournal::default());
-    for record in &records {
-        replay.apply_record(record).unwrap();
-    }
+    let replay = h.replayed(&records);
     replay.state().check_invariants().unwrap();
     assert_eq!(
         replay.transaction(Uuid::from_u128(ALICE), Uuid::from_u128(5)).map(|t| t.status),
@@ -681,20 +675,14 @@ fn a_record_refused_after_its_reused_transaction_id_was_forgotten_leaves_the_rep
     // check, undoing the creation deleted the original instead of restoring it.
     let mut h = harness();
     drive(&mut h, TxType::AddMoney, 4, TxStatus::Failed);
+    h.forget_the_past();
     let retention_ms = h.engine.config().retention_ms;
-    for _ in 0..2 {
-        h.now_ms += retention_ms;
-        h.engine.sweep(h.now_ms).unwrap();
-    }
     assert!(h.engine.transaction(Uuid::from_u128(ALICE), Uuid::from_u128(4)).is_none(), "forgotten live");
     drive(&mut h, TxType::AddMoney, 4, TxStatus::Initiated);
     let records = h.engine.sink().drain();
     let (reuse, earlier) = records.split_last().unwrap();
 
-    let replay = Engine::new(*h.engine.config(), MemoryJournal::default());
-    for record in earlier {
-        replay.apply_record(record).unwrap();
-    }
+    let replay = h.replayed(earlier);
     let before = replay.state();
     let original = replay.transaction(Uuid::from_u128(ALICE), Uuid::from_u128(4)).unwrap();
     assert_eq!(original.status, TxStatus::Failed);

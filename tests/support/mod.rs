@@ -97,6 +97,24 @@ impl Harness {
         }
     }
 
+    /// Moves the clock two retention windows on, sweeping after each: the engine has then
+    /// forgotten every key, closed reservation and finished transaction from before.
+    pub fn forget_the_past(&mut self) {
+        for _ in 0..2 {
+            self.now_ms += self.engine.config().retention_ms;
+            self.engine.sweep(self.now_ms).unwrap();
+        }
+    }
+
+    /// A new engine of this one's configuration, with `records` replayed into it.
+    pub fn replayed(&self, records: &[JournalRecord]) -> Engine<MemoryJournal> {
+        let replayed = Engine::new(*self.engine.config(), MemoryJournal::default());
+        for record in records {
+            replayed.apply_record(record).unwrap();
+        }
+        replayed
+    }
+
     pub fn balance(&self, account: UserAccount) -> Balance {
         self.engine.balance(&AccountRef::User(account)).unwrap()
     }
