@@ -21,6 +21,7 @@ use diboas_ledger::engine::operation::{
 };
 use diboas_ledger::engine::record::MemoryJournal;
 use diboas_ledger::engine::reservation::ReservationStatus;
+use diboas_ledger::engine::state::InvariantViolation;
 use diboas_ledger::engine::transaction::{
     AmlStatus, ComplianceRecord, FeeLine, FeeMethod, Fill, KycStatus, NewTransaction, ProviderRef, RiskLevel, TxStatus,
     TxType,
@@ -283,6 +284,40 @@ fn a_transaction_with_its_provider_keeps_its_funds_reserved_past_the_reservation
         (Some(ReservationStatus::Completed), Some(ReservationStatus::Released))
     );
     assert_eq!(h.balance(alice), Balance { available_minor: held.total_minor() - 10_180, reserved_minor: 0 });
+}
+
+#[test]
+fn a_state_from_before_the_hold_still_loads_and_a_wrongly_closed_hold_does_not() {
+    // Before session 20 the sweep could expire a transaction's reservation while the provider had
+    // it. A ledger whose projections hold such a transaction must still start (start-up checks
+    // the invariants); a held reservation closed any other way than by its transaction is a bug.
+    let mut h = harness();
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::SentToProvider);
+    let key = (Uuid::from_u128(ALICE), Uuid::from_u128(1));
+    let closed_as = |status: ReservationStatus| {
+        let mut state = h.engine.state();
+        let reservation = state.reservations.get_mut(&key).unwrap();
+        let amount_minor = reservation.amount_minor;
+        reservation.status = status;
+        reservation.closed_at_ms = Some(h.now_ms);
+        let balance = &mut state.accounts.get_mut(&usd(ALICE)).unwrap().balance;
+        balance.reserved_minor -= amount_minor;
+        balance.available_minor += amount_minor;
+        state
+    };
+    let expired = closed_as(ReservationStatus::Expired);
+    expired.check_invariants().unwrap();
+    let mut forgotten = expired.clone();
+    forgotten.reservations.remove(&key);
+    forgotten.check_invariants().unwrap();
+    let recovered = Engine::from_state(*h.engine.config(), MemoryJournal::default(), &expired).unwrap();
+    assert_eq!(recovered.state(), expired);
+    for status in [ReservationStatus::Completed, ReservationStatus::Released] {
+        assert_eq!(
+            closed_as(status).check_invariants(),
+            Err(InvariantViolation::TransactionReservationMismatch { transaction_id: Uuid::from_u128(1) })
+        );
+    }
 }
 
 #[test]

@@ -202,8 +202,8 @@ async fn unary(client: &mut Client, key: String, operation: pb::operation::Kind)
 
 /// Releases the reservation of a reserve-commit whose commit failed, as a careful caller would,
 /// so it does not hold the funds until it expires. If the commit did apply (its answer was lost),
-/// the release is refused and changes nothing. Not tallied: it is not part of the workload, and
-/// its own failure leaves the reservation to its expiry (`RESERVATION_TTL_MS`).
+/// the release is refused and changes nothing. Neither counted nor timed: it is not part of the
+/// workload, and its own failure leaves the reservation to its expiry (`RESERVATION_TTL_MS`).
 async fn release_after_failed_commit(client: &mut Client, key: &str, unit: &Unit) {
     let release = pb::operation::Kind::Release(pb::Release {
         user_id: unit.user.to_string(),
@@ -223,6 +223,7 @@ async fn send(
     started: Instant,
 ) {
     if config.batch_size == 0 {
+        let mut failed_commits = Vec::new();
         for (key, unit) in units {
             // A unary reserve-commit is two calls: the commit only if the reserve worked.
             for (step, operation) in operations(&unit).into_iter().enumerate() {
@@ -231,14 +232,18 @@ async fn send(
                     Err(status) => {
                         tally.record_error(code_name(&status));
                         if step > 0 {
-                            release_after_failed_commit(client, &key, &unit).await;
+                            failed_commits.push((key, unit));
                         }
                         break;
                     }
                 }
             }
         }
+        // The releases are the generator's own clean-up, not the workload: outside its latency.
         tally.record_latency(started.elapsed());
+        for (key, unit) in failed_commits {
+            release_after_failed_commit(client, &key, &unit).await;
+        }
         return;
     }
     let operations_per_entry: Vec<u64> = units.iter().map(|(_, unit)| unit.kind.operations()).collect();
