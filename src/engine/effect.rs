@@ -264,8 +264,8 @@ pub(crate) fn apply(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effec
                     change.transaction_id,
                 ));
             }
-            if change.to.is_with_provider() && !change.from.is_with_provider() {
-                hold_at_provider(shards, map, change);
+            if change.hands_to_provider() {
+                hold_at_provider(shards, map, change, true);
             }
         }
         Effect::ComplianceSet { user_id, after, .. } => {
@@ -280,17 +280,31 @@ pub(crate) fn held_at_provider(user: &UserState, reservation_id: Uuid) -> bool {
     user.transactions.get(&reservation_id).is_some_and(|transaction| transaction.status.is_with_provider())
 }
 
-/// The transaction of `change` has just been handed to its provider: its reservation leaves the
-/// expiry index, so no sweep releases funds the provider may be paying out. The reservation stays
-/// Active until completion closes it or a failure releases it. The index is derived state, kept
-/// the same way in a replay (this effect) and a rebuild from a snapshot (`Engine::without_keys`).
-fn hold_at_provider(shards: &mut LockedShards<'_>, map: ShardMap, change: &StatusChange) {
+impl StatusChange {
+    /// Whether this change hands the transaction to its provider (see `hold_at_provider`).
+    fn hands_to_provider(&self) -> bool {
+        self.to.is_with_provider() && !self.from.is_with_provider()
+    }
+}
+
+/// The transaction of `change` has just been handed to its provider (`held`), or that change is
+/// being undone. A held reservation leaves the expiry index, so no sweep releases funds the
+/// provider may be paying out; it stays Active until completion closes it or a failure releases
+/// it. The index is derived state, kept the same way in a replay (this effect) and a rebuild
+/// from a snapshot (`Engine::without_keys`).
+fn hold_at_provider(shards: &mut LockedShards<'_>, map: ShardMap, change: &StatusChange, held: bool) {
     let shard = shards.get(map.of_user(change.user_id));
     let reservation =
         shard.users.get(&change.user_id).and_then(|user| user.reservations.get(&change.transaction_id)).copied();
     if let Some(reservation) = reservation {
-        let removed = shard.expiry.remove(reservation.expires_at_ms, change.user_id, change.transaction_id);
-        debug_assert!(removed, "an active reservation was not in the expiry index");
+        let (expires_at_ms, user_id, reservation_id) =
+            (reservation.expires_at_ms, change.user_id, change.transaction_id);
+        if held {
+            let removed = shard.expiry.remove(expires_at_ms, user_id, reservation_id);
+            debug_assert!(removed, "an active reservation was not in the expiry index");
+        } else {
+            shard.expiry.insert(expires_at_ms, user_id, reservation_id);
+        }
     }
 }
 
@@ -359,12 +373,12 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
             reservation.status = ReservationStatus::Active;
             reservation.closed_at_ms = None;
             let user = reservation_user(&mut shard.users, user_id);
-            if !held_at_provider(user, *reservation_id) {
+            shift_reserved(user, &reservation, 1);
+            let held = held_at_provider(user, *reservation_id);
+            user.reservations.insert(*reservation_id, reservation);
+            if !held {
                 shard.expiry.insert(reservation.expires_at_ms, *user_id, *reservation_id);
             }
-            let user = reservation_user(&mut shard.users, user_id);
-            shift_reserved(user, &reservation, 1);
-            user.reservations.insert(*reservation_id, reservation);
         }
         Effect::UsageChanged { account, before, .. } => {
             account_mut(shards, map, account).usage = *before;
@@ -386,7 +400,6 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
                 transaction_mut(shards, map, change.user_id, change.transaction_id);
             transaction.status = change.from;
             transaction.updated_at_ms = change.previous_updated_at_ms;
-            let released_from_provider = change.to.is_with_provider() && !change.from.is_with_provider();
             recount(unfinished_transactions, unfinished(change.from), unfinished(change.to));
             if change.aml.is_some() {
                 transaction.aml = None;
@@ -398,13 +411,8 @@ pub(crate) fn revert(shards: &mut LockedShards<'_>, map: ShardMap, effect: &Effe
                 let undone = shards.get(map.of_user(change.user_id)).finished.pop_back();
                 debug_assert_eq!(undone.map(|(_, _, id)| id), Some(change.transaction_id));
             }
-            if released_from_provider {
-                let shard = shards.get(map.of_user(change.user_id));
-                let reservation =
-                    shard.users.get(&change.user_id).and_then(|user| user.reservations.get(&change.transaction_id));
-                if let Some(reservation) = reservation.copied() {
-                    shard.expiry.insert(reservation.expires_at_ms, change.user_id, change.transaction_id);
-                }
+            if change.hands_to_provider() {
+                hold_at_provider(shards, map, change, false);
             }
         }
         Effect::ComplianceSet { user_id, before, .. } => {
