@@ -31,7 +31,6 @@ pub mod record;
 pub mod reservation;
 mod rules;
 mod shard;
-pub mod spin_lock;
 pub mod state;
 pub mod summary;
 pub mod transaction;
@@ -39,6 +38,7 @@ pub mod transaction;
 use std::collections::BTreeMap;
 
 use crossbeam_utils::CachePadded;
+use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -54,7 +54,6 @@ use self::operation::{Operation, Receipt, Request};
 use self::record::{JournalRecord, JournalSink, Origin, RequestContext};
 use self::reservation::{Reservation, ReservationStatus};
 use self::shard::{LockPlan, LockedShards, Shard, ShardCell, ShardMap, UserState};
-use self::spin_lock::{MappedMutexGuard, Mutex, MutexGuard};
 use self::state::{AccountView, EngineState};
 use self::transaction::{ComplianceRecord, Transaction, TxStatus};
 

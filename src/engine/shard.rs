@@ -11,6 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::Deref;
 
 use crossbeam_utils::CachePadded;
+use parking_lot::{Mutex, MutexGuard};
 use uuid::Uuid;
 
 use super::account::{AccountConfig, Balance, Domain, SystemKind};
@@ -22,7 +23,6 @@ use super::idempotency::{IdempotencyStore, KeyHash};
 use super::index_hints::IndexHints;
 use super::limits::OutflowUsage;
 use super::reservation::Reservation;
-use super::spin_lock::{Mutex, MutexGuard};
 use super::transaction::{ComplianceRecord, Transaction};
 
 /// The most shards an engine may have.
@@ -268,8 +268,8 @@ pub(crate) struct LockedShards<'a> {
 /// A panic while the locks are held aborts the process instead of unwinding. Effects apply as the
 /// rules emit them, so a panic part-way (a broken invariant in an effect, a sink that panics)
 /// would otherwise release the locks over changes no journal record describes, and the server
-/// would go on serving a state its journal cannot rebuild (promises 2 and 7). The engine's locks
-/// (`spin_lock`) do not poison, so nothing else would stop the next request. Aborting is the
+/// would go on serving a state its journal cannot rebuild (promises 2 and 7). parking_lot's
+/// mutexes do not poison, so nothing else would stop the next request. Aborting is the
 /// fail-stop answer: a restart recovers the state from the journal, which holds only what was
 /// acknowledged.
 impl Drop for LockedShards<'_> {
