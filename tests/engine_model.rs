@@ -251,7 +251,8 @@ impl Model {
             }
             Operation::Convert { from, to, amount, .. } => {
                 let bought = amount.minor() * SATS_PER_CENT;
-                let commission = bought * i128::from(COMMISSION_BPS) / 10_000;
+                // Rounded up, in the platform's favour.
+                let commission = (bought * i128::from(COMMISSION_BPS) + 9_999) / 10_000;
                 self.outflow(from, amount.minor())?;
                 self.system_add(liquidity(from.asset), amount.minor());
                 self.credit(to, bought - commission)?;

@@ -423,6 +423,45 @@ fn conversions_go_through_exchange_liquidity_with_commission() {
     assert_eq!(h.system_balance(platform_fees), 60_000);
 }
 
+/// The commission rounds up, so splitting a conversion into small pieces does not escape it:
+/// 5,000 sats at 60,000 USD/BTC buy 300 cents, and 30 bps of that is 0.9 cents. Rounded down, a
+/// thousand such conversions paid no commission where one conversion of the whole paid 9.00 USD.
+#[test]
+fn a_conversion_split_into_small_pieces_still_pays_its_commission() {
+    let mut h = Harness::new();
+    let bitcoin = user_account(1, Domain::Investing, Asset::BTC);
+    let dollars = user_account(1, Domain::Investing, Asset::USD);
+    h.open_funded(bitcoin, 5_000_000);
+    h.open(dollars, AccountConfig::default());
+    let convert = |sats| Operation::Convert {
+        from: bitcoin,
+        to: dollars,
+        amount: amount(sats),
+        price: Decimal::new(60_000, 0),
+        commission_bps: 30,
+    };
+    assert_eq!(h.ok(convert(5_000)), Receipt::Converted { sold_minor: 5_000, bought_minor: 299, commission_minor: 1 });
+    for _ in 1..1_000 {
+        h.ok(convert(5_000));
+    }
+    let platform_fees = SystemAccount { kind: SystemKind::FeeRevenue(FeeTier::Platform), asset: Asset::USD };
+    assert_eq!(h.system_balance(platform_fees), 1_000);
+    assert_eq!(h.balance(dollars).available_minor, 299_000);
+    // The same 0.05 BTC converted whole pays 9.00 USD; the thousand pieces paid 10.00, not nothing.
+    let (whole_bitcoin, whole_dollars) =
+        (user_account(2, Domain::Investing, Asset::BTC), user_account(2, Domain::Investing, Asset::USD));
+    h.open_funded(whole_bitcoin, 5_000_000);
+    h.open(whole_dollars, AccountConfig::default());
+    let whole = Operation::Convert {
+        from: whole_bitcoin,
+        to: whole_dollars,
+        amount: amount(5_000_000),
+        price: Decimal::new(60_000, 0),
+        commission_bps: 30,
+    };
+    assert_eq!(h.ok(whole), Receipt::Converted { sold_minor: 5_000_000, bought_minor: 299_100, commission_minor: 900 });
+}
+
 #[test]
 fn conversion_refusals() {
     let mut h = Harness::new();

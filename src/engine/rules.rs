@@ -590,7 +590,11 @@ fn convert(
     }
     let bought_minor = proceeds_minor(amount.minor(), from.asset.scale(), to.asset.scale(), price)
         .ok_or(EngineError::ConversionOverflow)?;
-    let commission_minor = bought_minor * i128::from(commission_bps) / i128::from(MAX_COMMISSION_BPS);
+    // Rounded up, in the platform's favour as the proceeds are: rounded down, a conversion split
+    // into small enough pieces paid no commission at all (30 bps of 300 cents is 0.9 cents).
+    let whole_bps = i128::from(MAX_COMMISSION_BPS);
+    debug_assert!((0..=MAX_AMOUNT_MINOR).contains(&bought_minor), "proceeds are within the maximum");
+    let commission_minor = (bought_minor * i128::from(commission_bps) + whole_bps - 1) / whole_bps;
     let net_minor = bought_minor - commission_minor;
     if net_minor <= 0 {
         return Err(EngineError::ConversionTooSmall);
