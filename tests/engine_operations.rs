@@ -1085,6 +1085,48 @@ fn an_engine_rebuilt_from_its_state_has_the_same_state_and_behaviour() {
     assert_eq!(next.sequence, Some(state.next_sequence), "sequencing continues where it stopped");
 }
 
+/// A system account's total may pass the maximum amount, since the live engine keeps it as one
+/// sub-account a shard, each within the maximum. A rebuild from the state must lay the total out
+/// so that no shard starts past the bound: put whole into shard 0, as it was until session 21,
+/// the Stripe ETH clearing below sat at -1.2x the maximum there, and every later Stripe ETH
+/// deposit to a user of shard 0 was refused as an overflow that the live engine took.
+#[test]
+fn a_rebuilt_engine_spreads_a_system_total_past_the_maximum_over_its_shards() {
+    use diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
+    use diboas_ledger::engine::record::MemoryJournal;
+
+    let mut h = Harness::new();
+    let ether = |user| user_account(user, Domain::Defi, Asset::ETH);
+    let shard_of = |engine: &Engine<MemoryJournal>, user| engine.shard_of(Uuid::from_u128(user));
+    let users_by_shard = |engine: &Engine<MemoryJournal>| {
+        let first = (1..).find(|user| shard_of(engine, *user) != 0).unwrap_or(1);
+        let second = (first + 1..).find(|user| ![0, shard_of(engine, first)].contains(&shard_of(engine, *user)));
+        let on_shard_zero = (1..).find(|user| shard_of(engine, *user) == 0);
+        (first, second.unwrap_or(2), on_shard_zero.unwrap_or(3))
+    };
+    let (first, second, on_shard_zero) = users_by_shard(&h.engine);
+    let six_tenths_minor = MAX_AMOUNT_MINOR / 10 * 6;
+    h.open_funded(ether(first), six_tenths_minor);
+    h.open_funded(ether(second), six_tenths_minor);
+    h.open(ether(on_shard_zero), AccountConfig::default());
+    let clearing = SystemAccount { kind: SystemKind::ProviderClearing(Provider::Stripe), asset: Asset::ETH };
+    assert_eq!(h.system_balance(clearing), -2 * six_tenths_minor);
+    let state = h.engine.state();
+
+    let rebuilt = Engine::from_state(*h.engine.config(), MemoryJournal::default(), &state).unwrap();
+    assert_eq!(rebuilt.state(), state);
+    let deposit = Operation::Deposit {
+        account: ether(on_shard_zero),
+        amount: amount(MAX_AMOUNT_MINOR / 10 * 3),
+        provider: Provider::Stripe,
+    };
+    let outcome = rebuilt.execute(Request { key: key("after-rebuild"), now_ms: h.now_ms, operation: deposit.clone() });
+    assert_eq!(outcome.result, Ok(Receipt::Done), "the live engine takes it, so must the rebuilt one");
+    assert_eq!(h.ok(deposit), Receipt::Done);
+    rebuilt.state().check_invariants().unwrap();
+    assert_eq!(rebuilt.state().system_minor, h.engine.state().system_minor);
+}
+
 /// Recovery builds the engine without its keys and streams them in a row at a time
 /// (`without_keys`, `restore_key`): the result must be the engine `from_state` builds, a key
 /// older than the retention window (measured back from the recovered clock) must stay out, and

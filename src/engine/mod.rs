@@ -628,8 +628,21 @@ impl<S: JournalSink> Engine<S> {
         for (user_id, record) in &state.compliance {
             shards.get(engine.map.of_user(*user_id)).users.entry(*user_id).or_default().compliance = Some(*record);
         }
+        // A state holds each system account's total; the live engine held it as one sub-account
+        // a shard, each bounded by the maximum amount (the rules refuse a posting past it), so
+        // the total may reach the shard count times that. It is spread evenly over the shards:
+        // all in one shard could leave that shard past the bound, or at it, refusing postings the
+        // live engine took. The sum stays exact. Only a shard count lowered below what the total
+        // needs (past 10^28 minor units a shard) leaves shards past the bound.
+        let shard_count = engine.map.count();
         for (account, amount_minor) in &state.system_minor {
-            shards.get(0).system_minor[account.kind.index()][account.asset.index()] = *amount_minor;
+            let (share_minor, rest_minor) =
+                (amount_minor / i128::from(shard_count), amount_minor % i128::from(shard_count));
+            for shard_index in 0..shard_count {
+                let extra_minor = if i128::from(shard_index) < rest_minor.abs() { rest_minor.signum() } else { 0 };
+                shards.get(shard_index).system_minor[account.kind.index()][account.asset.index()] =
+                    share_minor + extra_minor;
+            }
         }
         drop(shards);
         engine
