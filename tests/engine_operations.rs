@@ -462,6 +462,32 @@ fn a_conversion_split_into_small_pieces_still_pays_its_commission() {
     assert_eq!(h.ok(whole), Receipt::Converted { sold_minor: 5_000_000, bought_minor: 299_100, commission_minor: 900 });
 }
 
+/// Found in review: a failing linked batch undoes its closes newest first. With the shard's store
+/// of closed reservations one entry short of a full chunk, the batch's two releases filed the last
+/// entry of one chunk and the first of the next, and undoing them tripped an assertion with the
+/// shard locked (so the whole process aborted). The batch must simply be refused.
+#[test]
+fn a_failing_batch_undoes_two_closes_across_a_chunk_boundary() {
+    const CHUNK_RESERVATIONS: u128 = 1_024;
+    let mut h = Harness::new();
+    let user_id = Uuid::from_u128(1);
+    h.open_funded(usd(1), 1_000);
+    for id in 0..CHUNK_RESERVATIONS - 1 {
+        h.ok(reserve(usd(1), 10_000 + id, 1));
+        h.ok(Operation::Release { user_id, reservation_id: Uuid::from_u128(10_000 + id) });
+    }
+    h.ok(reserve(usd(1), 1, 10));
+    h.ok(reserve(usd(1), 2, 20));
+    let release = |id| Operation::Release { user_id, reservation_id: Uuid::from_u128(id) };
+    let too_much =
+        Operation::Transfer { from: AccountRef::User(usd(1)), to: AccountRef::User(usd(2)), amount: amount(1_000_000) };
+    let batch = Operation::LinkedBatch { operations: vec![release(1), release(2), too_much] };
+    assert!(matches!(h.refused(batch), EngineError::BatchOperationFailed { index: 2, .. }));
+    assert_eq!(h.balance(usd(1)).reserved_minor, 30);
+    assert_eq!(h.ok(release(1)), Receipt::Released { released_minor: 10 });
+    assert_eq!(h.ok(release(2)), Receipt::Released { released_minor: 20 });
+}
+
 #[test]
 fn conversion_refusals() {
     let mut h = Harness::new();

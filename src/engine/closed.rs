@@ -96,7 +96,13 @@ impl ClosedGeneration {
         let position = full_chunks * CHUNK_RESERVATIONS + self.chunks[full_chunks].len() - 1;
         let unindexed = self.index.remove(hash, |candidate| candidate as usize == position);
         debug_assert!(unindexed, "the last entry is indexed until it is taken back");
-        self.chunks[full_chunks].pop()
+        let popped = self.chunks[full_chunks].pop();
+        // A chunk left empty goes too, so the next undo finds its entry at the end of the chunk
+        // before (two closes undone across a chunk boundary).
+        if self.chunks[full_chunks].is_empty() {
+            self.chunks.pop();
+        }
+        popped
     }
 
     /// Entries held, removed ones included.
@@ -323,6 +329,27 @@ mod tests {
         }
         assert_eq!(store.generations.current.stored(), 0);
         assert_eq!(store.iter().count(), 0);
+    }
+
+    /// Found in review: two closes undone newest first, the later one the first entry of a new
+    /// chunk. Undoing it left that chunk empty, and the earlier one, last of the chunk before,
+    /// was then not found at the end (a debug assertion; release builds left its entry behind).
+    #[test]
+    fn undone_closes_across_a_chunk_boundary_leave_nothing_behind() {
+        let mut store = ClosedReservations::default();
+        let user_id = Uuid::from_u128(1);
+        for filler in 0..(CHUNK_RESERVATIONS as u128 - 1) {
+            store.insert(closed(1_000_000 + filler, 5));
+        }
+        store.insert(closed(1, 10));
+        store.insert(closed(2, 10));
+        assert_eq!(store.undo_insert(user_id, Uuid::from_u128(2)).map(|r| r.id), Some(Uuid::from_u128(2)));
+        assert_eq!(store.undo_insert(user_id, Uuid::from_u128(1)).map(|r| r.id), Some(Uuid::from_u128(1)));
+        assert_eq!(store.generations.current.stored(), CHUNK_RESERVATIONS - 1);
+        assert!(store.get(user_id, Uuid::from_u128(1)).is_none());
+        store.insert(closed(3, 10));
+        assert_eq!(store.get(user_id, Uuid::from_u128(3)).map(|r| r.id), Some(Uuid::from_u128(3)));
+        assert_eq!(store.iter().count(), CHUNK_RESERVATIONS);
     }
 
     /// Found in review: a release that meets an idempotency conflict closes the reservation in
