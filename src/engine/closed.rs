@@ -412,4 +412,120 @@ mod tests {
         assert!(store.get(user_id, Uuid::from_u128(1)).is_none());
         assert_eq!(store.get(user_id, Uuid::from_u128(2)), Some(&closed(2, 110)));
     }
+
+    /// One step of the property test below: what the engine does to a shard's store.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Requests close this many new reservations and keep them.
+        Close(usize),
+        /// Requests close new reservations until the current generation holds `short` entries
+        /// fewer than a whole number of chunks: where an undo crosses a chunk boundary.
+        CloseUpToBoundary { short: usize },
+        /// One request closes this many new reservations, then fails (a linked batch, a key
+        /// conflict) and undoes them newest first.
+        CloseThenUndo(usize),
+        /// A replay forgets a remembered reservation (`pick` chooses which), and puts it back if
+        /// its record then fails to replay.
+        Forget { pick: usize, restore: bool },
+        /// A retention window passes and the sweep rotates.
+        Rotate,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (1..1_100_usize).prop_map(Step::Close),
+            (0..3_usize).prop_map(|short| Step::CloseUpToBoundary { short }),
+            (1..5_usize).prop_map(Step::CloseThenUndo),
+            (any::<usize>(), any::<bool>()).prop_map(|(pick, restore)| Step::Forget { pick, restore }),
+            Just(Step::Rotate),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// The store against a model of two sets (current and previous generation): after every
+        /// step it remembers exactly the model's reservations, and holds no entry an undone
+        /// close left behind. Sequences reach past chunk boundaries, where the chunked entries
+        /// and the undo meet (a review found an undo across a boundary broken).
+        #[test]
+        fn the_store_remembers_what_a_model_of_two_sets_does(steps in proptest::collection::vec(step(), 1..24)) {
+            use std::collections::BTreeSet;
+
+            let retention_ms = 100;
+            let user_id = Uuid::from_u128(1);
+            let mut store = ClosedReservations::default();
+            let (mut current, mut previous) = (BTreeSet::new(), BTreeSet::new());
+            // Entries in the current generation's chunks, forgotten ones included.
+            let mut current_stored = 0_usize;
+            let (mut next_id, mut now_ms) = (1_u128, 1_000_i64);
+            let mut ever = Vec::new();
+            for step in steps {
+                let mut touched = Vec::new();
+                match step {
+                    Step::Close(count) | Step::CloseThenUndo(count) => {
+                        let ids: Vec<u128> = (next_id..next_id + count as u128).collect();
+                        next_id += count as u128;
+                        for &id in &ids {
+                            store.insert(closed(id, now_ms));
+                        }
+                        if matches!(step, Step::CloseThenUndo(_)) {
+                            for &id in ids.iter().rev() {
+                                proptest::prop_assert_eq!(store.undo_insert(user_id, Uuid::from_u128(id)), Some(closed(id, now_ms)));
+                            }
+                        } else {
+                            current.extend(ids.iter().copied());
+                            current_stored += count;
+                        }
+                        touched.extend(ids);
+                    }
+                    Step::CloseUpToBoundary { short } => {
+                        let target = current_stored.next_multiple_of(CHUNK_RESERVATIONS).max(CHUNK_RESERVATIONS) - short;
+                        let target = if target < current_stored { target + CHUNK_RESERVATIONS } else { target };
+                        while current_stored < target {
+                            store.insert(closed(next_id, now_ms));
+                            current.insert(next_id);
+                            touched.push(next_id);
+                            next_id += 1;
+                            current_stored += 1;
+                        }
+                    }
+                    Step::Forget { pick, restore } => {
+                        let remembered: Vec<u128> = current.iter().chain(previous.iter()).copied().collect();
+                        if let Some(&id) = remembered.get(pick % remembered.len().max(1)) {
+                            let forgotten = store.remove(user_id, Uuid::from_u128(id));
+                            proptest::prop_assert_eq!(forgotten.map(|f| f.reservation.id), Some(Uuid::from_u128(id)));
+                            match forgotten {
+                                Some(forgotten) if restore => store.restore(forgotten),
+                                _ => {
+                                    current.remove(&id);
+                                    previous.remove(&id);
+                                }
+                            }
+                            touched.push(id);
+                        }
+                    }
+                    Step::Rotate => {
+                        now_ms += retention_ms;
+                        proptest::prop_assert!(store.rotate(now_ms, retention_ms).is_some());
+                        touched.extend(previous.iter().copied());
+                        previous = std::mem::take(&mut current);
+                        current_stored = 0;
+                    }
+                }
+                ever.extend(touched.iter().copied());
+                for id in touched {
+                    let expected = current.contains(&id) || previous.contains(&id);
+                    proptest::prop_assert_eq!(store.get(user_id, Uuid::from_u128(id)).is_some(), expected, "id {}", id);
+                }
+                proptest::prop_assert_eq!(store.iter().count(), current.len() + previous.len());
+                proptest::prop_assert_eq!(store.generations.current.stored(), current_stored);
+            }
+            for id in ever {
+                let expected = current.contains(&id) || previous.contains(&id);
+                proptest::prop_assert_eq!(store.get(user_id, Uuid::from_u128(id)).is_some(), expected, "id {}", id);
+            }
+        }
+    }
 }
