@@ -23,8 +23,10 @@ use super::asset::Asset;
 /// In whole units that is 10^26 USD, 10^20 BTC or 10^10 ETH.
 pub const MAX_AMOUNT_MINOR: i128 = 9_999_999_999_999_999_999_999_999_999;
 
-/// The longest decimal string we look at; anything longer cannot be a valid amount.
-const MAX_AMOUNT_TEXT_LEN: usize = 64;
+/// The longest decimal string we look at, a bound on the work an amount can ask for: the
+/// maximum's 28 digits, a point and 18 decimals fit with room, so only zeros written ahead of
+/// the digits or behind the decimals can reach it.
+pub const MAX_AMOUNT_TEXT_LEN: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error, Serialize, Deserialize)]
 pub enum AmountError {
@@ -40,6 +42,8 @@ pub enum AmountError {
     NotPositive,
     #[error("amount exceeds the maximum of {MAX_AMOUNT_MINOR} minor units")]
     TooLarge,
+    #[error("amount is longer than {MAX_AMOUNT_TEXT_LEN} characters")]
+    TooLong,
 }
 
 /// A strictly positive amount of some asset, in minor units, at most [`MAX_AMOUNT_MINOR`].
@@ -96,7 +100,7 @@ pub fn parse_minor(text: &str, asset: Asset) -> Result<i128, AmountError> {
         return Err(AmountError::Empty);
     }
     if text.len() > MAX_AMOUNT_TEXT_LEN {
-        return Err(AmountError::TooLarge);
+        return Err(AmountError::TooLong);
     }
     let (whole, fraction) = match text.split_once('.') {
         Some((whole, fraction)) => (whole, Some(fraction)),
@@ -189,7 +193,17 @@ mod tests {
         assert_eq!(Amount::parse("0", usd), Err(AmountError::NotPositive));
         assert_eq!(Amount::parse("0.00", usd), Err(AmountError::NotPositive));
         assert_eq!(Amount::parse("100000000000000000000000000", usd), Err(AmountError::TooLarge));
-        assert_eq!(Amount::parse(&"9".repeat(65), usd), Err(AmountError::TooLarge));
+        // Past the length bound the value is not looked at: zeros ahead of a 1 are still refused.
+        assert_eq!(Amount::parse(&"9".repeat(65), usd), Err(AmountError::TooLong));
+        assert_eq!(Amount::parse(&format!("{}1", "0".repeat(64)), usd), Err(AmountError::TooLong));
+        assert_eq!(Amount::parse(&format!("{}1", "0".repeat(63)), usd).map(Amount::minor), Ok(100));
+        // Decimals are counted as written: zeros behind the asset's scale are refused, not dropped.
+        for written in ["1.230", "1.2300"] {
+            assert!(
+                matches!(Amount::parse(written, usd), Err(AmountError::TooManyDecimals { allowed: 2, .. })),
+                "{written:?}"
+            );
+        }
         assert_eq!(Amount::from_minor(MAX_AMOUNT_MINOR + 1), Err(AmountError::TooLarge));
         assert!(Amount::from_minor(MAX_AMOUNT_MINOR).is_ok());
     }
