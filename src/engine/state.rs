@@ -62,8 +62,28 @@ pub enum InvariantViolation {
     UsagePastLimit { account: UserAccount, limit: LimitKind, used_minor: i128, limit_minor: i128 },
     #[error("reservation {reservation_id} belongs to an account that does not exist")]
     OrphanReservation { reservation_id: Uuid },
+    #[error("reservation {reservation_id} is malformed: {reason}")]
+    MalformedReservation { reservation_id: Uuid, reason: &'static str },
     #[error("transaction {transaction_id}'s reservation does not match its status or amount")]
     TransactionReservationMismatch { transaction_id: Uuid },
+}
+
+/// A reservation as the engine makes them: filed under its own user and id, a positive amount
+/// within the maximum, and a close time exactly when it has left Active. A state loaded from
+/// storage is checked with these before the engine is rebuilt from it: an Active reservation
+/// with a close time would be filed among the closed ones while its account still counts it.
+fn check_reservation(user_id: Uuid, reservation_id: Uuid, reservation: &Reservation) -> Result<(), InvariantViolation> {
+    let malformed = |reason| Err(InvariantViolation::MalformedReservation { reservation_id, reason });
+    if (user_id, reservation_id) != (reservation.account.user_id, reservation.id) {
+        return malformed("filed under another user or id than its own");
+    }
+    if !(1..=MAX_AMOUNT_MINOR).contains(&reservation.amount_minor) {
+        return malformed("its amount is not between one minor unit and the maximum");
+    }
+    if (reservation.status == ReservationStatus::Active) != reservation.closed_at_ms.is_none() {
+        return malformed("it has a close time if and only if it has left Active, and this one does not");
+    }
+    Ok(())
 }
 
 /// An account's outflow counters stay within its limits: limits are fixed when the account opens
@@ -93,10 +113,11 @@ impl EngineState {
             sum_by_asset[account.asset.index()] += amount_minor;
         }
         let mut active_by_account: BTreeMap<UserAccount, i128> = BTreeMap::new();
-        for reservation in self.reservations.values() {
+        for ((user_id, reservation_id), reservation) in &self.reservations {
             if !self.accounts.contains_key(&reservation.account) {
                 return Err(InvariantViolation::OrphanReservation { reservation_id: reservation.id });
             }
+            check_reservation(*user_id, *reservation_id, reservation)?;
             if reservation.status == ReservationStatus::Active {
                 *active_by_account.entry(reservation.account).or_default() += reservation.amount_minor;
             }
@@ -119,7 +140,13 @@ impl EngineState {
                     overdraft_minor: view.config.overdraft_minor,
                 });
             }
-            if balance.available_minor.abs() > MAX_AMOUNT_MINOR || balance.reserved_minor > MAX_AMOUNT_MINOR {
+            // Credits are checked against the total, and an overdraft lets available go below
+            // zero by at most the maximum, so the total is within the maximum either way.
+            let in_range = |minor: i128| minor.abs() <= MAX_AMOUNT_MINOR;
+            if !in_range(balance.available_minor)
+                || !(0..=MAX_AMOUNT_MINOR).contains(&balance.reserved_minor)
+                || !in_range(balance.total_minor())
+            {
                 return Err(InvariantViolation::OutOfRange { account: view.account });
             }
             check_usage(view)?;
@@ -221,7 +248,7 @@ impl EngineState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::account::{Domain, OutflowLimits};
+    use crate::engine::account::{Domain, OutflowLimits, Provider, SystemKind};
 
     /// One account with a daily limit of 100 and `day_used_minor` counted today.
     fn with_daily_usage(day_used_minor: i128) -> EngineState {
@@ -234,6 +261,85 @@ mod tests {
             usage: OutflowUsage { day_used_minor, ..OutflowUsage::default() },
         };
         EngineState { accounts: BTreeMap::from([(account, view)]), ..EngineState::default() }
+    }
+
+    /// Found in review: states no engine makes, accepted until session 21. The first would be
+    /// filed among the closed reservations while its account still counted it, and a commit of it
+    /// then broke an assertion with the shard locked.
+    #[test]
+    fn reservations_no_engine_makes_break_an_invariant() {
+        let account = UserAccount { user_id: Uuid::from_u128(1), domain: Domain::Banking, asset: Asset::USD };
+        let active = Reservation {
+            id: Uuid::from_u128(7),
+            account,
+            amount_minor: 10,
+            created_at_ms: 0,
+            expires_at_ms: 1_000,
+            status: ReservationStatus::Active,
+            closed_at_ms: None,
+        };
+        let with = |reservation: Reservation, reserved_minor: i128, key: (Uuid, Uuid)| {
+            let view = AccountView {
+                account,
+                config: AccountConfig::default(),
+                balance: Balance { available_minor: 0, reserved_minor },
+                usage: OutflowUsage::default(),
+            };
+            let system = SystemAccount { kind: SystemKind::ProviderClearing(Provider::Stripe), asset: Asset::USD };
+            EngineState {
+                accounts: BTreeMap::from([(account, view)]),
+                reservations: BTreeMap::from([(key, reservation)]),
+                system_minor: BTreeMap::from([(system, -reserved_minor)]),
+                ..EngineState::default()
+            }
+        };
+        let own_key = (account.user_id, active.id);
+        let sound = with(active, 10, own_key);
+        assert_eq!(sound.check_invariants(), Ok(()));
+        let cases = [
+            with(Reservation { closed_at_ms: Some(5), ..active }, 10, own_key),
+            with(Reservation { status: ReservationStatus::Released, ..active }, 0, own_key),
+            with(Reservation { amount_minor: 0, ..active }, 0, own_key),
+            with(Reservation { amount_minor: -5, ..active }, -5, own_key),
+            with(active, 10, (Uuid::from_u128(2), active.id)),
+            with(active, 10, (account.user_id, Uuid::from_u128(8))),
+        ];
+        for state in cases {
+            assert!(
+                matches!(state.check_invariants(), Err(InvariantViolation::MalformedReservation { .. })),
+                "{:?}",
+                state.reservations
+            );
+        }
+    }
+
+    /// A user account's total stays within the maximum: credits are checked against it.
+    #[test]
+    fn a_total_past_the_maximum_breaks_an_invariant() {
+        let account = UserAccount { user_id: Uuid::from_u128(1), domain: Domain::Banking, asset: Asset::USD };
+        let reservation = Reservation {
+            id: Uuid::from_u128(7),
+            account,
+            amount_minor: MAX_AMOUNT_MINOR,
+            created_at_ms: 0,
+            expires_at_ms: 1_000,
+            status: ReservationStatus::Active,
+            closed_at_ms: None,
+        };
+        let view = AccountView {
+            account,
+            config: AccountConfig::default(),
+            balance: Balance { available_minor: MAX_AMOUNT_MINOR, reserved_minor: MAX_AMOUNT_MINOR },
+            usage: OutflowUsage::default(),
+        };
+        let system = SystemAccount { kind: SystemKind::ProviderClearing(Provider::Stripe), asset: Asset::USD };
+        let state = EngineState {
+            accounts: BTreeMap::from([(account, view)]),
+            reservations: BTreeMap::from([((account.user_id, reservation.id), reservation)]),
+            system_minor: BTreeMap::from([(system, -2 * MAX_AMOUNT_MINOR)]),
+            ..EngineState::default()
+        };
+        assert_eq!(state.check_invariants(), Err(InvariantViolation::OutOfRange { account }));
     }
 
     #[test]
