@@ -145,6 +145,7 @@ fn hot_accounts_under_concurrent_load_stay_consistent_and_replayable() {
 
     let state = engine.state();
     state.check_invariants().unwrap();
+    engine.check_indexes().unwrap();
 
     let records = engine.sink().drain();
     let sequences: Vec<u64> = records.iter().map(|record| record.sequence).collect();
@@ -164,6 +165,7 @@ fn hot_accounts_under_concurrent_load_stay_consistent_and_replayable() {
         replayed.apply_record(record).unwrap();
     }
     assert_eq!(replayed.state(), state, "replaying the journal rebuilds the same state");
+    replayed.check_indexes().unwrap();
 }
 
 /// Opens `account` with `config` and deposits `minor` into it, under keys of its own.
@@ -235,6 +237,7 @@ fn outflow_limits_hold_under_concurrent_spending() {
 
     let state = engine.state();
     state.check_invariants().unwrap();
+    engine.check_indexes().unwrap();
     let usage = |user| state.accounts.values().find(|view| view.account == usd(user)).unwrap().usage;
     let spent = |user| tried.iter().filter(|(who, _, refusal)| *who == user && refusal.is_none()).map(|t| t.1).sum();
     let (daily_spent, monthly_spent): (i128, i128) = (spent(DAILY), spent(MONTHLY));
@@ -340,6 +343,7 @@ fn batches_across_many_shards_are_atomic_under_concurrency() {
     }
     let state = engine.state();
     state.check_invariants().unwrap();
+    engine.check_indexes().unwrap();
     for user in 0..USERS {
         let view = state.accounts.values().find(|view| view.account == usd(user)).unwrap();
         assert_eq!(view.balance.available_minor, expected[user as usize], "user {user}");
@@ -350,4 +354,5 @@ fn batches_across_many_shards_are_atomic_under_concurrency() {
         replayed.apply_record(record).unwrap();
     }
     assert_eq!(replayed.state(), state, "replaying the journal rebuilds the same state");
+    replayed.check_indexes().unwrap();
 }

@@ -512,6 +512,7 @@ impl StateMachineTest for EngineUnderTest {
     fn check_invariants(sut: &EngineUnderTest, model: &Model) {
         let state = sut.engine.state();
         state.check_invariants().unwrap();
+        sut.engine.check_indexes().unwrap();
         assert_eq!(state.accounts.len(), model.accounts.len());
         for (account, expected) in &model.accounts {
             let view = state.accounts[account];
@@ -541,6 +542,7 @@ impl StateMachineTest for EngineUnderTest {
             replayed.apply_record(&record).unwrap();
         }
         assert_eq!(replayed.state(), sut.engine.state(), "replaying the journal rebuilds the same state");
+        replayed.check_indexes().unwrap();
     }
 }
 

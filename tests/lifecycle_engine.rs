@@ -781,6 +781,7 @@ proptest! {
                 Some(from) => prop_assert!(outcome.result.is_ok(), "{from:?} -> {target:?}: {:?}", outcome.result),
             }
             h.engine.state().check_invariants().map_err(|violation| TestCaseError::fail(violation.to_string()))?;
+            h.engine.check_indexes().map_err(|violation| TestCaseError::fail(violation.to_string()))?;
             for (index, kind) in kinds.iter().enumerate().filter(|(_, kind)| **kind != TxType::AddMoney) {
                 let id = Uuid::from_u128(index as u128 + 1);
                 if h.engine.transaction(alice, id).is_some_and(|transaction| transaction.status.is_with_provider()) {

@@ -223,6 +223,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         engine.state().check_invariants().unwrap_or_else(|violation| panic!("invariant broken: {violation}"));
+        engine.check_indexes().unwrap_or_else(|violation| panic!("index broken: {violation}"));
     }
     let replayed = Engine::new(*engine.config(), MemoryJournal::default());
     let records = engine.sink().drain();
@@ -235,4 +236,5 @@ fuzz_target!(|data: &[u8]| {
         engine.state().within_retention(latest_ms, retention_ms),
         "replay rebuilds the same state"
     );
+    replayed.check_indexes().unwrap_or_else(|violation| panic!("replayed index broken: {violation}"));
 });

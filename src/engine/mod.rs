@@ -20,6 +20,7 @@ mod expiry;
 mod generations;
 mod id_hash;
 pub mod idempotency;
+mod index_check;
 mod index_hints;
 pub mod lifecycle;
 pub mod limits;

@@ -66,6 +66,12 @@ pub enum InvariantViolation {
     MalformedReservation { reservation_id: Uuid, reason: &'static str },
     #[error("transaction {transaction_id}'s reservation does not match its status or amount")]
     TransactionReservationMismatch { transaction_id: Uuid },
+    #[error(
+        "reservation {reservation_id} of {user_id} is Active and can expire but is not in the expiry index, or is there and should not be"
+    )]
+    ExpiryIndexMismatch { user_id: Uuid, reservation_id: Uuid },
+    #[error("{user_id}'s count of unfinished transactions drifted from its transactions")]
+    UnfinishedCountDrift { user_id: Uuid },
 }
 
 /// A reservation as the engine makes them: filed under its own user and id, a positive amount

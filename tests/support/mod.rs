@@ -73,6 +73,7 @@ impl Harness {
         let outcome = self.run(operation.clone());
         let receipt = outcome.result.unwrap_or_else(|error| panic!("{operation:?} failed: {error}"));
         self.engine.state().check_invariants().unwrap();
+        self.engine.check_indexes().unwrap();
         receipt
     }
 
@@ -83,6 +84,7 @@ impl Harness {
         let error = outcome.result.expect_err(&format!("{operation:?} should have been refused"));
         assert_eq!(money_state(&self.engine.state()), before, "refused {operation:?} changed state");
         self.engine.state().check_invariants().unwrap();
+        self.engine.check_indexes().unwrap();
         error
     }
 
