@@ -320,6 +320,46 @@ fn a_state_from_before_the_hold_still_loads_and_a_wrongly_closed_hold_does_not()
     }
 }
 
+/// Found in review: a transaction holding funds before its provider has them (BalanceReserved)
+/// passed the invariants with its reservation Completed or Released, though only the sweep's
+/// expiry can close it there; and a reservation on another account than the payer's passed too.
+#[test]
+fn a_reserved_transaction_with_its_reservation_closed_otherwise_than_by_expiry_breaks_an_invariant() {
+    let mut h = harness();
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::BalanceReserved);
+    let key = (Uuid::from_u128(ALICE), Uuid::from_u128(1));
+    let closed_as = |status: ReservationStatus| {
+        let mut state = h.engine.state();
+        let reservation = state.reservations.get_mut(&key).unwrap();
+        let amount_minor = reservation.amount_minor;
+        reservation.status = status;
+        reservation.closed_at_ms = Some(h.now_ms);
+        let balance = &mut state.accounts.get_mut(&usd(ALICE)).unwrap().balance;
+        balance.reserved_minor -= amount_minor;
+        balance.available_minor += amount_minor;
+        state
+    };
+    closed_as(ReservationStatus::Expired).check_invariants().unwrap();
+    let mismatch = Err(InvariantViolation::TransactionReservationMismatch { transaction_id: Uuid::from_u128(1) });
+    for status in [ReservationStatus::Completed, ReservationStatus::Released] {
+        assert_eq!(closed_as(status).check_invariants(), mismatch);
+    }
+    // The same reservation moved to another account of Alice's: reserved still adds up there.
+    let mut elsewhere = h.engine.state();
+    let other = user_account(ALICE, Domain::Investing, Asset::USD);
+    let reservation = elsewhere.reservations.get_mut(&key).unwrap();
+    let amount_minor = reservation.amount_minor;
+    reservation.account = other;
+    elsewhere.accounts.get_mut(&usd(ALICE)).unwrap().balance.reserved_minor -= amount_minor;
+    let mut other_view = elsewhere.accounts[&usd(ALICE)];
+    other_view.account = other;
+    other_view.balance = Balance { available_minor: -amount_minor, reserved_minor: amount_minor };
+    other_view.config.overdraft_minor = amount_minor;
+    elsewhere.accounts.insert(other, other_view);
+    elsewhere.accounts.get_mut(&usd(ALICE)).unwrap().balance.available_minor += amount_minor;
+    assert_eq!(elsewhere.check_invariants(), mismatch);
+}
+
 #[test]
 fn a_transaction_whose_reservation_expired_cannot_go_to_its_provider() {
     let mut h = harness();

@@ -192,15 +192,18 @@ impl EngineState {
                 {
                     true
                 }
-                (Some(_), Some(reservation)) => {
-                    holds_funds && reservation.amount_minor == transaction.spec.reserve_minor()
+                (Some(paying), Some(reservation)) => {
+                    holds_funds
+                        && reservation.account == paying
+                        && reservation.amount_minor == transaction.spec.reserve_minor()
                 }
                 (None, Some(_)) => false,
-                // With its provider, a transaction's reservation no longer expires, so only a
-                // completion or a failure closes it. Journals from before that rule (session 20)
-                // may hold one the sweep expired, since forgotten or not; any other close is a bug.
+                // While a transaction holds funds, only its completion or failure closes its
+                // reservation, and either moves it on: the sweep's expiry (before the provider
+                // has it; journals from before session 20 also after) is the one other close,
+                // since forgotten or not. Any other close is a bug.
                 (Some(_), None) => {
-                    !transaction.status.is_with_provider()
+                    !holds_funds
                         || self
                             .reservations
                             .get(&(*user_id, *transaction_id))
