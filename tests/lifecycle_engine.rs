@@ -21,7 +21,7 @@ use diboas_ledger::engine::operation::{
 };
 use diboas_ledger::engine::record::MemoryJournal;
 use diboas_ledger::engine::reservation::ReservationStatus;
-use diboas_ledger::engine::state::InvariantViolation;
+use diboas_ledger::engine::state::{EngineState, InvariantViolation};
 use diboas_ledger::engine::transaction::{
     AmlStatus, ComplianceRecord, FeeLine, FeeMethod, Fill, KycStatus, NewTransaction, ProviderRef, RiskLevel, TxStatus,
     TxType,
@@ -286,6 +286,20 @@ fn a_transaction_with_its_provider_keeps_its_funds_reserved_past_the_reservation
     assert_eq!(h.balance(alice), Balance { available_minor: held.total_minor() - 10_180, reserved_minor: 0 });
 }
 
+/// The engine's state with Alice's reservation `key` closed as `status` now and its funds back in
+/// available: a state only a bug (or a journal from before a rule) could hold.
+fn alice_state_with_reservation_closed_as(h: &Harness, key: (Uuid, Uuid), status: ReservationStatus) -> EngineState {
+    let mut state = h.engine.state();
+    let reservation = state.reservations.get_mut(&key).unwrap();
+    let amount_minor = reservation.amount_minor;
+    reservation.status = status;
+    reservation.closed_at_ms = Some(h.now_ms);
+    let balance = &mut state.accounts.get_mut(&usd(ALICE)).unwrap().balance;
+    balance.reserved_minor -= amount_minor;
+    balance.available_minor += amount_minor;
+    state
+}
+
 #[test]
 fn a_state_from_before_the_hold_still_loads_and_a_wrongly_closed_hold_does_not() {
     // Before session 20 the sweep could expire a transaction's reservation while the provider had
@@ -294,17 +308,7 @@ fn a_state_from_before_the_hold_still_loads_and_a_wrongly_closed_hold_does_not()
     let mut h = harness();
     drive(&mut h, TxType::SendMoney, 1, TxStatus::SentToProvider);
     let key = (Uuid::from_u128(ALICE), Uuid::from_u128(1));
-    let closed_as = |status: ReservationStatus| {
-        let mut state = h.engine.state();
-        let reservation = state.reservations.get_mut(&key).unwrap();
-        let amount_minor = reservation.amount_minor;
-        reservation.status = status;
-        reservation.closed_at_ms = Some(h.now_ms);
-        let balance = &mut state.accounts.get_mut(&usd(ALICE)).unwrap().balance;
-        balance.reserved_minor -= amount_minor;
-        balance.available_minor += amount_minor;
-        state
-    };
+    let closed_as = |status| alice_state_with_reservation_closed_as(&h, key, status);
     let expired = closed_as(ReservationStatus::Expired);
     expired.check_invariants().unwrap();
     let mut forgotten = expired.clone();
@@ -328,17 +332,7 @@ fn a_reserved_transaction_with_its_reservation_closed_otherwise_than_by_expiry_b
     let mut h = harness();
     drive(&mut h, TxType::SendMoney, 1, TxStatus::BalanceReserved);
     let key = (Uuid::from_u128(ALICE), Uuid::from_u128(1));
-    let closed_as = |status: ReservationStatus| {
-        let mut state = h.engine.state();
-        let reservation = state.reservations.get_mut(&key).unwrap();
-        let amount_minor = reservation.amount_minor;
-        reservation.status = status;
-        reservation.closed_at_ms = Some(h.now_ms);
-        let balance = &mut state.accounts.get_mut(&usd(ALICE)).unwrap().balance;
-        balance.reserved_minor -= amount_minor;
-        balance.available_minor += amount_minor;
-        state
-    };
+    let closed_as = |status| alice_state_with_reservation_closed_as(&h, key, status);
     closed_as(ReservationStatus::Expired).check_invariants().unwrap();
     let mismatch = Err(InvariantViolation::TransactionReservationMismatch { transaction_id: Uuid::from_u128(1) });
     for status in [ReservationStatus::Completed, ReservationStatus::Released] {

@@ -356,30 +356,18 @@ mod tests {
     /// its rules, then is undone. Repeated, it must not grow the store.
     #[test]
     fn a_repeated_conflicting_release_does_not_grow_the_store() {
-        use crate::engine::account::{AccountConfig, Provider};
         use crate::engine::error::EngineError;
-        use crate::engine::idempotency::IdempotencyKey;
-        use crate::engine::money::Amount;
-        use crate::engine::operation::{Operation, Request};
-        use crate::engine::record::MemoryJournal;
-        use crate::engine::{Engine, EngineConfig};
+        use crate::engine::operation::Operation;
+        use crate::engine::test_engine::TestEngine;
 
-        let engine = Engine::new(EngineConfig::default(), MemoryJournal::default());
-        let account = UserAccount { user_id: Uuid::from_u128(1), domain: Domain::Banking, asset: Asset::USD };
-        let amount = |minor| Amount::from_minor(minor).unwrap_or_else(|error| panic!("{error}"));
-        let run = |key: &str, operation| {
-            let key = IdempotencyKey::new(key).unwrap_or_else(|error| panic!("{error}"));
-            engine.execute(Request { key, now_ms: 1_000, operation }).result
-        };
-        run("open", Operation::OpenAccount { account, config: AccountConfig::default() }).unwrap();
-        run("fund", Operation::Deposit { account, amount: amount(100), provider: Provider::Stripe }).unwrap();
-        let reservation_id = Uuid::from_u128(7);
-        run("hold", Operation::Reserve { reservation_id, account, amount: amount(10), ttl_ms: None }).unwrap();
+        let test = TestEngine::with_a_reservation();
+        let (account, reservation_id) = (test.account, test.reservation_id);
         let release = Operation::Release { user_id: account.user_id, reservation_id };
         for _ in 0..100 {
-            let refused = run("fund", release.clone());
+            let refused = test.run("fund", release.clone());
             assert!(matches!(refused, Err(EngineError::IdempotencyConflict { .. })), "{refused:?}");
         }
+        let engine = &test.engine;
         let shard = engine.shards[engine.map.of_user(account.user_id) as usize].read();
         assert_eq!(
             shard.closed_reservations().generations.current.stored()

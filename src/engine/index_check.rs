@@ -59,41 +59,18 @@ impl<S> Engine<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::EngineConfig;
-    use crate::engine::account::{AccountConfig, Domain, Provider, UserAccount};
-    use crate::engine::asset::Asset;
-    use crate::engine::idempotency::IdempotencyKey;
-    use crate::engine::money::Amount;
-    use crate::engine::operation::{Operation, Request};
-    use crate::engine::record::MemoryJournal;
+    use crate::engine::operation::DEFAULT_RESERVATION_TTL_MS;
     use crate::engine::shard::LockedShards;
-
-    /// An engine with one Active reservation (id 7, 10 minor units, expiring at 1_000 + 30 min).
-    fn with_a_reservation() -> (Engine<MemoryJournal>, UserAccount) {
-        let engine = Engine::new(EngineConfig::default(), MemoryJournal::default());
-        let account = UserAccount { user_id: Uuid::from_u128(1), domain: Domain::Banking, asset: Asset::USD };
-        let amount = |minor| Amount::from_minor(minor).unwrap_or_else(|error| panic!("{error}"));
-        let run = |key: &str, operation| {
-            let key = IdempotencyKey::new(key).unwrap_or_else(|error| panic!("{error}"));
-            engine.execute(Request { key, now_ms: 1_000, operation }).result
-        };
-        run("open", Operation::OpenAccount { account, config: AccountConfig::default() }).unwrap();
-        run("fund", Operation::Deposit { account, amount: amount(100), provider: Provider::Stripe }).unwrap();
-        let reservation =
-            Operation::Reserve { reservation_id: Uuid::from_u128(7), account, amount: amount(10), ttl_ms: None };
-        run("hold", reservation).unwrap();
-        (engine, account)
-    }
+    use crate::engine::test_engine::{NOW_MS, TestEngine};
 
     /// The check must see an index that lost an entry (the reservation would never expire) and
     /// one that holds an entry too many, though balances and the state agree either way.
     #[test]
     fn a_reservation_missing_from_the_expiry_index_or_one_too_many_is_seen() {
-        let (engine, account) = with_a_reservation();
+        let TestEngine { engine, account, reservation_id } = TestEngine::with_a_reservation();
         assert_eq!(engine.check_indexes(), Ok(()));
         let shard_index = engine.map.of_user(account.user_id);
-        let expires_at_ms = 1_000 + crate::engine::operation::DEFAULT_RESERVATION_TTL_MS;
-        let reservation_id = Uuid::from_u128(7);
+        let expires_at_ms = NOW_MS + DEFAULT_RESERVATION_TTL_MS;
         {
             let mut shards = LockedShards::lock(&engine.shards, [shard_index].into_iter().collect());
             assert!(shards.get(shard_index).expiry.remove(expires_at_ms, account.user_id, reservation_id));
@@ -101,20 +78,20 @@ mod tests {
         let missing = InvariantViolation::ExpiryIndexMismatch { user_id: account.user_id, reservation_id };
         assert_eq!(engine.check_indexes(), Err(missing));
         assert_eq!(engine.state().check_invariants(), Ok(()), "the state alone cannot tell");
+        let stranger = Uuid::from_u128(8);
         {
             let mut shards = LockedShards::lock(&engine.shards, [shard_index].into_iter().collect());
             let expiry = &mut shards.get(shard_index).expiry;
             expiry.insert(expires_at_ms, account.user_id, reservation_id);
-            expiry.insert(expires_at_ms, account.user_id, Uuid::from_u128(8));
+            expiry.insert(expires_at_ms, account.user_id, stranger);
         }
-        let extra =
-            InvariantViolation::ExpiryIndexMismatch { user_id: account.user_id, reservation_id: Uuid::from_u128(8) };
+        let extra = InvariantViolation::ExpiryIndexMismatch { user_id: account.user_id, reservation_id: stranger };
         assert_eq!(engine.check_indexes(), Err(extra));
     }
 
     #[test]
     fn a_drifted_count_of_unfinished_transactions_is_seen() {
-        let (engine, account) = with_a_reservation();
+        let TestEngine { engine, account, .. } = TestEngine::with_a_reservation();
         let shard_index = engine.map.of_user(account.user_id);
         {
             let mut shards = LockedShards::lock(&engine.shards, [shard_index].into_iter().collect());

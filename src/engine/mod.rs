@@ -34,6 +34,8 @@ mod rules;
 mod shard;
 pub mod state;
 pub mod summary;
+#[cfg(test)]
+mod test_engine;
 pub mod transaction;
 
 use std::collections::BTreeMap;

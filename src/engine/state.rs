@@ -272,46 +272,51 @@ mod tests {
         EngineState { accounts: BTreeMap::from([(account, view)]), ..EngineState::default() }
     }
 
+    const ACCOUNT: UserAccount =
+        UserAccount { user_id: Uuid::from_u128(1), domain: Domain::Banking, asset: Asset::USD };
+
+    /// An Active reservation (id 7) of `ACCOUNT`.
+    fn active(amount_minor: i128) -> Reservation {
+        Reservation {
+            id: Uuid::from_u128(7),
+            account: ACCOUNT,
+            amount_minor,
+            created_at_ms: 0,
+            expires_at_ms: 1_000,
+            status: ReservationStatus::Active,
+            closed_at_ms: None,
+        }
+    }
+
+    /// `ACCOUNT` with `balance` and `reservation` filed under `key`, and the Stripe clearing
+    /// account holding the opposite of the account's total, so the asset sums to zero.
+    fn one_account(balance: Balance, reservation: Reservation, key: (Uuid, Uuid)) -> EngineState {
+        let view =
+            AccountView { account: ACCOUNT, config: AccountConfig::default(), balance, usage: OutflowUsage::default() };
+        let system = SystemAccount { kind: SystemKind::ProviderClearing(Provider::Stripe), asset: Asset::USD };
+        EngineState {
+            accounts: BTreeMap::from([(ACCOUNT, view)]),
+            reservations: BTreeMap::from([(key, reservation)]),
+            system_minor: BTreeMap::from([(system, -balance.total_minor())]),
+            ..EngineState::default()
+        }
+    }
+
     /// Found in review: states no engine makes, accepted until session 21. The first would be
     /// filed among the closed reservations while its account still counted it, and a commit of it
     /// then broke an assertion with the shard locked.
     #[test]
     fn reservations_no_engine_makes_break_an_invariant() {
-        let account = UserAccount { user_id: Uuid::from_u128(1), domain: Domain::Banking, asset: Asset::USD };
-        let active = Reservation {
-            id: Uuid::from_u128(7),
-            account,
-            amount_minor: 10,
-            created_at_ms: 0,
-            expires_at_ms: 1_000,
-            status: ReservationStatus::Active,
-            closed_at_ms: None,
-        };
-        let with = |reservation: Reservation, reserved_minor: i128, key: (Uuid, Uuid)| {
-            let view = AccountView {
-                account,
-                config: AccountConfig::default(),
-                balance: Balance { available_minor: 0, reserved_minor },
-                usage: OutflowUsage::default(),
-            };
-            let system = SystemAccount { kind: SystemKind::ProviderClearing(Provider::Stripe), asset: Asset::USD };
-            EngineState {
-                accounts: BTreeMap::from([(account, view)]),
-                reservations: BTreeMap::from([(key, reservation)]),
-                system_minor: BTreeMap::from([(system, -reserved_minor)]),
-                ..EngineState::default()
-            }
-        };
-        let own_key = (account.user_id, active.id);
-        let sound = with(active, 10, own_key);
-        assert_eq!(sound.check_invariants(), Ok(()));
+        let reserved = |reserved_minor| Balance { available_minor: 0, reserved_minor };
+        let own_key = (ACCOUNT.user_id, Uuid::from_u128(7));
+        assert_eq!(one_account(reserved(10), active(10), own_key).check_invariants(), Ok(()));
         let cases = [
-            with(Reservation { closed_at_ms: Some(5), ..active }, 10, own_key),
-            with(Reservation { status: ReservationStatus::Released, ..active }, 0, own_key),
-            with(Reservation { amount_minor: 0, ..active }, 0, own_key),
-            with(Reservation { amount_minor: -5, ..active }, -5, own_key),
-            with(active, 10, (Uuid::from_u128(2), active.id)),
-            with(active, 10, (account.user_id, Uuid::from_u128(8))),
+            one_account(reserved(10), Reservation { closed_at_ms: Some(5), ..active(10) }, own_key),
+            one_account(reserved(0), Reservation { status: ReservationStatus::Released, ..active(10) }, own_key),
+            one_account(reserved(0), active(0), own_key),
+            one_account(reserved(-5), active(-5), own_key),
+            one_account(reserved(10), active(10), (Uuid::from_u128(2), Uuid::from_u128(7))),
+            one_account(reserved(10), active(10), (ACCOUNT.user_id, Uuid::from_u128(8))),
         ];
         for state in cases {
             assert!(
@@ -325,30 +330,9 @@ mod tests {
     /// A user account's total stays within the maximum: credits are checked against it.
     #[test]
     fn a_total_past_the_maximum_breaks_an_invariant() {
-        let account = UserAccount { user_id: Uuid::from_u128(1), domain: Domain::Banking, asset: Asset::USD };
-        let reservation = Reservation {
-            id: Uuid::from_u128(7),
-            account,
-            amount_minor: MAX_AMOUNT_MINOR,
-            created_at_ms: 0,
-            expires_at_ms: 1_000,
-            status: ReservationStatus::Active,
-            closed_at_ms: None,
-        };
-        let view = AccountView {
-            account,
-            config: AccountConfig::default(),
-            balance: Balance { available_minor: MAX_AMOUNT_MINOR, reserved_minor: MAX_AMOUNT_MINOR },
-            usage: OutflowUsage::default(),
-        };
-        let system = SystemAccount { kind: SystemKind::ProviderClearing(Provider::Stripe), asset: Asset::USD };
-        let state = EngineState {
-            accounts: BTreeMap::from([(account, view)]),
-            reservations: BTreeMap::from([((account.user_id, reservation.id), reservation)]),
-            system_minor: BTreeMap::from([(system, -2 * MAX_AMOUNT_MINOR)]),
-            ..EngineState::default()
-        };
-        assert_eq!(state.check_invariants(), Err(InvariantViolation::OutOfRange { account }));
+        let balance = Balance { available_minor: MAX_AMOUNT_MINOR, reserved_minor: MAX_AMOUNT_MINOR };
+        let state = one_account(balance, active(MAX_AMOUNT_MINOR), (ACCOUNT.user_id, Uuid::from_u128(7)));
+        assert_eq!(state.check_invariants(), Err(InvariantViolation::OutOfRange { account: ACCOUNT }));
     }
 
     #[test]
