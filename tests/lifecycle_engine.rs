@@ -8,7 +8,7 @@ mod support;
 use std::collections::BTreeMap;
 
 use diboas_ledger::engine::account::{
-    AccountRef, Balance, Domain, FeeTier, Protocol, Provider, SystemAccount, SystemKind,
+    AccountConfig, AccountRef, Balance, Domain, FeeTier, OutflowLimits, Protocol, Provider, SystemAccount, SystemKind,
 };
 use diboas_ledger::engine::asset::Asset;
 use diboas_ledger::engine::effect::Effect;
@@ -217,6 +217,42 @@ fn send_money_reserves_principal_and_fees_then_posts_each_fee_to_its_revenue_acc
     assert_eq!(h.balance(bob).total_minor(), start);
     assert_eq!(h.system_balance(system(SystemKind::FeeRevenue(FeeTier::Platform), Asset::USD)), 0);
     h.engine.state().check_invariants().unwrap();
+}
+
+/// Found in review: a compensation took the money back from the payee as if the payee were
+/// spending it. A frozen payee (a disputed account often is) refused it, a payee's per-transaction
+/// limit refused it, and a daily limit counted it, using up the payee's own allowance. Giving
+/// money back needs only the funds.
+#[test]
+fn a_compensation_takes_the_money_back_from_a_frozen_or_limited_payee_without_counting_it() {
+    let mut h = harness();
+    // An account of Bob's with limits below what the compensations take back.
+    let limits = OutflowLimits { per_transaction_minor: Some(5_000), daily_minor: Some(15_000), monthly_minor: None };
+    let limited_bob = user_account(BOB, Domain::Investing, Asset::USD);
+    h.open(limited_bob, AccountConfig { limits, ..AccountConfig::default() });
+    let send_to_limited_bob = |id| {
+        let mut transaction = spec(TxType::SendMoney, id);
+        transaction.payee = AccountRef::User(limited_bob);
+        Operation::InitiateTransaction { transaction: Box::new(transaction) }
+    };
+    for id in [1, 2] {
+        h.ok(send_to_limited_bob(id));
+        drive_on(&mut h, id, &path(TxStatus::Completed), Some(BOB));
+    }
+    assert_eq!(h.balance(limited_bob).available_minor, 20_000);
+    let usage_before = h.engine.state().accounts[&limited_bob].usage;
+    // 10 000 back at once: past Bob's per-transaction limit of 5 000, and past what his daily
+    // limit would allow twice.
+    drive_on(&mut h, 1, &[TxStatus::Compensating, TxStatus::Compensated], Some(BOB));
+    h.ok(Operation::SetFrozen { account: limited_bob, frozen: true });
+    drive_on(&mut h, 2, &[TxStatus::Compensating, TxStatus::Compensated], Some(BOB));
+    assert_eq!(h.balance(limited_bob).available_minor, 0);
+    assert_eq!(h.engine.state().accounts[&limited_bob].usage, usage_before, "giving back is not spending");
+    // Bob's own spending still meets his limits and his frozen flag.
+    h.ok(Operation::SetFrozen { account: limited_bob, frozen: false });
+    h.ok(Operation::Deposit { account: limited_bob, amount: amount(6_000), provider: Provider::Stripe });
+    let spend = Operation::Withdraw { account: limited_bob, amount: amount(6_000), provider: Provider::Stripe };
+    assert!(matches!(h.refused(spend), EngineError::LimitExceeded { .. }));
 }
 
 /// The status of transaction `id`'s reservation (of Alice), if the engine has one.

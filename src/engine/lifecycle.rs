@@ -366,7 +366,7 @@ fn compensate(tx: &mut Tx<'_, '_>, transaction: &Transaction) -> Result<(), Engi
     let spec = &transaction.spec;
     if let (Some((source, to)), Some(fill)) = (spec.receive, &transaction.fill) {
         let back = tx.slot(AccountRef::System(source), tx.map.of_user(to.user_id));
-        tx.post(Slot::User(to), back, fill.quantity_minor)?;
+        tx.post_reversal(Slot::User(to), back, fill.quantity_minor)?;
     }
     let user_side = match (spec.payer, spec.payee) {
         (AccountRef::User(account), _) | (_, AccountRef::User(account)) => account,
@@ -378,10 +378,10 @@ fn compensate(tx: &mut Tx<'_, '_>, transaction: &Transaction) -> Result<(), Engi
         AccountRef::User(_) => spec.principal_minor,
         AccountRef::System(_) => spec.principal_minor - spec.fees_total_minor(),
     };
-    tx.post(payee, payer, principal_back_minor)?;
+    tx.post_reversal(payee, payer, principal_back_minor)?;
     for line in spec.fees.iter().filter(|line| line.amount_minor > 0) {
         let revenue = fee_slot(tx, line, &user_side);
-        tx.post(revenue, payer, line.amount_minor)?;
+        tx.post_reversal(revenue, payer, line.amount_minor)?;
     }
     Ok(())
 }

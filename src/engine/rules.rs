@@ -190,18 +190,11 @@ impl<'l, 'a> Tx<'l, 'a> {
     /// the account's limits.
     fn take_outflow(&mut self, account: &UserAccount, amount_minor: i128) -> Result<(), EngineError> {
         let now_ms = self.now_ms;
-        let state = self.account(account)?;
-        if state.config.frozen {
+        if self.account(account)?.config.frozen {
             return Err(EngineError::AccountFrozen { account: *account });
         }
-        if state.balance.available_minor - amount_minor < -state.config.overdraft_minor {
-            return Err(EngineError::InsufficientFunds {
-                account: AccountRef::User(*account),
-                available_minor: state.balance.available_minor,
-                overdraft_minor: state.config.overdraft_minor,
-                requested_minor: amount_minor,
-            });
-        }
+        self.check_funds(account, amount_minor)?;
+        let state = self.account(account)?;
         let limits = &state.config.limits;
         if limits.per_transaction_minor.is_none() && limits.daily_minor.is_none() && limits.monthly_minor.is_none() {
             return Ok(());
@@ -250,14 +243,43 @@ impl<'l, 'a> Tx<'l, 'a> {
         Ok(())
     }
 
+    /// Checks that `account` has `amount_minor` available, its overdraft included.
+    fn check_funds(&mut self, account: &UserAccount, amount_minor: i128) -> Result<(), EngineError> {
+        let state = self.account(account)?;
+        if state.balance.available_minor - amount_minor < -state.config.overdraft_minor {
+            return Err(EngineError::InsufficientFunds {
+                account: AccountRef::User(*account),
+                available_minor: state.balance.available_minor,
+                overdraft_minor: state.config.overdraft_minor,
+                requested_minor: amount_minor,
+            });
+        }
+        Ok(())
+    }
+
     /// Moves `amount_minor` from `from` to `to`. A user source must have the funds and pass its
     /// limits; a system source only has to stay within the maximum magnitude.
     pub(super) fn post(&mut self, from: Slot, to: Slot, amount_minor: i128) -> Result<(), EngineError> {
+        self.post_as(from, to, amount_minor, Debit::Spend)
+    }
+
+    /// Moves back `amount_minor` that a completed transaction moved from `to` to `from` (its
+    /// compensation). A user source must still have the funds, but giving money back is not the
+    /// user spending: a frozen account gives it back too (a disputed account is often frozen),
+    /// and the amount neither meets nor uses up the account's outflow limits.
+    pub(super) fn post_reversal(&mut self, from: Slot, to: Slot, amount_minor: i128) -> Result<(), EngineError> {
+        self.post_as(from, to, amount_minor, Debit::Reversal)
+    }
+
+    fn post_as(&mut self, from: Slot, to: Slot, amount_minor: i128, debit: Debit) -> Result<(), EngineError> {
         if from == to {
             return Err(EngineError::SameAccount);
         }
         match from {
-            Slot::User(account) => self.take_outflow(&account, amount_minor)?,
+            Slot::User(account) => match debit {
+                Debit::Spend => self.take_outflow(&account, amount_minor)?,
+                Debit::Reversal => self.check_funds(&account, amount_minor)?,
+            },
             Slot::System { account, shard } => {
                 if self.system_minor(account, shard) - amount_minor < -MAX_AMOUNT_MINOR {
                     return Err(EngineError::BalanceOverflow { account: AccountRef::System(account) });
@@ -268,6 +290,15 @@ impl<'l, 'a> Tx<'l, 'a> {
         self.emit(Effect::Posting { from, to, amount_minor });
         Ok(())
     }
+}
+
+/// Why money leaves a user account, which decides the checks it meets (see `Tx::post_as`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Debit {
+    /// The user spends: frozen, funds and outflow limits.
+    Spend,
+    /// A completed transaction is undone: funds only.
+    Reversal,
 }
 
 /// Applies `operation` inside `tx`. On `Err` the caller must roll `tx` back.
