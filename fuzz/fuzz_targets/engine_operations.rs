@@ -119,7 +119,8 @@ fn operation(u: &mut Unstructured, depth: u8) -> Result<Operation> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let receive = if u.ratio(1, 3)? {
+            // Mostly the leg a trade needs, sometimes the wrong shape, to be refused.
+            let receive = if kind.is_trade() != u.ratio(1, 8)? {
                 Some((
                     SystemAccount { kind: SystemKind::ExchangeLiquidity, asset: *u.choose(&ASSETS)? },
                     user_account(u)?,

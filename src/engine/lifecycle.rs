@@ -67,10 +67,19 @@ fn check_shape(spec: &NewTransaction) -> Result<(), EngineError> {
     if spec.principal_minor <= 0 || spec.principal_minor > MAX_AMOUNT_MINOR {
         return Err(invalid("the principal must be positive and at most the maximum amount"));
     }
+    // One line per tier: the journal's fee table is keyed by (transaction, tier), so a second
+    // line of a tier would stop the journal writer, not just this request.
+    let repeated_tier =
+        |(index, line): (usize, &FeeLine)| spec.fees[..index].iter().any(|earlier| earlier.tier == line.tier);
     if spec.fees.len() > MAX_FEE_LINES
         || spec.fees.iter().any(|line| !(0..=MAX_AMOUNT_MINOR).contains(&line.amount_minor))
+        || spec.fees.iter().enumerate().any(repeated_tier)
     {
         return Err(invalid("fees must be at most one line per tier, each from zero to the maximum amount"));
+    }
+    // A trade without the leg of what it buys would take the principal and deliver nothing.
+    if spec.kind.is_trade() != spec.receive.is_some() {
+        return Err(invalid("a trade needs the leg of the asset it buys, and only a trade has one"));
     }
     if spec.reserve_minor() > MAX_AMOUNT_MINOR {
         return Err(invalid("principal plus fees exceed the maximum amount"));

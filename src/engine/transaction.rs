@@ -135,6 +135,11 @@ impl TxType {
         TxType::ALL.into_iter().find(|kind| kind.name() == name)
     }
 
+    /// Whether this type buys one asset with another: it alone has a leg for the bought asset.
+    pub fn is_trade(self) -> bool {
+        matches!(self, TxType::BuyCrypto | TxType::SellCrypto | TxType::Convert)
+    }
+
     /// Whether a transaction of this type may belong to `domain`.
     pub fn allowed_in(self, domain: Domain) -> bool {
         match self {
