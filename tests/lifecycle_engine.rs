@@ -248,11 +248,12 @@ fn a_compensation_takes_the_money_back_from_a_frozen_or_limited_payee_without_co
     drive_on(&mut h, 2, &[TxStatus::Compensating, TxStatus::Compensated], Some(BOB));
     assert_eq!(h.balance(limited_bob).available_minor, 0);
     assert_eq!(h.engine.state().accounts[&limited_bob].usage, usage_before, "giving back is not spending");
-    // Bob's own spending still meets his limits and his frozen flag.
-    h.ok(Operation::SetFrozen { account: limited_bob, frozen: false });
+    // Bob's own spending still meets his frozen flag and his limits.
     h.ok(Operation::Deposit { account: limited_bob, amount: amount(6_000), provider: Provider::Stripe });
-    let spend = Operation::Withdraw { account: limited_bob, amount: amount(6_000), provider: Provider::Stripe };
-    assert!(matches!(h.refused(spend), EngineError::LimitExceeded { .. }));
+    let spend = |minor| Operation::Withdraw { account: limited_bob, amount: amount(minor), provider: Provider::Stripe };
+    assert_eq!(h.refused(spend(1_000)), EngineError::AccountFrozen { account: limited_bob });
+    h.ok(Operation::SetFrozen { account: limited_bob, frozen: false });
+    assert!(matches!(h.refused(spend(6_000)), EngineError::LimitExceeded { .. }));
 }
 
 /// The status of transaction `id`'s reservation (of Alice), if the engine has one.

@@ -87,7 +87,15 @@ impl ClosedGeneration {
     }
 
     /// Takes back the last entry if it is this reservation, leaving nothing behind.
+    ///
+    /// An undo that empties the last chunk keeps it, so a close and its undo repeated at a chunk
+    /// boundary (a caller retrying a conflicting release) do not free and allocate a chunk each
+    /// time. The next undo, which takes from the chunk before, drops it first: the newest entry
+    /// is then the end of that chunk, and the next close fills it again with no gap.
     fn pop_last(&mut self, hash: u64, user_id: Uuid, reservation_id: Uuid) -> Option<Reservation> {
+        if self.chunks.last().is_some_and(Vec::is_empty) {
+            self.chunks.pop();
+        }
         let full_chunks = self.chunks.len().checked_sub(1)?;
         let last = self.chunks[full_chunks].last()?;
         if last.id != reservation_id || last.account.user_id != user_id {
@@ -96,13 +104,7 @@ impl ClosedGeneration {
         let position = full_chunks * CHUNK_RESERVATIONS + self.chunks[full_chunks].len() - 1;
         let unindexed = self.index.remove(hash, |candidate| candidate as usize == position);
         debug_assert!(unindexed, "the last entry is indexed until it is taken back");
-        let popped = self.chunks[full_chunks].pop();
-        // A chunk left empty goes too, so the next undo finds its entry at the end of the chunk
-        // before (two closes undone across a chunk boundary).
-        if self.chunks[full_chunks].is_empty() {
-            self.chunks.pop();
-        }
-        popped
+        self.chunks[full_chunks].pop()
     }
 
     /// Entries held, removed ones included.
@@ -350,6 +352,27 @@ mod tests {
         store.insert(closed(3, 10));
         assert_eq!(store.get(user_id, Uuid::from_u128(3)).map(|r| r.id), Some(Uuid::from_u128(3)));
         assert_eq!(store.iter().count(), CHUNK_RESERVATIONS);
+    }
+
+    /// A close and its undo repeated at a chunk boundary (a caller retrying a conflicting
+    /// release there) reuse the chunk the first close opened instead of freeing and allocating it
+    /// each time (found in review of the fix above).
+    #[test]
+    fn a_close_undone_at_a_chunk_boundary_again_and_again_keeps_its_chunk() {
+        let mut store = ClosedReservations::default();
+        let user_id = Uuid::from_u128(1);
+        for filler in 0..(CHUNK_RESERVATIONS as u128) {
+            store.insert(closed(1_000_000 + filler, 5));
+        }
+        for _ in 0..3 {
+            store.insert(closed(1, 10));
+            assert_eq!(store.generations.current.chunks.len(), 2);
+            assert_eq!(store.undo_insert(user_id, Uuid::from_u128(1)).map(|r| r.id), Some(Uuid::from_u128(1)));
+            assert_eq!(store.generations.current.chunks.len(), 2, "the emptied chunk is kept");
+        }
+        store.insert(closed(1, 10));
+        assert_eq!(store.get(user_id, Uuid::from_u128(1)).map(|r| r.id), Some(Uuid::from_u128(1)));
+        assert_eq!(store.iter().count(), CHUNK_RESERVATIONS + 1);
     }
 
     /// Found in review: a release that meets an idempotency conflict closes the reservation in

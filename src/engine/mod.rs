@@ -559,8 +559,8 @@ impl<S: JournalSink> Engine<S> {
         state
     }
 
-    /// An engine holding `state` (what [`Engine::state`] gave). System balances land in shard 0;
-    /// only their sums are state. Refused (`IdempotencyCapacityExhausted`) only if a shard's key
+    /// An engine holding `state` (what [`Engine::state`] gave). System balances are spread evenly
+    /// over the shards; only their sums are state. Refused (`IdempotencyCapacityExhausted`) only if a shard's key
     /// store runs out of room altogether (see [`Engine::restore_key`]).
     pub fn from_state(config: EngineConfig, sink: S, state: &EngineState) -> Result<Engine<S>, EngineError> {
         let engine = Engine::without_keys(config, sink, state, state.latest_ms());

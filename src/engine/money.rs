@@ -25,7 +25,7 @@ pub const MAX_AMOUNT_MINOR: i128 = 9_999_999_999_999_999_999_999_999_999;
 
 /// The longest decimal string we look at, a bound on the work an amount can ask for: the
 /// maximum's 28 digits, a point and 18 decimals fit with room, so only zeros written ahead of
-/// the digits or behind the decimals can reach it.
+/// the digits can reach it with a valid amount.
 pub const MAX_AMOUNT_TEXT_LEN: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error, Serialize, Deserialize)]

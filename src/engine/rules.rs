@@ -190,11 +190,11 @@ impl<'l, 'a> Tx<'l, 'a> {
     /// the account's limits.
     fn take_outflow(&mut self, account: &UserAccount, amount_minor: i128) -> Result<(), EngineError> {
         let now_ms = self.now_ms;
-        if self.account(account)?.config.frozen {
+        let state = self.account(account)?;
+        if state.config.frozen {
             return Err(EngineError::AccountFrozen { account: *account });
         }
-        self.check_funds(account, amount_minor)?;
-        let state = self.account(account)?;
+        funds_suffice(state, account, amount_minor)?;
         let limits = &state.config.limits;
         if limits.per_transaction_minor.is_none() && limits.daily_minor.is_none() && limits.monthly_minor.is_none() {
             return Ok(());
@@ -243,20 +243,6 @@ impl<'l, 'a> Tx<'l, 'a> {
         Ok(())
     }
 
-    /// Checks that `account` has `amount_minor` available, its overdraft included.
-    fn check_funds(&mut self, account: &UserAccount, amount_minor: i128) -> Result<(), EngineError> {
-        let state = self.account(account)?;
-        if state.balance.available_minor - amount_minor < -state.config.overdraft_minor {
-            return Err(EngineError::InsufficientFunds {
-                account: AccountRef::User(*account),
-                available_minor: state.balance.available_minor,
-                overdraft_minor: state.config.overdraft_minor,
-                requested_minor: amount_minor,
-            });
-        }
-        Ok(())
-    }
-
     /// Moves `amount_minor` from `from` to `to`. A user source must have the funds and pass its
     /// limits; a system source only has to stay within the maximum magnitude.
     pub(super) fn post(&mut self, from: Slot, to: Slot, amount_minor: i128) -> Result<(), EngineError> {
@@ -278,7 +264,7 @@ impl<'l, 'a> Tx<'l, 'a> {
         match from {
             Slot::User(account) => match debit {
                 Debit::Spend => self.take_outflow(&account, amount_minor)?,
-                Debit::Reversal => self.check_funds(&account, amount_minor)?,
+                Debit::Reversal => funds_suffice(self.account(&account)?, &account, amount_minor)?,
             },
             Slot::System { account, shard } => {
                 if self.system_minor(account, shard) - amount_minor < -MAX_AMOUNT_MINOR {
@@ -290,6 +276,19 @@ impl<'l, 'a> Tx<'l, 'a> {
         self.emit(Effect::Posting { from, to, amount_minor });
         Ok(())
     }
+}
+
+/// Whether `account` (its `state`) has `amount_minor` available, its overdraft included.
+fn funds_suffice(state: &AccountState, account: &UserAccount, amount_minor: i128) -> Result<(), EngineError> {
+    if state.balance.available_minor - amount_minor < -state.config.overdraft_minor {
+        return Err(EngineError::InsufficientFunds {
+            account: AccountRef::User(*account),
+            available_minor: state.balance.available_minor,
+            overdraft_minor: state.config.overdraft_minor,
+            requested_minor: amount_minor,
+        });
+    }
+    Ok(())
 }
 
 /// Why money leaves a user account, which decides the checks it meets (see `Tx::post_as`).
