@@ -39,8 +39,7 @@ impl<S> Engine<S> {
                         expiring.insert((reservation.expires_at_ms, *user_id, *reservation_id));
                     }
                 }
-                let unfinished = user.transactions.values().filter(|transaction| !transaction.status.is_finished());
-                if unfinished.count() != user.unfinished_transactions {
+                if user.recount_unfinished() != user.unfinished_transactions {
                     return Err(InvariantViolation::UnfinishedCountDrift { user_id: *user_id });
                 }
             }

@@ -537,7 +537,7 @@ impl<S: JournalSink> Engine<S> {
                 }
                 debug_assert_eq!(
                     user.unfinished_transactions,
-                    user.transactions.values().filter(|transaction| !transaction.status.is_finished()).count(),
+                    user.recount_unfinished(),
                     "the count of {user_id}'s unfinished transactions drifted from its transactions"
                 );
                 if let Some(record) = user.compliance {

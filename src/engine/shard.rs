@@ -67,6 +67,11 @@ impl UserState {
             && self.compliance.is_none()
     }
 
+    /// Its unfinished transactions, counted afresh: what `unfinished_transactions` must equal.
+    pub fn recount_unfinished(&self) -> usize {
+        self.transactions.values().filter(|transaction| !transaction.status.is_finished()).count()
+    }
+
     pub fn account_mut(&mut self, domain: Domain, asset: Asset) -> Option<&mut AccountState> {
         self.accounts.iter_mut().find(|state| state.domain == domain && state.asset == asset)
     }

@@ -261,7 +261,7 @@ mod tests {
 
     /// One account with a daily limit of 100 and `day_used_minor` counted today.
     fn with_daily_usage(day_used_minor: i128) -> EngineState {
-        let account = UserAccount { user_id: Uuid::from_u128(1), domain: Domain::Banking, asset: Asset::USD };
+        let account = ACCOUNT;
         let limits = OutflowLimits { daily_minor: Some(100), ..OutflowLimits::default() };
         let view = AccountView {
             account,
