@@ -920,15 +920,43 @@ fn a_transactions_reservation_moves_only_with_the_transaction() {
     );
 }
 
+/// A freeze stops money before it is handed to the provider; after that the provider may have paid
+/// it out already, so its completion is recorded whatever the account's flag says. Until session 22
+/// a frozen payer's completion was refused, and failing the transaction (the only way out) gave the
+/// user back funds the provider had paid out.
 #[test]
-fn a_frozen_payer_cannot_complete_and_can_still_fail() {
+fn a_freeze_stops_a_payment_before_the_provider_and_does_not_stop_its_completion_after() {
     let mut h = harness();
-    drive(&mut h, TxType::SendMoney, 1, TxStatus::SentToProvider);
+    let total_minor = |h: &Harness| {
+        let balance = h.balance(usd(ALICE));
+        balance.available_minor + balance.reserved_minor
+    };
+    let start_minor = total_minor(&h);
+    drive(&mut h, TxType::SendMoney, 1, TxStatus::BalanceReserved);
+    drive(&mut h, TxType::SendMoney, 2, TxStatus::SentToProvider);
     h.ok(Operation::SetFrozen { account: usd(ALICE), frozen: true });
+
     assert_eq!(
-        h.refused(to(ALICE, 1, TxStatus::Completed, Some(BOB))),
+        h.refused(to(ALICE, 1, TxStatus::SentToProvider, Some(BOB))),
         EngineError::AccountFrozen { account: usd(ALICE) }
     );
+    assert_eq!(status_of(&h, 1), TxStatus::BalanceReserved);
     drive_on(&mut h, 1, &[TxStatus::Failed], Some(BOB));
+    assert_eq!(total_minor(&h), start_minor, "the failed payment gives every cent back");
+
+    drive_on(&mut h, 2, &[TxStatus::ProviderConfirming, TxStatus::Completed], Some(BOB));
+    let paid_minor = 10_000 + 150 + 30;
+    assert_eq!(total_minor(&h), start_minor - paid_minor, "the completed payment left the frozen account");
     assert_eq!(h.balance(usd(ALICE)).reserved_minor, 0);
+    assert_eq!(h.balance(usd(BOB)).available_minor, START_MINOR + 10_000);
+    // The account stays frozen for the user's own spending.
+    assert_eq!(
+        h.refused(Operation::Reserve {
+            reservation_id: Uuid::from_u128(3),
+            account: usd(ALICE),
+            amount: amount(1),
+            ttl_ms: None
+        }),
+        EngineError::AccountFrozen { account: usd(ALICE) }
+    );
 }

@@ -279,7 +279,8 @@ pub(crate) fn transition(
         },
         TxStatus::SentToProvider => {
             // From here the provider may pay the money out, and the reservation stops expiring
-            // (`effect::hold_at_provider`): it must still hold the funds now.
+            // (`effect::hold_at_provider`): it must still hold the funds now. This is the last
+            // point where the ledger decides whether money leaves, so a freeze stops it here.
             if let Some(account) = spec.paying_account() {
                 let reservation = rules::active_reservation(tx, account.user_id, transaction_id)?;
                 if tx.now_ms >= reservation.expires_at_ms {
@@ -287,6 +288,9 @@ pub(crate) fn transition(
                         reservation_id: transaction_id,
                         expires_at_ms: reservation.expires_at_ms,
                     });
+                }
+                if tx.account(&account)?.config.frozen {
+                    return Err(EngineError::AccountFrozen { account });
                 }
             }
         }
@@ -334,9 +338,9 @@ fn complete(tx: &mut Tx<'_, '_>, spec: &NewTransaction, fill: Option<&Fill>) -> 
             // longer expires: it is Active whatever its nominal expiry says.
             let reservation = rules::active_reservation(tx, account.user_id, spec.id)?;
             debug_assert_eq!(reservation.amount_minor, spec.reserve_minor());
-            if tx.account(&account)?.config.frozen {
-                return Err(EngineError::AccountFrozen { account });
-            }
+            // No frozen check: the provider has the money already (a freeze after sending cannot
+            // call it back), and refusing to record that would leave the books short of a payout
+            // that happened, with a failure (releasing the funds) as the only way out.
             let payee = tx.slot(spec.payee, tx.map.of_user(account.user_id));
             tx.check_credit(payee, spec.principal_minor)?;
             tx.emit(Effect::ReservationClosed {
