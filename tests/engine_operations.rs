@@ -74,6 +74,16 @@ fn an_account_opens_once_with_valid_settings() {
         h.refused(Operation::OpenAccount { account: usd(2), config: negative_limit }),
         EngineError::InvalidAccountConfig { .. }
     ));
+    // Zero too, as the API refuses it (until session 22 the engine took it).
+    let zero_limit = AccountConfig {
+        limits: OutflowLimits { per_transaction_minor: Some(0), ..OutflowLimits::default() },
+        ..AccountConfig::default()
+    };
+    assert!(matches!(
+        h.refused(Operation::OpenAccount { account: usd(2), config: zero_limit }),
+        EngineError::InvalidAccountConfig { .. }
+    ));
+    assert!(h.engine.accounts_of(Uuid::from_u128(2)).is_empty());
 }
 
 #[test]

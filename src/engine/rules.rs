@@ -377,16 +377,17 @@ pub(crate) fn run(tx: &mut Tx<'_, '_>, operation: &Operation) -> Result<Receipt,
 }
 
 fn open_account(tx: &mut Tx<'_, '_>, account: &UserAccount, config: &AccountConfig) -> Result<Receipt, EngineError> {
-    let in_range = |value: i128| (0..=MAX_AMOUNT_MINOR).contains(&value);
     let limits = &config.limits;
-    let reason = if !in_range(config.overdraft_minor) {
+    // A limit of zero is refused, as the API refuses it: "nothing may leave" is the frozen flag,
+    // and an absent limit, not zero, is "no cap".
+    let reason = if !(0..=MAX_AMOUNT_MINOR).contains(&config.overdraft_minor) {
         Some("overdraft must be between 0 and the maximum amount")
     } else if [limits.per_transaction_minor, limits.daily_minor, limits.monthly_minor]
         .into_iter()
         .flatten()
-        .any(|limit| !in_range(limit))
+        .any(|limit| !(1..=MAX_AMOUNT_MINOR).contains(&limit))
     {
-        Some("limits must be between 0 and the maximum amount")
+        Some("limits must be positive and at most the maximum amount")
     } else {
         None
     };
