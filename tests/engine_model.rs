@@ -187,6 +187,8 @@ impl Model {
                 if from == to {
                     return Err("SameAccount".into());
                 }
+                // The destination is checked before the source.
+                self.accounts.get(to).ok_or("UnknownAccount")?;
                 self.outflow(from, amount.minor())?;
                 self.credit(to, amount.minor())
             }
@@ -220,9 +222,6 @@ impl Model {
                 if self.now_ms >= reservation.expires_at {
                     return Err("ReservationExpired".into());
                 }
-                if self.accounts[&reservation.account].frozen {
-                    return Err("AccountFrozen".into());
-                }
                 let committed = amount.map_or(reservation.amount, |amount| amount.minor());
                 if committed > reservation.amount {
                     return Err("CommitExceedsReservation".into());
@@ -232,6 +231,10 @@ impl Model {
                 }
                 if *to == reservation.account {
                     return Err("SameAccount".into());
+                }
+                self.accounts.get(to).ok_or("UnknownAccount")?;
+                if self.accounts[&reservation.account].frozen {
+                    return Err("AccountFrozen".into());
                 }
                 self.credit(to, committed)?;
                 let source = self.accounts.get_mut(&reservation.account).unwrap();
@@ -253,6 +256,8 @@ impl Model {
                 let bought = amount.minor() * SATS_PER_CENT;
                 // Rounded up, in the platform's favour.
                 let commission = (bought * i128::from(COMMISSION_BPS) + 9_999) / 10_000;
+                self.accounts.get(from).ok_or("UnknownAccount")?;
+                self.accounts.get(to).ok_or("UnknownAccount")?;
                 self.outflow(from, amount.minor())?;
                 self.system_add(liquidity(from.asset), amount.minor());
                 self.credit(to, bought - commission)?;

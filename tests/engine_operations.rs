@@ -53,6 +53,62 @@ fn operations_on_missing_accounts_are_refused() {
     );
 }
 
+/// A missing destination is named whatever else the source lacks: the refusal is kept under the
+/// key and repeated to every retry, so naming the source's funds or flag instead would mislead the
+/// caller for good. Until session 22 a transfer and a conversion checked the source first, and a
+/// commit checked its frozen flag first.
+#[test]
+fn a_missing_destination_is_named_before_what_the_source_lacks() {
+    let mut h = Harness::new();
+    h.open(usd(1), AccountConfig::default());
+    let missing = AccountRef::User(usd(9));
+    assert_eq!(
+        h.refused(Operation::Transfer { from: AccountRef::User(usd(1)), to: missing, amount: amount(1) }),
+        EngineError::UnknownAccount { account: missing }
+    );
+    let missing_btc = user_account(9, Domain::Investing, Asset::BTC);
+    let convert = Operation::Convert {
+        from: usd(1),
+        to: missing_btc,
+        amount: amount(100),
+        price: Decimal::new(1, 5),
+        commission_bps: 0,
+    };
+    assert_eq!(h.refused(convert), EngineError::UnknownAccount { account: AccountRef::User(missing_btc) });
+
+    h.open_funded(usd(2), 100);
+    h.ok(reserve(usd(2), 7, 50));
+    h.ok(Operation::SetFrozen { account: usd(2), frozen: true });
+    let commit = Operation::Commit {
+        user_id: Uuid::from_u128(2),
+        reservation_id: Uuid::from_u128(7),
+        destination: missing,
+        amount: None,
+    };
+    assert_eq!(h.refused(commit), EngineError::UnknownAccount { account: missing });
+    assert_eq!(
+        h.refused(Operation::Transfer { from: AccountRef::User(usd(2)), to: missing, amount: amount(1) }),
+        EngineError::UnknownAccount { account: missing }
+    );
+    // With the destination there, the source's own refusals are as before.
+    assert_eq!(
+        h.refused(Operation::Transfer {
+            from: AccountRef::User(usd(2)),
+            to: AccountRef::User(usd(1)),
+            amount: amount(1)
+        }),
+        EngineError::AccountFrozen { account: usd(2) }
+    );
+    assert!(matches!(
+        h.refused(Operation::Transfer {
+            from: AccountRef::User(usd(1)),
+            to: AccountRef::User(usd(2)),
+            amount: amount(1)
+        }),
+        EngineError::InsufficientFunds { .. }
+    ));
+}
+
 #[test]
 fn an_account_opens_once_with_valid_settings() {
     let mut h = Harness::new();

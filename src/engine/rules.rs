@@ -261,6 +261,10 @@ impl<'l, 'a> Tx<'l, 'a> {
         if from == to {
             return Err(EngineError::SameAccount);
         }
+        // The destination first: a transfer to an account that does not exist must say so, not
+        // that the source lacks funds (the refusal is kept under the key, so a misleading one
+        // would be repeated to every retry).
+        self.check_credit(to, amount_minor)?;
         match from {
             Slot::User(account) => match debit {
                 Debit::Spend => self.take_outflow(&account, amount_minor)?,
@@ -272,7 +276,6 @@ impl<'l, 'a> Tx<'l, 'a> {
                 }
             }
         }
-        self.check_credit(to, amount_minor)?;
         self.emit(Effect::Posting { from, to, amount_minor });
         Ok(())
     }
@@ -544,9 +547,7 @@ fn commit(
         return Err(EngineError::ReservationExpired { reservation_id, expires_at_ms: reservation.expires_at_ms });
     }
     let source = reservation.account;
-    if view.account(&source)?.config.frozen {
-        return Err(EngineError::AccountFrozen { account: source });
-    }
+    let source_frozen = view.account(&source)?.config.frozen;
     let committed_minor = amount.map_or(reservation.amount_minor, Amount::minor);
     if committed_minor > reservation.amount_minor {
         return Err(EngineError::CommitExceedsReservation {
@@ -562,6 +563,9 @@ fn commit(
     }
     let to = tx.slot(destination, tx.map.of_user(user_id));
     tx.check_credit(to, committed_minor)?;
+    if source_frozen {
+        return Err(EngineError::AccountFrozen { account: source });
+    }
     tx.emit(Effect::ReservationClosed {
         user_id,
         reservation_id,
@@ -619,6 +623,9 @@ fn convert(
     if commission_bps > MAX_COMMISSION_BPS {
         return Err(EngineError::CommissionOutOfRange { max_bps: MAX_COMMISSION_BPS });
     }
+    // Both accounts before the funds (see `Tx::post_as`): the receiving one is posted to last.
+    tx.account(from)?;
+    tx.account(to)?;
     let bought_minor = proceeds_minor(amount.minor(), from.asset.scale(), to.asset.scale(), price)
         .ok_or(EngineError::ConversionOverflow)?;
     // Rounded up, in the platform's favour as the proceeds are: rounded down, a conversion split
