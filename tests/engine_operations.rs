@@ -1116,24 +1116,36 @@ fn a_sweep_says_when_more_reservations_are_due_than_it_expired() {
     // Two users of the one shard: one user holds at most MAX_ACTIVE_RESERVATIONS_PER_USER.
     h.open_funded(usd(1), 1_000_000);
     h.open_funded(usd(2), 1_000_000);
-    let due = diboas_ledger::engine::MAX_EXPIRIES_PER_SHARD_SWEEP as u128 + 10;
-    for id in 0..due {
-        let op = Operation::Reserve {
-            reservation_id: Uuid::from_u128(id),
-            account: usd(1 + id % 2),
-            amount: amount(1),
-            ttl_ms: Some(1_000),
-        };
-        h.engine.execute(Request { key: key(&format!("r{id}")), now_ms: h.now_ms, operation: op }).result.unwrap();
-    }
+    let max = diboas_ledger::engine::MAX_EXPIRIES_PER_SHARD_SWEEP;
+    let reserve_due = |h: &mut Harness, ids: std::ops::Range<u128>| {
+        for id in ids {
+            let op = Operation::Reserve {
+                reservation_id: Uuid::from_u128(id),
+                account: usd(1 + id % 2),
+                amount: amount(1),
+                ttl_ms: Some(1_000),
+            };
+            let request = Request { key: key(&format!("r{id}")), now_ms: h.now_ms, operation: op };
+            h.engine.execute(request).result.unwrap();
+        }
+    };
+    reserve_due(&mut h, 0..max as u128 + 10);
     let first = h.engine.sweep(h.now_ms + 1_000).unwrap();
-    assert_eq!((first.expired, first.more_due), (diboas_ledger::engine::MAX_EXPIRIES_PER_SHARD_SWEEP, true));
+    assert_eq!((first.expired, first.more_due), (max, true));
     let second = h.engine.sweep(h.now_ms + 1_000).unwrap();
     assert_eq!((second.expired, second.more_due), (10, false));
     for user in [1, 2] {
         assert_eq!(h.balance(usd(user)), Balance { available_minor: 1_000_000, reserved_minor: 0 });
     }
     h.engine.state().check_invariants().unwrap();
+
+    // Exactly as many as one call expires: that call says nothing more is due (until session 22 it
+    // asked for one more call, which found nothing).
+    h.now_ms += 2_000;
+    let start = max as u128 + 10;
+    reserve_due(&mut h, start..start + max as u128);
+    let exact = h.engine.sweep(h.now_ms + 1_000).unwrap();
+    assert_eq!((exact.expired, exact.more_due), (max, false));
 }
 
 /// A request under `key_text` to move `minor` from one user account to another.

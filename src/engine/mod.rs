@@ -345,7 +345,7 @@ impl<S: JournalSink> Engine<S> {
                     return Err(EngineError::JournalUnavailable);
                 }
                 report.expired += due.len();
-                report.more_due |= due.len() == MAX_EXPIRIES_PER_SHARD_SWEEP;
+                report.more_due |= shards.get(index).expiry.due(now_ms).next().is_some();
             }
             let shard = shards.get(index);
             let retired_keys = shard.idempotency.rotate(now_ms, self.config.retention_ms);
