@@ -13,7 +13,7 @@ use diboas_ledger::engine::error::{EngineError, LimitKind};
 use diboas_ledger::engine::operation::{
     DEFAULT_RESERVATION_TTL_MS, MAX_ACTIVE_RESERVATIONS_PER_USER, MAX_RESERVATION_TTL_MS, Operation, Receipt, Request,
 };
-use diboas_ledger::engine::record::{JournalClosed, JournalRecord, JournalSink};
+use diboas_ledger::engine::record::{JournalClosed, JournalRecord, JournalSink, MemoryJournal, Origin};
 use diboas_ledger::engine::reservation::ReservationStatus;
 use rust_decimal::Decimal;
 use support::*;
@@ -1474,4 +1474,71 @@ fn a_panic_while_shards_are_locked_aborts_the_process() {
     let stderr = String::from_utf8_lossy(&child.stderr);
     assert!(stderr.contains("the journal sink broke mid-append"), "the child never reached the sink: {stderr}");
     assert_eq!(child.status.signal(), Some(6), "the child should have aborted (SIGABRT): {:?}, {stderr}", child.status);
+}
+
+/// The replay refuses records the live engine never writes, and takes the genuine record after
+/// each refusal: a refusal with effects, a sweep that does more than expire or expires nothing, a
+/// request that expires a reservation, an expiry before its time, a close dated otherwise than its
+/// record. Until session 22 every one of them applied.
+#[test]
+fn the_replay_refuses_records_the_engine_never_writes() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 1_000);
+    h.open(usd(2), AccountConfig::default());
+    let withdraw = Operation::Withdraw { account: usd(1), amount: amount(5_000), provider: Provider::Stripe };
+    assert!(h.run(withdraw).result.is_err());
+    h.ok(reserve(usd(1), 7, 100));
+    h.ok(reserve(usd(1), 8, 100));
+    let user_id = Uuid::from_u128(1);
+    let destination = AccountRef::User(usd(2));
+    h.ok(Operation::Commit { user_id, reservation_id: Uuid::from_u128(8), destination, amount: None });
+    h.now_ms += DEFAULT_RESERVATION_TTL_MS;
+    assert_eq!(h.engine.sweep(h.now_ms).unwrap().expired, 1);
+    let records = h.engine.sink().drain();
+    let refusal = records.iter().position(|r| matches!(&r.origin, Origin::Request { outcome: Err(_), .. }));
+    let completes =
+        |effect: &Effect| matches!(effect, Effect::ReservationClosed { status: ReservationStatus::Completed, .. });
+    let commit = records.iter().position(|r| r.effects.iter().any(completes));
+    let (Some(refusal), Some(commit)) = (refusal, commit) else { panic!("the history has a refusal and a commit") };
+    let sweep = records.len() - 1;
+    assert_eq!(records[sweep].origin, Origin::ExpirySweep);
+
+    let posting = Effect::Posting { from: Slot::User(usd(1)), to: Slot::User(usd(2)), amount_minor: 1 };
+    let close_with = |record: &mut JournalRecord, change: &dyn Fn(&mut ReservationStatus, &mut i64)| {
+        for effect in &mut record.effects {
+            if let Effect::ReservationClosed { status, closed_at_ms, .. } = effect {
+                change(status, closed_at_ms);
+            }
+        }
+    };
+    let tampered: Vec<(usize, &str, Box<dyn Fn(&mut JournalRecord)>)> = vec![
+        (refusal, "a refusal with a posting", Box::new(|r| r.effects.push(posting.clone()))),
+        (sweep, "a sweep with a posting", Box::new(|r| r.effects.push(posting.clone()))),
+        (sweep, "a sweep expiring nothing", Box::new(|r| r.effects.clear())),
+        (commit, "a commit expiring", Box::new(|r| close_with(r, &|status, _| *status = ReservationStatus::Expired))),
+        (
+            sweep,
+            "an expiry before its time",
+            Box::new(|r| {
+                r.at_ms -= 1;
+                close_with(r, &|_, closed_at_ms| *closed_at_ms -= 1);
+            }),
+        ),
+        (commit, "a close at another time", Box::new(|r| close_with(r, &|_, closed_at_ms| *closed_at_ms += 1))),
+    ];
+    let replay = Engine::new(*h.engine.config(), MemoryJournal::default());
+    for (index, record) in records.iter().enumerate() {
+        for (_, what, change) in tampered.iter().filter(|(at, _, _)| *at == index) {
+            let mut bad = record.clone();
+            change(&mut bad);
+            let refused = replay.apply_record(&bad);
+            assert!(
+                matches!(refused, Err(diboas_ledger::engine::ReplayError::Inconsistent { .. })),
+                "{what}: {refused:?}"
+            );
+        }
+        replay.apply_record(record).unwrap();
+    }
+    assert_eq!(money_state(&replay.state()), money_state(&h.engine.state()));
+    replay.check_indexes().unwrap();
 }

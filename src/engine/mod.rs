@@ -377,6 +377,7 @@ impl<S: JournalSink> Engine<S> {
             return Err(ReplayError::OutOfOrder { expected: sequencer.next_sequence, found: record.sequence });
         }
         let inconsistent = |reason| ReplayError::Inconsistent { sequence: record.sequence, reason };
+        record_shape(record).map_err(inconsistent)?;
         // A key (or a reservation id) seen again is legitimate only if the live engine could have
         // forgotten the first one, i.e. the first is older than the retention window.
         let forgotten_before_ms = record.at_ms.saturating_sub(self.config.retention_ms);
@@ -392,7 +393,7 @@ impl<S: JournalSink> Engine<S> {
         // What the replay forgot for this record, to bring back if a later effect fails its check.
         let mut forgotten: Vec<Forgotten> = Vec::new();
         for (applied, effect) in record.effects.iter().enumerate() {
-            if let Err(reason) = replay_check(&mut shards, self.map, effect, forgotten_before_ms) {
+            if let Err(reason) = replay_check(&mut shards, self.map, effect, record.at_ms, forgotten_before_ms) {
                 for done in record.effects[..applied].iter().rev() {
                     effect::revert(&mut shards, self.map, done);
                 }
@@ -771,10 +772,37 @@ fn restore_transaction(shard: &mut Shard, forgotten: ForgottenTransaction) {
 
 /// Checks that a journal effect can apply to the current state, so a corrupt journal is
 /// reported instead of breaking an invariant.
+/// What the live engine writes in a record of each origin, checked before any effect applies: a
+/// refusal changes nothing, only the sweep expires reservations and it does nothing else, and a
+/// reservation closes at the record's time.
+fn record_shape(record: &JournalRecord) -> Result<(), &'static str> {
+    let expires =
+        |effect: &Effect| matches!(effect, Effect::ReservationClosed { status: ReservationStatus::Expired, .. });
+    let closed_at_another_time = |effect: &Effect| matches!(effect, Effect::ReservationClosed { closed_at_ms, .. } if *closed_at_ms != record.at_ms);
+    if record.effects.iter().any(closed_at_another_time) {
+        return Err("a reservation closed at another time than its record's");
+    }
+    match &record.origin {
+        Origin::Request { outcome: Err(_), .. } if !record.effects.is_empty() => Err("a refused request with effects"),
+        Origin::Request { .. } if record.effects.iter().any(expires) => Err("a request expiring a reservation"),
+        Origin::Request { .. } => Ok(()),
+        Origin::ExpirySweep => {
+            let expiry_only = |effect: &Effect| expires(effect) || matches!(effect, Effect::UsageChanged { .. });
+            if record.effects.is_empty() || !record.effects.iter().all(expiry_only) {
+                return Err(
+                    "a sweep record that expires nothing, or changes more than expiries and their outflow counts",
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 fn replay_check(
     shards: &mut LockedShards<'_>,
     map: ShardMap,
     effect: &Effect,
+    at_ms: i64,
     forgotten_before_ms: i64,
 ) -> Result<(), &'static str> {
     let mut account_exists = |account: &UserAccount| {
@@ -896,9 +924,12 @@ fn replay_check(
                 .users
                 .get(user_id)
                 .and_then(|user| user.reservations.get(reservation_id))
-                .is_some_and(|reservation| reservation.status.can_become(*status));
+                .is_some_and(|reservation| {
+                    reservation.status.can_become(*status)
+                        && (*status != ReservationStatus::Expired || reservation.expires_at_ms <= at_ms)
+                });
             if !active {
-                return Err("closing a reservation that is missing or not active");
+                return Err("closing a reservation that is missing or not active, or expiring it before its time");
             }
         }
     }
