@@ -170,14 +170,21 @@ async fn add_money_completes_on_the_stripe_event_and_duplicates_and_late_events_
     let mut request = initiate(1, 1, pb::Domain::Banking, "add_money", "100.00", "USD");
     request.provider = pb::Provider::Stripe.into();
     let initiated = client.initiate_transaction(request.clone()).await.expect("initiate").into_inner();
+    assert_eq!(initiated.status, "initiated");
     let transaction = initiated.transaction.expect("a transaction");
     assert_eq!((transaction.status.as_str(), transaction.fee_total.as_str()), ("initiated", "3.20"));
     assert_eq!(transaction.fees.len(), 2);
     assert!(transaction.fees.iter().all(|fee| fee.status == "pending" && fee.schedule_version == 1));
     // The same key again is a replay, not a second transaction.
-    assert!(client.initiate_transaction(request).await.expect("replay").into_inner().replayed);
+    assert!(client.initiate_transaction(request.clone()).await.expect("replay").into_inner().replayed);
 
     to_provider(&mut client, 1, 1).await;
+    // A replay once the transaction moved on: the first result again, beside the transaction as it
+    // is now (until session 22 only the latter, so a retry could not tell what its request did).
+    let late_replay = client.initiate_transaction(request).await.expect("replay").into_inner();
+    assert!(late_replay.replayed);
+    assert_eq!(late_replay.status, "initiated");
+    assert_eq!(late_replay.transaction.expect("a transaction").status, "sent_to_provider");
     assert_eq!(balance(&mut server.client, &usd(1)).await.2, "0.00", "nothing arrives before the provider confirms");
     let payload = format!(r#"{{"id":"pi_1","metadata":{{"transaction_id":"{}"}}}}"#, tx_id(1));
     let processed = event(&mut client, "stripe", "evt_1", "payment_intent.succeeded", payload.clone()).await;

@@ -79,6 +79,7 @@ impl TransactionsService {
             transaction: Some(wire::wire_transaction(&row)),
             replayed: applied.replayed,
             sequence: i64::try_from(applied.sequence).unwrap_or(i64::MAX),
+            status: applied.status.map(|status| status.name().to_owned()).unwrap_or_default(),
         })
     }
 
@@ -372,6 +373,7 @@ impl pb::transactions_server::Transactions for TransactionsService {
                     transaction: Some(wire::wire_transaction(&row)),
                     replayed: false,
                     sequence: 0,
+                    status: String::new(),
                 })
             })
             .await
