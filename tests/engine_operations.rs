@@ -1511,7 +1511,8 @@ fn the_replay_refuses_records_the_engine_never_writes() {
             }
         }
     };
-    let tampered: Vec<(usize, &str, Box<dyn Fn(&mut JournalRecord)>)> = vec![
+    type Tamper<'a> = Box<dyn Fn(&mut JournalRecord) + 'a>;
+    let tampered: Vec<(usize, &str, Tamper)> = vec![
         (refusal, "a refusal with a posting", Box::new(|r| r.effects.push(posting.clone()))),
         (sweep, "a sweep with a posting", Box::new(|r| r.effects.push(posting.clone()))),
         (sweep, "a sweep expiring nothing", Box::new(|r| r.effects.clear())),
