@@ -623,9 +623,6 @@ fn convert(
     if commission_bps > MAX_COMMISSION_BPS {
         return Err(EngineError::CommissionOutOfRange { max_bps: MAX_COMMISSION_BPS });
     }
-    // Both accounts before the funds (see `Tx::post_as`): the receiving one is posted to last.
-    tx.account(from)?;
-    tx.account(to)?;
     let bought_minor = proceeds_minor(amount.minor(), from.asset.scale(), to.asset.scale(), price)
         .ok_or(EngineError::ConversionOverflow)?;
     // Rounded up, in the platform's favour as the proceeds are: rounded down, a conversion split
@@ -637,6 +634,9 @@ fn convert(
     if net_minor <= 0 {
         return Err(EngineError::ConversionTooSmall);
     }
+    // Both accounts before the funds (see `Tx::post_as`): the receiving one is posted to last.
+    tx.account(from)?;
+    tx.account(to)?;
     let sell_side = tx.system_slot(SystemKind::ExchangeLiquidity, from);
     let buy_side = tx.system_slot(SystemKind::ExchangeLiquidity, to);
     tx.post(Slot::User(*from), sell_side, amount.minor())?;
