@@ -960,3 +960,29 @@ fn a_freeze_stops_a_payment_before_the_provider_and_does_not_stop_its_completion
         EngineError::AccountFrozen { account: usd(ALICE) }
     );
 }
+
+/// Text the journal cannot store (a NUL character; PostgreSQL's `text` and `jsonb` hold none) is
+/// refused by the engine too, whatever the caller checked: journaled, it failed the writer's
+/// whole batch and stopped the ledger (session 22).
+#[test]
+fn text_with_a_nul_character_is_refused_and_changes_nothing() {
+    let mut h = harness();
+    let mut with_nul = spec(TxType::SendMoney, 1);
+    with_nul.details.insert("note".to_owned(), "a\0b".to_owned());
+    assert!(matches!(
+        h.refused(Operation::InitiateTransaction { transaction: Box::new(with_nul) }),
+        EngineError::InvalidTransaction { .. }
+    ));
+    assert!(h.engine.transaction(Uuid::from_u128(ALICE), Uuid::from_u128(1)).is_none());
+    drive(&mut h, TxType::SendMoney, 2, TxStatus::Validating);
+    let Operation::TransitionTransaction { user_id, transaction_id, to, provider_event, fill, payee_user_id, .. } =
+        to(ALICE, 2, TxStatus::Failed, Some(BOB))
+    else {
+        unreachable!("to() builds a transition")
+    };
+    let reason = "\0".to_owned();
+    let nul_reason =
+        Operation::TransitionTransaction { user_id, transaction_id, to, reason, provider_event, fill, payee_user_id };
+    assert!(matches!(h.refused(nul_reason), EngineError::InvalidTransaction { .. }));
+    assert_eq!(status_of(&h, 2), TxStatus::Validating);
+}

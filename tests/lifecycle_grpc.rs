@@ -498,6 +498,35 @@ async fn illegal_transitions_and_bad_input_are_refused_and_change_nothing(pool: 
     assert_invalid_field(&client.submit_provider_event(oversized).await.expect_err("too big"), "raw_payload");
     let page = pb::ListTransactionsRequest { user_id: user(1), page_size: 201, ..Default::default() };
     assert_invalid_field(&client.list_transactions(page).await.expect_err("page"), "page_size");
+
+    // A NUL character, which PostgreSQL stores nowhere, is refused at the edge with its field.
+    // Until session 22 it reached the journal, failed the writer's batch and stopped the ledger.
+    let mut nul_detail = request.clone();
+    nul_detail.idempotency_key = "nul-detail".into();
+    nul_detail.transaction_id = tx_id(5);
+    nul_detail.details.insert("note".into(), "a\0b".into());
+    assert_invalid_field(&client.initiate_transaction(nul_detail).await.expect_err("nul detail"), "details");
+    let nul_reason = pb::FailTransactionRequest {
+        idempotency_key: "nul-reason".into(),
+        user_id: user(1),
+        transaction_id: tx_id(1),
+        reason: "\0".into(),
+    };
+    assert_invalid_field(&client.fail_transaction(nul_reason).await.expect_err("nul reason"), "reason");
+    let nul_event = pb::SubmitProviderEventRequest {
+        source: "stripe".into(),
+        event_id: "evt\0".into(),
+        event_type: "payment_intent.succeeded".into(),
+        raw_payload: "{}".into(),
+    };
+    assert_invalid_field(&client.submit_provider_event(nul_event).await.expect_err("nul event"), "event_id");
+    // A protocol on a transaction that is no DeFi strategy was stored as its provider unchecked.
+    let mut protocol_on_send = request.clone();
+    protocol_on_send.idempotency_key = "protocol-on-send".into();
+    protocol_on_send.transaction_id = tx_id(6);
+    protocol_on_send.protocol = "Stripe".into();
+    assert_invalid_field(&client.initiate_transaction(protocol_on_send).await.expect_err("protocol"), "protocol");
+    server.client.deposit(deposit("after-bad-input", &usd(1), "1.00")).await.expect("the ledger carries on");
     server.stop().await;
     assert_conserved_and_verified(&options, &pool).await;
 }

@@ -44,6 +44,9 @@ fn text(value: &str, field: &str) -> Result<String, InvalidField> {
     if value.len() > MAX_TEXT_LEN {
         return Err(invalid(field, format!("is longer than {MAX_TEXT_LEN} bytes")));
     }
+    if value.contains('\0') {
+        return Err(invalid(field, "holds a NUL character"));
+    }
     Ok(value.to_string())
 }
 
@@ -70,7 +73,7 @@ pub fn email(value: &str, field: &str) -> Result<String, InvalidField> {
     let shaped = value.split_once('@').is_some_and(|(local, domain)| {
         !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
     });
-    if !shaped || value.chars().any(char::is_whitespace) || value.matches('@').count() != 1 {
+    if !shaped || value.chars().any(|c| c.is_whitespace() || c.is_control()) || value.matches('@').count() != 1 {
         return Err(invalid(field, "is not an email address"));
     }
     Ok(value.to_string())

@@ -50,6 +50,10 @@ pub fn parse(raw_payload: &str) -> Result<Parsed, &'static str> {
     let transaction_id = Uuid::try_parse(reference).map_err(|_| "the payload's transaction_id is not a UUID")?;
     let text = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_owned);
     let (price, quantity) = (text("price"), text("quantity"));
+    // The parsed form is stored as `jsonb`, which holds no NUL; the price is checked below.
+    if quantity.as_deref().is_some_and(|quantity| quantity.contains('\0')) {
+        return Err("the payload's quantity holds a NUL character");
+    }
     if let Some(price) = &price
         && price.parse::<Decimal>().is_err()
     {
@@ -73,5 +77,7 @@ mod tests {
         assert!(parse(r#"{"transaction_id":"nope"}"#).is_err());
         let trade = parse(&format!(r#"{{"transaction_id":"{id}","price":"60000.5","quantity":"0.0002"}}"#)).unwrap();
         assert_eq!(trade.quantity.as_deref(), Some("0.0002"));
+        let nul = parse(&format!(r#"{{"transaction_id":"{id}","quantity":"1\u0000"}}"#));
+        assert_eq!(nul, Err("the payload's quantity holds a NUL character"));
     }
 }

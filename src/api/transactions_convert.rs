@@ -39,9 +39,13 @@ pub fn tx_status(text: &str, field: &str) -> Result<TxStatus, InvalidField> {
     TxStatus::from_name(text).ok_or_else(|| invalid(field, "must be a known transaction status"))
 }
 
+/// Text of at most `max_len` bytes, without NUL characters (PostgreSQL stores none).
 pub fn bounded_text(text: &str, field: &str, max_len: usize) -> Result<String, InvalidField> {
     if text.len() > max_len {
         return Err(invalid(field, format!("is longer than {max_len} bytes")));
+    }
+    if text.contains('\0') {
+        return Err(invalid(field, "holds a NUL character"));
     }
     Ok(text.to_owned())
 }
@@ -125,7 +129,11 @@ pub fn new_transaction(wire: &pb::InitiateTransactionRequest) -> Result<NewTrans
         TxType::AddMoney | TxType::Withdraw => {
             Some(format!("{:?}", convert::provider(wire.provider, "provider")?).to_lowercase())
         }
-        _ => (!wire.protocol.is_empty()).then(|| wire.protocol.to_lowercase()),
+        TxType::StartStrategy | TxType::StopStrategy | TxType::HarvestYield => {
+            Some(format!("{:?}", protocol(&wire.protocol, "protocol")?).to_lowercase())
+        }
+        _ if !wire.protocol.is_empty() => return Err(invalid("protocol", "applies only to DeFi strategies")),
+        _ => None,
     };
     Ok(NewTransaction {
         id,

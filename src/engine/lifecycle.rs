@@ -60,6 +60,13 @@ fn invalid(reason: &str) -> EngineError {
     EngineError::InvalidTransaction { reason: reason.to_owned() }
 }
 
+/// Text the journal can store: at most `MAX_TEXT_LEN` bytes, and no NUL character, which
+/// PostgreSQL's `text` and `jsonb` refuse. Refused here, a NUL is one request's error; journaled,
+/// it failed the writer's whole batch and stopped the ledger until it reloaded (session 22).
+fn storable_text(text: &str) -> bool {
+    text.len() <= MAX_TEXT_LEN && !text.contains('\0')
+}
+
 fn check_shape(spec: &NewTransaction) -> Result<(), EngineError> {
     if !spec.kind.allowed_in(spec.domain) {
         return Err(invalid("the type does not belong to the domain"));
@@ -116,13 +123,13 @@ fn check_shape(spec: &NewTransaction) -> Result<(), EngineError> {
             return Err(invalid("the bought asset must come from its own exchange liquidity account"));
         }
     }
-    let too_long = |text: &str| text.len() > MAX_TEXT_LEN;
+    let unstorable = |text: &str| !storable_text(text);
     if spec.details.len() > MAX_DETAILS
-        || spec.details.iter().any(|(key, value)| too_long(key) || too_long(value))
-        || spec.provider.as_deref().is_some_and(too_long)
-        || spec.fees.iter().any(|line| too_long(&line.category) || line.provider.as_deref().is_some_and(too_long))
+        || spec.details.iter().any(|(key, value)| unstorable(key) || unstorable(value))
+        || spec.provider.as_deref().is_some_and(unstorable)
+        || spec.fees.iter().any(|line| unstorable(&line.category) || line.provider.as_deref().is_some_and(unstorable))
     {
-        return Err(invalid("too many details, or a detail or provider too long"));
+        return Err(invalid("too many details, or a detail or provider too long or holding a NUL character"));
     }
     Ok(())
 }
@@ -216,8 +223,9 @@ pub(crate) fn transition(
     payee_user_id: Option<Uuid>,
     change: Change<'_>,
 ) -> Result<Receipt, EngineError> {
-    if change.reason.len() > MAX_TEXT_LEN {
-        return Err(invalid("the reason is too long"));
+    let event_storable = |event: &ProviderRef| storable_text(&event.source) && storable_text(&event.event_id);
+    if !storable_text(change.reason) || change.provider_event.is_some_and(|event| !event_storable(event)) {
+        return Err(invalid("the reason or the provider event is too long or holds a NUL character"));
     }
     let transaction =
         find(tx, user_id, transaction_id).ok_or(EngineError::TransactionNotFound { user_id, transaction_id })?;
