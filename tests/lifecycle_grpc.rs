@@ -175,8 +175,20 @@ async fn add_money_completes_on_the_stripe_event_and_duplicates_and_late_events_
     assert_eq!((transaction.status.as_str(), transaction.fee_total.as_str()), ("initiated", "3.20"));
     assert_eq!(transaction.fees.len(), 2);
     assert!(transaction.fees.iter().all(|fee| fee.status == "pending" && fee.schedule_version == 1));
-    // The same key again is a replay, not a second transaction.
+    // The same key again is a replay, not a second transaction; also once another fee schedule
+    // is in force (until session 22 the retry was priced again and refused as a reused key).
     assert!(client.initiate_transaction(request.clone()).await.expect("replay").into_inner().replayed);
+    fee_schedule(
+        &pool,
+        "add_money",
+        "USD",
+        "2025-01-01T00:00:00Z",
+        r#"[{"tier":"platform","category":"service","method":"flat","amount_minor":99}]"#,
+    )
+    .await;
+    let repriced = client.initiate_transaction(request.clone()).await.expect("replay").into_inner();
+    assert!(repriced.replayed);
+    assert_eq!(repriced.transaction.expect("a transaction").fee_total, "3.20");
 
     to_provider(&mut client, 1, 1).await;
     // A replay once the transaction moved on: the first result again, beside the transaction as it

@@ -86,13 +86,25 @@ impl TransactionsService {
     async fn initiate(&self, body: pb::InitiateTransactionRequest) -> Result<pb::TransactionResponse, ApiError> {
         let key = convert::idempotency_key(&body.idempotency_key, "idempotency_key")?;
         let mut spec = wire::new_transaction(&body)?;
-        let priced_at_ms = now_ms();
-        let schedules =
-            queries::fee_schedules(&self.pool, spec.kind.name(), spec.payer.asset().symbol(), priced_at_ms).await?;
-        if let Some(schedule) = fees::select(&schedules, priced_at_ms) {
-            spec.fees = fees::compute(schedule, spec.principal_minor)?;
-        }
         let transaction_id = spec.id;
+        // A retry is priced as its first request was: priced again, a fee schedule that took
+        // effect in between made it another operation under the same key (IDEMPOTENCY_KEY_REUSED
+        // where promise 6 wants the first result; session 22).
+        let first = if self.ledger.remembers_key(&key) {
+            queries::spec(&self.pool, transaction_id).await?.filter(|first| first.user_id == spec.user_id)
+        } else {
+            None
+        };
+        if let Some(first) = first {
+            spec.fees = first.fees;
+        } else {
+            let priced_at_ms = now_ms();
+            let schedules =
+                queries::fee_schedules(&self.pool, spec.kind.name(), spec.payer.asset().symbol(), priced_at_ms).await?;
+            if let Some(schedule) = fees::select(&schedules, priced_at_ms) {
+                spec.fees = fees::compute(schedule, spec.principal_minor)?;
+            }
+        }
         // A transaction id names one business transaction for good. The engine forgets finished
         // transactions after the retention window, so an id it no longer knows may still be in
         // the projections, which hold one transaction per id: refuse it here. Journaled again, it
