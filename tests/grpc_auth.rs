@@ -6,6 +6,7 @@ mod grpc_common;
 
 use diboas_ledger::api::auth::{self, AUTHORIZATION, Authenticator, CallerEntry, CallersFile};
 use diboas_ledger::api::pb;
+use diboas_ledger::api::pb::transactions_client::TransactionsClient;
 use diboas_ledger::api::server::{ServeConfig, ServeOptions};
 use diboas_ledger::ledger::LedgerConfig;
 use grpc_common::*;
@@ -247,4 +248,66 @@ async fn the_journal_records_which_service_asked(pool: PgPool) {
     .await
     .unwrap();
     assert_eq!(callers, [Some("payments".to_owned()), Some("trading".to_owned())]);
+}
+
+/// The Transactions service's reads are scoped like the Ledger's: a caller sees, lists and reads
+/// the history of transactions in its domains only (until session 22 it read every domain's).
+#[sqlx::test]
+async fn transaction_reads_show_only_the_domains_in_scope(pool: PgPool) {
+    let (server, tokens) = server_with_tokens(&pool).await;
+    let mut ledger = server.client.clone();
+    let mut transactions = TransactionsClient::new(server.channel.clone());
+    let investing_usd = account(1, pb::Domain::Investing, "USD");
+    let investing_btc = account(1, pb::Domain::Investing, "BTC");
+    for (key, account) in [("open-usd", &usd(1)), ("open-inv-usd", &investing_usd), ("open-inv-btc", &investing_btc)] {
+        ledger.open_account(with_token(open(key, account), &tokens.admin)).await.unwrap();
+    }
+    let tx_id = |n: u128| uuid::Uuid::from_u128(0x7a00_0000_0000_4000_8000_0000_0000_0000 + n).to_string();
+    let add_money = pb::InitiateTransactionRequest {
+        idempotency_key: "init-banking".into(),
+        transaction_id: tx_id(1),
+        user_id: user(1),
+        domain: pb::Domain::Banking.into(),
+        r#type: "add_money".into(),
+        amount: "10.00".into(),
+        asset: "USD".into(),
+        provider: pb::Provider::Stripe.into(),
+        ..Default::default()
+    };
+    let buy = pb::InitiateTransactionRequest {
+        idempotency_key: "init-investing".into(),
+        transaction_id: tx_id(2),
+        domain: pb::Domain::Investing.into(),
+        r#type: "buy_crypto".into(),
+        target_asset: "BTC".into(),
+        provider: pb::Provider::Unspecified.into(),
+        ..add_money.clone()
+    };
+    for request in [add_money, buy] {
+        transactions.initiate_transaction(with_token(request, &tokens.admin)).await.unwrap();
+    }
+
+    let get = |n: u128, token: &str| with_token(pb::GetTransactionRequest { transaction_id: tx_id(n) }, token);
+    let denied = transactions.get_transaction(get(1, &tokens.trading)).await.unwrap_err();
+    assert_refused(&denied, Code::PermissionDenied, "DOMAIN_NOT_ALLOWED");
+    let seen = transactions.get_transaction(get(2, &tokens.trading)).await.unwrap().into_inner();
+    assert_eq!(seen.transaction.unwrap().domain, i32::from(pb::Domain::Investing));
+
+    let history = with_token(pb::GetTransactionHistoryRequest { transaction_id: tx_id(1) }, &tokens.trading);
+    let denied = transactions.get_transaction_history(history).await.unwrap_err();
+    assert_refused(&denied, Code::PermissionDenied, "DOMAIN_NOT_ALLOWED");
+
+    let list = |domain: pb::Domain, token: &str| {
+        with_token(pb::ListTransactionsRequest { user_id: user(1), domain: domain.into(), ..Default::default() }, token)
+    };
+    let ids = |response: pb::ListTransactionsResponse| {
+        response.transactions.into_iter().map(|transaction| transaction.transaction_id).collect::<Vec<_>>()
+    };
+    let everything = transactions.list_transactions(list(pb::Domain::Unspecified, &tokens.admin)).await.unwrap();
+    assert_eq!(ids(everything.into_inner()).len(), 2);
+    let visible = transactions.list_transactions(list(pb::Domain::Unspecified, &tokens.trading)).await.unwrap();
+    assert_eq!(ids(visible.into_inner()), [tx_id(2)]);
+    let denied = transactions.list_transactions(list(pb::Domain::Banking, &tokens.trading)).await.unwrap_err();
+    assert_refused(&denied, Code::PermissionDenied, "DOMAIN_NOT_ALLOWED");
+    server.stop().await;
 }

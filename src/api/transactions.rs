@@ -25,10 +25,10 @@ use super::correlation;
 use super::gate::Gate;
 use super::pb;
 use super::provider_events;
-use super::service::now_ms;
+use super::service::{caller, now_ms};
 use super::status::ApiError;
 use super::transactions_convert as wire;
-use crate::engine::account::AccountRef;
+use crate::engine::account::{AccountRef, Domain};
 use crate::engine::error::EngineError;
 use crate::engine::idempotency::IdempotencyKey;
 use crate::engine::lifecycle::is_legal;
@@ -120,6 +120,20 @@ impl TransactionsService {
         self.respond(transaction_id, applied).await
     }
 
+    /// A stored transaction in a domain the caller may see: reads are scoped as the Ledger
+    /// service's are (until session 22 a caller scoped to one domain read every domain's).
+    async fn visible_transaction(&self, transaction_id: Uuid) -> Result<queries::TransactionRow, ApiError> {
+        let row = queries::transaction(&self.pool, transaction_id)
+            .await?
+            .ok_or(ApiError::TransactionNotFound { transaction_id })?;
+        let domain = Domain::ALL
+            .into_iter()
+            .find(|domain| domain.name() == row.domain)
+            .ok_or_else(|| ApiError::Internal(format!("transaction {transaction_id}: domain {}", row.domain)))?;
+        caller()?.require_domain(domain)?;
+        Ok(row)
+    }
+
     /// The journaled description of `user_id`'s transaction `transaction_id`.
     async fn spec_of(&self, user_id: Uuid, transaction_id: Uuid) -> Result<NewTransaction, ApiError> {
         queries::spec(&self.pool, transaction_id)
@@ -178,8 +192,16 @@ impl TransactionsService {
     async fn list(&self, body: pb::ListTransactionsRequest) -> Result<pb::ListTransactionsResponse, ApiError> {
         let user_id = convert::uuid(&body.user_id, "user_id")?;
         let page_size = wire::page_size(body.page_size)?;
+        let domain = (body.domain != 0).then(|| convert::domain(body.domain, "domain")).transpose()?;
+        let caller = caller()?;
+        if let Some(domain) = domain {
+            caller.require_domain(domain)?;
+        }
+        let visible: Vec<&'static str> =
+            Domain::ALL.into_iter().filter(|domain| caller.may_touch(*domain)).map(Domain::name).collect();
         let filter = ListFilter {
-            domain: (body.domain != 0).then(|| convert::domain(body.domain, "domain")).transpose()?.map(|d| d.name()),
+            domain: domain.map(Domain::name),
+            visible_domains: (visible.len() < Domain::ALL.len()).then_some(visible),
             kind: (!body.r#type.is_empty()).then(|| wire::tx_type(&body.r#type, "type")).transpose()?.map(|k| k.name()),
             status: (!body.status.is_empty())
                 .then(|| wire::tx_status(&body.status, "status"))
@@ -378,9 +400,7 @@ impl pb::transactions_server::Transactions for TransactionsService {
         self.gate
             .handle("GetTransaction", request, |body| async move {
                 let transaction_id = convert::uuid(&body.transaction_id, "transaction_id")?;
-                let row = queries::transaction(&self.pool, transaction_id)
-                    .await?
-                    .ok_or(ApiError::TransactionNotFound { transaction_id })?;
+                let row = self.visible_transaction(transaction_id).await?;
                 Ok(pb::TransactionResponse {
                     transaction: Some(wire::wire_transaction(&row)),
                     replayed: false,
@@ -405,10 +425,8 @@ impl pb::transactions_server::Transactions for TransactionsService {
         self.gate
             .handle("GetTransactionHistory", request, |body| async move {
                 let transaction_id = convert::uuid(&body.transaction_id, "transaction_id")?;
+                self.visible_transaction(transaction_id).await?;
                 let changes = queries::history(&self.pool, transaction_id).await?;
-                if changes.is_empty() && queries::transaction(&self.pool, transaction_id).await?.is_none() {
-                    return Err(ApiError::TransactionNotFound { transaction_id });
-                }
                 Ok(pb::GetTransactionHistoryResponse { changes: changes.iter().map(wire::wire_change).collect() })
             })
             .await

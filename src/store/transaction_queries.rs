@@ -67,6 +67,8 @@ pub struct HistoryRow {
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     pub domain: Option<&'static str>,
+    /// The domains the caller may see; `None`: every domain.
+    pub visible_domains: Option<Vec<&'static str>>,
     pub kind: Option<&'static str>,
     pub status: Option<&'static str>,
     pub from_ms: Option<i64>,
@@ -196,6 +198,9 @@ pub async fn list(
     query.push_bind(user_id);
     if let Some(domain) = filter.domain {
         query.push(" AND domain = ").push_bind(domain);
+    }
+    if let Some(visible) = &filter.visible_domains {
+        query.push(" AND domain = ANY(").push_bind(visible.clone()).push(")");
     }
     if let Some(kind) = filter.kind {
         query.push(" AND type = ").push_bind(kind);
