@@ -63,7 +63,11 @@ impl Gate {
         let mut tally = RpcTally { metrics: &self.metrics, method, started: Instant::now(), code: None };
         let correlation_id = correlation::of_request(request.metadata());
         let span = tracing::info_span!("rpc", method, correlation_id = %correlation_id, caller = tracing::field::Empty);
-        let result = self.admit_and_run(method, request, handler, correlation_id.clone()).instrument(span).await;
+        let result =
+            self.admit_and_run(method, request, handler, correlation_id.clone()).instrument(span.clone()).await;
+        // Inside the span: mapping an internal failure to its status logs it, and that line must
+        // carry the request's correlation id like every other (until session 22 it did not).
+        let _in_span = span.enter();
         match result {
             Ok(body) => {
                 let mut response = Response::new(body);
@@ -211,5 +215,47 @@ mod tests {
             assert_eq!(timeout(malformed), None, "{malformed}");
         }
         assert_eq!(grpc_timeout_ms(&MetadataMap::new()), None);
+    }
+
+    /// Log lines written while the test holds the subscriber.
+    #[derive(Clone, Default)]
+    struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for CapturedLogs {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The line an internal failure logs while becoming its status carries the request's
+    /// correlation id, as every other line of the request does (until session 22 it was logged
+    /// outside the request's span, so the failures that matter most could not be traced).
+    #[tokio::test]
+    async fn an_internal_failure_is_logged_with_its_correlation_id() {
+        let logs = CapturedLogs::default();
+        let writer = logs.clone();
+        let subscriber =
+            tracing_subscriber::fmt().json().with_current_span(true).with_writer(move || writer.clone()).finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let gate = Gate::new(Authenticator::development(), 4, 1_000, Arc::new(Metrics::new()));
+        let mut request = GrpcRequest::new(());
+        request.metadata_mut().insert(correlation::HEADER, MetadataValue::from_static("trace-internal-1"));
+        let answer: Result<Response<()>, Status> =
+            gate.handle("Deposit", request, |()| async { Err(ApiError::Internal("a broken invariant".into())) }).await;
+        assert_eq!(answer.map(|_| ()).map_err(|status| status.code()), Err(Code::Internal));
+
+        let text = String::from_utf8(logs.0.lock().map(|bytes| bytes.clone()).unwrap_or_default()).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect();
+        let failure = lines
+            .iter()
+            .find(|line| line["fields"]["message"] == "internal failure")
+            .unwrap_or_else(|| panic!("no internal failure logged in {text}"));
+        assert_eq!(failure["span"]["correlation_id"], "trace-internal-1", "{failure}");
+        assert_eq!(failure["span"]["method"], "Deposit");
     }
 }
