@@ -365,3 +365,20 @@ async fn inserted_events_match_the_journal(pool: PgPool) {
 async fn copied_events_match_the_journal(pool: PgPool) {
     stored_events_match_the_journal(pool, 0).await;
 }
+
+/// The Events service takes the server's message limit like every other service (until session 22
+/// it kept tonic's 4 MiB default whatever `--max-message-bytes` said).
+#[sqlx::test]
+async fn a_stream_request_past_the_message_limit_is_refused(pool: PgPool) {
+    let config = ServeConfig { max_message_bytes: 4 * 1024, ..ServeConfig::default() };
+    let mut server = TestServer::start_with(prepared(&pool).await, config).await;
+    let mut client = EventsClient::new(server.channel.clone());
+    let oversized = pb::StreamEventsRequest { event_types: vec!["x".repeat(8 * 1024)], ..after(0) };
+    let refused = client.stream_events(oversized).await.expect_err("too large");
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert_eq!(refused.get_details_error_info().expect("ErrorInfo").reason, "MESSAGE_TOO_LARGE");
+    // A request within the limit is served.
+    client.stream_events(after(0)).await.expect("stream");
+    server.client.open_account(open("open", &usd(3))).await.expect("the ledger carries on");
+    server.stop().await;
+}

@@ -159,7 +159,8 @@ pub async fn serve(
         outbox_pool.clone(),
         config.events,
         closing_seen,
-    ));
+    ))
+    .max_decoding_message_size(config.max_message_bytes);
     let relay = config.relay.clone().map(|relay| tokio::spawn(run_forever(relay, outbox_pool, Arc::clone(&ledger))));
 
     let served = tonic::transport::Server::builder()
