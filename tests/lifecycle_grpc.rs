@@ -380,6 +380,17 @@ async fn buy_crypto_and_start_strategy_complete_on_provider_events_with_their_ex
     let bought = client.initiate_transaction(buy).await.expect("buy").into_inner().transaction.unwrap();
     assert_eq!(bought.fee_total, "1.50");
     to_provider(&mut client, 1, 1).await;
+    // A fill on a move that records none is refused, not dropped unsaid.
+    let early_fill = pb::AdvanceTransactionRequest {
+        idempotency_key: "early-fill".into(),
+        user_id: user(1),
+        transaction_id: tx_id(1),
+        to_status: "provider_processing".into(),
+        fill_price: "60000.00".into(),
+        fill_quantity: "0.00166666".into(),
+        ..Default::default()
+    };
+    assert_invalid_field(&client.advance_transaction(early_fill).await.expect_err("early fill"), "fill_price");
     // A fill without quantity cannot complete: kept as failed, retryable.
     let no_quantity = format!(r#"{{"transaction_id":"{}","price":"60000.00"}}"#, tx_id(1));
     assert_eq!(event(&mut client, "exchange", "fill-0", "provider.succeeded", no_quantity).await.status, "failed");

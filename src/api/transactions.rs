@@ -175,6 +175,10 @@ impl TransactionsService {
         let reason = wire::bounded_text(&body.reason, "reason", crate::engine::transaction::MAX_TEXT_LEN)?;
         let spec = self.spec_of(user_id, transaction_id).await?;
         let fill = wire::fill(&body.fill_price, &body.fill_quantity, spec.receive.map(|(_, to)| to.asset))?;
+        // Only a completion records a fill: elsewhere the engine would drop it unsaid.
+        if fill.is_some() && to != TxStatus::Completed {
+            return Err(wire::invalid("fill_price", "a fill belongs only to a move to completed").into());
+        }
         let applied = self.transition(key, &spec, to, reason, None, fill).await?;
         self.respond(transaction_id, applied).await
     }
