@@ -433,6 +433,13 @@ async fn reads_of_personal_data_need_a_reason(pool: PgPool) {
     };
     let status = server.directory.register_user(bad_phone).await.unwrap_err();
     assert_eq!(bad_field(&status), "profile.phone");
+    // A NUL character, which PostgreSQL stores nowhere, names its field (since session 22).
+    let nul_reason = pb::GetUserRequest { user_id: user.to_string(), reason: "audit\0".into() };
+    let status = server.directory.get_user(nul_reason).await.unwrap_err();
+    assert_refused(&status, Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(bad_field(&status), "reason");
+    let status = server.directory.register_user(registration(user_id(8), "x\0@example.org")).await.unwrap_err();
+    assert_eq!(bad_field(&status), "email");
     assert_eq!(count(&pool, "SELECT count(*) FROM directory.users").await, 1);
     server.stop().await;
 }
