@@ -180,8 +180,9 @@ impl Ledger {
         self.shared.current.read().clone()
     }
 
-    /// Executes `request` and returns its outcome once it is durable. A refusal that changed
-    /// nothing (an idempotency conflict, ...) returns at once: there is nothing to make durable.
+    /// Executes `request` and returns its outcome once it is durable. A refusal that is not
+    /// journaled returns at once (the store has no room for a new key), except an idempotency
+    /// conflict, which waits until the key's first use is durable.
     /// When the journal's channel is full, the engine blocks the calling thread until the writer
     /// makes room (back-pressure, bounded by `JournalConfig::channel_capacity`).
     pub async fn submit(&self, request: Request) -> Result<Outcome, LedgerError> {
@@ -202,6 +203,13 @@ impl Ledger {
                 Ok(outcome)
             }
             None if outcome.result == Err(EngineError::JournalUnavailable) => Err(LedgerError::Unavailable),
+            // The key's first use may not be durable yet: if its batch fails, the reload forgets
+            // the key, and this same request retried would then apply. Answer, as reads do, once
+            // everything the engine has applied is durable (until session 22: at once).
+            None if matches!(outcome.result, Err(EngineError::IdempotencyConflict { .. })) => {
+                generation.wait_durable(generation.engine.last_sequence()).await?;
+                Ok(outcome)
+            }
             None => Ok(outcome),
         }
     }

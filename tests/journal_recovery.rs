@@ -571,3 +571,61 @@ async fn a_batch_that_does_not_fit_the_database_is_refused_whole(pool: PgPool) {
         assert_eq!((journal_rows, checkpoint), (1, 1));
     }
 }
+
+/// A key's conflict is answered only once the key's first use is durable: until then the first use
+/// may still fail with its batch, and the reload forgets the key. Until session 22 the conflict
+/// came at once, so the same request (key and body) was refused as a reused key and then, retried
+/// after the failure, applied: two answers to one request.
+#[sqlx::test]
+async fn a_conflict_is_answered_only_once_the_keys_first_use_is_durable(pool: PgPool) {
+    let options = prepared(&pool).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION public.slow_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.key = 'shared' THEN PERFORM pg_sleep(0.5); RAISE EXCEPTION 'poisoned batch'; END IF;
+         RETURN NEW; END $$;
+         CREATE TRIGGER slow_poison BEFORE INSERT ON ledger.idempotency_keys
+             FOR EACH ROW EXECUTE FUNCTION public.slow_poison();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let at_ms = now_ms();
+    let alice = account(1, Domain::Banking, Asset::USD);
+    let ledger = std::sync::Arc::new(Ledger::open(config(options.clone())).await.unwrap());
+    ledger.submit(request("open", at_ms, open(alice))).await.unwrap();
+    let first = {
+        let ledger = ledger.clone();
+        tokio::spawn(async move { ledger.submit(request("shared", at_ms, deposit(alice, 100))).await })
+    };
+    // The first use is applied in memory; its batch is still in PostgreSQL's trigger.
+    let shared = request("shared", at_ms, deposit(alice, 100)).key;
+    while !ledger.remembers_key(&shared) {
+        tokio::task::yield_now().await;
+    }
+    let second = ledger.submit(request("shared", at_ms, deposit(alice, 200))).await;
+    assert!(matches!(second, Err(LedgerError::Unavailable)), "{second:?}");
+    assert!(matches!(first.await.unwrap(), Err(LedgerError::Unavailable)));
+
+    // Once PostgreSQL takes the key, the second request, retried, is applied: it never conflicted
+    // with anything durable.
+    sqlx::raw_sql(
+        "CREATE OR REPLACE FUNCTION public.slow_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RETURN NEW; END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut attempts = 0;
+    let retried = loop {
+        match ledger.submit(request("shared", at_ms, deposit(alice, 200))).await {
+            Err(LedgerError::Unavailable) if attempts < 500 => {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            other => break other.unwrap(),
+        }
+    };
+    assert!(retried.result.is_ok() && !retried.replayed, "{retried:?}");
+    assert_eq!(ledger.balance(&AccountRef::User(alice)).await.unwrap().available_minor, 200);
+    std::sync::Arc::into_inner(ledger).unwrap().shutdown().await.unwrap();
+}
