@@ -132,8 +132,19 @@ impl JournalError {
 /// cost grew with the number of accounts rather than with its own size. Without them each row is
 /// one index probe.
 /// docs/BENCHMARKS.md, "Index probes instead of table scans", has the figures.
-fn writer_session(options: PgConnectOptions) -> PgConnectOptions {
-    options.options([("enable_hashjoin", "off"), ("enable_mergejoin", "off")])
+///
+/// A transaction left idle longer than a commit may take ends on the server's side too: the
+/// writer gave up on it by then (`CommitTimeout`). Without this, a writer cut off mid-batch by a
+/// network partition (its FIN never arriving) left its backend idle in transaction, holding the
+/// checkpoint's and the balances' row locks, and every later writer waited on them until TCP
+/// keepalive ended the backend, about two hours with the operating system's defaults.
+fn writer_session(options: PgConnectOptions, max_commit_ms: u64) -> PgConnectOptions {
+    let idle_ms = max_commit_ms.max(1).to_string();
+    options.options([
+        ("enable_hashjoin", "off"),
+        ("enable_mergejoin", "off"),
+        ("idle_in_transaction_session_timeout", idle_ms.as_str()),
+    ])
 }
 
 /// The running writer: the committer and the batcher threads.
@@ -168,7 +179,7 @@ impl Writer {
                 }
             };
             runtime.block_on(async move {
-                let options = writer_session(options);
+                let options = writer_session(options, config.max_commit_ms);
                 let connect = PgConnection::connect_with(&options);
                 let conn = match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect).await {
                     Ok(Ok(conn)) => conn,
@@ -420,6 +431,29 @@ mod tests {
 
     fn record(sequence: u64) -> Box<JournalRecord> {
         Box::new(JournalRecord { sequence, at_ms: 0, origin: Origin::ExpirySweep, effects: Vec::new() })
+    }
+
+    /// A writer's transaction left idle past a commit's deadline is ended by PostgreSQL, so a
+    /// writer cut off mid-batch cannot hold the checkpoint's row lock for hours (session 22).
+    #[sqlx::test(migrator = "crate::store::MIGRATOR")]
+    async fn a_writer_transaction_left_idle_past_the_commit_deadline_is_ended(pool: sqlx::PgPool) {
+        let options = writer_session((*pool.connect_options()).clone(), 1_000);
+        let mut conn = PgConnection::connect_with(&options).await.unwrap();
+        let (timeout,): (String,) =
+            sqlx::query_as("SHOW idle_in_transaction_session_timeout").fetch_one(&mut conn).await.unwrap();
+        assert_eq!(timeout, "1s");
+        sqlx::raw_sql("BEGIN; SELECT committed_sequence FROM ledger.checkpoint FOR UPDATE")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        // Past the timeout: no timing is asserted, only that the server ended the transaction.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert!(sqlx::query("SELECT 1").execute(&mut conn).await.is_err(), "the idle transaction was ended");
+        let mut other = pool.acquire().await.unwrap();
+        sqlx::raw_sql("SET lock_timeout = '5s'; SELECT committed_sequence FROM ledger.checkpoint FOR UPDATE")
+            .execute(&mut *other)
+            .await
+            .unwrap();
     }
 
     /// Plays the committer: asks for batches until the batcher has handed over its last one.
