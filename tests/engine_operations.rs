@@ -896,9 +896,13 @@ fn a_closed_journal_makes_the_engine_refuse_and_undo() {
 #[test]
 fn reservations_cannot_push_reserved_or_a_later_release_past_the_maximum() {
     // Found by fuzzing: reserved grew past the maximum, and a release could then carry
-    // available past it. Credits are bounded on the total, reservations on reserved.
+    // available past it. Credits are bounded on the total, reservations on reserved. One shard,
+    // so that the clearing account's one sub-account may hold the whole maximum.
     let max = diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
-    let mut h = Harness::new();
+    let mut h = Harness::with_config(diboas_ledger::engine::EngineConfig {
+        shard_count: 1,
+        ..diboas_ledger::engine::EngineConfig::default()
+    });
     h.open(usd(1), AccountConfig { overdraft_minor: max, ..AccountConfig::default() });
     h.ok(Operation::Deposit { account: usd(1), amount: amount(max), provider: Provider::Stripe });
     h.ok(reserve(usd(1), 1, max));
@@ -1189,39 +1193,39 @@ fn an_engine_rebuilt_from_its_state_has_the_same_state_and_behaviour() {
     assert_eq!(next.sequence, Some(state.next_sequence), "sequencing continues where it stopped");
 }
 
-/// A system account's total may pass the maximum amount, since the live engine keeps it as one
-/// sub-account a shard, each within the maximum. A rebuild from the state must lay the total out
-/// so that no shard starts past the bound: put whole into shard 0, as it was until session 21,
-/// the Stripe ETH clearing below sat at -1.2x the maximum there, and every later Stripe ETH
-/// deposit to a user of shard 0 was refused as an overflow that the live engine took.
+/// A system account is one sub-account a shard, each bounded by the maximum amount over the shard
+/// count, so its total stays within the maximum amount: the store loads a total past it as
+/// corrupt, and until session 22, with each shard bounded by the whole maximum, a restart could
+/// fail for good. A rebuild from the state spreads the total evenly over the shards, so no shard
+/// starts past its bound and the rebuilt engine takes what the live one takes (put whole into
+/// shard 0, as until session 21, it refused deposits the live engine took).
 #[test]
-fn a_rebuilt_engine_spreads_a_system_total_past_the_maximum_over_its_shards() {
+fn a_system_account_stays_within_the_maximum_and_a_rebuilt_engine_spreads_it_over_its_shards() {
     use diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
     use diboas_ledger::engine::record::MemoryJournal;
 
     let mut h = Harness::new();
+    let shard_count = h.engine.config().shard_count as u32;
+    let bound_minor = MAX_AMOUNT_MINOR / i128::from(shard_count);
     let ether = |user| user_account(user, Domain::Defi, Asset::ETH);
-    let shard_of = |engine: &Engine<MemoryJournal>, user| engine.shard_of(Uuid::from_u128(user));
-    let users_by_shard = |engine: &Engine<MemoryJournal>| {
-        let first = (1..).find(|user| shard_of(engine, *user) != 0).unwrap_or(1);
-        let second = (first + 1..).find(|user| ![0, shard_of(engine, first)].contains(&shard_of(engine, *user)));
-        let on_shard_zero = (1..).find(|user| shard_of(engine, *user) == 0);
-        (first, second.unwrap_or(2), on_shard_zero.unwrap_or(3))
-    };
-    let (first, second, on_shard_zero) = users_by_shard(&h.engine);
-    let six_tenths_minor = MAX_AMOUNT_MINOR / 10 * 6;
-    h.open_funded(ether(first), six_tenths_minor);
-    h.open_funded(ether(second), six_tenths_minor);
-    h.open(ether(on_shard_zero), AccountConfig::default());
     let clearing = SystemAccount { kind: SystemKind::ProviderClearing(Provider::Stripe), asset: Asset::ETH };
-    assert_eq!(h.system_balance(clearing), -2 * six_tenths_minor);
+    let user_on = |engine: &Engine<MemoryJournal>, shard| {
+        (1..).find(|user| engine.shard_of(Uuid::from_u128(*user)) == shard).unwrap_or_default()
+    };
+    let (first, second, on_shard_zero) = (user_on(&h.engine, 1), user_on(&h.engine, 2), user_on(&h.engine, 0));
+    h.open_funded(ether(first), bound_minor);
+    h.open_funded(ether(second), bound_minor);
+    h.open(ether(on_shard_zero), AccountConfig::default());
+    let one_more = Operation::Deposit { account: ether(first), amount: amount(1), provider: Provider::Stripe };
+    assert_eq!(h.refused(one_more), EngineError::BalanceOverflow { account: AccountRef::System(clearing) });
+    assert_eq!(h.system_balance(clearing), -2 * bound_minor);
     let state = h.engine.state();
 
     let rebuilt = Engine::from_state(*h.engine.config(), MemoryJournal::default(), &state).unwrap();
     assert_eq!(rebuilt.state(), state);
     let deposit = Operation::Deposit {
         account: ether(on_shard_zero),
-        amount: amount(MAX_AMOUNT_MINOR / 10 * 3),
+        amount: amount(bound_minor / 2),
         provider: Provider::Stripe,
     };
     let outcome = rebuilt.execute(Request { key: key("after-rebuild"), now_ms: h.now_ms, operation: deposit.clone() });
@@ -1229,6 +1233,18 @@ fn a_rebuilt_engine_spreads_a_system_total_past_the_maximum_over_its_shards() {
     assert_eq!(h.ok(deposit), Receipt::Done);
     rebuilt.state().check_invariants().unwrap();
     assert_eq!(rebuilt.state().system_minor, h.engine.state().system_minor);
+
+    // Every shard's sub-account at its bound: the total is within the maximum amount.
+    for shard in 3..shard_count {
+        h.open_funded(ether(user_on(&h.engine, shard)), bound_minor);
+    }
+    let rest_minor = bound_minor - bound_minor / 2;
+    let last =
+        Operation::Deposit { account: ether(on_shard_zero), amount: amount(rest_minor), provider: Provider::Stripe };
+    assert_eq!(h.ok(last), Receipt::Done);
+    assert_eq!(h.system_balance(clearing), -i128::from(shard_count) * bound_minor);
+    assert!(h.system_balance(clearing).abs() <= MAX_AMOUNT_MINOR);
+    h.engine.state().check_invariants().unwrap();
 }
 
 /// Recovery builds the engine without its keys and streams them in a row at a time

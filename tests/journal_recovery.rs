@@ -629,3 +629,35 @@ async fn a_conflict_is_answered_only_once_the_keys_first_use_is_durable(pool: Pg
     assert_eq!(ledger.balance(&AccountRef::User(alice)).await.unwrap().available_minor, 200);
     std::sync::Arc::into_inner(ledger).unwrap().shutdown().await.unwrap();
 }
+
+/// A system account's total, as PostgreSQL holds it, stays within the maximum amount, so a
+/// restart loads it: each shard's sub-account is bounded by the maximum over the shard count.
+/// Until session 22 each was bounded by the whole maximum, the total could pass it, and the
+/// restart refused the state as corrupt, for good.
+#[sqlx::test]
+async fn a_restart_loads_a_system_account_filled_on_every_shard(pool: PgPool) {
+    use diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
+
+    let options = prepared(&pool).await;
+    let at_ms = now_ms();
+    let ledger = Ledger::open(config(options.clone())).await.unwrap();
+    let share_minor = MAX_AMOUNT_MINOR / diboas_ledger::engine::EngineConfig::default().shard_count as i128;
+    let mut deposited_minor = 0;
+    for n in 1..=200 {
+        let ether = account(n, Domain::Defi, Asset::ETH);
+        ledger.submit(request(&format!("open-{n}"), at_ms, open(ether))).await.unwrap();
+        let outcome = ledger.submit(request(&format!("fill-{n}"), at_ms, deposit(ether, share_minor))).await.unwrap();
+        match outcome.result {
+            Ok(_) => deposited_minor += share_minor,
+            Err(EngineError::BalanceOverflow { .. }) => {}
+            Err(other) => panic!("unexpected refusal {other}"),
+        }
+    }
+    let before = ledger.state().await.unwrap();
+    ledger.shutdown().await.unwrap();
+
+    let reopened = Ledger::open(config(options)).await.unwrap();
+    assert_eq!(reopened.state().await.unwrap(), before);
+    reopened.shutdown().await.unwrap();
+    assert!(deposited_minor > 0 && deposited_minor <= MAX_AMOUNT_MINOR);
+}

@@ -156,7 +156,7 @@ fn add_available(shards: &mut LockedShards<'_>, map: ShardMap, slot: &Slot, delt
             let sub_account =
                 &mut shards.get(map.reduce(*shard)).system_minor[account.kind.index()][account.asset.index()];
             *sub_account += delta_minor;
-            debug_assert!(sub_account.abs() <= MAX_AMOUNT_MINOR);
+            debug_assert!(sub_account.abs() <= map.system_bound_minor());
         }
     }
 }

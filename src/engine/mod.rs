@@ -633,11 +633,11 @@ impl<S: JournalSink> Engine<S> {
             shards.get(engine.map.of_user(*user_id)).users.entry(*user_id).or_default().compliance = Some(*record);
         }
         // A state holds each system account's total; the live engine held it as one sub-account
-        // a shard, each bounded by the maximum amount (the rules refuse a posting past it), so
-        // the total may reach the shard count times that. It is spread evenly over the shards:
-        // all in one shard could leave that shard past the bound, or at it, refusing postings the
-        // live engine took. The sum stays exact. Only a shard count lowered below what the total
-        // needs (past 10^28 minor units a shard) leaves shards past the bound.
+        // a shard, each bounded by the maximum amount over the shard count (the rules refuse a
+        // posting past it), so the total is within the maximum amount. It is spread evenly over
+        // the shards: all in one shard could leave that shard past its bound, or at it, refusing
+        // postings the live engine took. The sum stays exact, and each share is within the
+        // bound whatever the shard count (`check_invariants` holds the total to the maximum).
         let shard_count = engine.map.count();
         for (account, amount_minor) in &state.system_minor {
             let (share_minor, rest_minor) =

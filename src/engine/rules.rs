@@ -233,11 +233,15 @@ impl<'l, 'a> Tx<'l, 'a> {
     /// Checks that `slot` can receive `amount_minor` without passing the maximum balance. A user
     /// account is bounded on its total, so a later release (reserved -> available) stays in range.
     pub(super) fn check_credit(&mut self, slot: Slot, amount_minor: i128) -> Result<(), EngineError> {
-        let (balance_minor, account) = match slot {
-            Slot::User(account) => (self.account(&account)?.balance.total_minor(), AccountRef::User(account)),
-            Slot::System { account, shard } => (self.system_minor(account, shard), AccountRef::System(account)),
+        let (balance_minor, bound_minor, account) = match slot {
+            Slot::User(account) => {
+                (self.account(&account)?.balance.total_minor(), MAX_AMOUNT_MINOR, AccountRef::User(account))
+            }
+            Slot::System { account, shard } => {
+                (self.system_minor(account, shard), self.map.system_bound_minor(), AccountRef::System(account))
+            }
         };
-        if balance_minor + amount_minor > MAX_AMOUNT_MINOR {
+        if balance_minor + amount_minor > bound_minor {
             return Err(EngineError::BalanceOverflow { account });
         }
         Ok(())
@@ -271,7 +275,7 @@ impl<'l, 'a> Tx<'l, 'a> {
                 Debit::Reversal => funds_suffice(self.account(&account)?, &account, amount_minor)?,
             },
             Slot::System { account, shard } => {
-                if self.system_minor(account, shard) - amount_minor < -MAX_AMOUNT_MINOR {
+                if self.system_minor(account, shard) - amount_minor < -self.map.system_bound_minor() {
                     return Err(EngineError::BalanceOverflow { account: AccountRef::System(account) });
                 }
             }

@@ -22,6 +22,7 @@ use super::id_hash::IdHashState;
 use super::idempotency::{IdempotencyStore, KeyHash};
 use super::index_hints::IndexHints;
 use super::limits::OutflowUsage;
+use super::money::MAX_AMOUNT_MINOR;
 use super::reservation::Reservation;
 use super::transaction::{ComplianceRecord, Transaction};
 
@@ -154,6 +155,15 @@ impl ShardMap {
 
     pub fn count(self) -> u32 {
         self.shard_count
+    }
+
+    /// The most a system account's sub-account in one shard may hold, either way: the maximum
+    /// amount shared out over the shards, so that the account's total (what PostgreSQL stores
+    /// and a restart loads) stays within the maximum amount too. Bounded by the whole maximum a
+    /// shard, totals could reach the shard count times it, which the store refuses to load, and
+    /// a restart failed for good (session 22).
+    pub fn system_bound_minor(self) -> i128 {
+        MAX_AMOUNT_MINOR / i128::from(self.shard_count)
     }
 
     /// `value % shard_count`.

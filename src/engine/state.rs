@@ -58,6 +58,8 @@ pub enum InvariantViolation {
     BelowOverdraft { account: UserAccount, available_minor: i128, overdraft_minor: i128 },
     #[error("a balance component of {account:?} is out of range")]
     OutOfRange { account: UserAccount },
+    #[error("the total of system account {account:?} is past the maximum amount")]
+    SystemTotalOutOfRange { account: SystemAccount },
     #[error("{account:?} counts {used_minor} of outflow in a window its {limit:?} limit of {limit_minor} bounds")]
     UsagePastLimit { account: UserAccount, limit: LimitKind, used_minor: i128, limit_minor: i128 },
     #[error("reservation {reservation_id} belongs to an account that does not exist")]
@@ -158,6 +160,10 @@ impl EngineState {
             check_usage(view)?;
         }
         self.check_transactions()?;
+        // The store holds each system total as one amount, and a restart loads it as one.
+        if let Some((account, _)) = self.system_minor.iter().find(|(_, minor)| minor.abs() > MAX_AMOUNT_MINOR) {
+            return Err(InvariantViolation::SystemTotalOutOfRange { account: *account });
+        }
         for asset in Asset::all() {
             let sum_minor = sum_by_asset[asset.index()];
             if sum_minor != 0 {
@@ -333,6 +339,22 @@ mod tests {
         let balance = Balance { available_minor: MAX_AMOUNT_MINOR, reserved_minor: MAX_AMOUNT_MINOR };
         let state = one_account(balance, active(MAX_AMOUNT_MINOR), (ACCOUNT.user_id, Uuid::from_u128(7)));
         assert_eq!(state.check_invariants(), Err(InvariantViolation::OutOfRange { account: ACCOUNT }));
+    }
+
+    /// A system account's total stays within the maximum too: each shard's part is bounded by the
+    /// maximum over the shard count, and the store holds and loads the total as one amount.
+    #[test]
+    fn a_system_total_past_the_maximum_breaks_an_invariant() {
+        let balance = Balance { available_minor: MAX_AMOUNT_MINOR, reserved_minor: 0 };
+        let mut state = one_account(balance, active(1), (ACCOUNT.user_id, Uuid::from_u128(7)));
+        state.reservations.clear();
+        assert_eq!(state.check_invariants(), Ok(()));
+        let clearing = SystemAccount { kind: SystemKind::ProviderClearing(Provider::Stripe), asset: Asset::USD };
+        let fees =
+            SystemAccount { kind: SystemKind::FeeRevenue(crate::engine::account::FeeTier::Platform), ..clearing };
+        state.system_minor.insert(clearing, -MAX_AMOUNT_MINOR - 1);
+        state.system_minor.insert(fees, 1);
+        assert_eq!(state.check_invariants(), Err(InvariantViolation::SystemTotalOutOfRange { account: clearing }));
     }
 
     #[test]
