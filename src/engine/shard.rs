@@ -163,7 +163,11 @@ impl ShardMap {
     /// shard, totals could reach the shard count times it, which the store refuses to load, and
     /// a restart failed for good (session 22).
     pub fn system_bound_minor(self) -> i128 {
-        MAX_AMOUNT_MINOR / i128::from(self.shard_count)
+        // Every fee and deposit asks: a shift, not a 128-bit division, for the usual counts.
+        match self.power_of_two_mask {
+            Some(_) => MAX_AMOUNT_MINOR >> self.shard_count.trailing_zeros(),
+            None => MAX_AMOUNT_MINOR / i128::from(self.shard_count),
+        }
     }
 
     /// `value % shard_count`.
@@ -407,6 +411,17 @@ mod tests {
             seen[map.of_key(hasher.hash(&IdempotencyKey::new(&format!("order-{n}")).unwrap())) as usize] += 1;
         }
         assert!(seen.iter().all(|&count| count > 500), "{seen:?}");
+    }
+
+    /// The shift is the division for powers of two, and the bounds of all shards together stay
+    /// within the maximum amount.
+    #[test]
+    fn a_system_bound_is_the_maximum_shared_out() {
+        for count in [1_usize, 2, 3, 7, 64, 100, 4_096] {
+            let bound = ShardMap::new(count).system_bound_minor();
+            assert_eq!(bound, MAX_AMOUNT_MINOR / count as i128, "{count} shards");
+            assert!(bound * count as i128 <= MAX_AMOUNT_MINOR);
+        }
     }
 
     /// The mask is the remainder for powers of two, so the mapping does not depend on which
