@@ -440,6 +440,15 @@ async fn reads_of_personal_data_need_a_reason(pool: PgPool) {
     assert_eq!(bad_field(&status), "reason");
     let status = server.directory.register_user(registration(user_id(8), "x\0@example.org")).await.unwrap_err();
     assert_eq!(bad_field(&status), "email");
+    // A document reference holding a newline came back as two (the list is stored joined by
+    // newlines): control characters are refused (since session 22).
+    let two_in_one = pb::SetKycRequest {
+        document_references: vec!["passport\nPT-1".into()],
+        ..kyc(user, pb::KycStatus::Verified, pb::RiskLevel::Low)
+    };
+    let status = server.directory.set_kyc(two_in_one).await.unwrap_err();
+    assert_refused(&status, Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(bad_field(&status), "document_references[0]");
     assert_eq!(count(&pool, "SELECT count(*) FROM directory.users").await, 1);
     server.stop().await;
 }

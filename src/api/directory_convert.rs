@@ -44,8 +44,10 @@ fn text(value: &str, field: &str) -> Result<String, InvalidField> {
     if value.len() > MAX_TEXT_LEN {
         return Err(invalid(field, format!("is longer than {MAX_TEXT_LEN} bytes")));
     }
-    if value.contains('\0') {
-        return Err(invalid(field, "holds a NUL character"));
+    // No control characters: PostgreSQL stores no NUL, and a list is stored joined by newlines
+    // (a document reference holding one came back as two; session 22).
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "holds a control character"));
     }
     Ok(value.to_string())
 }
