@@ -126,6 +126,14 @@ async fn retention_archives_and_drops_exactly_the_old_months(pool: PgPool) {
             .await
             .expect("the archive stays queryable");
     assert_eq!(archived_rows, ["14", "20", "84"]);
+    // The trail compliance queries reads the archive too (until session 22 archived rows vanished
+    // from it after 13 months).
+    let trail_rows: Vec<String> =
+        sqlx::query_scalar("SELECT entity_id FROM audit.trail WHERE event_type = 'test.old' ORDER BY entity_id::int")
+            .fetch_all(&pool)
+            .await
+            .expect("the trail");
+    assert_eq!(trail_rows, ["0", "1", "13", "14", "20", "84"]);
     assert_eq!(
         count(&pool, "SELECT count(*) FROM pg_class WHERE relname LIKE 'audit_log_%' AND relkind = 'r'").await,
         17 + 71
