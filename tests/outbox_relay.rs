@@ -276,3 +276,39 @@ async fn the_delivery_state_migration_carries_over_every_events_state(pool: PgPo
             .expect("published_at");
     assert_eq!(published_at_set, old.iter().map(|row| row.0 == "published").collect::<Vec<_>>());
 }
+
+/// A prune that commits between a reader's check of the pruned prefix and its read of the events
+/// must not leave the reader a silent gap: the read is refused as pruned (until session 22 it
+/// returned the events after the gap as if nothing were missing).
+#[sqlx::test]
+async fn a_prune_racing_a_read_refuses_the_read_rather_than_leave_a_gap(pool: PgPool) {
+    let mut server = TestServer::start(prepared(&pool).await).await;
+    make_events(&mut server, 0..1, 5).await;
+    let config = relay_config(NATS_URL);
+    let relay = Relay::connect(config.clone(), pool.clone()).await.expect("connect the relay");
+    publish_all(&relay).await;
+    make_events(&mut server, 1..2, 0).await;
+    let first = outbox_rows(&pool).await.first().expect("events").0;
+
+    // The pruner holds the table while the reader, past its first check, waits to read it.
+    let mut pruner = pool.begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE ledger.outbox_events IN ACCESS EXCLUSIVE MODE").execute(&mut *pruner).await.expect("lock");
+    let mut reader = pool.acquire().await.expect("a connection");
+    let read = tokio::spawn(async move { events_after(&mut reader, first, &EventFilter::default(), 100).await });
+    loop {
+        let waiting: (i64,) =
+            sqlx::query_as("SELECT count(*) FROM pg_locks WHERE NOT granted").fetch_one(&pool).await.expect("locks");
+        if waiting.0 > 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(prune_published(&mut pruner, 0, 100).await.expect("prune") > 0);
+    pruner.commit().await.expect("commit");
+    match read.await.expect("the reader") {
+        Err(OutboxError::Pruned { after_position, .. }) => assert_eq!(after_position, first),
+        other => panic!("the read must be refused as pruned, got {other:?}"),
+    }
+    delete_stream(&config).await;
+    server.stop().await;
+}

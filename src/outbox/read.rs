@@ -42,11 +42,7 @@ pub async fn events_after(
     filter: &EventFilter,
     limit: i64,
 ) -> Result<Vec<StoredEvent>, OutboxError> {
-    let (pruned_through,): (i64,) =
-        sqlx::query_as("SELECT pruned_through FROM ledger.outbox_pruned").fetch_one(&mut *conn).await?;
-    if after_position < pruned_through {
-        return Err(OutboxError::Pruned { after_position, pruned_through });
-    }
+    refuse_if_pruned(conn, after_position).await?;
     let events: Vec<StoredEvent> = sqlx::query_as(
         "SELECT position, event_id, sequence, aggregate_type, aggregate_id, event_type, version, payload::text,
              metadata::text, created_at
@@ -62,7 +58,20 @@ pub async fn events_after(
     .bind(limit.clamp(1, MAX_PAGE_EVENTS))
     .fetch_all(&mut *conn)
     .await?;
+    // Again after the read: a prune that committed between the check and the read removed events
+    // the read then skipped without a word (found in review, session 22). The prune deletes and
+    // moves `pruned_through` in one statement, so a read that missed pruned events sees it moved.
+    refuse_if_pruned(conn, after_position).await?;
     Ok(events)
+}
+
+async fn refuse_if_pruned(conn: &mut PgConnection, after_position: i64) -> Result<(), OutboxError> {
+    let (pruned_through,): (i64,) =
+        sqlx::query_as("SELECT pruned_through FROM ledger.outbox_pruned").fetch_one(&mut *conn).await?;
+    if after_position < pruned_through {
+        return Err(OutboxError::Pruned { after_position, pruned_through });
+    }
+    Ok(())
 }
 
 /// The latest position committed so far (0 when the outbox is empty), for a stream that starts
