@@ -53,7 +53,7 @@ pub struct RelayConfig {
     pub duplicate_window_ms: u64,
     /// The most events one round publishes (at most [`MAX_BATCH_EVENTS`]).
     pub batch_max_events: i64,
-    /// Tries before an event is Failed.
+    /// Tries before an event is Failed: the first and the platform spec's "max 3 retries".
     pub max_attempts: i32,
     /// Wait after the first failed attempt; doubles after each further one.
     pub retry_backoff_ms: u64,
@@ -79,7 +79,7 @@ impl Default for RelayConfig {
             subject_prefix: "diboas.ledger".to_owned(),
             duplicate_window_ms: 10 * 60 * 1_000,
             batch_max_events: 5_000,
-            max_attempts: 3,
+            max_attempts: 4,
             retry_backoff_ms: 1_000,
             ack_timeout_ms: 5_000,
             idle_poll_ms: 1_000,
