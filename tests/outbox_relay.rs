@@ -7,6 +7,7 @@ mod grpc_common;
 mod outage_proxy;
 mod outbox_common;
 
+use diboas_ledger::api::pb;
 use diboas_ledger::api::server::ServeConfig;
 use diboas_ledger::ledger::LedgerConfig;
 use diboas_ledger::outbox::OutboxError;
@@ -339,4 +340,48 @@ async fn a_round_whose_acknowledgements_never_come_ends_after_about_one_timeout(
     let one_per_event = std::time::Duration::from_millis(config.ack_timeout_ms * 50);
     assert!(took < one_per_event / 4, "the round took {took:?}; one timeout per event would be {one_per_event:?}");
     server.stop().await;
+}
+
+/// A filtered read reports how far it looked, past the events it does not want, so a filtered
+/// stream resumes from there: after pruning passes its last matching event, it carries on rather
+/// than being refused as pruned though it missed nothing (until session 22 it was, and rescanned
+/// everything since its last match on every commit).
+#[sqlx::test]
+async fn a_filtered_read_moves_past_the_events_it_does_not_want(pool: PgPool) {
+    let mut server = TestServer::start(prepared(&pool).await).await;
+    let account = usd(1);
+    server.client.open_account(open("open", &account)).await.expect("open");
+    let freeze = |key: &str, frozen: bool| pb::SetFrozenRequest {
+        idempotency_key: key.into(),
+        operation: Some(pb::SetFrozen { account: Some(account.clone()), frozen }),
+    };
+    server.client.set_frozen(freeze("freeze", true)).await.expect("freeze");
+    server.client.set_frozen(freeze("unfreeze", false)).await.expect("unfreeze");
+    make_events(&mut server, 2..3, 5).await;
+    let last = outbox_rows(&pool).await.last().expect("events").0;
+
+    let mut conn = pool.acquire().await.expect("a connection");
+    let frozen_only = EventFilter { event_types: vec!["frozen".into()], ..EventFilter::default() };
+    let page = events_after(&mut conn, 0, &frozen_only, 100).await.expect("a read");
+    assert_eq!(page.events.len(), 1);
+    assert_eq!(page.scanned_through, last, "the read looked through every event there is");
+    // A page cut by its limit looks only as far as its last event.
+    let everything = events_after(&mut conn, 0, &EventFilter::default(), 2).await.expect("a read");
+    assert_eq!(page_positions(&everything), [1, 2]);
+    assert_eq!(everything.scanned_through, 2);
+
+    let config = relay_config(NATS_URL);
+    let relay = Relay::connect(config.clone(), pool.clone()).await.expect("connect the relay");
+    publish_all(&relay).await;
+    assert!(prune_published(&mut conn, 0, 100).await.expect("prune") > 0);
+    let resumed = events_after(&mut conn, page.scanned_through, &frozen_only, 100).await.expect("not pruned");
+    assert!(resumed.events.is_empty());
+    let from_the_match = events_after(&mut conn, page.events[0].position, &frozen_only, 100).await;
+    assert!(matches!(from_the_match, Err(OutboxError::Pruned { .. })), "{from_the_match:?}");
+    delete_stream(&config).await;
+    server.stop().await;
+}
+
+fn page_positions(page: &diboas_ledger::outbox::read::Page) -> Vec<i64> {
+    page.events.iter().map(|event| event.position).collect()
 }

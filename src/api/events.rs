@@ -156,7 +156,8 @@ struct Follower {
     pool: PgPool,
     config: EventsConfig,
     filter: EventFilter,
-    /// The last position handed to the consumer's buffer (where it resumes if cut).
+    /// The position through which every event the consumer asked for is in its buffer (where
+    /// it resumes if cut).
     last_position: i64,
     sender: mpsc::Sender<pb::Event>,
     closing: watch::Receiver<bool>,
@@ -183,8 +184,8 @@ impl Follower {
                     return Some(Status::from(ApiError::Events { source, resume_after_position: self.last_position }));
                 }
             };
-            let caught_up = (page.len() as i64) < page_events;
-            for stored in page {
+            let caught_up = (page.events.len() as i64) < page_events;
+            for stored in page.events {
                 let position = stored.position;
                 debug_assert!(position > self.last_position, "events must come in position order");
                 match self.sender.send_timeout(event_convert::event(stored), grace).await {
@@ -199,6 +200,9 @@ impl Follower {
                     Err(SendTimeoutError::Closed(_)) => return None,
                 }
             }
+            // Everything the consumer asked for up to here is in its buffer: a filtered stream
+            // moves on past the events it does not want (see `Page::scanned_through`).
+            self.last_position = self.last_position.max(page.scanned_through);
             if caught_up {
                 let mut closing = self.closing.clone();
                 tokio::select! {
@@ -221,10 +225,7 @@ impl Follower {
         Status::from(ApiError::ShuttingDown { resume_after_position: self.last_position })
     }
 
-    async fn read(
-        &self,
-        page_events: i64,
-    ) -> Result<Vec<crate::outbox::read::StoredEvent>, crate::outbox::OutboxError> {
+    async fn read(&self, page_events: i64) -> Result<crate::outbox::read::Page, crate::outbox::OutboxError> {
         let mut conn = self.pool.acquire().await?;
         events_after(&mut conn, self.last_position, &self.filter, page_events).await
     }

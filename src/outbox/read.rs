@@ -33,36 +33,97 @@ pub struct StoredEvent {
     pub created_at: DateTime<Utc>,
 }
 
+/// One read: the matching events, and how far the read looked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    pub events: Vec<StoredEvent>,
+    /// Every event matching the filter at or below this position, and after the position read
+    /// from, is in `events`: a reader resumes from here. Past the last matching event when the
+    /// read reached the end, so a filtered reader moves with the outbox, not only with the events
+    /// it wants (until session 22 it stayed at its last match, and once pruning passed that, it
+    /// was cut as pruned though it had missed nothing, rescanning everything since on each commit).
+    pub scanned_through: i64,
+}
+
+/// The row of one read: an event, or (with every event column empty) none, carrying the latest
+/// position visible to the read either way.
+#[derive(sqlx::FromRow)]
+struct PageRow {
+    position: Option<i64>,
+    event_id: Option<Uuid>,
+    sequence: Option<i64>,
+    aggregate_type: Option<String>,
+    aggregate_id: Option<String>,
+    event_type: Option<String>,
+    version: Option<i16>,
+    payload: Option<String>,
+    metadata: Option<String>,
+    created_at: Option<DateTime<Utc>>,
+    visible_through: i64,
+}
+
+impl PageRow {
+    fn event(self) -> Option<StoredEvent> {
+        Some(StoredEvent {
+            position: self.position?,
+            event_id: self.event_id?,
+            sequence: self.sequence?,
+            aggregate_type: self.aggregate_type?,
+            aggregate_id: self.aggregate_id?,
+            event_type: self.event_type?,
+            version: self.version?,
+            payload: self.payload?,
+            metadata: self.metadata?,
+            created_at: self.created_at?,
+        })
+    }
+}
+
 /// Up to `limit` (at most [`MAX_PAGE_EVENTS`]) events after `after_position` matching `filter`,
-/// in position order. Refuses with [`OutboxError::Pruned`] when events after `after_position`
-/// may have been pruned.
+/// in position order, and the position the read looked through. Refuses with
+/// [`OutboxError::Pruned`] when events after `after_position` may have been pruned.
 pub async fn events_after(
     conn: &mut PgConnection,
     after_position: i64,
     filter: &EventFilter,
     limit: i64,
-) -> Result<Vec<StoredEvent>, OutboxError> {
+) -> Result<Page, OutboxError> {
     refuse_if_pruned(conn, after_position).await?;
-    let events: Vec<StoredEvent> = sqlx::query_as(
-        "SELECT position, event_id, sequence, aggregate_type, aggregate_id, event_type, version, payload::text,
-             metadata::text, created_at
-         FROM ledger.outbox_events
-         WHERE position > $1
-             AND (cardinality($2::text[]) = 0 OR aggregate_type = ANY($2))
-             AND (cardinality($3::text[]) = 0 OR event_type = ANY($3))
-         ORDER BY position LIMIT $4",
+    let limit = limit.clamp(1, MAX_PAGE_EVENTS);
+    // One statement, so the latest position it reports is from the snapshot the events are:
+    // nothing matching can hide between the last event returned and it.
+    let rows: Vec<PageRow> = sqlx::query_as(
+        "WITH page AS (
+             SELECT position, event_id, sequence, aggregate_type, aggregate_id, event_type, version,
+                 payload::text AS payload, metadata::text AS metadata, created_at
+             FROM ledger.outbox_events
+             WHERE position > $1
+                 AND (cardinality($2::text[]) = 0 OR aggregate_type = ANY($2))
+                 AND (cardinality($3::text[]) = 0 OR event_type = ANY($3))
+             ORDER BY position LIMIT $4
+         )
+         SELECT page.*, visible.through AS visible_through
+         FROM (SELECT COALESCE(max(position), 0) AS through FROM ledger.outbox_events) AS visible
+         LEFT JOIN page ON true
+         ORDER BY page.position",
     )
     .bind(after_position)
     .bind(&filter.aggregate_types)
     .bind(&filter.event_types)
-    .bind(limit.clamp(1, MAX_PAGE_EVENTS))
+    .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
+    let visible_through = rows.first().map_or(after_position, |row| row.visible_through);
+    let events: Vec<StoredEvent> = rows.into_iter().filter_map(PageRow::event).collect();
+    let scanned_through = match events.last() {
+        Some(last) if events.len() as i64 == limit => last.position,
+        _ => visible_through.max(after_position),
+    };
     // Again after the read: a prune that committed between the check and the read removed events
     // the read then skipped without a word (found in review, session 22). The prune deletes and
     // moves `pruned_through` in one statement, so a read that missed pruned events sees it moved.
     refuse_if_pruned(conn, after_position).await?;
-    Ok(events)
+    Ok(Page { events, scanned_through })
 }
 
 async fn refuse_if_pruned(conn: &mut PgConnection, after_position: i64) -> Result<(), OutboxError> {
