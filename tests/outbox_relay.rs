@@ -151,8 +151,20 @@ async fn pruning_removes_a_published_prefix_and_keeps_the_cursor(pool: PgPool) {
         other => panic!("a read from before the pruned prefix must be refused, got {other:?}"),
     }
 
+    // A stream from 0 ("from the oldest kept", as the proto says) starts after the pruned prefix
+    // (until session 22 it was refused as pruned).
+    let mut events = pb::events_client::EventsClient::new(server.channel.clone());
+    let from_the_oldest = pb::StreamEventsRequest {
+        start: Some(pb::stream_events_request::Start::AfterPosition(0)),
+        ..Default::default()
+    };
+    let mut stream = events.stream_events(from_the_oldest).await.expect("a stream").into_inner();
+
     // The cursor survived: a later event is published, and only it.
     server.client.deposit(deposit("after-prune", &usd(0), "1.00")).await.expect("deposit");
+    let first_kept = stream.message().await.expect("the stream stays open").expect("an event");
+    assert_eq!(first_kept.position, last + 1);
+    drop(stream);
     let round = relay.run_once().await.expect("a relay round");
     assert_eq!((round.len(), round.acknowledged()), (1, 1));
     assert!(relay.run_once().await.expect("a relay round").is_empty());

@@ -30,7 +30,7 @@ use super::gate::Gate;
 use super::pb;
 use super::status::ApiError;
 use crate::ledger::Ledger;
-use crate::outbox::read::{EventFilter, MAX_PAGE_EVENTS, events_after, last_position};
+use crate::outbox::read::{EventFilter, MAX_PAGE_EVENTS, events_after, last_position, pruned_through};
 
 /// The operation name of the one RPC, for authorisation and logs.
 pub const OPERATION: &str = "StreamEvents";
@@ -106,6 +106,12 @@ impl EventsService {
             .try_acquire_owned()
             .map_err(|_| ApiError::TooManyStreams { max: self.config.max_streams })?;
         let after_position = match start {
+            // 0 is "from the oldest kept", as the proto says: after the pruned prefix (until
+            // session 22 it was refused as pruned once anything had been).
+            Start::AfterPosition(0) => {
+                let read = async { pruned_through(&mut *self.pool.acquire().await?).await };
+                read.await.map_err(|source| ApiError::Events { source, resume_after_position: 0 })?
+            }
             Start::AfterPosition(position) => position,
             Start::Now => {
                 let read = async { last_position(&mut *self.pool.acquire().await?).await };

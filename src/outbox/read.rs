@@ -126,9 +126,15 @@ pub async fn events_after(
     Ok(Page { events, scanned_through })
 }
 
-async fn refuse_if_pruned(conn: &mut PgConnection, after_position: i64) -> Result<(), OutboxError> {
+/// The highest pruned position (0 before any pruning): "the oldest kept" starts after it.
+pub async fn pruned_through(conn: &mut PgConnection) -> Result<i64, OutboxError> {
     let (pruned_through,): (i64,) =
         sqlx::query_as("SELECT pruned_through FROM ledger.outbox_pruned").fetch_one(&mut *conn).await?;
+    Ok(pruned_through)
+}
+
+async fn refuse_if_pruned(conn: &mut PgConnection, after_position: i64) -> Result<(), OutboxError> {
+    let pruned_through = pruned_through(conn).await?;
     if after_position < pruned_through {
         return Err(OutboxError::Pruned { after_position, pruned_through });
     }
@@ -140,7 +146,5 @@ async fn refuse_if_pruned(conn: &mut PgConnection, after_position: i64) -> Resul
 pub async fn last_position(conn: &mut PgConnection) -> Result<i64, OutboxError> {
     let (last,): (Option<i64>,) =
         sqlx::query_as("SELECT max(position) FROM ledger.outbox_events").fetch_one(&mut *conn).await?;
-    let (pruned_through,): (i64,) =
-        sqlx::query_as("SELECT pruned_through FROM ledger.outbox_pruned").fetch_one(&mut *conn).await?;
-    Ok(last.unwrap_or(0).max(pruned_through))
+    Ok(last.unwrap_or(0).max(pruned_through(conn).await?))
 }
