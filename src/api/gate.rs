@@ -247,7 +247,10 @@ mod tests {
         request.metadata_mut().insert(correlation::HEADER, MetadataValue::from_static("trace-internal-1"));
         let answer: Result<Response<()>, Status> =
             gate.handle("Deposit", request, |()| async { Err(ApiError::Internal("a broken invariant".into())) }).await;
-        assert_eq!(answer.map(|_| ()).map_err(|status| status.code()), Err(Code::Internal));
+        let refused = answer.map(|_| ()).expect_err("an internal failure");
+        assert_eq!(refused.code(), Code::Internal);
+        // The cause stays in the log: the caller gets the correlation id to quote.
+        assert_eq!(refused.message(), crate::api::status::INTERNAL_MESSAGE);
 
         let text = String::from_utf8(logs.0.lock().map(|bytes| bytes.clone()).unwrap_or_default()).unwrap_or_default();
         let lines: Vec<serde_json::Value> = text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect();
@@ -257,5 +260,6 @@ mod tests {
             .unwrap_or_else(|| panic!("no internal failure logged in {text}"));
         assert_eq!(failure["span"]["correlation_id"], "trace-internal-1", "{failure}");
         assert_eq!(failure["span"]["method"], "Deposit");
+        assert!(failure["fields"]["error"].as_str().is_some_and(|error| error.contains("a broken invariant")));
     }
 }

@@ -42,6 +42,11 @@ use crate::store::StoreError;
 /// The ErrorInfo domain of every refusal this service gives.
 pub const ERROR_DOMAIN: &str = "ledger.diboas";
 
+/// What a client is told of an internal failure. The cause (a database error, a broken
+/// invariant) is logged with the request's correlation id, and stays there: it can name tables,
+/// constraints and values, which a caller has no use for (until session 22 it was sent).
+pub const INTERNAL_MESSAGE: &str = "internal error: its cause is logged under this request's correlation id";
+
 /// The delay an OVERLOADED refusal suggests before a retry (google.rpc.RetryInfo).
 pub const OVERLOADED_RETRY_DELAY_MS: u64 = 50;
 
@@ -346,7 +351,7 @@ impl From<ApiError> for Status {
                 tracing::error!(error = %source, resume_after_position, "reading events failed");
                 with_info(
                     Code::Internal,
-                    message,
+                    INTERNAL_MESSAGE.to_owned(),
                     "INTERNAL",
                     vec![("resume_after_position", resume_after_position.to_string())],
                     ErrorDetails::new(),
@@ -354,7 +359,7 @@ impl From<ApiError> for Status {
             }
             ApiError::Ledger(other) => {
                 tracing::error!(error = %other, "internal ledger failure");
-                with_info(Code::Internal, message, "INTERNAL", vec![], ErrorDetails::new())
+                with_info(Code::Internal, INTERNAL_MESSAGE.to_owned(), "INTERNAL", vec![], ErrorDetails::new())
             }
             ApiError::Auth(refusal) => {
                 let (code, reason, metadata) = match &refusal {
@@ -400,9 +405,12 @@ impl From<ApiError> for Status {
             }
             ApiError::Directory(error) => {
                 let (code, reason, metadata) = classify_directory(&error);
-                if code == Code::Internal {
+                let message = if code == Code::Internal {
                     tracing::error!(%error, "internal directory failure");
-                }
+                    INTERNAL_MESSAGE.to_owned()
+                } else {
+                    message
+                };
                 with_info(code, message, reason, metadata, ErrorDetails::new())
             }
             ApiError::TransactionNotFound { transaction_id } => with_info(
@@ -441,7 +449,7 @@ impl From<ApiError> for Status {
             }
             ApiError::Store(_) | ApiError::Internal(_) => {
                 tracing::error!(error = %message, "internal failure");
-                with_info(Code::Internal, message, "INTERNAL", vec![], ErrorDetails::new())
+                with_info(Code::Internal, INTERNAL_MESSAGE.to_owned(), "INTERNAL", vec![], ErrorDetails::new())
             }
         }
     }
