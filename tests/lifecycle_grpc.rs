@@ -549,6 +549,17 @@ async fn illegal_transitions_and_bad_input_are_refused_and_change_nothing(pool: 
     protocol_on_send.transaction_id = tx_id(6);
     protocol_on_send.protocol = "Stripe".into();
     assert_invalid_field(&client.initiate_transaction(protocol_on_send).await.expect_err("protocol"), "protocol");
+    // So were the other fields a type has no use for (until session 22).
+    let mut provider_on_send = request.clone();
+    provider_on_send.idempotency_key = "provider-on-send".into();
+    provider_on_send.transaction_id = tx_id(7);
+    provider_on_send.provider = pb::Provider::Stripe.into();
+    assert_invalid_field(&client.initiate_transaction(provider_on_send).await.expect_err("provider"), "provider");
+    let mut target_on_send = request.clone();
+    target_on_send.idempotency_key = "target-on-send".into();
+    target_on_send.transaction_id = tx_id(8);
+    target_on_send.target_asset = "BTC".into();
+    assert_invalid_field(&client.initiate_transaction(target_on_send).await.expect_err("target"), "target_asset");
     server.client.deposit(deposit("after-bad-input", &usd(1), "1.00")).await.expect("the ledger carries on");
     server.stop().await;
     assert_conserved_and_verified(&options, &pool).await;

@@ -72,6 +72,25 @@ fn system(kind: SystemKind, asset: Asset) -> AccountRef {
     AccountRef::System(SystemAccount { kind, asset })
 }
 
+/// A field set on a type that has no use for it is refused, not dropped unsaid: the caller meant
+/// something by it (until session 22 it was ignored). `protocol` is checked with the provider.
+fn refuse_fields_the_type_ignores(wire: &pb::InitiateTransactionRequest, kind: TxType) -> Result<(), InvalidField> {
+    let takes_provider = matches!(kind, TxType::AddMoney | TxType::Withdraw);
+    if !takes_provider && wire.provider != 0 {
+        return Err(invalid("provider", "applies only to add_money and withdraw"));
+    }
+    if kind != TxType::Transfer && wire.target_domain != 0 {
+        return Err(invalid("target_domain", "applies only to transfer"));
+    }
+    if !kind.is_trade() && !wire.target_asset.is_empty() {
+        return Err(invalid("target_asset", "applies only to trades"));
+    }
+    if kind != TxType::SendMoney && !wire.counterparty_user_id.is_empty() {
+        return Err(invalid("counterparty_user_id", "applies only to send_money"));
+    }
+    Ok(())
+}
+
 /// The transaction an initiate request describes, without its fees (priced by the caller).
 pub fn new_transaction(wire: &pb::InitiateTransactionRequest) -> Result<NewTransaction, InvalidField> {
     let id = convert::uuid(&wire.transaction_id, "transaction_id")?;
@@ -83,6 +102,7 @@ pub fn new_transaction(wire: &pb::InitiateTransactionRequest) -> Result<NewTrans
     }
     let asset = convert::asset(&wire.asset, "asset")?;
     let principal = Amount::parse(&wire.amount, asset).map_err(|error| invalid("amount", error.to_string()))?;
+    refuse_fields_the_type_ignores(wire, kind)?;
     let own = AccountRef::User(user(user_id, domain, asset));
     let mut receive = None;
     let (payer, payee) = match kind {
