@@ -262,20 +262,9 @@ async fn transaction_reads_show_only_the_domains_in_scope(pool: PgPool) {
     for (key, account) in [("open-usd", &usd(1)), ("open-inv-usd", &investing_usd), ("open-inv-btc", &investing_btc)] {
         ledger.open_account(with_token(open(key, account), &tokens.admin)).await.unwrap();
     }
-    let tx_id = |n: u128| uuid::Uuid::from_u128(0x7a00_0000_0000_4000_8000_0000_0000_0000 + n).to_string();
-    let add_money = pb::InitiateTransactionRequest {
-        idempotency_key: "init-banking".into(),
-        transaction_id: tx_id(1),
-        user_id: user(1),
-        domain: pb::Domain::Banking.into(),
-        r#type: "add_money".into(),
-        amount: "10.00".into(),
-        asset: "USD".into(),
-        provider: pb::Provider::Stripe.into(),
-        ..Default::default()
-    };
+    let add_money = add_money(1, 1);
     let buy = pb::InitiateTransactionRequest {
-        idempotency_key: "init-investing".into(),
+        idempotency_key: "init-2".into(),
         transaction_id: tx_id(2),
         domain: pb::Domain::Investing.into(),
         r#type: "buy_crypto".into(),

@@ -15,11 +15,6 @@ use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use tonic::Code;
 use tonic::transport::Channel;
-use uuid::Uuid;
-
-fn tx_id(n: u128) -> String {
-    Uuid::from_u128(0x7a00_0000_0000_4000_8000_0000_0000_0000 + n).to_string()
-}
 
 async fn fee_schedule(pool: &PgPool, kind: &str, asset: &str, effective_from: &str, rules: &str) {
     sqlx::query(

@@ -7,7 +7,7 @@ mod readside_common;
 use diboas_ledger::api::pb;
 use diboas_ledger::api::pb::transactions_client::TransactionsClient;
 use diboas_ledger::readside::views;
-use grpc_common::{TestServer, account, deposit, funded, open, prepared, transfer, usd};
+use grpc_common::{TestServer, account, add_money, deposit, funded, open, prepared, transfer, usd};
 use readside_common::count;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
@@ -180,18 +180,7 @@ async fn initiated_transactions_count_in_the_operation_summary(pool: PgPool) {
     let alice = usd(1);
     client.open_account(open("open-a", &alice)).await.expect("open");
     let mut transactions = TransactionsClient::new(server.channel.clone());
-    let add_money = pb::InitiateTransactionRequest {
-        idempotency_key: "init-1".into(),
-        transaction_id: "7a000000-0000-4000-8000-000000000001".into(),
-        user_id: alice.user_id.clone(),
-        domain: pb::Domain::Banking.into(),
-        r#type: "add_money".into(),
-        amount: "10.00".into(),
-        asset: "USD".into(),
-        provider: pb::Provider::Stripe.into(),
-        ..Default::default()
-    };
-    transactions.initiate_transaction(add_money).await.expect("initiate");
+    transactions.initiate_transaction(add_money(1, 1)).await.expect("initiate");
     let mut conn = pool.acquire().await.expect("connection");
     views::refresh(&mut conn).await.expect("refresh");
     let rows: Vec<(String, String, String, i64, Decimal)> = sqlx::query_as(

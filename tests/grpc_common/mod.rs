@@ -93,6 +93,27 @@ pub fn account(n: u128, domain: pb::Domain, asset: &str) -> pb::UserAccount {
     pb::UserAccount { user_id: user(n), domain: domain.into(), asset: asset.to_string() }
 }
 
+/// The id of transaction `n` in the tests.
+pub fn tx_id(n: u128) -> String {
+    Uuid::from_u128(0x7a00_0000_0000_4000_8000_0000_0000_0000 + n).to_string()
+}
+
+/// An InitiateTransaction of 10.00 USD added from Stripe to user `user_n`'s banking account,
+/// as transaction `n` under the key `init-<n>`.
+pub fn add_money(n: u128, user_n: u128) -> pb::InitiateTransactionRequest {
+    pb::InitiateTransactionRequest {
+        idempotency_key: format!("init-{n}"),
+        transaction_id: tx_id(n),
+        user_id: user(user_n),
+        domain: pb::Domain::Banking.into(),
+        r#type: "add_money".into(),
+        amount: "10.00".into(),
+        asset: "USD".into(),
+        provider: pb::Provider::Stripe.into(),
+        ..Default::default()
+    }
+}
+
 pub fn usd(n: u128) -> pb::UserAccount {
     account(n, pb::Domain::Banking, "USD")
 }
