@@ -72,6 +72,8 @@ BEGIN
 END
 $$;
 
--- Count everything again, initiations included.
+-- Count everything again, initiations included. The cursor row first, as count_operations takes
+-- it, so a server still counting waits here rather than deadlocking with the TRUNCATE.
+SELECT 1 FROM ledger.operation_totals_cursor FOR UPDATE;
 TRUNCATE ledger.operation_totals;
 UPDATE ledger.operation_totals_cursor SET counted_through = 0;

@@ -442,13 +442,29 @@ mod tests {
         let (timeout,): (String,) =
             sqlx::query_as("SHOW idle_in_transaction_session_timeout").fetch_one(&mut conn).await.unwrap();
         assert_eq!(timeout, "1s");
+        let (backend_pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()").fetch_one(&mut conn).await.unwrap();
         sqlx::raw_sql("BEGIN; SELECT committed_sequence FROM ledger.checkpoint FOR UPDATE")
             .execute(&mut conn)
             .await
             .unwrap();
-        // Past the timeout: no timing is asserted, only that the server ended the transaction.
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
-        assert!(sqlx::query("SELECT 1").execute(&mut conn).await.is_err(), "the idle transaction was ended");
+        // Polled from another connection, not timed (a statement on this one would end its
+        // idleness): the server ends the session once the timeout has passed (a generous 30 s
+        // here), and the next statement on it fails.
+        let mut ended = false;
+        for _ in 0..150 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let (alive,): (i64,) = sqlx::query_as("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                .bind(backend_pid)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            if alive == 0 {
+                ended = true;
+                break;
+            }
+        }
+        assert!(ended, "the idle transaction was ended");
+        assert!(sqlx::query("SELECT 1").execute(&mut conn).await.is_err());
         let mut other = pool.acquire().await.unwrap();
         sqlx::raw_sql("SET lock_timeout = '5s'; SELECT committed_sequence FROM ledger.checkpoint FOR UPDATE")
             .execute(&mut *other)
