@@ -184,6 +184,14 @@ async fn add_money_completes_on_the_stripe_event_and_duplicates_and_late_events_
     let repriced = client.initiate_transaction(request.clone()).await.expect("replay").into_inner();
     assert!(repriced.replayed);
     assert_eq!(repriced.transaction.expect("a transaction").fee_total, "3.20");
+    // The same transaction under another key is refused, priced by the new schedule; retried, that
+    // key gets its own first result again, not a conflict with the transaction's first fees.
+    let mut duplicate = request.clone();
+    duplicate.idempotency_key = "init-1-again".into();
+    for attempt in ["first", "retry"] {
+        let refused = client.initiate_transaction(duplicate.clone()).await.expect_err(attempt);
+        assert_refused(&refused, Code::AlreadyExists, "TRANSACTION_ALREADY_EXISTS");
+    }
 
     to_provider(&mut client, 1, 1).await;
     // A replay once the transaction moved on: the first result again, beside the transaction as it

@@ -87,15 +87,16 @@ impl TransactionsService {
         let key = convert::idempotency_key(&body.idempotency_key, "idempotency_key")?;
         let mut spec = wire::new_transaction(&body)?;
         let transaction_id = spec.id;
-        // A retry is priced as its first request was: priced again, a fee schedule that took
-        // effect in between made it another operation under the same key (IDEMPOTENCY_KEY_REUSED
-        // where promise 6 wants the first result; session 22).
+        // A retry is priced as its first request was, from the operation journaled under its key
+        // (whatever that request's outcome): priced again, a fee schedule that took effect in
+        // between made it another operation under the same key (IDEMPOTENCY_KEY_REUSED where
+        // promise 6 wants the first result; session 22).
         let first = if self.ledger.remembers_key(&key) {
-            queries::spec(&self.pool, transaction_id).await?.filter(|first| first.user_id == spec.user_id)
+            queries::operation_under_key(&self.pool, key.as_str()).await?
         } else {
             None
         };
-        if let Some(first) = first {
+        if let Some(Operation::InitiateTransaction { transaction: first }) = first {
             spec.fees = first.fees;
         } else {
             let priced_at_ms = now_ms();

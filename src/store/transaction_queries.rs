@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::StoreError;
+use crate::engine::operation::Operation;
 use crate::engine::transaction::NewTransaction;
 use crate::fees::{FeeRule, FeeSchedule, MAX_SCHEDULES_CONSIDERED};
 
@@ -172,6 +173,19 @@ pub async fn transaction_exists(pool: &PgPool, transaction_id: Uuid) -> Result<b
 }
 
 /// The journaled description of a transaction (who pays whom), for routing a status change.
+/// The operation journaled under idempotency key `key` (its latest use, should the key have been
+/// used again after the engine forgot it), once committed.
+pub async fn operation_under_key(pool: &PgPool, key: &str) -> Result<Option<Operation>, StoreError> {
+    let row: Option<(String,)> = sqlx::query_as(
+        "SELECT operation::text FROM ledger.idempotency_outcomes WHERE key = $1 ORDER BY sequence DESC LIMIT 1",
+    )
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|(text,)| serde_json::from_str(&text).map_err(|error| corrupt(format!("operation under {key}: {error}"))))
+        .transpose()
+}
+
 pub async fn spec(pool: &PgPool, transaction_id: Uuid) -> Result<Option<NewTransaction>, StoreError> {
     let row: Option<(String,)> = sqlx::query_as("SELECT spec::text FROM ledger.transactions WHERE transaction_id = $1")
         .bind(transaction_id)
