@@ -382,3 +382,25 @@ async fn a_stream_request_past_the_message_limit_is_refused(pool: PgPool) {
     server.client.open_account(open("open", &usd(3))).await.expect("the ledger carries on");
     server.stop().await;
 }
+
+/// A stream's own log lines (here its end at shutdown) carry the correlation id of the call that
+/// opened it: the follower runs in the request's span (until session 22 it ran in none, so an
+/// internal failure on a stream could not be traced).
+#[sqlx::test]
+async fn a_streams_log_lines_carry_the_correlation_id_of_its_call(pool: PgPool) {
+    let logs = CapturedLogs::installed();
+    let server = TestServer::start(prepared(&pool).await).await;
+    let mut client = EventsClient::new(server.channel.clone());
+    let mut request = tonic::Request::new(after(0));
+    request.metadata_mut().insert("x-correlation-id", "trace-stream-1".parse().expect("a header value"));
+    let mut stream = client.stream_events(request).await.expect("stream").into_inner();
+    let stopping = tokio::spawn(server.stop());
+    let bound = std::time::Duration::from_secs(60);
+    let ended = tokio::time::timeout(bound, stream.message()).await.expect("the stream ended");
+    assert_refused(&ended.expect_err("a status"), Code::Unavailable, "SHUTTING_DOWN");
+    drop((stream, client));
+    tokio::time::timeout(bound, stopping).await.expect("the server shut down").expect("the stop task");
+
+    let end = logs.line("event stream ended: the server is shutting down", "trace-stream-1");
+    assert_eq!(end["span"]["method"], "StreamEvents");
+}

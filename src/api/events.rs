@@ -24,6 +24,7 @@ use sqlx::PgPool;
 use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::event_convert::{self, Start};
 use super::gate::Gate;
@@ -131,12 +132,16 @@ impl EventsService {
             closing: self.closing.clone(),
             _permit: permit,
         };
-        tokio::spawn(async move {
+        // In the request's span, so the follower's log lines (a failed read, a slow consumer cut,
+        // the shutdown) carry the correlation id of the call that opened the stream; spawned
+        // without it, an internal failure on a stream could not be traced (session 22).
+        let follow = async move {
             if let Some(status) = follower.run().await {
                 // The consumer may be gone already; then nobody needs the status.
                 let _ = end_sender.send(status);
             }
-        });
+        };
+        tokio::spawn(follow.instrument(tracing::Span::current()));
         Ok(Box::pin(ending_with(events, end)) as EventStream)
     }
 }

@@ -178,3 +178,49 @@ pub fn assert_invalid_field(status: &Status, field: &str) {
     let fields: Vec<&str> = bad_request.field_violations.iter().map(|violation| violation.field.as_str()).collect();
     assert_eq!(fields, [field], "{status:?}");
 }
+
+/// Every log line of this test process, debug and up, one JSON object a line with the span it was
+/// written in. The subscriber is the process's global default, installed on first use: the
+/// server's tasks may run on any thread, and a span made under another subscriber is not seen.
+/// Tests running beside each other write here too, so a test looks for its own correlation id.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    /// The process's captured logs, capturing from the first call on.
+    pub fn installed() -> &'static CapturedLogs {
+        static LOGS: std::sync::OnceLock<CapturedLogs> = std::sync::OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs = CapturedLogs::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .json()
+                .with_current_span(true)
+                .with_max_level(tracing::Level::DEBUG)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber in tests");
+            logs
+        })
+    }
+
+    /// The first line whose message is `message`, written in a span with `correlation_id`.
+    pub fn line(&self, message: &str, correlation_id: &str) -> serde_json::Value {
+        let text = String::from_utf8(self.0.lock().map(|bytes| bytes.clone()).unwrap_or_default()).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["fields"]["message"] == message && line["span"]["correlation_id"] == correlation_id)
+            .unwrap_or_else(|| panic!("no line {message:?} in the span of {correlation_id:?} in {text}"))
+    }
+}
