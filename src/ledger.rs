@@ -36,6 +36,9 @@ use crate::engine::{Engine, EngineConfig, IdempotencyFill, Outcome, SweepReport}
 use crate::journal::{CONNECT_TIMEOUT_MS, Durability, JournalConfig, JournalError, Writer};
 use crate::store::{self, StoreError};
 
+/// How often a request waiting for room in the journal's channel looks again between commits.
+const ROOM_POLL_MS: u64 = 1;
+
 #[derive(Debug, Clone)]
 pub struct LedgerConfig {
     pub connect: PgConnectOptions,
@@ -95,6 +98,8 @@ impl LedgerError {
 /// One engine and the writer journaling it. Replaced as a whole after a storage failure.
 struct Generation {
     engine: Engine<Sender<Box<JournalRecord>>>,
+    /// The engine's journal channel, kept to see how full it is (see `wait_for_room`).
+    queue: Sender<Box<JournalRecord>>,
     durability: watch::Receiver<Durability>,
     writer: Mutex<Option<Writer>>,
 }
@@ -122,7 +127,7 @@ impl Generation {
         state.check_invariants()?;
         let (committed_sequence, accounts) = (state.next_sequence - 1, state.accounts.len());
         let (sender, receiver) = crossbeam_channel::bounded(config.journal.channel_capacity);
-        let engine = Engine::without_keys(config.engine, sender, state, recovery.latest_ms());
+        let engine = Engine::without_keys(config.engine, sender.clone(), state, recovery.latest_ms());
         let keys = recovery.restore_keys(&engine).await?;
         conn.close().await.map_err(StoreError::from)?;
         let (durability_sender, durability) = watch::channel(Durability { committed_sequence, failed: false });
@@ -133,7 +138,31 @@ impl Generation {
         .await
         .map_err(|_| JournalError::WriterGone)??;
         tracing::info!(committed_sequence, accounts, idempotency_keys = keys, "ledger loaded from PostgreSQL");
-        Ok(Generation { engine, durability, writer: Mutex::new(Some(writer)) })
+        Ok(Generation { engine, queue: sender, durability, writer: Mutex::new(Some(writer)) })
+    }
+
+    /// Waits, without holding a runtime worker, while the journal's channel is more than half
+    /// full. The engine hands records over with its locks held and blocks when the channel is
+    /// full; a request that met a full channel there blocked its worker thread, and on 2 cores
+    /// every worker, so health checks, metrics and the gate's deadlines stalled until the writer
+    /// drained it or failed (found in review, session 22). Waiting here first, requests queue as
+    /// futures: only more than half the channel's capacity of requests passing this check at
+    /// once (the gate admits 4,096 against 65,536 by default) can still block in the engine.
+    async fn wait_for_room(&self) -> Result<(), LedgerError> {
+        let Some(capacity) = self.queue.capacity() else { return Ok(()) };
+        let mut durability = self.durability.clone();
+        while self.queue.len() > capacity / 2 {
+            if durability.borrow_and_update().failed {
+                return Err(LedgerError::Unavailable);
+            }
+            // The batcher takes records off the channel between commits: after a commit, or a
+            // short pause, is when to look again.
+            tokio::select! {
+                changed = durability.changed() => if changed.is_err() { return Err(LedgerError::Unavailable) },
+                () = tokio::time::sleep(Duration::from_millis(ROOM_POLL_MS)) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Waits until `sequence` is committed, or the writer has stopped without committing it.
@@ -182,9 +211,9 @@ impl Ledger {
 
     /// Executes `request` and returns its outcome once it is durable. A refusal that is not
     /// journaled returns at once (the store has no room for a new key), except an idempotency
-    /// conflict, which waits until the key's first use is durable.
-    /// When the journal's channel is full, the engine blocks the calling thread until the writer
-    /// makes room (back-pressure, bounded by `JournalConfig::channel_capacity`).
+    /// conflict, which waits until the key's first use is durable. While the journal's channel is
+    /// more than half full, the request waits (asynchronously) before it executes: back-pressure
+    /// that holds no runtime worker (see `Generation::wait_for_room`).
     pub async fn submit(&self, request: Request) -> Result<Outcome, LedgerError> {
         self.submit_correlated(request, None).await
     }
@@ -196,6 +225,7 @@ impl Ledger {
         context: Option<Box<RequestContext>>,
     ) -> Result<Outcome, LedgerError> {
         let generation = self.current();
+        generation.wait_for_room().await?;
         let outcome = generation.engine.execute_with(request, context);
         match outcome.sequence {
             Some(sequence) => {
@@ -299,9 +329,10 @@ impl Ledger {
         let _ = self.supervisor.await;
         let shared = Arc::try_unwrap(self.shared).map_err(|_| LedgerError::Busy)?;
         let generation = Arc::try_unwrap(shared.current.into_inner()).map_err(|_| LedgerError::Busy)?;
-        let Generation { engine, writer, .. } = generation;
-        // Dropping the engine drops the channel's sender: the writer drains the queue and ends.
-        drop(engine);
+        let Generation { engine, queue, writer, .. } = generation;
+        // Dropping the engine and the queue's watcher drops the channel's senders: the writer
+        // drains the queue and ends (a sender left alive would keep it waiting for good).
+        drop((engine, queue));
         if let Some(writer) = writer.into_inner() {
             tokio::task::spawn_blocking(move || writer.join()).await.map_err(|_| JournalError::WriterGone)?;
         }

@@ -661,3 +661,73 @@ async fn a_restart_loads_a_system_account_filled_on_every_shard(pool: PgPool) {
     reopened.shutdown().await.unwrap();
     assert!(deposited_minor > 0 && deposited_minor <= MAX_AMOUNT_MINOR);
 }
+
+/// Requests meeting a nearly full journal channel wait as futures instead of blocking their thread
+/// in the engine (with its locks held). The runtime here has one thread, as a 2-core server's
+/// workers are all of its threads: until session 22 a request blocked it until PostgreSQL let the
+/// writer go, so this test's own code could not run, the lock holding the writer was never
+/// released, and only the watchdog below ended the wait.
+#[sqlx::test]
+async fn a_full_journal_channel_holds_requests_without_blocking_the_runtime(pool: PgPool) {
+    let options = prepared(&pool).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION public.held() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
+         CREATE TRIGGER held BEFORE INSERT ON ledger.idempotency_keys FOR EACH ROW EXECUTE FUNCTION public.held();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut config = config(options.clone());
+    config.journal.channel_capacity = 4;
+    config.journal.max_batch_records = 1;
+    let at_ms = now_ms();
+    let alice = account(1, Domain::Banking, Asset::USD);
+    let ledger = std::sync::Arc::new(Ledger::open(config).await.unwrap());
+    ledger.submit(request("open", at_ms, open(alice))).await.unwrap();
+
+    // The writer is held on the next batch for as long as this connection holds the lock.
+    let mut holder = pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)").execute(&mut *holder).await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *holder).await.unwrap();
+    // A hang-breaker, not a timing: should this thread block, the lock is taken from its holder
+    // (so the writer, and then this thread, go on) and the test fails below.
+    let watchdog_options = options.clone();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (watchdog_done, watchdog_fired) = (done.clone(), fired.clone());
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        if !watchdog_done.load(std::sync::atomic::Ordering::SeqCst) {
+            watchdog_fired.store(true, std::sync::atomic::Ordering::SeqCst);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(&watchdog_options).await.unwrap();
+                sqlx::query("SELECT pg_terminate_backend($1)").bind(holder_pid).execute(&mut conn).await.unwrap();
+            });
+        }
+    });
+
+    let deposits: Vec<_> = (0..12)
+        .map(|n| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move { ledger.submit(request(&format!("held-{n}"), at_ms, deposit(alice, 100))).await })
+        })
+        .collect();
+    // Let every deposit run as far as it can: with the writer held, the channel fills.
+    for _ in 0..1_000 {
+        tokio::task::yield_now().await;
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        !fired.load(std::sync::atomic::Ordering::SeqCst),
+        "this thread was blocked until the watchdog broke the hold"
+    );
+    sqlx::query("SELECT pg_advisory_unlock(4242)").execute(&mut *holder).await.unwrap();
+    for deposit in deposits {
+        assert!(deposit.await.unwrap().unwrap().result.is_ok());
+    }
+    assert_eq!(ledger.balance(&AccountRef::User(alice)).await.unwrap().available_minor, 1_200);
+    drop(holder);
+    std::sync::Arc::into_inner(ledger).unwrap().shutdown().await.unwrap();
+}
