@@ -148,19 +148,36 @@ async fn an_idempotent_retry_after_restart_returns_the_first_outcome(pool: PgPoo
     ledger.shutdown().await.unwrap();
 }
 
+/// Runs `body` (PL/pgSQL statements) in a trigger `name` before each insert into
+/// `ledger.idempotency_keys`, that is inside the journal writer's batch transaction.
+async fn on_each_key_insert(pool: &PgPool, name: &str, body: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION public.{name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN {body} RETURN NEW; END $$;
+         CREATE TRIGGER {name} BEFORE INSERT ON ledger.idempotency_keys FOR EACH ROW EXECUTE FUNCTION public.{name}();"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Switches trigger `name` off by making its function do nothing: no DDL on the (partitioned)
+/// table, which would contend for partition locks with a reloading ledger's reads.
+async fn on_each_key_insert_nothing(pool: &PgPool, name: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE OR REPLACE FUNCTION public.{name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// A trigger makes PostgreSQL refuse any batch holding a "poison" key, after the batch has
 /// already written its journal rows and projections: the whole transaction must vanish.
 #[sqlx::test]
 async fn a_batch_postgresql_refuses_leaves_no_partial_rows_and_loses_nothing_acknowledged(pool: PgPool) {
     let options = prepared(&pool).await;
-    sqlx::raw_sql(
-        "CREATE FUNCTION public.poison() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN IF NEW.key LIKE 'poison%' THEN RAISE EXCEPTION 'poisoned batch'; END IF; RETURN NEW; END $$;
-         CREATE TRIGGER poison BEFORE INSERT ON ledger.idempotency_keys FOR EACH ROW EXECUTE FUNCTION public.poison();",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    on_each_key_insert(&pool, "poison", "IF NEW.key LIKE 'poison%' THEN RAISE EXCEPTION 'poisoned batch'; END IF;")
+        .await;
     let at_ms = now_ms();
     let alice = account(1, Domain::Banking, Asset::USD);
     let ledger = std::sync::Arc::new(Ledger::open(config(options.clone())).await.unwrap());
@@ -230,14 +247,7 @@ async fn a_batch_postgresql_refuses_leaves_no_partial_rows_and_loses_nothing_ack
 
     // PostgreSQL accepts the key again: the ledger reloads and the unknown requests, retried
     // with their keys, apply exactly once.
-    // Replacing the function switches the poison off without DDL on the (partitioned) table,
-    // which would contend for partition locks with the reloading ledger's reads.
-    sqlx::raw_sql(
-        "CREATE OR REPLACE FUNCTION public.poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    on_each_key_insert_nothing(&pool, "poison").await;
     for key in &unknown {
         let mut attempts = 0;
         loop {
@@ -579,16 +589,8 @@ async fn a_batch_that_does_not_fit_the_database_is_refused_whole(pool: PgPool) {
 #[sqlx::test]
 async fn a_conflict_is_answered_only_once_the_keys_first_use_is_durable(pool: PgPool) {
     let options = prepared(&pool).await;
-    sqlx::raw_sql(
-        "CREATE FUNCTION public.slow_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN IF NEW.key = 'shared' THEN PERFORM pg_sleep(0.5); RAISE EXCEPTION 'poisoned batch'; END IF;
-         RETURN NEW; END $$;
-         CREATE TRIGGER slow_poison BEFORE INSERT ON ledger.idempotency_keys
-             FOR EACH ROW EXECUTE FUNCTION public.slow_poison();",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    let slow_poison = "IF NEW.key = 'shared' THEN PERFORM pg_sleep(0.5); RAISE EXCEPTION 'poisoned batch'; END IF;";
+    on_each_key_insert(&pool, "slow_poison", slow_poison).await;
     let at_ms = now_ms();
     let alice = account(1, Domain::Banking, Asset::USD);
     let ledger = std::sync::Arc::new(Ledger::open(config(options.clone())).await.unwrap());
@@ -608,13 +610,7 @@ async fn a_conflict_is_answered_only_once_the_keys_first_use_is_durable(pool: Pg
 
     // Once PostgreSQL takes the key, the second request, retried, is applied: it never conflicted
     // with anything durable.
-    sqlx::raw_sql(
-        "CREATE OR REPLACE FUNCTION public.slow_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN RETURN NEW; END $$",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    on_each_key_insert_nothing(&pool, "slow_poison").await;
     let mut attempts = 0;
     let retried = loop {
         match ledger.submit(request("shared", at_ms, deposit(alice, 200))).await {
@@ -670,14 +666,7 @@ async fn a_restart_loads_a_system_account_filled_on_every_shard(pool: PgPool) {
 #[sqlx::test]
 async fn a_full_journal_channel_holds_requests_without_blocking_the_runtime(pool: PgPool) {
     let options = prepared(&pool).await;
-    sqlx::raw_sql(
-        "CREATE FUNCTION public.held() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
-         CREATE TRIGGER held BEFORE INSERT ON ledger.idempotency_keys FOR EACH ROW EXECUTE FUNCTION public.held();",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    on_each_key_insert(&pool, "held", "PERFORM pg_advisory_xact_lock_shared(4242);").await;
     let mut config = config(options.clone());
     config.journal.channel_capacity = 4;
     config.journal.max_batch_records = 1;
