@@ -150,6 +150,9 @@ impl Generation {
     /// once (the gate admits 4,096 against 65,536 by default) can still block in the engine.
     async fn wait_for_room(&self) -> Result<(), LedgerError> {
         let Some(capacity) = self.queue.capacity() else { return Ok(()) };
+        if self.queue.len() <= capacity / 2 {
+            return Ok(());
+        }
         let mut durability = self.durability.clone();
         while self.queue.len() > capacity / 2 {
             if durability.borrow_and_update().failed {
