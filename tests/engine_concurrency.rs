@@ -1,15 +1,19 @@
 //! Concurrency: several threads hammer a few hot accounts spread over shards with transfers,
 //! reserve/commit/release and linked batches, plus deposits, withdrawals and fees (system
-//! sub-accounts) and short reservations that a sweeper thread expires at the same time.
-//! Afterwards money is conserved, the journal's sequence is gap-free and in order, every
-//! acknowledged sequence is in it exactly once, and replaying it into a fresh engine gives an
-//! identical state (order-sensitive: the accounts' usage counters are journaled as values).
+//! sub-accounts), short reservations that a sweeper thread expires at the same time while their
+//! own thread commits or releases them in requests of their own, and every 50th request sent by
+//! all threads at once under one shared key. Afterwards each shared key ran exactly once (one
+//! first answer, every other thread given it back as a replay), money is conserved, the
+//! journal's sequence is gap-free and in order, every acknowledged sequence is in it exactly
+//! once, and replaying it into a fresh engine gives an identical state (order-sensitive: the
+//! accounts' usage counters are journaled as values).
 //!
 //! Beside it: outflow limits under threads racing to spend the same limited accounts, and linked
 //! batches locking many shards at once (the heap lock path), some failing, from several threads.
 
 mod support;
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::thread;
@@ -20,9 +24,9 @@ use diboas_ledger::engine::account::{
 use diboas_ledger::engine::asset::Asset;
 use diboas_ledger::engine::error::{EngineError, LimitKind};
 use diboas_ledger::engine::money::MAX_AMOUNT_MINOR;
-use diboas_ledger::engine::operation::{Operation, Request};
+use diboas_ledger::engine::operation::{Operation, Receipt, Request};
 use diboas_ledger::engine::record::MemoryJournal;
-use diboas_ledger::engine::{Engine, EngineConfig};
+use diboas_ledger::engine::{Engine, EngineConfig, Outcome};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use support::{START_MS, amount, key, usd};
@@ -31,6 +35,18 @@ use uuid::Uuid;
 const THREADS: usize = 4;
 const OPERATIONS_PER_THREAD: usize = 20_000;
 const HOT_USERS: u128 = 6;
+/// Every this many requests, each thread sends the same request under the same key.
+const SHARED_KEY_EVERY: usize = 50;
+
+/// The request all threads send as their `n`th, under the key `shared-{n}`.
+fn shared_request(n: usize) -> Operation {
+    let from = n as u128 % HOT_USERS;
+    Operation::Transfer {
+        from: AccountRef::User(usd(from)),
+        to: AccountRef::User(usd((from + 1) % HOT_USERS)),
+        amount: amount(1 + (n as i128 % 100)),
+    }
+}
 
 #[test]
 fn hot_accounts_under_concurrent_load_stay_consistent_and_replayable() {
@@ -73,72 +89,34 @@ fn hot_accounts_under_concurrent_load_stay_consistent_and_replayable() {
             expired
         })
     };
-    let fees = AccountRef::System(SystemAccount { kind: SystemKind::FeeRevenue(FeeTier::Network), asset: Asset::USD });
-
     let workers: Vec<_> = (0..THREADS)
         .map(|thread_index| {
             let (engine, clock_ms) = (Arc::clone(&engine), Arc::clone(&clock_ms));
-            thread::spawn(move || {
-                let mut rng = SmallRng::seed_from_u64(thread_index as u64);
-                let mut acknowledged = Vec::with_capacity(OPERATIONS_PER_THREAD);
-                for n in 0..OPERATIONS_PER_THREAD {
-                    let from = rng.random_range(0..HOT_USERS);
-                    let to = (from + rng.random_range(1..HOT_USERS)) % HOT_USERS;
-                    let minor = rng.random_range(1..5_000);
-                    let transfer = Operation::Transfer {
-                        from: AccountRef::User(usd(from)),
-                        to: AccountRef::User(usd(to)),
-                        amount: amount(minor),
-                    };
-                    let reservation_id = Uuid::from_u128(((thread_index as u128) << 64) | n as u128);
-                    let reserve =
-                        Operation::Reserve { reservation_id, account: usd(from), amount: amount(minor), ttl_ms: None };
-                    let short_reserve = Operation::Reserve {
-                        reservation_id,
-                        account: usd(from),
-                        amount: amount(minor),
-                        ttl_ms: Some(rng.random_range(1..50)),
-                    };
-                    let operation = match rng.random_range(0..8) {
-                        0 => transfer,
-                        1 => Operation::LinkedBatch {
-                            operations: vec![
-                                reserve,
-                                Operation::Commit {
-                                    user_id: usd(from).user_id,
-                                    reservation_id,
-                                    destination: AccountRef::User(usd(to)),
-                                    amount: Some(amount((minor + 1) / 2)),
-                                },
-                            ],
-                        },
-                        2 => Operation::LinkedBatch {
-                            operations: vec![
-                                reserve,
-                                Operation::Release { user_id: usd(from).user_id, reservation_id },
-                            ],
-                        },
-                        3 => Operation::LinkedBatch { operations: vec![transfer.clone(), transfer] },
-                        4 => short_reserve,
-                        5 => {
-                            Operation::Deposit { account: usd(to), amount: amount(minor), provider: Provider::Moonpay }
-                        }
-                        6 => {
-                            Operation::Withdraw { account: usd(from), amount: amount(minor), provider: Provider::Ramp }
-                        }
-                        _ => Operation::Transfer { from: AccountRef::User(usd(from)), to: fees, amount: amount(minor) },
-                    };
-                    let now_ms = clock_ms.fetch_add(1, Ordering::Relaxed);
-                    let request = Request { key: key(&format!("t{thread_index}-{n}")), now_ms, operation };
-                    if let Some(sequence) = engine.execute(request).sequence {
-                        acknowledged.push(sequence);
-                    }
-                }
-                acknowledged
-            })
+            thread::spawn(move || run_worker(&engine, &clock_ms, thread_index))
         })
         .collect();
-    let mut acknowledged: Vec<u64> = workers.into_iter().flat_map(|worker| worker.join().unwrap()).collect();
+    let mut acknowledged = Vec::new();
+    let mut shared_answers: BTreeMap<usize, Vec<Outcome>> = BTreeMap::new();
+    let (mut closes_done, mut closes_refused) = (0, 0);
+    for worker in workers {
+        let report = worker.join().unwrap();
+        acknowledged.extend(report.acknowledged);
+        closes_done += report.closes_done;
+        closes_refused += report.closes_refused;
+        for (n, outcome) in report.shared_answers {
+            shared_answers.entry(n).or_default().push(outcome);
+        }
+    }
+    assert!(closes_done > 0, "some short reservations were committed or released by their thread");
+    assert!(closes_refused > 0, "some short reservations were found expired or already swept");
+    for (n, answers) in &shared_answers {
+        assert_eq!(answers.len(), THREADS);
+        let first: Vec<_> = answers.iter().filter(|outcome| !outcome.replayed).collect();
+        assert_eq!(first.len(), 1, "shared-{n} ran exactly once: {answers:?}");
+        for outcome in answers {
+            assert_eq!((&outcome.sequence, &outcome.result), (&first[0].sequence, &first[0].result), "shared-{n}");
+        }
+    }
     done.store(true, Ordering::Relaxed);
     let expired = sweeper.join().unwrap();
     assert!(expired > 0, "the sweeper expired reservations while requests ran");
@@ -166,6 +144,128 @@ fn hot_accounts_under_concurrent_load_stay_consistent_and_replayable() {
     }
     assert_eq!(replayed.state(), state, "replaying the journal rebuilds the same state");
     replayed.check_indexes().unwrap();
+}
+
+/// What one worker thread of the load test saw.
+struct WorkerReport {
+    /// The sequences of the changes it was first to make (retries answered from the store excluded).
+    acknowledged: Vec<u64>,
+    /// Its answer to each request sent under a key all threads share, by request number.
+    shared_answers: Vec<(usize, Outcome)>,
+    /// Its commits and releases of its own short reservations that went through, and those that
+    /// found the reservation already expired or swept.
+    closes_done: usize,
+    closes_refused: usize,
+}
+
+/// One worker of the load test: `OPERATIONS_PER_THREAD` requests of random kinds, every
+/// `SHARED_KEY_EVERY`th one under the key all threads share, and now and then a request of its
+/// own closing one of its short reservations, racing the sweeper.
+fn run_worker(engine: &Engine<MemoryJournal>, clock_ms: &AtomicI64, thread_index: usize) -> WorkerReport {
+    let mut rng = SmallRng::seed_from_u64(thread_index as u64);
+    let mut report = WorkerReport {
+        acknowledged: Vec::with_capacity(OPERATIONS_PER_THREAD),
+        shared_answers: Vec::new(),
+        closes_done: 0,
+        closes_refused: 0,
+    };
+    let mut short_reservations: VecDeque<(u128, Uuid)> = VecDeque::new();
+    let execute = |text: String, operation: Operation| {
+        let now_ms = clock_ms.fetch_add(1, Ordering::Relaxed);
+        engine.execute(Request { key: key(&text), now_ms, operation })
+    };
+    for n in 0..OPERATIONS_PER_THREAD {
+        if n % SHARED_KEY_EVERY == 0 {
+            let outcome = execute(format!("shared-{n}"), shared_request(n));
+            if !outcome.replayed {
+                report.acknowledged.extend(outcome.sequence);
+            }
+            report.shared_answers.push((n, outcome));
+            continue;
+        }
+        if rng.random_range(0..8) == 0
+            && let Some((user, reservation_id)) = short_reservations.pop_front()
+        {
+            let outcome = execute(format!("t{thread_index}-close-{n}"), close_short(&mut rng, user, reservation_id));
+            match &outcome.result {
+                Ok(Receipt::Committed { committed_minor: 1, .. } | Receipt::Released { .. }) => report.closes_done += 1,
+                Err(EngineError::ReservationNotActive { .. } | EngineError::ReservationExpired { .. }) => {
+                    report.closes_refused += 1
+                }
+                other => panic!("closing a short reservation answered {other:?}"),
+            }
+            report.acknowledged.extend(outcome.sequence);
+        }
+        let reservation_id = Uuid::from_u128(((thread_index as u128) << 64) | n as u128);
+        let (operation, short_reservation) = random_operation(&mut rng, reservation_id);
+        let outcome = execute(format!("t{thread_index}-{n}"), operation);
+        if outcome.result.is_ok()
+            && let Some(user) = short_reservation
+        {
+            short_reservations.push_back((user, reservation_id));
+        }
+        report.acknowledged.extend(outcome.sequence);
+    }
+    report
+}
+
+/// A commit of one unit of a short reservation, or its release.
+fn close_short(rng: &mut SmallRng, user: u128, reservation_id: Uuid) -> Operation {
+    if rng.random_bool(0.5) {
+        Operation::Commit {
+            user_id: usd(user).user_id,
+            reservation_id,
+            destination: AccountRef::User(usd((user + 1) % HOT_USERS)),
+            amount: Some(amount(1)),
+        }
+    } else {
+        Operation::Release { user_id: usd(user).user_id, reservation_id }
+    }
+}
+
+/// A random operation among the hot users; reservations it makes are named `reservation_id`.
+/// With it, the user of the short reservation it makes, if it is one.
+fn random_operation(rng: &mut SmallRng, reservation_id: Uuid) -> (Operation, Option<u128>) {
+    let from = rng.random_range(0..HOT_USERS);
+    let to = (from + rng.random_range(1..HOT_USERS)) % HOT_USERS;
+    let minor = rng.random_range(1..5_000);
+    let transfer =
+        Operation::Transfer { from: AccountRef::User(usd(from)), to: AccountRef::User(usd(to)), amount: amount(minor) };
+    let reserve = Operation::Reserve { reservation_id, account: usd(from), amount: amount(minor), ttl_ms: None };
+    let operation = match rng.random_range(0..8) {
+        0 => transfer,
+        1 => Operation::LinkedBatch {
+            operations: vec![
+                reserve,
+                Operation::Commit {
+                    user_id: usd(from).user_id,
+                    reservation_id,
+                    destination: AccountRef::User(usd(to)),
+                    amount: Some(amount((minor + 1) / 2)),
+                },
+            ],
+        },
+        2 => Operation::LinkedBatch {
+            operations: vec![reserve, Operation::Release { user_id: usd(from).user_id, reservation_id }],
+        },
+        3 => Operation::LinkedBatch { operations: vec![transfer.clone(), transfer] },
+        4 => {
+            let ttl_ms = Some(rng.random_range(1..50));
+            let short = Operation::Reserve { reservation_id, account: usd(from), amount: amount(minor), ttl_ms };
+            return (short, Some(from));
+        }
+        5 => Operation::Deposit { account: usd(to), amount: amount(minor), provider: Provider::Moonpay },
+        6 => Operation::Withdraw { account: usd(from), amount: amount(minor), provider: Provider::Ramp },
+        _ => {
+            let fees = SystemAccount { kind: SystemKind::FeeRevenue(FeeTier::Network), asset: Asset::USD };
+            Operation::Transfer {
+                from: AccountRef::User(usd(from)),
+                to: AccountRef::System(fees),
+                amount: amount(minor),
+            }
+        }
+    };
+    (operation, None)
 }
 
 /// Opens `account` with `config` and deposits `minor` into it, under keys of its own.
