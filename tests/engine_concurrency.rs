@@ -456,3 +456,47 @@ fn batches_across_many_shards_are_atomic_under_concurrency() {
     assert_eq!(replayed.state(), state, "replaying the journal rebuilds the same state");
     replayed.check_indexes().unwrap();
 }
+
+/// A system account's balance is read as one snapshot across shards: while one thread moves
+/// money through a provider's clearing account in linked batches that leave it where it was (a
+/// deposit to a user on one shard, a withdrawal from a user on another), a reader never sees
+/// the clearing account at a value it never had between requests.
+#[test]
+fn a_system_balance_is_read_whole_while_batches_change_its_parts() {
+    const BATCHES: usize = 20_000;
+    const MINOR: i128 = 100;
+    let engine =
+        Arc::new(Engine::new(EngineConfig { shard_count: 8, ..EngineConfig::default() }, MemoryJournal::default()));
+    let payee = 0;
+    let payer = (1..).find(|user| engine.shard_of(usd(*user).user_id) != engine.shard_of(usd(payee).user_id)).unwrap();
+    open_funded(&engine, payee, AccountConfig::default(), 1);
+    open_funded(&engine, payer, AccountConfig::default(), MINOR * BATCHES as i128);
+    let clearing =
+        AccountRef::System(SystemAccount { kind: SystemKind::ProviderClearing(Provider::Stripe), asset: Asset::USD });
+    let settled = engine.balance(&clearing).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (engine, done) = (Arc::clone(&engine), Arc::clone(&done));
+        thread::spawn(move || {
+            let mut reads = 0_u64;
+            while !done.load(Ordering::Relaxed) {
+                assert_eq!(engine.balance(&clearing).unwrap(), settled, "read {reads} saw part of a batch");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for n in 0..BATCHES {
+        let operation = Operation::LinkedBatch {
+            operations: vec![
+                Operation::Deposit { account: usd(payee), amount: amount(MINOR), provider: Provider::Stripe },
+                Operation::Withdraw { account: usd(payer), amount: amount(MINOR), provider: Provider::Stripe },
+            ],
+        };
+        engine.execute(Request { key: key(&format!("batch-{n}")), now_ms: START_MS, operation }).result.unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    let reads = reader.join().unwrap();
+    assert!(reads > 0);
+    assert_eq!(engine.balance(&clearing).unwrap(), settled);
+}

@@ -439,7 +439,9 @@ impl<S: JournalSink> Engine<S> {
         Ok(())
     }
 
-    /// The balance of one account; a system account's is summed over shards.
+    /// The balance of one account. A system account's is summed over its shards' parts with every
+    /// shard locked at once, as `state` does: summed one shard at a time, a read could take one
+    /// part before a linked batch and another after it, a total the account never had.
     pub fn balance(&self, account: &AccountRef) -> Result<Balance, EngineError> {
         match account {
             AccountRef::User(user_account) => self.shards[self.map.of_user(user_account.user_id) as usize]
@@ -450,10 +452,11 @@ impl<S: JournalSink> Engine<S> {
                 .map(|state| state.balance)
                 .ok_or(EngineError::UnknownAccount { account: *account }),
             AccountRef::System(system_account) => {
-                let available_minor = self
-                    .shards
-                    .iter()
-                    .map(|shard| shard.read().system_minor[system_account.kind.index()][system_account.asset.index()])
+                let mut shards = LockedShards::lock(&self.shards, (0..self.map.count()).collect());
+                let available_minor = (0..self.map.count())
+                    .map(|index| {
+                        shards.get(index).system_minor[system_account.kind.index()][system_account.asset.index()]
+                    })
                     .sum();
                 Ok(Balance { available_minor, reserved_minor: 0 })
             }
