@@ -24,6 +24,8 @@ use libfuzzer_sys::fuzz_target;
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
+/// Few shards, so cross-shard requests and each shard's part of a system account are both common.
+const SHARD_COUNT: usize = 3;
 const MAX_REQUESTS: usize = 256;
 const ASSETS: [Asset; 3] = [Asset::USD, Asset::BTC, Asset::ETH];
 
@@ -54,7 +56,14 @@ fn amount(u: &mut Unstructured, asset: Asset) -> Result<Amount> {
             return Ok(parsed);
         }
     }
-    let minor = if u.ratio(1, 16)? { MAX_AMOUNT_MINOR } else { i128::from(u.int_in_range(1..=1_000_000_u32)?) };
+    let minor = if u.ratio(1, 16)? {
+        // The bounds: the most one amount may be, and the most one shard's part of a system
+        // account may hold (a deposit that large succeeds once, then the next meets the bound).
+        let per_shard_minor = MAX_AMOUNT_MINOR / SHARD_COUNT as i128;
+        *u.choose(&[MAX_AMOUNT_MINOR, MAX_AMOUNT_MINOR - 1_000_000, per_shard_minor, per_shard_minor - 1])?
+    } else {
+        i128::from(u.int_in_range(1..=1_000_000_u32)?)
+    };
     Ok(Amount::from_minor(minor).unwrap_or_else(|_| unreachable!("in range")))
 }
 
@@ -181,7 +190,8 @@ fn operation(u: &mut Unstructured, depth: u8) -> Result<Operation> {
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
-    let engine = Engine::new(EngineConfig { shard_count: 3, ..EngineConfig::default() }, MemoryJournal::default());
+    let engine =
+        Engine::new(EngineConfig { shard_count: SHARD_COUNT, ..EngineConfig::default() }, MemoryJournal::default());
     let mut now_ms: i64 = 1_790_000_000_000;
     // Callers' clocks disagree, so time may step back; the engine dates changes no earlier than
     // the latest time a shard has seen, which is at most `latest_ms`.
