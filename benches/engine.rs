@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -487,6 +488,36 @@ fn multi_thread(c: &mut Criterion) {
     }
 }
 
+/// Not the engine but the host: how long one cache line takes to move from one core to the other,
+/// one way. Two threads take turns writing one atomic; each turn is a move. On the 2-vCPU hosts
+/// these figures come from, it is either about 50 ns or about 180 ns, depending on where the
+/// hypervisor has put the vCPUs at the time, and it decides whether two threads beat one in the
+/// cases above (docs/BENCHMARKS.md, "Session 23"): read the two together.
+fn host_line_between_cores(c: &mut Criterion) {
+    let mut group = c.benchmark_group("host");
+    group.bench_function("line_between_cores_one_way", |b| {
+        b.iter_custom(|round_trips| {
+            // Odd values are the first thread's turns to have been taken, even ones the second's.
+            let turn = CachePadded::new(AtomicU64::new(0));
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    for trip in 0..round_trips {
+                        while turn.load(Ordering::Acquire) != 2 * trip + 1 {}
+                        turn.store(2 * trip + 2, Ordering::Release);
+                    }
+                });
+                let start = Instant::now();
+                for trip in 0..round_trips {
+                    turn.store(2 * trip + 1, Ordering::Release);
+                    while turn.load(Ordering::Acquire) != 2 * trip + 2 {}
+                }
+                start.elapsed() / 2
+            })
+        })
+    });
+    group.finish();
+}
+
 /// The journal channel as it was before session 18, for comparison: records inline in its
 /// slots instead of boxed (see the production sink in `engine::record`).
 struct InlineChannel(crossbeam_channel::Sender<JournalRecord>);
@@ -565,6 +596,6 @@ fn drop_on_another_thread<T: Send>(records: Vec<T>) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = single_thread, multi_thread, journal_channel
+    targets = single_thread, multi_thread, host_line_between_cores, journal_channel
 }
 criterion_main!(benches);
