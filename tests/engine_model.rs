@@ -540,7 +540,7 @@ impl ReferenceStateMachine for LedgerModel {
             12 => operation.clone().prop_map(move |operation| Transition::Submit { key: key.clone(), operation }),
             2 => any::<usize>().prop_map(|nth| Transition::Retry { nth }),
             1 => (any::<usize>(), operation).prop_map(|(nth, operation)| Transition::Conflict { nth, operation }),
-            2 => (prop_oneof![1..=120_000_i64, Just(60_000), Just(30 * 60 * 1_000)], any::<bool>())
+            2 => (prop_oneof![1..=120_000_i64, Just(60_000), Just(30 * 60 * 1_000), Just(HOUR_MS)], any::<bool>())
                 .prop_map(|(ms, sweep)| Transition::Advance { ms, sweep }),
         ]
         .boxed()

@@ -58,7 +58,8 @@ fn amount(u: &mut Unstructured, asset: Asset) -> Result<Amount> {
     }
     let minor = if u.ratio(1, 16)? {
         // The bounds: the most one amount may be, and the most one shard's part of a system
-        // account may hold (a deposit that large succeeds once, then the next meets the bound).
+        // account may hold (a deposit that large succeeds once; the next through the same
+        // provider, in the same asset, to a user on the same shard meets the bound).
         let per_shard_minor = MAX_AMOUNT_MINOR / SHARD_COUNT as i128;
         *u.choose(&[MAX_AMOUNT_MINOR, MAX_AMOUNT_MINOR - 1_000_000, per_shard_minor, per_shard_minor - 1])?
     } else {
