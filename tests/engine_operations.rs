@@ -53,6 +53,32 @@ fn operations_on_missing_accounts_are_refused() {
     );
 }
 
+/// A commit to an account of another asset is refused as that, whatever its amount: the amount is
+/// in the destination's minor units, so comparing it with the reservation would refuse a USD
+/// reservation's commit of "1" ETH as exceeding it (1e18 against 100), and that refusal is kept
+/// under the key (found in review, session 23). Committing to the source itself likewise.
+#[test]
+fn a_commit_to_another_asset_is_refused_as_such_whatever_its_amount() {
+    let mut h = Harness::new();
+    h.open_funded(usd(1), 100);
+    let eth = user_account(1, Domain::Defi, Asset::ETH);
+    h.open(eth, AccountConfig::default());
+    h.ok(reserve(usd(1), 7, 100));
+    let before = money_state(&h.engine.state());
+    let commit = |destination, minor| Operation::Commit {
+        user_id: Uuid::from_u128(1),
+        reservation_id: Uuid::from_u128(7),
+        destination,
+        amount: Some(amount(minor)),
+    };
+    assert_eq!(
+        h.refused(commit(AccountRef::User(eth), 1_000_000_000_000_000_000)),
+        EngineError::AssetMismatch { left: Asset::USD, right: Asset::ETH }
+    );
+    assert_eq!(h.refused(commit(AccountRef::User(usd(1)), 1_000)), EngineError::SameAccount);
+    assert_eq!(money_state(&h.engine.state()), before);
+}
+
 /// A missing destination is named whatever else the source lacks: the refusal is kept under the
 /// key and repeated to every retry, so naming the source's funds or flag instead would mislead the
 /// caller for good. Until session 22 a transfer and a conversion checked the source first, and a

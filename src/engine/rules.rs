@@ -552,18 +552,21 @@ fn commit(
     }
     let source = reservation.account;
     let source_frozen = view.account(&source)?.config.frozen;
+    // The destination's asset before the amount: an amount is in minor units of the
+    // destination's asset (the edge parses it at that scale), so against a reservation in
+    // another asset it means nothing, and its refusal would name the wrong fault.
+    if destination.asset() != source.asset {
+        return Err(EngineError::AssetMismatch { left: source.asset, right: destination.asset() });
+    }
+    if destination == AccountRef::User(source) {
+        return Err(EngineError::SameAccount);
+    }
     let committed_minor = amount.map_or(reservation.amount_minor, Amount::minor);
     if committed_minor > reservation.amount_minor {
         return Err(EngineError::CommitExceedsReservation {
             reserved_minor: reservation.amount_minor,
             requested_minor: committed_minor,
         });
-    }
-    if destination.asset() != source.asset {
-        return Err(EngineError::AssetMismatch { left: source.asset, right: destination.asset() });
-    }
-    if destination == AccountRef::User(source) {
-        return Err(EngineError::SameAccount);
     }
     let to = tx.slot(destination, tx.map.of_user(user_id));
     tx.check_credit(to, committed_minor)?;
