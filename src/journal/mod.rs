@@ -138,12 +138,18 @@ impl JournalError {
 /// network partition (its FIN never arriving) left its backend idle in transaction, holding the
 /// checkpoint's and the balances' row locks, and every later writer waited on them until TCP
 /// keepalive ended the backend, about two hours with the operating system's defaults.
+///
+/// A commit is flushed to disk before PostgreSQL answers, whatever the database or role says:
+/// callers hear "OK" once their batch has committed, so `synchronous_commit = off`, a common
+/// tuning, would let a PostgreSQL crash lose acknowledged batches, and recovery would then hand
+/// their sequences to other operations (promises 1 and 7).
 fn writer_session(options: PgConnectOptions, max_commit_ms: u64) -> PgConnectOptions {
     let idle_ms = max_commit_ms.max(1).to_string();
     options.options([
         ("enable_hashjoin", "off"),
         ("enable_mergejoin", "off"),
         ("idle_in_transaction_session_timeout", idle_ms.as_str()),
+        ("synchronous_commit", "on"),
     ])
 }
 
@@ -431,6 +437,25 @@ mod tests {
 
     fn record(sequence: u64) -> Box<JournalRecord> {
         Box::new(JournalRecord { sequence, at_ms: 0, origin: Origin::ExpirySweep, effects: Vec::new() })
+    }
+
+    /// The writer's commits wait for the disk even where the database was tuned not to, since an
+    /// acknowledged batch must survive a crash of PostgreSQL (session 23, found in review).
+    #[sqlx::test(migrator = "crate::store::MIGRATOR")]
+    async fn the_writer_commits_synchronously_whatever_the_database_says(pool: sqlx::PgPool) {
+        let (database,): (String,) = sqlx::query_as("SELECT current_database()").fetch_one(&pool).await.unwrap();
+        // The name is the test database's own, made by `sqlx::test`.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER DATABASE \"{database}\" SET synchronous_commit = off")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut tuned = PgConnection::connect_with(&pool.connect_options()).await.unwrap();
+        let (setting,): (String,) = sqlx::query_as("SHOW synchronous_commit").fetch_one(&mut tuned).await.unwrap();
+        assert_eq!(setting, "off", "the database's own setting applies to other sessions");
+        let options = writer_session((*pool.connect_options()).clone(), 1_000);
+        let mut writer = PgConnection::connect_with(&options).await.unwrap();
+        let (setting,): (String,) = sqlx::query_as("SHOW synchronous_commit").fetch_one(&mut writer).await.unwrap();
+        assert_eq!(setting, "on");
     }
 
     /// A writer's transaction left idle past a commit's deadline is ended by PostgreSQL, so a
