@@ -47,6 +47,12 @@ pub struct LedgerConfig {
     /// First wait before reconnecting after a storage failure; doubles up to the maximum.
     pub reconnect_min_backoff_ms: u64,
     pub reconnect_max_backoff_ms: u64,
+    /// The longest a reload from PostgreSQL after a storage failure may take before it is
+    /// abandoned and tried again. sqlx sets no TCP keepalive, so a connection whose peer
+    /// vanished mid-recovery (a failover, a dead network path) would otherwise never answer and
+    /// the ledger would stay unavailable until restarted. Set it above what loading the largest
+    /// store takes: a reload that never fits in it never succeeds.
+    pub reload_timeout_ms: u64,
 }
 
 impl LedgerConfig {
@@ -57,6 +63,7 @@ impl LedgerConfig {
             journal: JournalConfig::default(),
             reconnect_min_backoff_ms: 50,
             reconnect_max_backoff_ms: 5_000,
+            reload_timeout_ms: 10 * 60 * 1_000,
         }
     }
 }
@@ -76,6 +83,8 @@ pub enum LedgerError {
     Journal(#[from] JournalError),
     #[error("connecting to PostgreSQL took longer than {CONNECT_TIMEOUT_MS} ms")]
     ConnectTimeout,
+    #[error("reloading the ledger from PostgreSQL took longer than {timeout_ms} ms")]
+    ReloadTimeout { timeout_ms: u64 },
     #[error("the state stored in PostgreSQL breaks an invariant, refusing to start: {0}")]
     Invariant(#[from] InvariantViolation),
     #[error("shutdown while requests are still using the ledger")]
@@ -87,7 +96,7 @@ impl LedgerError {
     /// a bug or corrupted state. The gRPC layer maps these to UNAVAILABLE.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            LedgerError::Unavailable | LedgerError::ConnectTimeout => true,
+            LedgerError::Unavailable | LedgerError::ConnectTimeout | LedgerError::ReloadTimeout { .. } => true,
             LedgerError::Store(error) => error.is_unavailable(),
             LedgerError::Journal(error) => error.is_unavailable(),
             LedgerError::Refused(_) | LedgerError::Invariant(_) | LedgerError::Busy => false,
@@ -373,7 +382,9 @@ async fn supervise(shared: Weak<Shared>) {
             if let Some(wait_ms) = backoff_ms {
                 tokio::time::sleep(Duration::from_millis(wait_ms)).await;
             }
-            match Generation::start(&config).await {
+            let timeout_ms = config.reload_timeout_ms;
+            let reload = tokio::time::timeout(Duration::from_millis(timeout_ms), Generation::start(&config)).await;
+            match reload.unwrap_or(Err(LedgerError::ReloadTimeout { timeout_ms })) {
                 Ok(generation) => {
                     let Some(strong) = shared.upgrade() else { return };
                     let committed_sequence = generation.durability.borrow().committed_sequence;

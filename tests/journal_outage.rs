@@ -135,3 +135,44 @@ async fn nothing_acknowledged_is_lost_and_service_resumes_after_postgresql_is_cu
         log.unavailable
     );
 }
+
+/// Promise 9 when PostgreSQL goes silent mid-reload instead of refusing: after a cut, the first
+/// connection of the reload answers its handshake and then nothing more, as one does whose
+/// server vanished in a failover (sqlx sets no TCP keepalive, so nothing ends it). The ledger
+/// abandons that reload at `reload_timeout_ms` and tries again. Until session 23 it waited on the
+/// silent connection for good, unavailable until restarted.
+#[sqlx::test]
+async fn service_resumes_when_a_reload_meets_a_connection_gone_silent(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let proxy = Proxy::start(format!("{}:{}", options.get_host(), options.get_port()));
+    let mut ledger_config = config(options.clone().host("127.0.0.1").port(proxy.port));
+    ledger_config.reconnect_max_backoff_ms = 200;
+    ledger_config.reload_timeout_ms = 2_000;
+    let ledger = Ledger::open(ledger_config).await.unwrap();
+    let at_ms = now_ms();
+    let alice = account(0, Domain::Banking, Asset::USD);
+    ledger.submit(request("open", at_ms, open(alice))).await.unwrap().result.unwrap();
+
+    proxy.cut();
+    let refused = ledger.submit(request("during-cut", at_ms, deposit(alice, 100))).await.unwrap_err();
+    assert!(refused.is_unavailable(), "{refused}");
+    // The startup handshake is a few hundred bytes; a reload reads far more than this.
+    proxy.silence_next_after(1_024);
+    proxy.restore();
+
+    let mut attempt = 0;
+    let resumed = loop {
+        attempt += 1;
+        match ledger.submit(request(&format!("after-{attempt}"), at_ms, deposit(alice, 100))).await {
+            Ok(outcome) => break outcome,
+            Err(error) if error.is_unavailable() && attempt < PROGRESS_DEADLINE_MS / 10 => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(error) => panic!("the ledger did not resume: {error}"),
+        }
+    };
+    resumed.result.unwrap();
+    let balance = ledger.balance(&AccountRef::User(alice)).await.unwrap();
+    assert!(balance.available_minor >= 100, "{balance:?}");
+    ledger.shutdown().await.unwrap();
+}
