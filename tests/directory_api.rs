@@ -453,6 +453,32 @@ async fn reads_of_personal_data_need_a_reason(pool: PgPool) {
     server.stop().await;
 }
 
+/// A compliance check's expiry before 1970 or from the year 10000 on names its field. One before
+/// 4713 BC reached PostgreSQL, which refused it, and came back as an internal error (found in
+/// review, session 23).
+#[sqlx::test]
+async fn a_compliance_expiry_out_of_range_names_its_field(pool: PgPool) {
+    let mut server = ReadSideServer::start(&pool).await;
+    let user = user_id(9);
+    server.directory.register_user(registration(user, EMAIL)).await.expect("register");
+    for expires_at_ms in [-300_000_000_000_000, -1, 253_402_300_800_000, i64::MAX] {
+        let check = pb::RecordComplianceCheckRequest {
+            user_id: user.to_string(),
+            check_type: pb::ComplianceCheckType::Aml.into(),
+            provider: "complyadvantage".into(),
+            result: pb::ComplianceResult::Passed.into(),
+            risk_score: 3,
+            flags: vec![],
+            expires_at_ms,
+        };
+        let status = server.directory.record_compliance_check(check).await.unwrap_err();
+        assert_refused(&status, Code::InvalidArgument, "INVALID_FIELD");
+        assert_eq!(bad_field(&status), "expires_at_ms", "{expires_at_ms}");
+    }
+    assert_eq!(count(&pool, "SELECT count(*) FROM directory.compliance_checks").await, 0);
+    server.stop().await;
+}
+
 #[sqlx::test]
 async fn erasure_removes_personal_data_and_keeps_the_ledger(pool: PgPool) {
     let mut server = ReadSideServer::start(&pool).await;
