@@ -290,3 +290,32 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing(pool: PgPool) {
     assert_eq!(after, before);
     server.stop().await;
 }
+
+/// Field 1 of `DepositRequest`, its idempotency key (a string), as raw bytes: a message with
+/// this shape can carry a key that is not UTF-8, which no well-typed client can send.
+#[derive(Clone, PartialEq, prost::Message)]
+struct DepositWithRawKey {
+    #[prost(bytes = "vec", tag = "1")]
+    idempotency_key: Vec<u8>,
+}
+
+/// Bytes that are not a valid message of the method's type are refused before any handler runs.
+/// tonic calls that INTERNAL, which tells a client the server is at fault; the server says
+/// INVALID_ARGUMENT `MALFORMED_MESSAGE`, naming the field, and changes nothing (found in review,
+/// session 23).
+#[sqlx::test]
+async fn a_request_that_does_not_decode_is_refused_as_malformed(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let server = TestServer::start(options).await;
+    let mut grpc = tonic::client::Grpc::new(server.channel.clone());
+    grpc.ready().await.expect("the channel is ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/diboas.ledger.v1.Ledger/Deposit");
+    let codec = tonic_prost::ProstCodec::<DepositWithRawKey, pb::MutationResponse>::default();
+    let not_utf8 = DepositWithRawKey { idempotency_key: vec![b'k', 0xff] };
+    let refused = grpc.unary(tonic::Request::new(not_utf8), path, codec).await.unwrap_err();
+    assert_refused(&refused, Code::InvalidArgument, "MALFORMED_MESSAGE");
+    assert!(refused.message().contains("idempotency_key"), "{refused:?}");
+    let (journaled,): (i64,) = sqlx::query_as("SELECT count(*) FROM ledger.journal").fetch_one(&pool).await.unwrap();
+    assert_eq!(journaled, 0);
+    server.stop().await;
+}

@@ -164,7 +164,7 @@ pub async fn serve(
     let relay = config.relay.clone().map(|relay| tokio::spawn(run_forever(relay, outbox_pool, Arc::clone(&ledger))));
 
     let served = tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(super::status::explain_oversized_message))
+        .layer(tower::util::MapResponseLayer::new(super::status::explain_decoding_refusal))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ledger_service)

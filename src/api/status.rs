@@ -466,27 +466,46 @@ pub fn to_rpc_status(status: &Status) -> tonic_types::pb::Status {
     })
 }
 
-/// Gives tonic's own refusal of a request past the decoding limit (OUT_OF_RANGE, raised before
-/// any handler or the gate runs) the same ErrorInfo as every other refusal: reason
-/// `MESSAGE_TOO_LARGE`, with the limit and the size found. Every other response passes through.
-/// Installed around the whole server (`api::server`) as a `tower` response map.
-pub fn explain_oversized_message<B: Default>(response: Response<B>) -> Response<B> {
+/// Gives tonic's own refusals of a request it cannot decode, raised before any handler or the
+/// gate runs, the ErrorInfo every other refusal has:
+/// - past the decoding limit (OUT_OF_RANGE): reason `MESSAGE_TOO_LARGE`, with the limit and the
+///   size found;
+/// - not a valid message of the method's type (a string that is not UTF-8, a wrong wire type, a
+///   truncated field): tonic says INTERNAL, as gRPC's own libraries do, which tells a client the
+///   fault is the server's and a retry may help. It is the client's bytes, so INVALID_ARGUMENT
+///   with reason `MALFORMED_MESSAGE` and the decoder's description (field path and fault, never
+///   the bytes themselves). Found in review, session 23.
+///
+/// Every other response passes through. Installed around the whole server (`api::server`) as a
+/// `tower` response map.
+pub fn explain_decoding_refusal<B: Default>(response: Response<B>) -> Response<B> {
     const TONIC_PREFIX: &str = "Error, decoded message length too large: found ";
+    const PROST_PREFIX: &str = "failed to decode Protobuf message: ";
     let Some(status) = Status::from_header_map(response.headers()) else { return response };
-    if status.code() != Code::OutOfRange {
-        return response;
-    }
-    let Some(sizes) = status.message().strip_prefix(TONIC_PREFIX) else { return response };
+    let explained = match status.code() {
+        Code::OutOfRange => status.message().strip_prefix(TONIC_PREFIX).and_then(explain_oversized),
+        Code::Internal => status.message().strip_prefix(PROST_PREFIX).map(|fault| {
+            let message = format!("the request is not a valid protobuf message for this method: {fault}");
+            with_info(Code::InvalidArgument, message, "MALFORMED_MESSAGE", Vec::new(), ErrorDetails::new())
+        }),
+        _ => None,
+    };
+    let Some(explained) = explained else { return response };
+    let mut rewritten = explained.into_http::<B>();
+    *rewritten.version_mut() = response.version();
+    rewritten
+}
+
+/// The refusal of a message past the decoding limit, from tonic's "<found> bytes, the limit is:
+/// <limit> bytes"; `None` if the text is not in that form.
+fn explain_oversized(sizes: &str) -> Option<Status> {
     // "<found> bytes, the limit is: <limit> bytes"
     let numbers: Vec<&str> = sizes.split(|c: char| !c.is_ascii_digit()).filter(|part| !part.is_empty()).collect();
     let (found_bytes, limit_bytes) = match numbers.as_slice() {
         [found, limit] => (found.to_string(), limit.to_string()),
-        _ => return response,
+        _ => return None,
     };
     let message = format!("the request is {found_bytes} bytes, larger than this server accepts ({limit_bytes} bytes)");
     let metadata = vec![("limit_bytes", limit_bytes), ("found_bytes", found_bytes)];
-    let explained = with_info(Code::OutOfRange, message, "MESSAGE_TOO_LARGE", metadata, ErrorDetails::new());
-    let mut rewritten = explained.into_http::<B>();
-    *rewritten.version_mut() = response.version();
-    rewritten
+    Some(with_info(Code::OutOfRange, message, "MESSAGE_TOO_LARGE", metadata, ErrorDetails::new()))
 }
