@@ -34,7 +34,15 @@ async fn server_with_tokens(pool: &PgPool) -> (TestServer, Tokens) {
     let (admin, admin_entry) = entry("admin", &["*"], &["*"]);
     let (payments, payments_entry) = entry(
         "payments",
-        &["OpenAccount", "Deposit", "GetBalance", "ListBalances", "GetUserSummary", "SubmitBatch"],
+        &[
+            "OpenAccount",
+            "Deposit",
+            "GetBalance",
+            "ListBalances",
+            "GetUserSummary",
+            "SubmitBatch",
+            "SubmitProviderEvent",
+        ],
         &["banking"],
     );
     let (trading, trading_entry) = entry("trading", &["*"], &["investing"]);
@@ -298,5 +306,57 @@ async fn transaction_reads_show_only_the_domains_in_scope(pool: PgPool) {
     assert_eq!(ids(visible.into_inner()), [tx_id(2)]);
     let denied = transactions.list_transactions(list(pb::Domain::Banking, &tokens.trading)).await.unwrap_err();
     assert_refused(&denied, Code::PermissionDenied, "DOMAIN_NOT_ALLOWED");
+    server.stop().await;
+}
+
+/// A provider event naming a transaction outside the caller's domains is refused before it is
+/// stored or answered. Stored first (until session 23), it stayed pending under the refusal, so
+/// the rightful sender's redelivery was answered as a duplicate and never applied; and an event
+/// the transaction had moved past was answered with the transaction's status.
+#[sqlx::test]
+async fn provider_events_for_another_domain_are_refused_before_they_are_stored(pool: PgPool) {
+    let (server, tokens) = server_with_tokens(&pool).await;
+    let mut ledger = server.client.clone();
+    let mut transactions = TransactionsClient::new(server.channel.clone());
+    let investing_usd = account(1, pb::Domain::Investing, "USD");
+    let investing_btc = account(1, pb::Domain::Investing, "BTC");
+    for (key, account) in [("open-inv-usd", &investing_usd), ("open-inv-btc", &investing_btc)] {
+        ledger.open_account(with_token(open(key, account), &tokens.admin)).await.unwrap();
+    }
+    let buy = pb::InitiateTransactionRequest {
+        idempotency_key: "init-2".into(),
+        transaction_id: tx_id(2),
+        domain: pb::Domain::Investing.into(),
+        r#type: "buy_crypto".into(),
+        target_asset: "BTC".into(),
+        provider: pb::Provider::Unspecified.into(),
+        ..add_money(1, 1)
+    };
+    transactions.initiate_transaction(with_token(buy, &tokens.admin)).await.unwrap();
+
+    let event = |event_id: &str, event_type: &str| pb::SubmitProviderEventRequest {
+        source: "rails".into(),
+        event_id: event_id.into(),
+        event_type: event_type.into(),
+        raw_payload: format!(r#"{{"transaction_id":"{}"}}"#, tx_id(2)),
+    };
+    for (event_id, event_type) in [("e-1", "provider.processing"), ("e-2", "transaction_updated.completed")] {
+        let denied = transactions
+            .submit_provider_event(with_token(event(event_id, event_type), &tokens.payments))
+            .await
+            .unwrap_err();
+        assert_refused(&denied, Code::PermissionDenied, "DOMAIN_NOT_ALLOWED");
+    }
+    let (stored,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM ledger.provider_events").fetch_one(&pool).await.unwrap();
+    assert_eq!(stored, 0, "a refused event is not stored");
+    let applied = transactions
+        .submit_provider_event(with_token(event("e-1", "provider.processing"), &tokens.trading))
+        .await
+        .unwrap()
+        .into_inner();
+    // The rightful sender's event is new, not a duplicate of the refused one (the transaction is
+    // not yet with its provider, so the event waits as failed, to be retried).
+    assert_eq!((applied.duplicate, applied.transaction_id.as_str()), (false, tx_id(2).as_str()));
     server.stop().await;
 }

@@ -127,12 +127,25 @@ impl TransactionsService {
         let row = queries::transaction(&self.pool, transaction_id)
             .await?
             .ok_or(ApiError::TransactionNotFound { transaction_id })?;
-        let domain = Domain::ALL
-            .into_iter()
-            .find(|domain| domain.name() == row.domain)
-            .ok_or_else(|| ApiError::Internal(format!("transaction {transaction_id}: domain {}", row.domain)))?;
-        caller()?.require_domain(domain)?;
+        caller()?.require_domain(domain_of(&row)?)?;
         Ok(row)
+    }
+
+    /// Refuses a provider event that names a stored transaction outside the caller's domains,
+    /// before anything of it is stored or answered: stored first, it stayed pending under a
+    /// refusal, so the rightful sender's redelivery was answered as a duplicate and never
+    /// applied; and an event the transaction had moved past was answered with the transaction's
+    /// status (found in review, session 23). An event that moves nothing, does not parse or names
+    /// no stored transaction reveals nothing and is stored as before, to be retried.
+    async fn require_event_in_scope(&self, event_type: &str, raw_payload: &str) -> Result<(), ApiError> {
+        if provider_events::target_status(event_type).is_none() {
+            return Ok(());
+        }
+        let Ok(parsed) = provider_events::parse(raw_payload) else { return Ok(()) };
+        if let Some(row) = queries::transaction(&self.pool, parsed.transaction_id).await? {
+            caller()?.require_domain(domain_of(&row)?)?;
+        }
+        Ok(())
     }
 
     /// The journaled description of `user_id`'s transaction `transaction_id`.
@@ -236,6 +249,7 @@ impl TransactionsService {
         let event_id = wire::required_text(&body.event_id, "event_id", wire::MAX_EVENT_FIELD_LEN)?;
         let event_type = wire::required_text(&body.event_type, "event_type", wire::MAX_EVENT_FIELD_LEN)?;
         let raw_payload = wire::bounded_text(&body.raw_payload, "raw_payload", wire::MAX_RAW_PAYLOAD_BYTES)?;
+        self.require_event_in_scope(&event_type, &raw_payload).await?;
         if !queries::insert_event(&self.pool, &source, &event_id, &event_type, &raw_payload).await? {
             let stored = queries::event(&self.pool, &source, &event_id)
                 .await?
@@ -258,6 +272,7 @@ impl TransactionsService {
         let stored = queries::event(&self.pool, &source, &event_id)
             .await?
             .ok_or(ApiError::EventNotFound { event_source: source.clone(), event_id: event_id.clone() })?;
+        self.require_event_in_scope(&stored.event_type, &stored.raw_payload).await?;
         if !matches!(stored.status.as_str(), "failed" | "pending") {
             return Err(ApiError::EventNotRetryable { status: stored.status });
         }
@@ -356,6 +371,14 @@ impl TransactionsService {
             Err(other) => Err(other),
         }
     }
+}
+
+/// The domain of a stored transaction.
+fn domain_of(row: &queries::TransactionRow) -> Result<Domain, ApiError> {
+    Domain::ALL
+        .into_iter()
+        .find(|domain| domain.name() == row.domain)
+        .ok_or_else(|| ApiError::Internal(format!("transaction {}: domain {}", row.transaction_id, row.domain)))
 }
 
 /// The idempotency key of applying provider event (source, event_id): the first 128 bits of their
