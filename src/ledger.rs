@@ -33,6 +33,7 @@ use crate::engine::operation::Request;
 use crate::engine::record::{JournalRecord, RequestContext};
 use crate::engine::state::{AccountView, EngineState, InvariantViolation};
 use crate::engine::{Engine, EngineConfig, IdempotencyFill, Outcome, SweepReport};
+use crate::journal::fence::{self, WriterBackend};
 use crate::journal::{CONNECT_TIMEOUT_MS, Durability, JournalConfig, JournalError, Writer};
 use crate::store::{self, StoreError};
 
@@ -114,12 +115,17 @@ struct Generation {
 }
 
 impl Generation {
-    async fn start(config: &LedgerConfig) -> Result<Generation, LedgerError> {
+    /// Loads the state from PostgreSQL and starts a writer. After a failure, `failed_writer` is
+    /// the failed generation's writer backend, ended before anything is read (see `fence`).
+    async fn start(config: &LedgerConfig, failed_writer: Option<WriterBackend>) -> Result<Generation, LedgerError> {
         let connect = PgConnection::connect_with(&config.connect);
         let mut conn = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect)
             .await
             .map_err(|_| LedgerError::ConnectTimeout)?
             .map_err(StoreError::from)?;
+        if let Some(backend) = failed_writer {
+            fence::end(&mut conn, backend).await?;
+        }
         // Start-up (and every reload) makes sure the journal can take this month's rows, and
         // drops expired key partitions if it can lock them at once: a long reader holding one (a
         // dump, an audit query) must not hang start-up. Found in session 16. The writer's hourly
@@ -211,7 +217,7 @@ impl Ledger {
     /// Recovers the ledger from PostgreSQL (which must be migrated: see `store::prepare`),
     /// checks its invariants and starts the journal writer. Must run inside a Tokio runtime.
     pub async fn open(config: LedgerConfig) -> Result<Ledger, LedgerError> {
-        let generation = Generation::start(&config).await?;
+        let generation = Generation::start(&config, None).await?;
         let shared = Arc::new(Shared { config, current: RwLock::new(Arc::new(generation)) });
         let supervisor = tokio::spawn(supervise(Arc::downgrade(&shared)));
         Ok(Ledger { shared, supervisor })
@@ -372,6 +378,10 @@ async fn supervise(shared: Weak<Shared>) {
             }
         }
         tracing::warn!("journal writer failed: refusing changes until the ledger is reloaded from PostgreSQL");
+        let failed_writer = match shared.upgrade() {
+            Some(shared) => shared.current.read().writer.lock().as_ref().map(Writer::backend),
+            None => return,
+        };
         let mut backoff_ms = None;
         loop {
             let Some(strong) = shared.upgrade() else { return };
@@ -383,7 +393,9 @@ async fn supervise(shared: Weak<Shared>) {
                 tokio::time::sleep(Duration::from_millis(wait_ms)).await;
             }
             let timeout_ms = config.reload_timeout_ms;
-            let reload = tokio::time::timeout(Duration::from_millis(timeout_ms), Generation::start(&config)).await;
+            let reload =
+                tokio::time::timeout(Duration::from_millis(timeout_ms), Generation::start(&config, failed_writer))
+                    .await;
             match reload.unwrap_or(Err(LedgerError::ReloadTimeout { timeout_ms })) {
                 Ok(generation) => {
                     let Some(strong) = shared.upgrade() else { return };

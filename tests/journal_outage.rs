@@ -176,3 +176,76 @@ async fn service_resumes_when_a_reload_meets_a_connection_gone_silent(pool: PgPo
     assert!(balance.available_minor >= 100, "{balance:?}");
     ledger.shutdown().await.unwrap();
 }
+
+/// A batch the writer gave up on (its commit deadline passed while it waited on a lock) does
+/// not commit behind the reload's back: the reload ends the old writer's backend before reading
+/// the state, so the batch rolls back and the new engine and PostgreSQL agree. Until session 23
+/// the abandoned batch committed once the lock was released, after the reload had read the
+/// state: the engine showed the balance without it and refused nothing, while PostgreSQL had it.
+#[sqlx::test]
+async fn a_batch_abandoned_at_its_deadline_does_not_commit_after_the_reload(pool: PgPool) {
+    let options = prepared(&pool).await;
+    let mut ledger_config = config(options);
+    ledger_config.journal.max_commit_ms = 500;
+    let ledger = Ledger::open(ledger_config).await.unwrap();
+    let at_ms = now_ms();
+    let alice = account(0, Domain::Banking, Asset::USD);
+    ledger.submit(request("open", at_ms, open(alice))).await.unwrap().result.unwrap();
+    ledger.submit(request("fund", at_ms, deposit(alice, 100))).await.unwrap().result.unwrap();
+
+    // Another session holds the checkpoint's row: the next batch waits for it past its deadline.
+    let mut holder = pool.acquire().await.unwrap();
+    sqlx::raw_sql("BEGIN; SELECT committed_sequence FROM ledger.checkpoint FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let abandoned = ledger.submit(request("abandoned", at_ms, deposit(alice, 5))).await.unwrap_err();
+    assert!(abandoned.is_unavailable(), "{abandoned}");
+    // The reload has happened once a read is answered again.
+    let mut reloaded = None;
+    for _ in 0..PROGRESS_DEADLINE_MS / 10 {
+        if let Ok(balance) = ledger.balance(&AccountRef::User(alice)).await {
+            reloaded = Some(balance);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let reloaded = reloaded.expect("the ledger reloaded");
+    assert_eq!(reloaded.available_minor, 100);
+
+    sqlx::raw_sql("COMMIT").execute(&mut *holder).await.unwrap();
+    // Whatever the abandoned batch's backend was doing is over once no other session of this
+    // database is active (the new writer's waits idle for its next batch).
+    let (database,): (String,) = sqlx::query_as("SELECT current_database()").fetch_one(&mut *holder).await.unwrap();
+    loop {
+        let (active,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND state = 'active' AND pid <> pg_backend_pid()",
+        )
+        .bind(&database)
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+        if active == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let journaled = |key: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM ledger.journal WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            count
+        }
+    };
+    assert_eq!(journaled("abandoned").await, 0, "the abandoned batch committed after the reload read the state");
+
+    // The caller's retry is then applied, once.
+    ledger.submit(request("abandoned", at_ms, deposit(alice, 5))).await.unwrap().result.unwrap();
+    assert_eq!(ledger.balance(&AccountRef::User(alice)).await.unwrap().available_minor, 105);
+    assert_eq!(journaled("abandoned").await, 1);
+    ledger.shutdown().await.unwrap();
+}

@@ -21,6 +21,7 @@
 
 pub mod batch;
 pub mod copy_rows;
+pub mod fence;
 mod transactions;
 
 use std::thread::JoinHandle;
@@ -33,6 +34,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use self::batch::{Batch, write_batch};
+use self::fence::WriterBackend;
 use crate::engine::record::JournalRecord;
 use crate::metrics::JournalMetrics;
 use crate::store::StoreError;
@@ -157,6 +159,7 @@ fn writer_session(options: PgConnectOptions, max_commit_ms: u64) -> PgConnectOpt
 pub struct Writer {
     committer: JoinHandle<()>,
     batcher: JoinHandle<()>,
+    backend: WriterBackend,
 }
 
 impl Writer {
@@ -187,7 +190,7 @@ impl Writer {
             runtime.block_on(async move {
                 let options = writer_session(options, config.max_commit_ms);
                 let connect = PgConnection::connect_with(&options);
-                let conn = match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect).await {
+                let mut conn = match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect).await {
                     Ok(Ok(conn)) => conn,
                     Ok(Err(error)) => {
                         let _ = ready_sender.send(Err(error.into()));
@@ -198,7 +201,15 @@ impl Writer {
                         return;
                     }
                 };
-                let _ = ready_sender.send(Ok(()));
+                match fence::identify(&mut conn).await {
+                    Ok(backend) => {
+                        let _ = ready_sender.send(Ok(backend));
+                    }
+                    Err(error) => {
+                        let _ = ready_sender.send(Err(error.into()));
+                        return;
+                    }
+                }
                 let mut state = WriterLoop {
                     conn,
                     wants: wants_sender,
@@ -223,18 +234,24 @@ impl Writer {
                 }
             });
         })?;
-        match ready.recv() {
-            Ok(Ok(())) => {}
+        let backend = match ready.recv() {
+            Ok(Ok(backend)) => backend,
             Ok(Err(error)) => {
                 let _ = committer.join();
                 return Err(error);
             }
             Err(_) => return Err(JournalError::WriterGone),
-        }
+        };
         let batcher = std::thread::Builder::new()
             .name("journal-batcher".to_owned())
             .spawn(move || fill_batches(&receiver, &wants, &batches_sender, limits))?;
-        Ok(Writer { committer, batcher })
+        Ok(Writer { committer, batcher, backend })
+    }
+
+    /// The PostgreSQL backend serving the writer's connection, for the reload after a failure
+    /// to end it first (`fence`).
+    pub fn backend(&self) -> WriterBackend {
+        self.backend
     }
 
     /// Waits for both threads to end: they end once every sender is gone and the queue is written,
