@@ -12,6 +12,7 @@ use diboas_ledger::ledger::LedgerConfig;
 use grpc_common::*;
 use sqlx::PgPool;
 use tonic::Code;
+use tonic::transport::Channel;
 
 struct Tokens {
     /// Everything, every domain: sets the scene.
@@ -258,19 +259,14 @@ async fn the_journal_records_which_service_asked(pool: PgPool) {
     assert_eq!(callers, [Some("payments".to_owned()), Some("trading".to_owned())]);
 }
 
-/// The Transactions service's reads are scoped like the Ledger's: a caller sees, lists and reads
-/// the history of transactions in its domains only (until session 22 it read every domain's).
-#[sqlx::test]
-async fn transaction_reads_show_only_the_domains_in_scope(pool: PgPool) {
-    let (server, tokens) = server_with_tokens(&pool).await;
+/// User 1's investing USD and BTC accounts, and a buy of BTC, transaction 2, initiated by the
+/// admin; with a Transactions client.
+async fn investing_buy(server: &TestServer, tokens: &Tokens) -> TransactionsClient<Channel> {
     let mut ledger = server.client.clone();
-    let mut transactions = TransactionsClient::new(server.channel.clone());
-    let investing_usd = account(1, pb::Domain::Investing, "USD");
-    let investing_btc = account(1, pb::Domain::Investing, "BTC");
-    for (key, account) in [("open-usd", &usd(1)), ("open-inv-usd", &investing_usd), ("open-inv-btc", &investing_btc)] {
-        ledger.open_account(with_token(open(key, account), &tokens.admin)).await.unwrap();
+    for (key, asset) in [("open-inv-usd", "USD"), ("open-inv-btc", "BTC")] {
+        let account = account(1, pb::Domain::Investing, asset);
+        ledger.open_account(with_token(open(key, &account), &tokens.admin)).await.unwrap();
     }
-    let add_money = add_money(1, 1);
     let buy = pb::InitiateTransactionRequest {
         idempotency_key: "init-2".into(),
         transaction_id: tx_id(2),
@@ -278,11 +274,22 @@ async fn transaction_reads_show_only_the_domains_in_scope(pool: PgPool) {
         r#type: "buy_crypto".into(),
         target_asset: "BTC".into(),
         provider: pb::Provider::Unspecified.into(),
-        ..add_money.clone()
+        ..add_money(1, 1)
     };
-    for request in [add_money, buy] {
-        transactions.initiate_transaction(with_token(request, &tokens.admin)).await.unwrap();
-    }
+    let mut transactions = TransactionsClient::new(server.channel.clone());
+    transactions.initiate_transaction(with_token(buy, &tokens.admin)).await.unwrap();
+    transactions
+}
+
+/// The Transactions service's reads are scoped like the Ledger's: a caller sees, lists and reads
+/// the history of transactions in its domains only (until session 22 it read every domain's).
+#[sqlx::test]
+async fn transaction_reads_show_only_the_domains_in_scope(pool: PgPool) {
+    let (server, tokens) = server_with_tokens(&pool).await;
+    let mut transactions = investing_buy(&server, &tokens).await;
+    let mut ledger = server.client.clone();
+    ledger.open_account(with_token(open("open-usd", &usd(1)), &tokens.admin)).await.unwrap();
+    transactions.initiate_transaction(with_token(add_money(1, 1), &tokens.admin)).await.unwrap();
 
     let get = |n: u128, token: &str| with_token(pb::GetTransactionRequest { transaction_id: tx_id(n) }, token);
     let denied = transactions.get_transaction(get(1, &tokens.trading)).await.unwrap_err();
@@ -316,23 +323,7 @@ async fn transaction_reads_show_only_the_domains_in_scope(pool: PgPool) {
 #[sqlx::test]
 async fn provider_events_for_another_domain_are_refused_before_they_are_stored(pool: PgPool) {
     let (server, tokens) = server_with_tokens(&pool).await;
-    let mut ledger = server.client.clone();
-    let mut transactions = TransactionsClient::new(server.channel.clone());
-    let investing_usd = account(1, pb::Domain::Investing, "USD");
-    let investing_btc = account(1, pb::Domain::Investing, "BTC");
-    for (key, account) in [("open-inv-usd", &investing_usd), ("open-inv-btc", &investing_btc)] {
-        ledger.open_account(with_token(open(key, account), &tokens.admin)).await.unwrap();
-    }
-    let buy = pb::InitiateTransactionRequest {
-        idempotency_key: "init-2".into(),
-        transaction_id: tx_id(2),
-        domain: pb::Domain::Investing.into(),
-        r#type: "buy_crypto".into(),
-        target_asset: "BTC".into(),
-        provider: pb::Provider::Unspecified.into(),
-        ..add_money(1, 1)
-    };
-    transactions.initiate_transaction(with_token(buy, &tokens.admin)).await.unwrap();
+    let mut transactions = investing_buy(&server, &tokens).await;
 
     let event = |event_id: &str, event_type: &str| pb::SubmitProviderEventRequest {
         source: "rails".into(),
