@@ -715,3 +715,45 @@ async fn too_many_unfinished_transactions_are_refused_with_their_reason(pool: Pg
     assert_eq!(info.metadata["max"], MAX_UNFINISHED_TRANSACTIONS_PER_USER.to_string());
     assert_eq!(info.metadata["user_id"], user(1));
 }
+
+/// One transaction id initiated for two users at once: one initiation goes through, the other is
+/// refused as a duplicate id, and the journal goes on. Until session 23 both passed the id check
+/// (neither was durable yet), and the two users' transactions under one id then failed the
+/// journal's batch on every later move of either, the ledger reloading each time.
+#[sqlx::test]
+async fn one_transaction_id_initiated_for_two_users_at_once_is_taken_once(pool: PgPool) {
+    let options = prepared(&pool).await;
+    fee_schedule(
+        &pool,
+        "add_money",
+        "USD",
+        "2020-01-01T00:00:00Z",
+        r#"[{"tier":"platform","category":"service","method":"flat","amount_minor":30}]"#,
+    )
+    .await;
+    let mut server = TestServer::start(options.clone()).await;
+    let mut client = TransactionsClient::new(server.channel.clone());
+    for n in [1, 2] {
+        server.client.open_account(open(&format!("open-{n}"), &usd(n))).await.expect("open");
+        verified(&mut client, n).await;
+    }
+    for round in 0..5 {
+        let n = 10 + round;
+        let request = |user_n: u128| pb::InitiateTransactionRequest {
+            idempotency_key: format!("init-{n}-user-{user_n}"),
+            provider: pb::Provider::Stripe.into(),
+            ..initiate(n, user_n, pb::Domain::Banking, "add_money", "100.00", "USD")
+        };
+        let (mut first, mut second) = (client.clone(), client.clone());
+        let (one, two) = tokio::join!(first.initiate_transaction(request(1)), second.initiate_transaction(request(2)));
+        let (winner, refused) = match (one, two) {
+            (Ok(_), Err(refused)) => (1, refused),
+            (Err(refused), Ok(_)) => (2, refused),
+            other => panic!("round {round}: exactly one initiation takes the id: {other:?}"),
+        };
+        assert_refused(&refused, Code::AlreadyExists, "TRANSACTION_ALREADY_EXISTS");
+        assert_eq!(advance(&mut client, n, winner, "validating").await.status, "validating");
+    }
+    server.stop().await;
+    assert_conserved_and_verified(&options, &pool).await;
+}

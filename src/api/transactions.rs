@@ -13,6 +13,7 @@
 //! commit and the inbox update or through RetryProviderEvent, replays the same outcome instead of
 //! applying it twice.
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -41,10 +42,19 @@ use crate::store::transaction_queries::{self as queries, ListFilter};
 /// Connections the Transactions service keeps to PostgreSQL for its reads and the inbox.
 pub const MAX_POOL_CONNECTIONS: u32 = 8;
 
+/// Initiations of transaction ids that hash alike wait for each other (see `initiate`).
+const INITIATION_STRIPES: usize = 64;
+
 pub struct TransactionsService {
     ledger: Arc<Ledger>,
     gate: Arc<Gate>,
     pool: PgPool,
+    /// Held by an initiation from its check that the id is new until it is durable, so that two
+    /// initiations of one id (for two users) cannot both pass the check: the engine knows a
+    /// transaction id per user only, and the projections hold one transaction per id.
+    initiations: Box<[tokio::sync::Mutex<()>]>,
+    /// Seeded per process, so a caller cannot choose ids that all wait on one stripe.
+    stripe_hasher: RandomState,
 }
 
 /// The engine's answer to a mutation, and where it left the transaction (if it moved one).
@@ -56,7 +66,8 @@ struct Applied {
 
 impl TransactionsService {
     pub fn new(ledger: Arc<Ledger>, gate: Arc<Gate>, pool: PgPool) -> TransactionsService {
-        TransactionsService { ledger, gate, pool }
+        let initiations = (0..INITIATION_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
+        TransactionsService { ledger, gate, pool, initiations, stripe_hasher: RandomState::new() }
     }
 
     async fn submit(&self, key: IdempotencyKey, operation: Operation) -> Result<Applied, ApiError> {
@@ -106,6 +117,12 @@ impl TransactionsService {
                 spec.fees = fees::compute(schedule, spec.principal_minor)?;
             }
         }
+        // Until this initiation is durable (or refused), no other of the same id gets past here:
+        // two at once, for two users, each passed the checks below before either was in the
+        // projections, and both ids then stopped the journal's writer on every later move of
+        // either (found in review, session 23).
+        let stripe = self.stripe_hasher.hash_one(transaction_id) as usize % INITIATION_STRIPES;
+        let _initiating = self.initiations[stripe].lock().await;
         // A transaction id names one business transaction for good. The engine forgets finished
         // transactions after the retention window, so an id it no longer knows may still be in
         // the projections, which hold one transaction per id: refuse it here. Journaled again, it
