@@ -329,6 +329,47 @@ async fn a_prune_racing_a_read_refuses_the_read_rather_than_leave_a_gap(pool: Pg
     server.stop().await;
 }
 
+/// A stream from 0 ("from the oldest kept") that a prune overtakes before its first read starts
+/// after the new pruned prefix: it had been owed nothing yet. Until session 23 it ended as
+/// EVENTS_PRUNED, and resuming where that said failed the same way.
+#[sqlx::test]
+async fn a_stream_from_the_oldest_overtaken_by_a_prune_starts_after_it(pool: PgPool) {
+    let mut server = TestServer::start(prepared(&pool).await).await;
+    make_events(&mut server, 0..1, 5).await;
+    let config = relay_config(NATS_URL);
+    let relay = Relay::connect(config.clone(), pool.clone()).await.expect("connect the relay");
+    publish_all(&relay).await;
+    make_events(&mut server, 1..2, 0).await;
+
+    // The pruner holds the table: the stream opens (it reads only the pruned prefix, 0 here) and
+    // its follower's first read waits.
+    let mut pruner = pool.begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE ledger.outbox_events IN ACCESS EXCLUSIVE MODE").execute(&mut *pruner).await.expect("lock");
+    let mut events = pb::events_client::EventsClient::new(server.channel.clone());
+    let from_the_oldest = pb::StreamEventsRequest {
+        start: Some(pb::stream_events_request::Start::AfterPosition(0)),
+        ..Default::default()
+    };
+    let mut stream = events.stream_events(from_the_oldest).await.expect("a stream").into_inner();
+    loop {
+        let waiting: (i64,) =
+            sqlx::query_as("SELECT count(*) FROM pg_locks WHERE NOT granted").fetch_one(&pool).await.expect("locks");
+        if waiting.0 > 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(prune_published(&mut pruner, 0, 100).await.expect("prune") > 0);
+    pruner.commit().await.expect("commit");
+    let (pruned_through,): (i64,) =
+        sqlx::query_as("SELECT pruned_through FROM ledger.outbox_pruned").fetch_one(&pool).await.expect("read");
+    let first_kept = stream.message().await.expect("the stream goes on").expect("an event");
+    assert_eq!(first_kept.position, pruned_through + 1);
+    drop(stream);
+    delete_stream(&config).await;
+    server.stop().await;
+}
+
 /// A JetStream that takes publishes and never answers costs a round about one acknowledgement
 /// timeout, not one per event: the acknowledgements are awaited together (until session 22 one
 /// after another, so a round of 5,000 events at the 5 s default could stall for about 7 hours).

@@ -128,6 +128,7 @@ impl EventsService {
             config: self.config,
             filter,
             last_position: after_position,
+            from_oldest: matches!(start, Start::AfterPosition(0)),
             sender,
             closing: self.closing.clone(),
             _permit: permit,
@@ -170,6 +171,10 @@ struct Follower {
     /// The position through which every event the consumer asked for is in its buffer (where
     /// it resumes if cut).
     last_position: i64,
+    /// A stream from 0 ("from the oldest kept") that has not read a page yet: a prune that
+    /// overtakes it before then took nothing it was owed, so it starts after the new prefix
+    /// instead of ending as pruned (found in review, session 23).
+    from_oldest: bool,
     sender: mpsc::Sender<pb::Event>,
     closing: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
@@ -191,10 +196,15 @@ impl Follower {
             durability.borrow_and_update();
             let page = match self.read(page_events).await {
                 Ok(page) => page,
+                Err(crate::outbox::OutboxError::Pruned { pruned_through, .. }) if self.from_oldest => {
+                    self.last_position = pruned_through;
+                    continue;
+                }
                 Err(source) => {
                     return Some(Status::from(ApiError::Events { source, resume_after_position: self.last_position }));
                 }
             };
+            self.from_oldest = false;
             let caught_up = (page.events.len() as i64) < page_events;
             for stored in page.events {
                 let position = stored.position;
