@@ -29,6 +29,25 @@ async fn fee_schedule(pool: &PgPool, kind: &str, asset: &str, effective_from: &s
     .expect("insert a fee schedule");
 }
 
+/// A server whose Add Money fees are `fee_rules` (a fee schedule's JSON), with a banking USD
+/// account opened and KYC-verified for each of `users`; its connection options and a
+/// Transactions client.
+async fn serving_add_money(
+    pool: &PgPool,
+    fee_rules: &str,
+    users: &[u128],
+) -> (PgConnectOptions, TestServer, TransactionsClient<Channel>) {
+    let options = prepared(pool).await;
+    fee_schedule(pool, "add_money", "USD", "2020-01-01T00:00:00Z", fee_rules).await;
+    let mut server = TestServer::start(options.clone()).await;
+    let mut client = TransactionsClient::new(server.channel.clone());
+    for &n in users {
+        server.client.open_account(open(&format!("open-{n}"), &usd(n))).await.expect("open");
+        verified(&mut client, n).await;
+    }
+    (options, server, client)
+}
+
 async fn verified(client: &mut TransactionsClient<Channel>, user_n: u128) {
     client
         .set_user_compliance(pb::SetUserComplianceRequest {
@@ -634,19 +653,12 @@ async fn a_restart_keeps_transactions_and_their_reservations(pool: PgPool) {
 
 #[sqlx::test]
 async fn a_dispute_after_completion_is_undone_by_reverse_postings(pool: PgPool) {
-    let options = prepared(&pool).await;
-    fee_schedule(
+    let (options, mut server, mut client) = serving_add_money(
         &pool,
-        "add_money",
-        "USD",
-        "2020-01-01T00:00:00Z",
         r#"[{"tier":"provider","category":"card_processing","method":"flat","amount_minor":100}]"#,
+        &[1],
     )
     .await;
-    let mut server = TestServer::start(options.clone()).await;
-    let mut client = TransactionsClient::new(server.channel.clone());
-    server.client.open_account(open("open-1", &usd(1))).await.expect("open");
-    verified(&mut client, 1).await;
     let mut request = initiate(1, 1, pb::Domain::Banking, "add_money", "50.00", "USD");
     request.provider = pb::Provider::Stripe.into();
     client.initiate_transaction(request).await.expect("initiate");
@@ -722,21 +734,12 @@ async fn too_many_unfinished_transactions_are_refused_with_their_reason(pool: Pg
 /// journal's batch on every later move of either, the ledger reloading each time.
 #[sqlx::test]
 async fn one_transaction_id_initiated_for_two_users_at_once_is_taken_once(pool: PgPool) {
-    let options = prepared(&pool).await;
-    fee_schedule(
+    let (options, server, mut client) = serving_add_money(
         &pool,
-        "add_money",
-        "USD",
-        "2020-01-01T00:00:00Z",
         r#"[{"tier":"platform","category":"service","method":"flat","amount_minor":30}]"#,
+        &[1, 2],
     )
     .await;
-    let mut server = TestServer::start(options.clone()).await;
-    let mut client = TransactionsClient::new(server.channel.clone());
-    for n in [1, 2] {
-        server.client.open_account(open(&format!("open-{n}"), &usd(n))).await.expect("open");
-        verified(&mut client, n).await;
-    }
     for round in 0..5 {
         let n = 10 + round;
         let request = |user_n: u128| pb::InitiateTransactionRequest {

@@ -293,6 +293,25 @@ async fn the_delivery_state_migration_carries_over_every_events_state(pool: PgPo
     assert_eq!(published_at_set, old.iter().map(|row| row.0 == "published").collect::<Vec<_>>());
 }
 
+/// A transaction holding `ledger.outbox_events` locked, as a pruner might, so a reader waits.
+async fn holding_the_events(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut pruner = pool.begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE ledger.outbox_events IN ACCESS EXCLUSIVE MODE").execute(&mut *pruner).await.expect("lock");
+    pruner
+}
+
+/// Returns once some session waits for a lock.
+async fn until_a_lock_is_awaited(pool: &PgPool) {
+    loop {
+        let waiting: (i64,) =
+            sqlx::query_as("SELECT count(*) FROM pg_locks WHERE NOT granted").fetch_one(pool).await.expect("locks");
+        if waiting.0 > 0 {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 /// A prune that commits between a reader's check of the pruned prefix and its read of the events
 /// must not leave the reader a silent gap: the read is refused as pruned (until session 22 it
 /// returned the events after the gap as if nothing were missing).
@@ -307,18 +326,10 @@ async fn a_prune_racing_a_read_refuses_the_read_rather_than_leave_a_gap(pool: Pg
     let first = outbox_rows(&pool).await.first().expect("events").0;
 
     // The pruner holds the table while the reader, past its first check, waits to read it.
-    let mut pruner = pool.begin().await.expect("a transaction");
-    sqlx::query("LOCK TABLE ledger.outbox_events IN ACCESS EXCLUSIVE MODE").execute(&mut *pruner).await.expect("lock");
+    let mut pruner = holding_the_events(&pool).await;
     let mut reader = pool.acquire().await.expect("a connection");
     let read = tokio::spawn(async move { events_after(&mut reader, first, &EventFilter::default(), 100).await });
-    loop {
-        let waiting: (i64,) =
-            sqlx::query_as("SELECT count(*) FROM pg_locks WHERE NOT granted").fetch_one(&pool).await.expect("locks");
-        if waiting.0 > 0 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    until_a_lock_is_awaited(&pool).await;
     assert!(prune_published(&mut pruner, 0, 100).await.expect("prune") > 0);
     pruner.commit().await.expect("commit");
     match read.await.expect("the reader") {
@@ -343,22 +354,14 @@ async fn a_stream_from_the_oldest_overtaken_by_a_prune_starts_after_it(pool: PgP
 
     // The pruner holds the table: the stream opens (it reads only the pruned prefix, 0 here) and
     // its follower's first read waits.
-    let mut pruner = pool.begin().await.expect("a transaction");
-    sqlx::query("LOCK TABLE ledger.outbox_events IN ACCESS EXCLUSIVE MODE").execute(&mut *pruner).await.expect("lock");
+    let mut pruner = holding_the_events(&pool).await;
     let mut events = pb::events_client::EventsClient::new(server.channel.clone());
     let from_the_oldest = pb::StreamEventsRequest {
         start: Some(pb::stream_events_request::Start::AfterPosition(0)),
         ..Default::default()
     };
     let mut stream = events.stream_events(from_the_oldest).await.expect("a stream").into_inner();
-    loop {
-        let waiting: (i64,) =
-            sqlx::query_as("SELECT count(*) FROM pg_locks WHERE NOT granted").fetch_one(&pool).await.expect("locks");
-        if waiting.0 > 0 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    until_a_lock_is_awaited(&pool).await;
     assert!(prune_published(&mut pruner, 0, 100).await.expect("prune") > 0);
     pruner.commit().await.expect("commit");
     let (pruned_through,): (i64,) =
