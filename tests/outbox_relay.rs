@@ -293,6 +293,18 @@ async fn the_delivery_state_migration_carries_over_every_events_state(pool: PgPo
     assert_eq!(published_at_set, old.iter().map(|row| row.0 == "published").collect::<Vec<_>>());
 }
 
+/// A server whose first account's events are all published, then a second account's, not yet;
+/// with the relay's configuration (its stream to delete at the end).
+async fn published_then_more(pool: &PgPool) -> (TestServer, RelayConfig) {
+    let mut server = TestServer::start(prepared(pool).await).await;
+    make_events(&mut server, 0..1, 5).await;
+    let config = relay_config(NATS_URL);
+    let relay = Relay::connect(config.clone(), pool.clone()).await.expect("connect the relay");
+    publish_all(&relay).await;
+    make_events(&mut server, 1..2, 0).await;
+    (server, config)
+}
+
 /// A transaction holding `ledger.outbox_events` locked, as a pruner might, so a reader waits.
 async fn holding_the_events(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut pruner = pool.begin().await.expect("a transaction");
@@ -317,12 +329,7 @@ async fn until_a_lock_is_awaited(pool: &PgPool) {
 /// returned the events after the gap as if nothing were missing).
 #[sqlx::test]
 async fn a_prune_racing_a_read_refuses_the_read_rather_than_leave_a_gap(pool: PgPool) {
-    let mut server = TestServer::start(prepared(&pool).await).await;
-    make_events(&mut server, 0..1, 5).await;
-    let config = relay_config(NATS_URL);
-    let relay = Relay::connect(config.clone(), pool.clone()).await.expect("connect the relay");
-    publish_all(&relay).await;
-    make_events(&mut server, 1..2, 0).await;
+    let (server, config) = published_then_more(&pool).await;
     let first = outbox_rows(&pool).await.first().expect("events").0;
 
     // The pruner holds the table while the reader, past its first check, waits to read it.
@@ -345,12 +352,7 @@ async fn a_prune_racing_a_read_refuses_the_read_rather_than_leave_a_gap(pool: Pg
 /// EVENTS_PRUNED, and resuming where that said failed the same way.
 #[sqlx::test]
 async fn a_stream_from_the_oldest_overtaken_by_a_prune_starts_after_it(pool: PgPool) {
-    let mut server = TestServer::start(prepared(&pool).await).await;
-    make_events(&mut server, 0..1, 5).await;
-    let config = relay_config(NATS_URL);
-    let relay = Relay::connect(config.clone(), pool.clone()).await.expect("connect the relay");
-    publish_all(&relay).await;
-    make_events(&mut server, 1..2, 0).await;
+    let (server, config) = published_then_more(&pool).await;
 
     // The pruner holds the table: the stream opens (it reads only the pruned prefix, 0 here) and
     // its follower's first read waits.
