@@ -313,6 +313,13 @@ async fn transaction_reads_show_only_the_domains_in_scope(pool: PgPool) {
     assert_eq!(ids(visible.into_inner()), [tx_id(2)]);
     let denied = transactions.list_transactions(list(pb::Domain::Banking, &tokens.trading)).await.unwrap_err();
     assert_refused(&denied, Code::PermissionDenied, "DOMAIN_NOT_ALLOWED");
+
+    // Initiating in a domain outside the scopes is refused as that, before the id is looked
+    // at: until session 23 an id already taken (here by user 1, asked for user 2) answered
+    // TRANSACTION_ALREADY_EXISTS first.
+    let taken_id = pb::InitiateTransactionRequest { idempotency_key: "init-1-again".into(), ..add_money(1, 2) };
+    let denied = transactions.initiate_transaction(with_token(taken_id, &tokens.trading)).await.unwrap_err();
+    assert_refused(&denied, Code::PermissionDenied, "DOMAIN_NOT_ALLOWED");
     server.stop().await;
 }
 

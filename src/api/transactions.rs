@@ -117,6 +117,12 @@ impl TransactionsService {
                 spec.fees = fees::compute(schedule, spec.principal_minor)?;
             }
         }
+        let user_id = spec.user_id;
+        let operation = Operation::InitiateTransaction { transaction: Box::new(spec) };
+        // The caller's scopes before anything about the id is told: checked only on submitting,
+        // a caller outside the transaction's domain learned that an id existed (found in review,
+        // session 23).
+        super::service::caller()?.require_engine_operation(&operation, self.ledger.as_ref())?;
         // Until this initiation is durable (or refused), no other of the same id gets past here:
         // two at once, for two users, each passed the checks below before either was in the
         // projections, and both ids then stopped the journal's writer on every later move of
@@ -128,13 +134,13 @@ impl TransactionsService {
         // the projections, which hold one transaction per id: refuse it here. Journaled again, it
         // stopped the writer for every request of its batch, retry after retry (session 16). An
         // id or a key the engine still knows goes through, so a retry is answered as before.
-        if self.ledger.transaction_domain(spec.user_id, transaction_id).is_none()
+        if self.ledger.transaction_domain(user_id, transaction_id).is_none()
             && !self.ledger.remembers_key(&key)
             && queries::transaction_exists(&self.pool, transaction_id).await?
         {
             return Err(ApiError::Refused(EngineError::TransactionAlreadyExists { transaction_id }));
         }
-        let applied = self.submit(key, Operation::InitiateTransaction { transaction: Box::new(spec) }).await?;
+        let applied = self.submit(key, operation).await?;
         self.respond(transaction_id, applied).await
     }
 
